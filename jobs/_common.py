@@ -1,0 +1,55 @@
+"""Shared plumbing for the job entry points: error handling and config overrides."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent.parent)
+)  # run from a checkout or --working-dir
+
+from pipeline.config import ConfigError
+from pipeline.datasets import DataError
+from pipeline.models import CheckpointError
+from pipeline.storage import StorageError
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, ValueError, FileNotFoundError)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a job; bad input exits with status 2 and a one-line message instead of a traceback."""
+    try:
+        main()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load_sections(path: str | None, sections: dict[str, type]) -> dict[str, object]:
+    """Read a YAML file of named config sections; every section is optional, unknown ones rejected."""
+    from pipeline.config import from_dict
+
+    data: dict = {}
+    if path:
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections {sorted(sections)}")
+        unknown = sorted(set(data) - set(sections))
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown config sections {unknown}; allowed: {sorted(sections)}"
+            )
+    return {name: from_dict(cls, data.get(name, {}), name) for name, cls in sections.items()}
+
+
+def override(cfg, **values):
+    """A copy of a config dataclass with the non-None values replaced (and re-validated)."""
+    from pipeline.config import from_dict, to_dict
+
+    return from_dict(
+        type(cfg), {**to_dict(cfg), **{k: v for k, v in values.items() if v is not None}}
+    )

@@ -1,0 +1,271 @@
+"""Typed, validated configs, one dataclass per stage.
+
+Every config rejects unknown keys and out-of-range values with a message naming the field and the
+allowed range, round-trips through plain dicts (YAML/JSON), and is saved inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or out of range."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(name: str, value: float) -> None:
+    _check(value > 0, f"{name} must be > 0, got {value!r}")
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a plain value (from YAML/JSON/CLI) to the annotated field type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where) if isinstance(value, dict) else value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if origin is tuple:
+        (inner, *_) = typing.get_args(tp)
+        _check(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(inner, v, where) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        _check(
+            isinstance(value, tp) and not (tp is int and isinstance(value, bool)),
+            f"{where} must be of type {tp.__name__}, got {value!r}",
+        )
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build a config dataclass from a dict, rejecting unknown keys (with the allowed ones)."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    prefix = f"{where}." if where else ""
+    _check(not unknown, f"unknown config key(s) {[prefix + u for u in unknown]}; allowed: {names}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Load a config from a YAML file."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    _check(
+        isinstance(data, dict), f"{path}: top level must be a mapping, got {type(data).__name__}"
+    )
+    return from_dict(cls, data)
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of the diffusers ``UNet2DModel`` denoiser (eps-prediction)."""
+
+    sample_size: int = 16
+    channels: int = 1
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention_levels: tuple[int, ...] = (1, 2)
+    norm_num_groups: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.sample_size >= 4, f"sample_size must be >= 4, got {self.sample_size}")
+        _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _check(len(self.block_out_channels) >= 1, "block_out_channels must not be empty")
+        for ch in self.block_out_channels:
+            _check(
+                ch % self.norm_num_groups == 0,
+                f"block_out_channels {ch} must be divisible by norm_num_groups {self.norm_num_groups}",
+            )
+        n = len(self.block_out_channels)
+        for lvl in self.attention_levels:
+            _check(0 <= lvl < n, f"attention_levels entries must be in [0, {n}), got {lvl}")
+        _check(
+            self.sample_size % 2 ** (n - 1) == 0,
+            f"sample_size {self.sample_size} must be divisible by 2**(levels-1) = {2 ** (n - 1)}",
+        )
+
+
+@dataclass
+class DenoiserTrainConfig:
+    """Training of the denoiser: eps-prediction MSE at uniform t (Ho et al. 2020, eq. 14), with EMA."""
+
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.995
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    checkpoint_every: int = 400
+    num_to_keep: int = 2
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr", "num_workers", "checkpoint_every", "num_to_keep"):
+            _positive(name, getattr(self, name))
+        _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(self.max_failures >= -1, f"max_failures must be >= -1, got {self.max_failures}")
+
+
+@dataclass
+class ClassifierArchConfig:
+    """The noise-conditioned random-label classifier ``c_phi(x_t, t)`` (one logit)."""
+
+    sample_size: int = 16
+    channels: int = 1
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    time_embed_dim: int = 64
+    num_groups: int = 8
+
+    def __post_init__(self) -> None:
+        _positive("base_channels", self.base_channels)
+        _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _check(len(self.channel_mults) >= 1, "channel_mults must not be empty")
+        down = 2 ** (len(self.channel_mults) - 1)
+        _check(
+            self.sample_size % down == 0,
+            f"sample_size {self.sample_size} must be divisible by {down} for {self.channel_mults}",
+        )
+        for m in self.channel_mults:
+            _check(
+                (self.base_channels * m) % self.num_groups == 0,
+                f"base_channels*mult = {self.base_channels * m} must divide by num_groups {self.num_groups}",
+            )
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """Training of the classifier on random bits: BCE on x_t at uniform t (CPSample, Algorithm 1)."""
+
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    label_seed: int = 1234
+    holdout_images: int = 1000
+    t_max: int = 1000
+    mixup: float = 0.0
+    train_fraction: float = 0.0
+    seed: int = 0
+    num_workers: int = 1
+    use_gpu: bool = False
+    checkpoint_every: int = 1000
+    num_to_keep: int = 2
+    max_failures: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "lr", "num_workers", "checkpoint_every", "num_to_keep"):
+            _positive(name, getattr(self, name))
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.holdout_images >= 0, f"holdout_images must be >= 0, got {self.holdout_images}")
+        _check(1 <= self.t_max <= 1000, f"t_max must be in [1, 1000], got {self.t_max}")
+        _check(0.0 <= self.mixup <= 1.0, f"mixup must be in [0, 1], got {self.mixup}")
+        _check(
+            0.0 <= self.train_fraction < 1.0,
+            f"train_fraction must be in [0, 1) (0 = sample the union uniformly), got {self.train_fraction}",
+        )
+
+
+@dataclass
+class SamplerConfig:
+    """DDIM sampling, plain (``ddim``) or protected (``cpsample``)."""
+
+    sampler: str = "cpsample"
+    num_samples: int = 512
+    steps: int = 50
+    eta: float = 0.0
+    alpha: float = 0.5
+    scale: float = 5.0
+    input_mode: str = "x_t"
+    batch_size: int = 128
+    samples_per_shard: int = 128
+    seed: int = 0
+    clip_sample: bool = True
+
+    def __post_init__(self) -> None:
+        _check(
+            self.sampler in ("ddim", "cpsample"),
+            f"sampler must be 'ddim' or 'cpsample', got {self.sampler!r}",
+        )
+        _check(0.0 < self.alpha <= 0.5, f"alpha must be in (0, 0.5], got {self.alpha}")
+        _check(self.scale >= 0, f"scale must be >= 0, got {self.scale}")
+        _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
+        _check(1 <= self.steps <= 1000, f"steps must be in [1, 1000], got {self.steps}")
+        _check(
+            self.input_mode in ("x_t", "x0"),
+            f"input_mode must be 'x_t' or 'x0', got {self.input_mode!r}",
+        )
+        for name in ("num_samples", "batch_size", "samples_per_shard"):
+            _positive(name, getattr(self, name))
+
+
+@dataclass
+class ReplicaConfig:
+    """Replica check: embedding, FAISS index and the copy threshold."""
+
+    embedding: str = "centred"
+    threshold: float = 0.97
+    index: str = "flat"
+    nlist: int = 1024
+    nprobe: int = 32
+    use_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.embedding in ("centred", "raw"),
+            f"embedding must be 'centred' or 'raw', got {self.embedding!r}",
+        )
+        _check(-1.0 <= self.threshold <= 1.0, f"threshold must be in [-1, 1], got {self.threshold}")
+        _check(self.index in ("flat", "ivf"), f"index must be 'flat' or 'ivf', got {self.index!r}")
+        _positive("nlist", self.nlist)
+        _positive("nprobe", self.nprobe)
+
+
+@dataclass
+class DemoConfig:
+    """Every stage of the demo; defaults are the documented, calibrated ones (see README)."""
+
+    dataset: str = "digits"
+    num_train: int = 64
+    seed: int = 0
+    ray_cpus: int = 2
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    denoiser: DenoiserTrainConfig = field(default_factory=DenoiserTrainConfig)
+    classifier_arch: ClassifierArchConfig = field(default_factory=ClassifierArchConfig)
+    classifier: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
+    sample_concurrency: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.num_train >= 2, f"num_train must be >= 2, got {self.num_train}")
+        _positive("ray_cpus", self.ray_cpus)
+        _positive("sample_concurrency", self.sample_concurrency)

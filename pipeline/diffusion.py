@@ -1,0 +1,114 @@
+"""Noise schedule, forward process and the DDIM update.
+
+Pure tensor functions (no Ray, no models). Notation follows the papers: ``abar_t`` is the cumulative
+product of ``1 - beta_t`` (Ho et al. 2020, eq. 4), ``x_start`` the clean image, ``pred_xstart`` its
+estimate from the noise prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A discrete variance schedule of ``T`` steps; ``alphas_cumprod[t]`` is ``abar_t``."""
+
+    betas: torch.Tensor  # (T,) float64
+    alphas_cumprod: torch.Tensor  # (T,) float64
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    def abar(self, t: torch.Tensor) -> torch.Tensor:
+        """``abar_t`` for integer timesteps ``t`` (any shape), as float32."""
+        return self.alphas_cumprod.to(t.device)[t.long()].float()
+
+
+def linear_schedule(
+    num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> Schedule:
+    """Linear beta schedule of DDPM (Ho et al. 2020, sec. 4): ``beta_t`` from 1e-4 to 0.02."""
+    if num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+    if not 0.0 < beta_start < beta_end < 1.0:
+        raise ValueError(f"need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
+    # float32 linspace then float64 cumprod, exactly as diffusers' "linear" beta_schedule.
+    betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    return schedule_from_betas(betas)
+
+
+def schedule_from_betas(betas: torch.Tensor) -> Schedule:
+    """Build a schedule from any beta sequence (for example one read from a diffusers scheduler)."""
+    betas = torch.as_tensor(betas, dtype=torch.float32)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    return Schedule(betas=betas.double(), alphas_cumprod=alphas_cumprod.double())
+
+
+def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector (B,) to broadcast against images (B, C, H, W)."""
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def q_sample(
+    schedule: Schedule, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Forward process ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, eq. 4)."""
+    abar = _expand(schedule.abar(t), x_start)
+    return abar.sqrt() * x_start + (1.0 - abar).sqrt() * noise
+
+
+def pred_xstart_from_eps(
+    x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor
+) -> torch.Tensor:
+    """``x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Song et al. 2021, eq. 12, first term)."""
+    abar = _expand(abar_t, x_t)
+    return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+
+
+def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """Descending DDIM timesteps with diffusers' "leading" spacing: ``[..., 2k, k, 0]``, k = T // S."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    ratio = num_train_timesteps // num_steps
+    return (torch.arange(num_steps) * ratio).flip(0).long()
+
+
+def ddim_step(
+    schedule: Schedule,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    clip_sample: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update from ``t`` to ``t_prev`` (Song et al. 2021, eq. 12); returns (x_prev, pred_xstart).
+
+    ``t_prev < 0`` means the final step, with ``abar_prev = 1``. ``eta`` interpolates between DDIM (0)
+    and DDPM-like ancestral sampling (1); ``noise`` (same shape as ``x_t``) is required when eta > 0.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    abar_t = float(schedule.alphas_cumprod[t])
+    abar_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+    # 1. predicted x_0 from the noise prediction ("predicted x_0" term of eq. 12)
+    pred_xstart = (x_t - (1.0 - abar_t) ** 0.5 * eps) / abar_t**0.5
+    if clip_sample:
+        pred_xstart = pred_xstart.clamp(-1.0, 1.0)
+    # 2. sigma_t(eta), eq. 16
+    variance = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
+    sigma = eta * variance**0.5
+    # 3. "direction pointing to x_t" term of eq. 12
+    direction = max(1.0 - abar_prev - sigma**2, 0.0) ** 0.5 * eps
+    x_prev = abar_prev**0.5 * pred_xstart + direction
+    # 4. random noise term of eq. 12
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step with eta > 0 needs `noise`")
+        x_prev = x_prev + sigma * noise
+    return x_prev, pred_xstart

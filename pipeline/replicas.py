@@ -1,0 +1,111 @@
+"""Replica check: embeddings, a FAISS inner-product index, nearest neighbours, replication rate.
+
+A sample is a *replicate* when the cosine similarity of its embedding to its nearest training image is
+at or above the threshold (Somepalli et al. 2023; CPSample, sec. 5). Embeddings are L2-normalised so
+inner product = cosine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+# (N, H, W, C) uint8 images -> (N, D) float32 L2-normalised rows
+Embedding = Callable[[np.ndarray], np.ndarray]
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def raw_pixel_embedding() -> Embedding:
+    """Raw-pixel cosine: dominated by shared background, so it over-calls copies (kept for comparison)."""
+    return lambda images: l2_normalise(images.reshape(len(images), -1).astype(np.float32) / 255.0)
+
+
+def centred_pixel_embedding(train_images: np.ndarray) -> Embedding:
+    """Mean-centred pixels: subtract the training set's mean image, then L2-normalise (the default)."""
+    mean = train_images.reshape(len(train_images), -1).astype(np.float32).mean(axis=0) / 255.0
+
+    def embed(images: np.ndarray) -> np.ndarray:
+        return l2_normalise(images.reshape(len(images), -1).astype(np.float32) / 255.0 - mean)
+
+    embed.mean = mean  # type: ignore[attr-defined]
+    return embed
+
+
+def make_embedding(name: str, train_images: np.ndarray) -> Embedding:
+    """Embedding by name: ``centred`` (default) or ``raw``."""
+    if name == "centred":
+        return centred_pixel_embedding(train_images)
+    if name == "raw":
+        return raw_pixel_embedding()
+    raise ValueError(f"unknown embedding {name!r}: use 'centred' or 'raw'")
+
+
+def gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build_index(
+    train_emb: np.ndarray,
+    kind: str = "flat",
+    nlist: int = 1024,
+    nprobe: int = 32,
+    use_gpu: bool = False,
+):
+    """Exact ``IndexFlatIP`` or approximate ``IndexIVFFlat`` (inner product) over training embeddings."""
+    import faiss
+
+    train_emb = np.ascontiguousarray(train_emb, dtype=np.float32)
+    d = train_emb.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = max(1, min(nlist, len(train_emb) // 39 or 1))  # FAISS wants >= 39 points per list
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(train_emb)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        raise ValueError(f"unknown index kind {kind!r}: use 'flat' or 'ivf'")
+    if use_gpu and gpu_available():
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(train_emb)
+    return index
+
+
+def nearest(index, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k similarities (N, k) and training indices (N, k) for L2-normalised queries."""
+    sims, idx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return sims, idx
+
+
+@dataclass
+class ReplicaStats:
+    """Replication statistics of a set of queries against the training set."""
+
+    num_samples: int
+    replication_rate: float  # share of queries with nn similarity >= threshold
+    mean_nn_similarity: float
+    threshold: float
+
+    def to_dict(self) -> dict:
+        return {
+            "num_samples": self.num_samples,
+            "replication_rate": self.replication_rate,
+            "mean_nn_similarity": self.mean_nn_similarity,
+        }
+
+
+def replica_stats(nn_sims: np.ndarray, threshold: float) -> ReplicaStats:
+    """Replication rate ``#{s >= threshold} / N`` and the mean nearest-neighbour similarity."""
+    s = np.asarray(nn_sims, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise ValueError("no similarities to summarise")
+    return ReplicaStats(int(s.size), float((s >= threshold).mean()), float(s.mean()), threshold)

@@ -1,0 +1,233 @@
+"""The pipeline's stages, each reading and writing store URIs; Ray appears only here and in ray_*.
+
+make_shards -> train_denoiser (TorchTrainer) -> train_classifier (TorchTrainer) -> sample (Ray Data
+actor pool) -> check_replicas (Ray Data + FAISS). Every stage works on a local folder or s3://.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.config import (
+    ClassifierArchConfig,
+    ClassifierTrainConfig,
+    DenoiserTrainConfig,
+    ReplicaConfig,
+    UNetConfig,
+    to_dict,
+)
+from pipeline.datasets import ImageSet, read_image_shards, write_image_shards
+from pipeline.diffusion import linear_schedule
+from pipeline.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
+from pipeline.ray_data import TrainIndexSpec, annotate_shards, score_shards, write_jsonl
+from pipeline.ray_train import classifier_worker, denoiser_worker, read_checkpoint
+from pipeline.replicas import ReplicaStats, make_embedding, replica_stats
+from pipeline.storage import Store
+
+
+def data_folder(dataset: str, split: str) -> str:
+    return f"data/{dataset}/{split}"
+
+
+def make_shards(
+    store: Store, dataset: str, train: ImageSet, holdout: ImageSet, shard_size: int = 1000
+) -> dict[str, Any]:
+    """Write train and holdout WebDataset shards and a ``manifest.json`` (counts, sha256 per shard)."""
+    manifest: dict[str, Any] = {
+        "dataset": dataset,
+        "image_shape": list(train.images.shape[1:]),
+        "splits": {},
+    }
+    for split, images in (("train", train), ("holdout", holdout)):
+        uris = write_image_shards(store, data_folder(dataset, split), images, shard_size)
+        shards = []
+        for uri in uris:
+            name = uri.rsplit("/", 1)[-1]
+            digest = hashlib.sha256(store.read_bytes(data_folder(dataset, split), name)).hexdigest()
+            shards.append({"name": name, "sha256": digest})
+        manifest["splits"][split] = {"count": len(images), "shards": shards}
+    store.write_bytes(json.dumps(manifest, indent=2).encode(), "data", dataset, "manifest.json")
+    return manifest
+
+
+def webdataset(store: Store, folder: str):
+    """``ray.data.read_webdataset`` over the shards under ``folder``, on the store's filesystem."""
+    import ray
+
+    paths = [store.join(folder, n) for n in store.listdir(folder) if n.endswith(".tar")]
+    if not paths:
+        raise FileNotFoundError(f"no shards under {store.uri_of(folder)}")
+    return ray.data.read_webdataset(paths, filesystem=store.fs, override_num_blocks=len(paths))
+
+
+def _run_config(store: Store, name: str, num_to_keep: int, max_failures: int):
+    import ray.train
+
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=store.join("checkpoints")
+        if not store.is_local
+        else store.uri_of("checkpoints"),
+        storage_filesystem=None if store.is_local else store.fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+    )
+
+
+def _fit(
+    worker,
+    config: dict,
+    datasets: dict,
+    tcfg,
+    run_config,
+    threads: int,
+    split: list[str] | None = None,
+):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    # One logical CPU per worker leaves room for the Ray Data read tasks that feed it; the worker
+    # still runs `threads` torch threads.
+    cpus = 1
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config={**config, "threads": threads},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=split or "all"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_config.name} reported no checkpoint")
+    return result
+
+
+def train_denoiser(
+    store: Store,
+    run: str,
+    dataset: str,
+    unet: UNetConfig,
+    train: DenoiserTrainConfig,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Ray Train the denoiser on ``data/<dataset>/train``; export the EMA weights to the store layout."""
+    schedule = linear_schedule()
+    config = {"unet": to_dict(unet), "train": to_dict(train)}
+    result = _fit(
+        denoiser_worker, config, {"train": webdataset(store, data_folder(dataset, "train"))}, train,
+        _run_config(store, f"{run}-denoiser", train.num_to_keep, train.max_failures), threads,
+    )  # fmt: skip
+    with result.checkpoint.as_directory() as d:
+        tensors, state, _ = read_checkpoint(d)
+    model = build_unet(unet)
+    model.load_state_dict(tensors["ema"])
+    run_config = {"run": run, "dataset": dataset, "step": state["step"], **config}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_denoiser(model, Path(tmp) / "denoiser", run_config, schedule)
+        store.put_dir(Path(tmp) / "denoiser", "models", run, "denoiser")
+    return {"uri": store.uri_of("models", run, "denoiser"), "metrics": dict(result.metrics or {})}
+
+
+def train_classifier(
+    store: Store,
+    run: str,
+    dataset: str,
+    arch: ClassifierArchConfig,
+    train: ClassifierTrainConfig,
+    threads: int = 1,
+    schedule_betas: list[float] | None = None,
+) -> dict[str, Any]:
+    """Ray Train the random-label classifier on the training images plus ``holdout_images`` held-out
+    images with their own bits; the remaining held-out images are never seen and measure calibration."""
+    holdout = webdataset(store, data_folder(dataset, "holdout"))
+    total = holdout.count()
+    n_bits = min(train.holdout_images, max(0, total - 1))
+    keys = sorted(r["__key__"] for r in holdout.select_columns(["__key__"]).take_all())
+    bit_keys = set(keys[:n_bits])
+    bits_ds = holdout.filter(lambda r: r["__key__"] in bit_keys)
+    never_ds = holdout.filter(lambda r: r["__key__"] not in bit_keys)
+    datasets = {
+        "train": webdataset(store, data_folder(dataset, "train")),
+        "holdout_bits": bits_ds,
+        "never_seen": never_ds,
+    }
+    config = {"arch": to_dict(arch), "train": to_dict(train), "betas": schedule_betas}
+    result = _fit(
+        classifier_worker, config, datasets, train,
+        _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
+        split=["train", "holdout_bits"],
+    )  # fmt: skip
+    with result.checkpoint.as_directory() as d:
+        tensors, state, _ = read_checkpoint(d)
+    model = NoiseClassifier(arch)
+    model.load_state_dict(tensors["model"])
+    run_config = {
+        "run": run,
+        "dataset": dataset,
+        "step": state["step"],
+        "train": to_dict(train),
+        "metrics": state.get("metrics", {}),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        save_classifier(model, Path(tmp) / "classifier", run_config)
+        store.put_dir(Path(tmp) / "classifier", "models", run, "classifier")
+    return {"uri": store.uri_of("models", run, "classifier"), "metrics": state.get("metrics", {})}
+
+
+def train_index_spec(
+    store: Store, dataset: str, replicas: ReplicaConfig
+) -> tuple[TrainIndexSpec, ImageSet]:
+    """Training embeddings for the replica index (the mean image is kept for centring queries)."""
+    train = read_image_shards(store, data_folder(dataset, "train"))
+    embed = make_embedding(replicas.embedding, train.images)
+    mean = getattr(embed, "mean", None)
+    return TrainIndexSpec(embeddings=embed(train.images), keys=train.keys, mean=mean), train
+
+
+def check_replicas(
+    store: Store,
+    run: str,
+    folder: str,
+    spec_ref: Any,
+    replicas: ReplicaConfig,
+    concurrency: int = 1,
+    annotate: bool = True,
+    name: str | None = None,
+) -> tuple[ReplicaStats, list[dict[str, Any]]]:
+    """Score every image under ``folder``; write per-sample results and (optionally) annotate shards."""
+    rows = score_shards(store.uri, folder, spec_ref, replicas, concurrency)
+    if annotate:
+        annotate_shards(store.uri, folder, rows)
+    name = name or folder.rstrip("/").rsplit("/", 1)[-1]
+    write_jsonl(
+        store,
+        [{k: v for k, v in r.items() if k != "path"} for r in rows],
+        "reports",
+        run,
+        f"replicas-{name}.jsonl",
+    )
+    return replica_stats(np.asarray([r["nn_similarity"] for r in rows]), replicas.threshold), rows
+
+
+def images_of(
+    rows: list[dict[str, Any]], store: Store, folder: str
+) -> tuple[np.ndarray, list[str]]:
+    """Images (N, H, W, C) under ``folder`` ordered like ``rows`` (by key)."""
+    images = read_image_shards(store, folder)
+    pos = {k: i for i, k in enumerate(images.keys)}
+    order = [pos[r["key"]] for r in rows]
+    return images.images[order], [images.keys[i] for i in order]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0

@@ -36,7 +36,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Convert a plain value (from YAML/JSON/CLI) to the annotated field type."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where) if isinstance(value, dict) else value
+        if isinstance(value, tp):
+            return value
+        _check(
+            isinstance(value, dict),
+            f"{where} must be a mapping of {tp.__name__} fields, got {value!r}",
+        )
+        return from_dict(tp, value, where)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(args[0], value, where)
@@ -89,13 +95,14 @@ class UNetConfig:
     channels: int = 1
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
-    attention_levels: tuple[int, ...] = (1, 2)
+    attention_levels: tuple[int, ...] = ()
     norm_num_groups: int = 8
 
     def __post_init__(self) -> None:
         _check(self.sample_size >= 4, f"sample_size must be >= 4, got {self.sample_size}")
         _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
         _check(len(self.block_out_channels) >= 1, "block_out_channels must not be empty")
+        _positive("norm_num_groups", self.norm_num_groups)
         for ch in self.block_out_channels:
             _check(
                 ch % self.norm_num_groups == 0,
@@ -116,7 +123,7 @@ class DenoiserTrainConfig:
 
     steps: int = 1200
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup_steps: int = 50
     ema_decay: float = 0.995
     grad_clip: float = 1.0
@@ -147,6 +154,15 @@ class ClassifierArchConfig:
 
     def __post_init__(self) -> None:
         _positive("base_channels", self.base_channels)
+        _positive("num_groups", self.num_groups)
+        _check(
+            self.time_embed_dim >= 2 and self.time_embed_dim % 2 == 0,
+            f"time_embed_dim must be an even number >= 2, got {self.time_embed_dim}",
+        )
+        _check(
+            self.base_channels % self.num_groups == 0,
+            f"base_channels {self.base_channels} must be divisible by num_groups {self.num_groups}",
+        )
         _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
         _check(len(self.channel_mults) >= 1, "channel_mults must not be empty")
         down = 2 ** (len(self.channel_mults) - 1)
@@ -165,19 +181,19 @@ class ClassifierArchConfig:
 class ClassifierTrainConfig:
     """Training of the classifier on random bits: BCE on x_t at uniform t (CPSample, Algorithm 1)."""
 
-    steps: int = 3000
+    steps: int = 1200
     batch_size: int = 128
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     label_seed: int = 1234
     holdout_images: int = 1000
-    t_max: int = 1000
+    t_max: int = 600
     mixup: float = 0.0
-    train_fraction: float = 0.0
+    train_fraction: float = 0.5
     seed: int = 0
     num_workers: int = 1
     use_gpu: bool = False
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 400
     num_to_keep: int = 2
     max_failures: int = 0
 
@@ -205,6 +221,7 @@ class SamplerConfig:
     alpha: float = 0.5
     scale: float = 5.0
     input_mode: str = "x_t"
+    guidance_t_max: int = 600
     batch_size: int = 128
     samples_per_shard: int = 128
     seed: int = 0
@@ -222,6 +239,10 @@ class SamplerConfig:
         _check(
             self.input_mode in ("x_t", "x0"),
             f"input_mode must be 'x_t' or 'x0', got {self.input_mode!r}",
+        )
+        _check(
+            1 <= self.guidance_t_max <= 1000,
+            f"guidance_t_max must be in [1, 1000], got {self.guidance_t_max}",
         )
         for name in ("num_samples", "batch_size", "samples_per_shard"):
             _positive(name, getattr(self, name))
@@ -255,6 +276,7 @@ class DemoConfig:
 
     dataset: str = "digits"
     num_train: int = 64
+    split_seed: int = 0
     seed: int = 0
     ray_cpus: int = 2
     unet: UNetConfig = field(default_factory=UNetConfig)
@@ -264,8 +286,10 @@ class DemoConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
     sample_concurrency: int = 2
+    quality_epochs: int = 30
 
     def __post_init__(self) -> None:
         _check(self.num_train >= 2, f"num_train must be >= 2, got {self.num_train}")
         _positive("ray_cpus", self.ray_cpus)
         _positive("sample_concurrency", self.sample_concurrency)
+        _positive("quality_epochs", self.quality_epochs)

@@ -204,6 +204,11 @@ def write_image_shards(
 def read_tar(data: bytes, name: str) -> ImageSet:
     """Parse one WebDataset tar (``.png`` and optional ``.json`` per key) with clear errors."""
     groups: dict[str, dict[str, bytes]] = {}
+    # A complete tar ends with two zero blocks; tarfile silently accepts a tar cut at a member boundary.
+    if len(data) < 1024 or len(data) % 512 or data[-1024:].count(0) != 1024:
+        raise DataError(
+            f"corrupt or truncated tar {name}: no end-of-archive marker ({len(data)} bytes)"
+        )
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
             for member in tar:

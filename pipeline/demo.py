@@ -37,7 +37,7 @@ RUN = "demo"
 
 def quick_config(seed: int = 0) -> DemoConfig:
     """A tiny configuration for tests: every stage runs, nothing is expected to memorise."""
-    cfg = DemoConfig(seed=seed)
+    cfg = DemoConfig(seed=seed, quality_epochs=5)
     cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=(16, 32), attention_levels=(1,))
     cfg.denoiser = dataclasses.replace(cfg.denoiser, steps=30, batch_size=32, checkpoint_every=15)
     cfg.classifier_arch = dataclasses.replace(
@@ -102,7 +102,7 @@ def run_demo(
         if channels != cfg.unet.channels:
             cfg.unet = dataclasses.replace(cfg.unet, channels=channels)
             cfg.classifier_arch = dataclasses.replace(cfg.classifier_arch, channels=channels)
-        train, holdout = split(images, cfg.num_train, cfg.seed)
+        train, holdout = split(images, cfg.num_train, cfg.split_seed)
         if len(holdout) < 2:
             raise DataError(f"need at least 2 held-out images, got {len(holdout)}")
         make_shards(store, dataset, train, holdout)
@@ -183,7 +183,7 @@ def _quality_and_figures(
     evaluator = None
     if holdout.labels is not None and len(set(holdout.labels)) > 1:
         evaluator = train_domain_evaluator(
-            holdout.to_tensor(), torch.tensor(holdout.labels), seed=cfg.seed
+            holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, seed=cfg.seed
         )
         quality["_name"] = (
             "FD-domaincnn (Fréchet distance in a held-out-trained digit CNN's features)"

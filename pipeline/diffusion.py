@@ -36,7 +36,7 @@ def linear_schedule(
         raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
     if not 0.0 < beta_start < beta_end < 1.0:
         raise ValueError(f"need 0 < beta_start < beta_end < 1, got {beta_start}, {beta_end}")
-    # float32 linspace then float64 cumprod, exactly as diffusers' "linear" beta_schedule.
+    # float32 linspace and cumprod, exactly as diffusers' "linear" beta_schedule (stored as float64).
     betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     return schedule_from_betas(betas)
 

@@ -227,15 +227,18 @@ def load_classifier(
     path = Path(directory) / CLASSIFIER_WEIGHTS
     if not path.exists():
         raise CheckpointError(f"{directory}: no {CLASSIFIER_WEIGHTS} (not a classifier checkpoint)")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:  # SafetensorError for truncated or non-safetensors files
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
     if "arch" not in meta:
         raise CheckpointError(
             f"{path}: safetensors metadata has no 'arch' (not written by cpsample-ray)"
         )
     try:
         cfg = from_dict(ClassifierArchConfig, json.loads(meta["arch"]))
-    except ConfigError as exc:
+    except (ConfigError, json.JSONDecodeError, TypeError) as exc:
         raise CheckpointError(f"{path}: invalid architecture config: {exc}") from exc
     if expect_shape is not None and (cfg.channels, cfg.sample_size, cfg.sample_size) != tuple(
         expect_shape
@@ -247,7 +250,7 @@ def load_classifier(
     model = NoiseClassifier(cfg)
     try:
         model.load_state_dict(load_file(str(path)))
-    except RuntimeError as exc:
+    except Exception as exc:  # RuntimeError (shapes/keys) or SafetensorError (corrupt payload)
         raise CheckpointError(
             f"{path}: weights do not match the saved architecture: {exc}"
         ) from exc

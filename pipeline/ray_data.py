@@ -46,6 +46,54 @@ def _local_model_dir(store, parts: tuple[str, ...], tmp: str) -> Path:
     return store.get_dir(Path(tmp) / "/".join(parts), *parts)
 
 
+def resolve_model_dir(store, location: str, tmp: str | Path) -> Path:
+    """A model location is a local folder, or a store-relative path (``models/<run>/denoiser``)."""
+    if Path(location).is_dir():
+        return Path(location)
+    parts = tuple(p for p in location.split("/") if p)
+    if not store.exists(*parts):
+        raise FileNotFoundError(
+            f"model {location!r} is neither a local folder nor under {store.uri}"
+        )
+    return store.get_dir(Path(tmp) / "/".join(parts), *parts)
+
+
+def load_models(
+    store, denoiser: str, classifier: str | None, cfg: SamplerConfig, device: str, tmp: str
+):
+    """(unet, schedule, image shape, guidance fn or None); checks the classifier fits the denoiser."""
+    den_dir = resolve_model_dir(store, denoiser, tmp)
+    unet = load_denoiser(den_dir, device)
+    schedule = load_schedule(den_dir)
+    shape = unet_image_shape(unet)
+    guidance = None
+    if cfg.sampler == "cpsample":
+        if classifier is None:
+            raise ValueError("sampler 'cpsample' needs a classifier checkpoint")
+        clf = load_classifier(resolve_model_dir(store, classifier, tmp), shape, device)
+        guidance = cpsample_guidance(clf, cfg.alpha, cfg.scale, cfg.input_mode, cfg.guidance_t_max)
+    return unet, schedule, shape, guidance
+
+
+def preflight_models(
+    store_uri: str,
+    denoiser: str,
+    classifier: str | None,
+    sampler: SamplerConfig,
+    s3_endpoint: str | None = None,
+) -> None:
+    """Load the models once in the driver so that missing or mismatched checkpoints fail fast."""
+    with tempfile.TemporaryDirectory() as tmp:
+        load_models(
+            open_store(store_uri, s3_endpoint, create=False),
+            denoiser,
+            classifier,
+            sampler,
+            "cpu",
+            tmp,
+        )
+
+
 class ShardSampler:
     """Ray Data actor: loads the denoiser (and classifier) once, then writes one shard per input row."""
 
@@ -66,25 +114,9 @@ class ShardSampler:
         self.out_folder = out_folder
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self._tmp = tempfile.mkdtemp(prefix="cpsample-models-")
-        den_dir = self._resolve(denoiser)
-        self.unet = load_denoiser(den_dir, self.device)
-        self.schedule = load_schedule(den_dir)
-        self.shape = unet_image_shape(self.unet)
-        self.guidance = None
-        if self.cfg.sampler == "cpsample":
-            if classifier is None:
-                raise ValueError("sampler 'cpsample' needs a classifier checkpoint")
-            clf = load_classifier(self._resolve(classifier), self.shape, self.device)
-            self.guidance = cpsample_guidance(
-                clf, self.cfg.alpha, self.cfg.scale, self.cfg.input_mode
-            )
-
-    def _resolve(self, location: str) -> Path:
-        """A model location is a local folder, or a store-relative path (``models/<run>/denoiser``)."""
-        if Path(location).is_dir():
-            return Path(location)
-        parts = tuple(p for p in location.split("/") if p)
-        return self.store.get_dir(Path(self._tmp) / "/".join(parts), *parts)
+        self.unet, self.schedule, self.shape, self.guidance = load_models(
+            self.store, denoiser, classifier, self.cfg, self.device, self._tmp
+        )
 
     def _generate(self, shard: int, count: int) -> tuple[bytes, dict[str, float]]:
         cfg = self.cfg
@@ -105,7 +137,12 @@ class ShardSampler:
                     "final_p": None if np.isnan(float(out.last_p[j])) else float(out.last_p[j]),
                 }  # fmt: skip
                 if cfg.sampler == "cpsample":
-                    meta.update(alpha=cfg.alpha, scale=cfg.scale, input_mode=cfg.input_mode)
+                    meta.update(
+                        alpha=cfg.alpha,
+                        scale=cfg.scale,
+                        input_mode=cfg.input_mode,
+                        guidance_t_max=cfg.guidance_t_max,
+                    )
                 records.append((f"{cfg.sampler}-{shard:06d}-{i:05d}", encode_png(images[j]), meta))
                 fired_total += float(out.fired_fraction[j])
         return build_tar(records), {"fired_fraction_sum": fired_total}
@@ -150,6 +187,7 @@ def run_sampling(
     import ray
 
     folder = f"samples/{run}/{sampler.sampler}"
+    preflight_models(store_uri, denoiser, classifier, sampler, s3_endpoint)
     plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
         ShardSampler,

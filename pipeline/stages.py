@@ -81,6 +81,16 @@ def _run_config(store: Store, name: str, num_to_keep: int, max_failures: int):
     )
 
 
+def worker_cpus(num_workers: int) -> float:
+    """Logical CPUs per training worker: 1, or less on a small cluster, so that at least one CPU stays
+    free for the Ray Data read tasks that feed the workers (otherwise ingest waits forever). Workers
+    still run their own number of torch threads."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(0.25, min(1.0, (total - 1.0) / max(1, num_workers)))
+
+
 def _fit(
     worker,
     config: dict,
@@ -93,9 +103,7 @@ def _fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    # One logical CPU per worker leaves room for the Ray Data read tasks that feed it; the worker
-    # still runs `threads` torch threads.
-    cpus = 1
+    cpus = worker_cpus(tcfg.num_workers)
     trainer = TorchTrainer(
         worker,
         train_loop_config={**config, "threads": threads},

@@ -52,12 +52,17 @@ class Store:
     def write_bytes(self, data: bytes, *parts: str) -> str:
         """Write an object atomically: whole or not at all. Returns its URI."""
         path = self.join(*parts)
-        if self.is_local:
-            atomic_write_local(Path(path), data)
-        else:
-            # An S3 PUT (and a completed multipart upload) is atomic.
-            with self.fs.open_output_stream(path) as fh:
-                fh.write(data)
+        try:
+            if self.is_local:
+                atomic_write_local(Path(path), data)
+            else:
+                # An S3 PUT (and a completed multipart upload) is atomic.
+                with self.fs.open_output_stream(path) as fh:
+                    fh.write(data)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write {self.uri_of(*parts)}: {exc.strerror or exc}"
+            ) from exc
         return self.uri_of(*parts)
 
     def put_dir(self, local_dir: str | Path, *parts: str) -> str:

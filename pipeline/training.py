@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,7 +73,9 @@ def classifier_loss(
     b = x_start.shape[0]
     y = bits.float()
     if mixup > 0:
-        lam = torch.distributions.Beta(mixup, mixup).sample((b,)).to(x_start.device)
+        # Beta draws through numpy, seeded from `generator`, so mixup runs are reproducible
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        lam = torch.from_numpy(rng.beta(mixup, mixup, size=b)).float().to(x_start.device)
         perm = torch.randperm(b, generator=generator).to(x_start.device)
         x_start = (
             lam[:, None, None, None] * x_start + (1 - lam[:, None, None, None]) * x_start[perm]

@@ -41,3 +41,27 @@ def core_tiny_clf_cfg() -> ClassifierArchConfig:
         time_embed_dim=8,
         num_groups=4,
     )
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real in-process local Ray with 2 CPUs, shared by the Ray tests of the session."""
+    import ray
+
+    ray.init(num_cpus=2, dashboard_host="127.0.0.1", ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_store(tmp_path_factory):
+    """A local store with 16x16 digit shards: 32 training images, the rest held out."""
+    from pipeline.datasets import digits_source, split
+    from pipeline.stages import make_shards
+    from pipeline.storage import open_store
+
+    store = open_store(str(tmp_path_factory.mktemp("store")))
+    train, holdout = split(digits_source(16), 32, 0)
+    make_shards(store, "digits", train, holdout.subset(range(300)), shard_size=100)
+    return store

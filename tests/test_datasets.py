@@ -192,12 +192,6 @@ def test_read_tar_truncated_mid_member():
         read_tar(data[:100], "shard-x.tar")  # inside the first header
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG pipeline/datasets.py read_tar: a tar cut at a member boundary (no end-of-archive "
-    "blocks) is read as a shorter shard without error",
-)
 def test_read_tar_truncated_at_member_boundary():
     data = build_tar(_records(_random_set(4)))
     with pytest.raises(DataError, match="truncated"):

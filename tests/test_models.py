@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ClassifierArchConfig, to_dict
@@ -271,12 +270,6 @@ def test_classifier_missing_weights_file(tmp_path):
         load_classifier(tmp_path / "c")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SafetensorError,
-    reason="BUG pipeline/models.py load_classifier: safe_open's SafetensorError (truncated or "
-    "non-safetensors file) is not wrapped in CheckpointError",
-)
 @pytest.mark.parametrize("corruption", ["truncated", "pickle"])
 def test_classifier_corrupted_file_raises_checkpoint_error(core_saved_clf, corruption):
     clf, directory = core_saved_clf

@@ -73,7 +73,7 @@ def test_atomic_write_failure_leaves_nothing(tmp_path):
 def test_write_bytes_under_a_file_fails(tmp_path):
     store = open_store(str(tmp_path))
     store.write_bytes(b"1", "f")
-    with pytest.raises(OSError):
+    with pytest.raises(StorageError, match=r"cannot write .*child"):
         store.write_bytes(b"2", "f", "child")
     assert store.read_bytes("f") == b"1"
 

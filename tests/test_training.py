@@ -117,12 +117,6 @@ def test_classifier_loss_deterministic_with_generator(
     assert 0.3 < float(a.detach()) < 1.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG pipeline/training.py classifier_loss: with mixup > 0 lambda is drawn from the global "
-    "RNG (torch.distributions.Beta.sample), not from `generator`, so seeded runs are not reproducible",
-)
 def test_classifier_loss_with_mixup_is_reproducible_from_generator(
     core_digits8, core_schedule, core_tiny_clf_cfg
 ):

@@ -1,0 +1,78 @@
+"""P1: CPSample ÷ plain DDIM wall time on the demo architecture: same model, steps, batch and seeds.
+
+The two samplers are run interleaved (DDIM, CPSample, DDIM, ...) and the ratio of the medians is
+reported, so drift of the machine affects both alike. alpha = 0.5 makes guidance fire at every step
+(the worst case: one classifier forward and backward per step).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ClassifierArchConfig, SamplerConfig, UNetConfig
+from pipeline.diffusion import linear_schedule
+from pipeline.guidance import cpsample_guidance
+from pipeline.models import (
+    NoiseClassifier,
+    build_unet,
+    load_classifier,
+    load_denoiser,
+    load_schedule,
+    num_parameters,
+    unet_image_shape,
+)
+from pipeline.sampling import sample, unet_denoiser
+
+
+def _models(model_dir: str | None):
+    if model_dir and (Path(model_dir) / "denoiser").is_dir():
+        unet = load_denoiser(Path(model_dir) / "denoiser")
+        clf = load_classifier(Path(model_dir) / "classifier", unet_image_shape(unet))
+        return unet, clf, load_schedule(Path(model_dir) / "denoiser"), "trained demo model"
+    torch.manual_seed(0)
+    return (
+        build_unet(UNetConfig()).eval(),
+        NoiseClassifier(ClassifierArchConfig()).eval(),
+        linear_schedule(),
+        "demo architecture, random weights",
+    )
+
+
+def run(model_dir: str | None = None, batch: int = 128, steps: int = 20, repeats: int = 5) -> dict:
+    unet, clf, schedule, source = _models(model_dir)
+    shape = unet_image_shape(unet)
+    cfg = SamplerConfig()
+    seeds = list(range(batch))
+    guide = cpsample_guidance(clf, cfg.alpha, cfg.scale)
+    times: dict[str, list[float]] = {"ddim": [], "cpsample": []}
+    fired = 0.0
+    sample(unet_denoiser(unet), schedule, seeds[:8], shape, 2)  # warm-up
+    for _ in range(repeats):
+        for name, g in (("ddim", None), ("cpsample", guide)):
+            t0 = time.perf_counter()
+            out = sample(unet_denoiser(unet), schedule, seeds, shape, steps, guidance=g)
+            times[name].append(time.perf_counter() - t0)
+            if g is not None:
+                fired = float(out.fired_fraction.mean())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "ratio": med["cpsample"] / med["ddim"],
+        "goal": "<= 1.15",
+        "ddim_s": med["ddim"],
+        "cpsample_s": med["cpsample"],
+        "ddim_images_per_s": batch / med["ddim"],
+        "cpsample_images_per_s": batch / med["cpsample"],
+        "batch": batch,
+        "steps": steps,
+        "repeats": repeats,
+        "alpha": cfg.alpha,
+        "guidance_fired_fraction": fired,
+        "unet_params": num_parameters(unet),
+        "classifier_params": num_parameters(clf),
+        "model": source,
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,50 @@
+"""Run the benchmarks on this machine and merge their results into bench/results.json.
+
+    python bench/run.py [--only P1] [--model-dir demo-out/models/demo]
+
+Each id maps to {"ratio": x, ...details}; ratios are measured side by side in one run (DESIGN.md s.6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+
+def main() -> None:
+    import p1_guidance_overhead
+
+    benches = {"P1": lambda a: p1_guidance_overhead.run(a.model_dir)}
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--only", action="append", choices=sorted(benches))
+    p.add_argument(
+        "--model-dir", help="models/<run> folder of a demo store (default: random weights)"
+    )
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    args = p.parse_args()
+    path = Path(args.out)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for bench_id in args.only or sorted(benches):
+        print(f"==> {bench_id}", flush=True)
+        res = benches[bench_id](args)
+        res["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        res["machine"] = (
+            f"{platform.machine()}, {__import__('os').cpu_count()} CPUs, {platform.python_version()}"
+        )
+        results[bench_id] = res
+        print(json.dumps({bench_id: res}, indent=2), flush=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -169,6 +169,7 @@ def denoiser_worker(config: dict[str, Any]) -> None:
         world,
         rank,
         on_checkpoint,
+        log_every=100,
     )
 
 
@@ -231,4 +232,5 @@ def classifier_worker(config: dict[str, Any]) -> None:
         world,
         rank,
         on_checkpoint,
+        log_every=200,
     )

@@ -161,6 +161,7 @@ def fit_denoiser(
     rank: int = 0,
     on_checkpoint: Callable[[int, dict], None] | None = None,
     progress: bool = False,
+    log_every: int = 0,
 ) -> None:
     """The denoiser loop from ``start`` to ``cfg.steps``; ``on_checkpoint(step, metrics)`` at intervals.
 
@@ -193,12 +194,25 @@ def fit_denoiser(
         ema.update(base, step)
         losses.append(float(loss.detach()))
         done = step + 1
+        _log_progress("denoiser", done, cfg.steps, losses, log_every, rank)
         if on_checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             rate = per_worker * world * len(losses) / max(time.time() - t0, 1e-9)
             on_checkpoint(
                 done, {"step": done, "loss": sum(losses) / len(losses), "images_per_s": rate}
             )
             losses, t0 = [], time.time()
+
+
+def _log_progress(
+    name: str, done: int, total: int, losses: list[float], every: int, rank: int
+) -> None:
+    """A progress line every ``every`` steps from rank 0 (Ray Train streams worker stdout)."""
+    if every > 0 and rank == 0 and done % every == 0:
+        recent = losses[-every:]
+        print(
+            f"[train] {name} {done}/{total} ({done / total:.0%}) loss {sum(recent) / len(recent):.4f}",
+            flush=True,
+        )
 
 
 def classifier_batch(
@@ -230,6 +244,7 @@ def fit_classifier(
     rank: int = 0,
     on_checkpoint: Callable[[int, dict], None] | None = None,
     progress: bool = False,
+    log_every: int = 0,
 ) -> None:
     """The classifier loop: BCE on random bits at uniform t, warm-up then cosine learning rate.
 
@@ -257,6 +272,7 @@ def fit_classifier(
         opt.step()
         losses.append(float(loss.detach()))
         done = step + 1
+        _log_progress("classifier", done, cfg.steps, losses, log_every, rank)
         if on_checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             on_checkpoint(done, {"step": done, "loss": sum(losses) / len(losses)})
             losses = []

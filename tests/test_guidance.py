@@ -274,3 +274,28 @@ def test_guidance_does_not_leave_grads_on_classifier(core_clf):
         out = cpsample_guidance(core_clf, alpha=0.5, scale=1.0)(x_t, t, eps, abar)
     assert not torch.equal(out.eps, eps)
     assert all(p.grad is None for p in core_clf.parameters())
+
+
+def test_guidance_t_gate_switches_off_steps_at_or_above_t_max(core_clf):
+    x_t, eps = _inputs(9)
+    t = torch.tensor([999, 600, 599, 10])
+    abar = linear_schedule().abar(t)
+    ungated = cpsample_guidance(core_clf, alpha=0.5, scale=5.0)(x_t, t, eps, abar)
+    gated = cpsample_guidance(core_clf, alpha=0.5, scale=5.0, t_max=600)(x_t, t, eps, abar)
+    assert ungated.fired.tolist() == [True, True, True, True]
+    assert gated.fired.tolist() == [False, False, True, True]
+    assert torch.equal(gated.eps[:2], eps[:2])  # above the gate: untouched, bit for bit
+    assert torch.allclose(gated.eps[2:], ungated.eps[2:])  # below it: the same guidance as ungated
+
+
+def test_guidance_t_gate_skips_classifier_when_every_sample_is_above(core_clf):
+    x_t, eps = _inputs(10)
+    t = torch.full((4,), 900)
+    counting = _CountingClassifier(core_clf)
+    _BackwardCounter.calls = 0
+    out = cpsample_guidance(counting, alpha=0.5, scale=5.0, t_max=600)(
+        x_t, t, eps, linear_schedule().abar(t)
+    )
+    assert _BackwardCounter.calls == 0
+    assert not out.fired.any() and torch.isnan(out.p).all()
+    assert torch.equal(out.eps, eps)

@@ -54,22 +54,14 @@ def main() -> None:
         sampler=args.sampler, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
         steps=args.steps, eta=args.eta, alpha=args.alpha, scale=args.scale, seed=args.seed,
     )  # fmt: skip
-    import ray
-
-    from pipeline.ray_data import preflight_models, run_sampling
+    from pipeline.ray_data import run_sampling
     from pipeline.storage import open_store
 
     store = open_store(args.store, args.s3_endpoint)
-    denoiser = args.denoiser or f"models/{args.run}/denoiser"
-    classifier = args.classifier or f"models/{args.run}/classifier"
-    preflight_models(store.uri, denoiser, classifier, cfg, args.s3_endpoint)
-    ray.init(ignore_reinit_error=True)
-    gpus = args.num_gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     out = run_sampling(
-        store.uri, args.run, cfg, denoiser, classifier, args.concurrency,
-        args.num_cpus_per_actor, gpus, args.s3_endpoint,
+        store.uri, args.run, cfg, args.denoiser or f"models/{args.run}/denoiser",
+        args.classifier or f"models/{args.run}/classifier", args.concurrency,
+        args.num_cpus_per_actor, args.num_gpus_per_actor, args.s3_endpoint,
     )  # fmt: skip
     print(
         f"{out['num_samples']} samples in {out['num_shards']} shards ({out['skipped_shards']} already complete) "

@@ -46,8 +46,8 @@ def cpsample_gate(p: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Te
     """The CPSample gate: returns ``(fired, target)`` for probabilities ``p`` of shape (B,).
 
     ``p > 1 - alpha`` -> target 0; ``p < alpha`` -> target 1; otherwise not fired (target is then
-    meaningless and set to ``p`` so that ``target - p`` is 0). At ``alpha = 0.5`` every sample with p != 0.5 fires and
-    is pushed toward its less likely label.
+    meaningless and set to ``p`` so that ``target - p`` is 0). At ``alpha = 0.5`` every sample with
+    ``p != 0.5`` fires and is pushed toward its less likely label.
     """
     high = p > 1.0 - alpha
     low = p < alpha
@@ -72,12 +72,16 @@ def cpsample_eps(
     abar_t: torch.Tensor,
     alpha: float,
     scale: float,
+    active: torch.Tensor | None = None,
 ) -> GuidanceOutput:
     """Apply the gate and ``eps_hat = eps - s sqrt(1 - abar_t) grad log p(target | x_t)``.
 
-    Samples outside the confidence band keep ``eps`` unchanged, bit for bit.
+    Samples outside the confidence band, or with ``active`` (B,) False (e.g. outside the guided t
+    range), keep ``eps`` unchanged, bit for bit.
     """
     fired, target = cpsample_gate(p, alpha)
+    if active is not None:
+        fired = fired & active
     g = log_prob_grad(target, p, grad_logit)
     coef = scale * (1.0 - abar_t).sqrt().reshape(-1, *([1] * (eps.dim() - 1)))
     eps_hat = torch.where(fired.reshape(coef.shape), eps - coef * g, eps)
@@ -108,8 +112,8 @@ def cpsample_guidance(
     """Wrap a random-label classifier into a CPSample guidance function for the sampler.
 
     Guidance acts only at ``t < t_max``: a classifier trained on ``t < t_max`` says nothing reliable
-    above it. One classifier forward per step; the backward runs only when at least one sample fired. Samples are
-    independent (the classifier has no batch statistics), so the gradient of the summed logits is the
+    above it. One classifier forward per step; the backward runs only when at least one sample fired.
+    Samples are independent (the classifier has no batch statistics), so the gradient of the summed logits is the
     per-sample gradient ``d logit_i / d x_i``.
     """
     validate_knobs(alpha, scale)
@@ -117,22 +121,18 @@ def cpsample_guidance(
         raise ValueError(f"input_mode must be 'x_t' or 'x0', got {input_mode!r}")
 
     def guide(x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor):
-        if bool((t >= t_max).all()):
+        active = t < t_max
+        if not bool(active.any()):  # no classifier call at all above the guided t range
             nan = torch.full((x_t.shape[0],), float("nan"), device=x_t.device)
-            return GuidanceOutput(eps=eps, fired=torch.zeros_like(nan, dtype=torch.bool), p=nan)
+            return GuidanceOutput(eps=eps, fired=torch.zeros_like(active), p=nan)
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
             logits = classifier_logits(classifier, x, t, eps, abar_t, input_mode)
             p = torch.sigmoid(logits.detach().float())
-            fired, _ = cpsample_gate(p, alpha)
-            fired = fired & (t < t_max)
+            fired = cpsample_gate(p, alpha)[0] & active
             if scale == 0 or not bool(fired.any()):
                 return GuidanceOutput(eps=eps, fired=fired, p=p)
             (grad,) = torch.autograd.grad(logits.sum(), x)
-        out = cpsample_eps(eps, p, grad, abar_t, alpha, scale)
-        if not bool(fired.all()):  # the t gate may have switched off samples that the p gate fired
-            mask = fired.reshape(-1, *([1] * (eps.dim() - 1)))
-            out = GuidanceOutput(torch.where(mask, out.eps, eps), fired, p)
-        return out
+        return cpsample_eps(eps, p, grad, abar_t, alpha, scale, active)
 
     return guide

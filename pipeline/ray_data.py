@@ -42,10 +42,6 @@ def sample_seed(run_seed: int, shard: int, index: int) -> int:
     return derive_seed("sample", run_seed, shard, index)
 
 
-def _local_model_dir(store, parts: tuple[str, ...], tmp: str) -> Path:
-    return store.get_dir(Path(tmp) / "/".join(parts), *parts)
-
-
 def resolve_model_dir(store, location: str, tmp: str | Path) -> Path:
     """A model location is a local folder, or a store-relative path (``models/<run>/denoiser``)."""
     if Path(location).is_dir():
@@ -178,16 +174,23 @@ def run_sampling(
     classifier: str | None,
     concurrency: int = 1,
     cpus_per_actor: float = 1.0,
-    gpus_per_actor: float = 0.0,
+    gpus_per_actor: float | None = 0.0,
     s3_endpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Fan ``sampler.num_samples`` out over an actor pool; returns counts and the fired fraction."""
+    """Fan ``sampler.num_samples`` out over an actor pool; returns counts and the fired fraction.
+
+    The models are loaded once in the driver first, so a missing or mismatched checkpoint fails before
+    Ray starts. ``gpus_per_actor=None`` means 1 when the cluster has GPUs, else 0.
+    """
     import dataclasses
 
     import ray
 
     folder = f"samples/{run}/{sampler.sampler}"
     preflight_models(store_uri, denoiser, classifier, sampler, s3_endpoint)
+    if gpus_per_actor is None:
+        ray.init(ignore_reinit_error=True)
+        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
         ShardSampler,

@@ -72,9 +72,8 @@ def _run_config(store: Store, name: str, num_to_keep: int, max_failures: int):
 
     return ray.train.RunConfig(
         name=name,
-        storage_path=store.join("checkpoints")
-        if not store.is_local
-        else store.uri_of("checkpoints"),
+        # a local path, or bucket/prefix together with the store's S3 filesystem
+        storage_path=store.join("checkpoints"),
         storage_filesystem=None if store.is_local else store.fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
         failure_config=ray.train.FailureConfig(max_failures=max_failures),

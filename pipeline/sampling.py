@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from pipeline.diffusion import Schedule, ddim_step, ddim_timesteps
 from pipeline.guidance import GuidanceFn
+from pipeline.models import channels_last
 
 # (x_t, t) -> eps; t is a (B,) long tensor.
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -104,6 +105,6 @@ def unet_denoiser(unet: torch.nn.Module) -> DenoiserFn:
     """Adapt a diffusers ``UNet2DModel`` (eps-prediction) to the sampler's ``(x_t, t) -> eps``."""
 
     def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(x, t).sample
+        return unet(channels_last(x), t).sample
 
     return call

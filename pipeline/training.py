@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.diffusion import Schedule, q_sample
+from pipeline.models import channels_last
 
 T_RANGES: tuple[tuple[int, int], ...] = ((0, 100), (100, 300), (300, 600), (600, 1000))
 
@@ -53,7 +54,7 @@ def denoiser_loss(
     t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(x_start.device)
     noise = torch.randn(x_start.shape, generator=generator).to(x_start.device)
     x_t = q_sample(schedule, x_start, t, noise)
-    return nn.functional.mse_loss(unet(x_t, t).sample.float(), noise)
+    return nn.functional.mse_loss(unet(channels_last(x_t), t).sample.float(), noise)
 
 
 def classifier_loss(

@@ -40,11 +40,12 @@ def main() -> None:
     )  # fmt: skip
     import ray
 
+    from pipeline.ray_init import init_ray
     from pipeline.stages import check_replicas, train_index_spec
     from pipeline.storage import open_store
 
     store = open_store(args.store, args.s3_endpoint)
-    ray.init(ignore_reinit_error=True)
+    init_ray()
     spec, _ = train_index_spec(store, args.dataset, cfg)
     stats, _ = check_replicas(
         store, args.run, f"samples/{args.run}/{args.sampler}", ray.put(spec), cfg, args.concurrency

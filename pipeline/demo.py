@@ -19,6 +19,7 @@ from pipeline.datasets import DataError, digits_source, folder_source, split
 from pipeline.evaluation import train_domain_evaluator
 from pipeline.guidance import validate_knobs
 from pipeline.ray_data import run_sampling
+from pipeline.ray_init import init_ray
 from pipeline.report import grid_figure, histogram_figure, pairs_figure, write_report
 from pipeline.stages import (
     check_replicas,
@@ -106,8 +107,7 @@ def run_demo(
         if len(holdout) < 2:
             raise DataError(f"need at least 2 held-out images, got {len(holdout)}")
         make_shards(store, dataset, train, holdout)
-    if not ray.is_initialized():
-        ray.init(num_cpus=cfg.ray_cpus, dashboard_host="127.0.0.1")
+    init_ray(num_cpus=cfg.ray_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = progress
     threads = max(1, cfg.ray_cpus)
     with timer.stage("train_denoiser"):

@@ -186,10 +186,12 @@ def run_sampling(
 
     import ray
 
+    from pipeline.ray_init import init_ray
+
     folder = f"samples/{run}/{sampler.sampler}"
     preflight_models(store_uri, denoiser, classifier, sampler, s3_endpoint)
     if gpus_per_actor is None:
-        ray.init(ignore_reinit_error=True)
+        init_ray()
         gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(

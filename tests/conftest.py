@@ -48,7 +48,9 @@ def ray_local():
     """A real in-process local Ray with 2 CPUs, shared by the Ray tests of the session."""
     import ray
 
-    ray.init(num_cpus=2, dashboard_host="127.0.0.1", ignore_reinit_error=True)
+    from pipeline.ray_init import init_ray
+
+    init_ray(num_cpus=2)  # a private instance: never a head another test or session started
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

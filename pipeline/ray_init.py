@@ -1,0 +1,27 @@
+"""Connect to a Ray cluster, or start a private local one.
+
+Jobs run under ``ray job submit`` find their cluster through ``RAY_ADDRESS``; everything else (the demo on
+a laptop, unit tests) starts its *own* local instance with ``address="local"``, so that a head someone
+else started on the same machine with ``ray start`` is never joined by accident.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs) -> None:
+    """``ray.init`` for jobs and the demo; a no-op when Ray is already initialised.
+
+    ``address`` (or ``RAY_ADDRESS``) connects to an existing cluster, whose resources are then its own;
+    otherwise a new local instance with ``num_cpus`` CPUs starts, its dashboard on 127.0.0.1 only.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, **kwargs)
+        return
+    ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", **kwargs)

@@ -67,3 +67,58 @@ def digits_store(tmp_path_factory):
     train, holdout = split(digits_source(16), 32, 0)
     make_shards(store, "digits", train, holdout.subset(range(300)), shard_size=100)
     return store
+
+
+# ------------------------------------------------------------------------------ S3 on loopback (moto)
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP API (moto in server mode) on 127.0.0.1; yields its endpoint URL.
+
+    moto checks no credentials by default; tests that need "wrong credentials" refused start their own
+    server with ``INITIAL_NO_AUTH_ACTION_COUNT=0`` in its environment.
+    """
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "cpsample-test-key",
+    "AWS_SECRET_ACCESS_KEY": "cpsample-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """Fake credentials, a region and ``AWS_ENDPOINT_URL`` in this process's environment (and hence in
+    subprocesses). Note: Ray workers started before this fixture ran do not see these variables."""
+    env = {**S3_TEST_ENV, "AWS_ENDPOINT_URL": s3_server}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def s3_bucket(s3_env) -> str:
+    """A fresh, empty bucket on the loopback endpoint; yields its name."""
+    import uuid
+
+    import boto3
+
+    name = f"cps-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+    return name

@@ -20,9 +20,23 @@ sys.path.insert(0, str(HERE))
 
 
 def main() -> None:
+    import classifier_scaling
     import p1_guidance_overhead
+    import p2_diffusers_ddim
+    import p3_faiss
+    import p4_s3_input
+    import p5_train_throughput
+    import p6_sampling_scaleout
 
-    benches = {"P1": lambda a: p1_guidance_overhead.run(a.model_dir)}
+    benches = {
+        "P1": lambda a: p1_guidance_overhead.run(a.model_dir),
+        "P5": lambda a: p5_train_throughput.run(),
+        "classifier_scaling": lambda a: classifier_scaling.run(),
+        "P2": lambda a: p2_diffusers_ddim.run(a.model_dir),
+        "P3": lambda a: p3_faiss.run(),
+        "P4": lambda a: p4_s3_input.run(),
+        "P6": lambda a: p6_sampling_scaleout.run(),
+    }
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

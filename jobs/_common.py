@@ -12,19 +12,37 @@ sys.path.insert(
 
 from pipeline.config import ConfigError
 from pipeline.datasets import DataError
-from pipeline.models import CheckpointError
 from pipeline.storage import StorageError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, StorageError, ValueError, FileNotFoundError)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (exit 2). CheckpointError is imported lazily: pipeline.models
+    pulls in torch and diffusers, which light jobs such as make_shards do not need."""
+    errors: tuple[type[Exception], ...] = (
+        ConfigError, DataError, StorageError, ValueError, FileNotFoundError,
+    )  # fmt: skip
+    if "pipeline.models" in sys.modules:
+        errors += (sys.modules["pipeline.models"].CheckpointError,)
+    return errors
 
 
 def run_main(main: Callable[[], None]) -> None:
     """Run a job; bad input exits with status 2 and a one-line message instead of a traceback."""
     try:
         main()
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_s3_endpoint_arg(parser) -> None:
+    """``--s3-endpoint URL``: the S3-compatible endpoint (default: $AWS_ENDPOINT_URL; AWS if unset).
+    Credentials always come from the AWS chain (environment, profile, role), never from flags."""
+    parser.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="S3-compatible endpoint, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL)",
+    )
 
 
 def load_sections(path: str | None, sections: dict[str, type]) -> dict[str, object]:

@@ -1,9 +1,14 @@
 """Find every sample's nearest training image with FAISS and report the replication rate.
 
     python jobs/check_replicas.py --store demo-out --run demo --dataset digits --sampler cpsample
+    python jobs/check_replicas.py --store s3://bucket/batch-42 --run batch-42 --index ivf --nprobe 64
 
-Writes reports/<run>/replicas-<sampler>.jsonl (key, nn_key, nn_similarity, is_replicate), adds
-nn_key/nn_similarity to each sample's <key>.json, and prints the replication statistics.
+Embeds data/<dataset>/train, builds a FAISS index (exact IndexFlatIP by default; --index ivf for large
+training sets, with its recall@1 measured against exact search on --recall-queries samples; on the GPU
+when faiss-gpu and a GPU are present), scores samples/<run>/<sampler>/ in parallel with Ray Data, and
+writes under reports/<run>/: replicas-<sampler>.jsonl (key, nn_key, nn_similarity, is_replicate), the
+similarity histogram, a grid of the --pairs-k closest pairs, and the statistics merged into report.json.
+Each sample's <key>.json in the shards gains nn_key and nn_similarity.
 """
 
 from __future__ import annotations
@@ -31,26 +36,38 @@ def main() -> None:
     p.add_argument("--threshold", type=float)
     p.add_argument("--embedding", choices=["centred", "raw"])
     p.add_argument("--index", choices=["flat", "ivf"])
+    p.add_argument("--nlist", type=int)
+    p.add_argument("--nprobe", type=int)
+    p.add_argument("--recall-queries", type=int)
+    p.add_argument("--pairs-k", type=int)
+    p.add_argument(
+        "--use-gpu", action="store_true", default=None, help="faiss-gpu index if present"
+    )
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--s3-endpoint")
     args = p.parse_args()
     cfg = override(
         load_sections(args.config, {"replicas": ReplicaConfig})["replicas"],
-        threshold=args.threshold, embedding=args.embedding, index=args.index,
+        threshold=args.threshold, embedding=args.embedding, index=args.index, nlist=args.nlist,
+        nprobe=args.nprobe, recall_queries=args.recall_queries, pairs_k=args.pairs_k,
+        use_gpu=args.use_gpu,
     )  # fmt: skip
-    import ray
-
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     from pipeline.ray_init import init_ray
-    from pipeline.stages import check_replicas, train_index_spec
+    from pipeline.report import replica_check_report
     from pipeline.storage import open_store
 
     store = open_store(args.store, args.s3_endpoint)
+    if not store.listdir("samples", args.run, args.sampler):
+        raise FileNotFoundError(
+            f"no sample shards under {store.uri_of('samples', args.run, args.sampler)}"
+        )
     init_ray()
-    spec, _ = train_index_spec(store, args.dataset, cfg)
-    stats, _ = check_replicas(
-        store, args.run, f"samples/{args.run}/{args.sampler}", ray.put(spec), cfg, args.concurrency
+    summary = replica_check_report(
+        store, args.run, args.dataset, args.sampler, cfg, args.concurrency, args.s3_endpoint
     )
-    print(json.dumps({"sampler": args.sampler, "threshold": cfg.threshold, **stats.to_dict()}))
+    print(json.dumps({"sampler": args.sampler, **summary}))
 
 
 if __name__ == "__main__":

@@ -3,14 +3,22 @@
     python jobs/sample.py --store demo-out --run demo --sampler cpsample --num-samples 512 --alpha 0.5 --scale 5
     python jobs/sample.py --store s3://bucket/batch-42 --denoiser /models/ddpm-cifar10-32 \
         --classifier models/demo/classifier --num-gpus-per-actor 0.5 --concurrency 8
+    python jobs/sample.py --store demo-out --run demo --guard 0.9 --guard-budget 64 --dataset digits
 
 Each shard is one task with seeds derived from (seed, shard, index): the images do not depend on the
-number of actors. Shards are written atomically to samples/<run>/<sampler>/; a rerun skips complete ones.
+number of actors. Shards are written atomically to samples/<run>/<sampler>/; a rerun skips complete ones
+(checked: the tar parses, its members carry this run's settings and their recorded count).
+
+Guard mode (--guard T): every sample is compared with the training images of --dataset (exact FAISS
+search, mean-centred pixels by default); one at or above T is discarded and redrawn with a fresh derived
+seed while the shard's --guard-budget lasts. No shipped sample is at or above T. The counts are merged
+into reports/<run>/report.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +28,7 @@ from _common import load_sections, override, run_main
 from pipeline.config import SamplerConfig
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -37,36 +45,62 @@ def main() -> None:
     p.add_argument("--sampler", choices=["ddim", "cpsample"])
     p.add_argument("--num-samples", type=int)
     p.add_argument("--samples-per-shard", type=int)
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--eta", type=float)
     p.add_argument("--alpha", type=float, help="confidence threshold, in (0, 0.5]")
     p.add_argument("--scale", type=float, help="guidance scale s, >= 0")
     p.add_argument("--seed", type=int)
+    p.add_argument("--guard", type=float, help="reject samples with NN similarity >= this")
+    p.add_argument("--guard-budget", type=int, help="regenerations allowed per shard")
+    p.add_argument("--guard-embedding", choices=["centred", "raw"])
+    p.add_argument("--dataset", default="digits", help="training shards data/<dataset>/train")
     p.add_argument("--concurrency", type=int, default=1, help="number of sampling actors")
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument(
-        "--num-gpus-per-actor", type=float, default=None, help="default: 1 if the cluster has GPUs"
+        "--num-gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs per actor, fractions allowed (default: 1 if the cluster has GPUs, else 0)",
     )
     p.add_argument("--s3-endpoint")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     cfg = override(
         load_sections(args.config, {"sampler": SamplerConfig})["sampler"],
         sampler=args.sampler, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
-        steps=args.steps, eta=args.eta, alpha=args.alpha, scale=args.scale, seed=args.seed,
+        batch_size=args.batch_size, steps=args.steps, eta=args.eta, alpha=args.alpha,
+        scale=args.scale, seed=args.seed, guard=args.guard, guard_budget=args.guard_budget,
+        guard_embedding=args.guard_embedding,
     )  # fmt: skip
     from pipeline.ray_data import run_sampling
+    from pipeline.report import merge_report_json
     from pipeline.storage import open_store
 
     store = open_store(args.store, args.s3_endpoint)
     out = run_sampling(
-        store.uri, args.run, cfg, args.denoiser or f"models/{args.run}/denoiser",
+        store, args.run, cfg, args.denoiser or f"models/{args.run}/denoiser",
         args.classifier or f"models/{args.run}/classifier", args.concurrency,
-        args.num_cpus_per_actor, args.num_gpus_per_actor, args.s3_endpoint,
+        args.num_cpus_per_actor, args.num_gpus_per_actor, args.s3_endpoint, args.dataset,
     )  # fmt: skip
+    updates: dict = {"sampling": {cfg.sampler: out}}
+    if "guard" in out:
+        updates["samplers"] = {cfg.sampler: {"guard": out["guard"]}}
+    merge_report_json(store, args.run, updates)
     print(
         f"{out['num_samples']} samples in {out['num_shards']} shards ({out['skipped_shards']} already complete) "
         f"under {store.uri_of(out['folder'])}; guidance fired fraction {out['guidance_fired_fraction']:.3f}"
     )
+    if "guard" in out:
+        g = out["guard"]
+        print(
+            f"guard: {g['rejected']} rejected and redrawn, {g['unfilled']} slots left empty (budget "
+            f"{g['budget_per_shard']} per shard); guarantee: {g['guarantee']}"
+        )
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

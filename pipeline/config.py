@@ -133,12 +133,19 @@ class DenoiserTrainConfig:
     checkpoint_every: int = 400
     num_to_keep: int = 2
     max_failures: int = 0
+    lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (to 0 at `steps`)
+    mixed_precision: bool = True  # bf16 autocast when the worker's device is CUDA; ignored on CPU
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr", "num_workers", "checkpoint_every", "num_to_keep"):
             _positive(name, getattr(self, name))
         _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.max_failures >= -1, f"max_failures must be >= -1, got {self.max_failures}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(
+            self.lr_schedule in ("constant", "cosine"),
+            f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
+        )
 
 
 @dataclass
@@ -196,10 +203,21 @@ class ClassifierTrainConfig:
     checkpoint_every: int = 400
     num_to_keep: int = 2
     max_failures: int = 0
+    # the learning rate: linear warm-up over `warmup_steps`, then "cosine" (to 0 at `steps`, the
+    # calibrated default) or "constant"; scale a large-N fit with steps, width and this schedule
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 100
+    mixed_precision: bool = True  # bf16 autocast when the worker's device is CUDA; ignored on CPU
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr", "num_workers", "checkpoint_every", "num_to_keep"):
             _positive(name, getattr(self, name))
+        _check(self.max_failures >= -1, f"max_failures must be >= -1, got {self.max_failures}")
+        _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(
+            self.lr_schedule in ("constant", "cosine"),
+            f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
+        )
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.holdout_images >= 0, f"holdout_images must be >= 0, got {self.holdout_images}")
         _check(1 <= self.t_max <= 1000, f"t_max must be in [1, 1000], got {self.t_max}")
@@ -226,6 +244,12 @@ class SamplerConfig:
     samples_per_shard: int = 128
     seed: int = 0
     clip_sample: bool = True
+    # guard mode: a sample whose nearest training image has similarity >= guard (under
+    # guard_embedding, exact search) is discarded and regenerated with a fresh derived seed;
+    # guard_budget is the number of regenerations allowed per output shard. None = off.
+    guard: float | None = None
+    guard_budget: int = 128
+    guard_embedding: str = "centred"
 
     def __post_init__(self) -> None:
         _check(
@@ -246,6 +270,15 @@ class SamplerConfig:
         )
         for name in ("num_samples", "batch_size", "samples_per_shard"):
             _positive(name, getattr(self, name))
+        _check(
+            self.guard is None or -1.0 <= self.guard <= 1.0,
+            f"guard must be a cosine similarity in [-1, 1] (or unset), got {self.guard}",
+        )
+        _check(self.guard_budget >= 0, f"guard_budget must be >= 0, got {self.guard_budget}")
+        _check(
+            self.guard_embedding in ("centred", "raw"),
+            f"guard_embedding must be 'centred' or 'raw', got {self.guard_embedding!r}",
+        )
 
 
 @dataclass
@@ -258,6 +291,8 @@ class ReplicaConfig:
     nlist: int = 1024
     nprobe: int = 32
     use_gpu: bool = False
+    recall_queries: int = 1000  # samples whose IVF neighbour is checked against exact search
+    pairs_k: int = 16  # the k closest sample/training pairs drawn in the report
 
     def __post_init__(self) -> None:
         _check(
@@ -268,6 +303,8 @@ class ReplicaConfig:
         _check(self.index in ("flat", "ivf"), f"index must be 'flat' or 'ivf', got {self.index!r}")
         _positive("nlist", self.nlist)
         _positive("nprobe", self.nprobe)
+        _positive("recall_queries", self.recall_queries)
+        _positive("pairs_k", self.pairs_k)
 
 
 @dataclass
@@ -287,9 +324,76 @@ class DemoConfig:
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
     sample_concurrency: int = 2
     quality_epochs: int = 30
+    # the privacy block: a small (alpha, s) sweep with Ray Tune and membership-inference attack 1
+    sweep: SweepConfig = field(default_factory=lambda: SweepConfig())
+    mia_members: int = 64
+    mia_nonmembers: int = 256
 
     def __post_init__(self) -> None:
         _check(self.num_train >= 2, f"num_train must be >= 2, got {self.num_train}")
+        _positive("mia_members", self.mia_members)
+        _positive("mia_nonmembers", self.mia_nonmembers)
         _positive("ray_cpus", self.ray_cpus)
         _positive("sample_concurrency", self.sample_concurrency)
         _positive("quality_epochs", self.quality_epochs)
+
+
+@dataclass
+class EvalConfig:
+    """Membership-inference attacks and FID (jobs/evaluate.py)."""
+
+    num_members: int = 64  # training images attacked (all when fewer)
+    num_nonmembers: int = 256  # held-out images attacked (a seeded random subset)
+    timesteps: tuple[int, ...] = (50, 100, 150, 200, 300)  # attack 1: t values averaged over
+    draws: int = 2  # attack 1: noise draws per t
+    secmi_t: int = 100  # attack 2: SecMI's t
+    secmi_k: int = 10  # attack 2: SecMI's DDIM interval
+    num_permutations: int = 10_000
+    seed: int = 0
+    fid_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_members",
+            "num_nonmembers",
+            "draws",
+            "num_permutations",
+            "fid_batch_size",
+        ):
+            _positive(name, getattr(self, name))
+        _check(len(self.timesteps) >= 1, "timesteps must not be empty")
+        for t in self.timesteps:
+            _check(0 <= t < 1000, f"timesteps entries must be in [0, 1000), got {t}")
+        _positive("secmi_k", self.secmi_k)
+        _check(
+            0 < self.secmi_t < 1000 - self.secmi_k and self.secmi_t % self.secmi_k == 0,
+            f"secmi_t must be a multiple of secmi_k in (0, {1000 - self.secmi_k}), got {self.secmi_t}",
+        )
+
+
+@dataclass
+class SweepConfig:
+    """The (alpha, s) trade-off sweep (jobs/sweep.py): the grid alphas x scales, plus plain DDIM."""
+
+    alphas: tuple[float, ...] = (0.5,)
+    scales: tuple[float, ...] = (3.0, 5.0, 7.0)
+    num_samples: int = 256
+    seed: int = 0
+    target_rate: float = 0.02
+    include_ddim: bool = True
+    cpus_per_trial: float = 1.0
+    quality_epochs: int = 30
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.alphas) >= 1 and len(self.scales) >= 1, "alphas and scales must not be empty"
+        )
+        for a in self.alphas:
+            _check(0.0 < a <= 0.5, f"alphas entries must be in (0, 0.5], got {a}")
+        for s in self.scales:
+            _check(s >= 0, f"scales entries must be >= 0, got {s}")
+        _check(
+            0.0 <= self.target_rate <= 1.0, f"target_rate must be in [0, 1], got {self.target_rate}"
+        )
+        for name in ("num_samples", "cpus_per_trial", "quality_epochs"):
+            _positive(name, getattr(self, name))

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.config import DemoConfig, SamplerConfig
 from pipeline.datasets import DataError, digits_source, folder_source, split
-from pipeline.evaluation import train_domain_evaluator
+from pipeline.evaluation import sweep_and_attack, train_domain_evaluator
 from pipeline.guidance import validate_knobs
 from pipeline.ray_data import run_sampling
 from pipeline.ray_init import init_ray
@@ -50,6 +50,8 @@ def quick_config(seed: int = 0) -> DemoConfig:
     cfg.sampler = dataclasses.replace(
         cfg.sampler, num_samples=64, steps=10, samples_per_shard=32, batch_size=32
     )
+    cfg.sweep = dataclasses.replace(cfg.sweep, scales=(3.0, 7.0), num_samples=32)
+    cfg.mia_members, cfg.mia_nonmembers = 16, 32
     return cfg
 
 
@@ -119,7 +121,7 @@ def run_demo(
         scfg = dataclasses.replace(cfg.sampler, sampler=name, seed=cfg.seed)
         with timer.stage(f"sample_{name}"):
             runs[name] = run_sampling(
-                store.uri, RUN, scfg, f"models/{RUN}/denoiser", f"models/{RUN}/classifier",
+                store, RUN, scfg, f"models/{RUN}/denoiser", f"models/{RUN}/classifier",
                 concurrency=cfg.sample_concurrency, cpus_per_actor=max(1, cfg.ray_cpus // cfg.sample_concurrency),
             )  # fmt: skip
     with timer.stage("check_replicas"):
@@ -141,9 +143,18 @@ def run_demo(
             name="holdout",
         )
     with timer.stage("quality"):
-        quality, figures = _quality_and_figures(
+        quality, figures, evaluator = _quality_and_figures(
             store, runs, checked, base_rows, holdout, train_set, cfg
         )
+    with timer.stage("sweep_and_attack"):
+        sw = cfg.sweep
+        privacy, privacy_figures = sweep_and_attack(
+            store, RUN, dataset, dataclasses.replace(cfg.sampler, seed=cfg.seed), cfg.replicas,
+            evaluator, cfg.seed, points=[(a, s) for a in sw.alphas for s in sw.scales],
+            num_samples=sw.num_samples, target_rate=sw.target_rate, num_members=cfg.mia_members,
+            num_nonmembers=cfg.mia_nonmembers, include_ddim=sw.include_ddim,
+        )  # fmt: skip
+        figures.update(privacy_figures)
     report = {
         "dataset": dataset,
         "num_train": len(train),
@@ -164,6 +175,7 @@ def run_demo(
         "classifier": clf["metrics"],
         "denoiser": {"steps": cfg.denoiser.steps, "final_loss": den["metrics"].get("loss")},
         "quality_metric": quality["_name"],
+        **privacy,
         "timings_s": {**timer.timings, "total": round(time.perf_counter() - t_start, 2)},
         "config": dataclasses.asdict(cfg),
     }
@@ -207,4 +219,4 @@ def _quality_and_figures(
     sims_by_name["held-out real"] = np.asarray([r["nn_similarity"] for r in base_rows])
     figures["nn_similarity_hist.png"] = histogram_figure(sims_by_name, cfg.replicas.threshold)
     figures["train_images.png"] = grid_figure(train_set.images[:64], "training images")
-    return quality, figures
+    return quality, figures, evaluator

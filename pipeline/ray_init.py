@@ -24,4 +24,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None, **kwargs) 
     if address and address != "local":
         ray.init(address=address, **kwargs)
         return
+    # Ray runs its workers at niceness 15 so that its own daemons stay responsive on busy nodes. On a
+    # private laptop instance the workers *are* the job: at 15 they also yield to every other process.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", **kwargs)

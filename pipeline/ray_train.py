@@ -101,12 +101,45 @@ def _resume(optimizer) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None
     return tensors, {**state, "optimizer": optimizer_state}
 
 
-def _worker_setup(threads: int) -> tuple[int, int, torch.device]:
+def _slow_down(model: torch.nn.Module, seconds: float) -> None:
+    """Sleep ``seconds`` before every forward pass: fault-injection tests use it (config key
+    ``step_delay_s``) to have time to kill a worker mid-run; never set in normal runs."""
+    if seconds > 0:
+        import time
+
+        model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+
+
+def set_niceness(target: int = 0) -> int:
+    """Move this process to niceness ``target`` (or as close as allowed); returns the niceness now.
+
+    Ray starts worker processes at niceness 15 (raylet's ``worker_niceness``; ``init_ray`` sets it to
+    0 for private local instances, but a cluster started with ``ray start`` keeps 15) so that its own
+    daemons stay responsive. A training worker is the job's main compute, though: at niceness 15 it
+    yields the CPU to every ordinary process on the node (bench P5 measures the cost). Lowering
+    niceness needs CAP_SYS_NICE (root in a container); without it the worker keeps Ray's value.
+    """
+    import os
+
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    step = 1 if target < current else -1
+    for value in range(target, current, step):
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, value)
+            return value
+        except PermissionError:
+            continue
+    return current
+
+
+def _worker_setup(threads: int, niceness: int | None = 0) -> tuple[int, int, torch.device]:
     import ray.train
     import ray.train.torch
 
     if threads > 0:
         torch.set_num_threads(threads)
+    if niceness is not None:
+        set_niceness(niceness)
     ctx = ray.train.get_context()
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
@@ -131,23 +164,29 @@ def denoiser_worker(config: dict[str, Any]) -> None:
 
     ucfg = from_dict(UNetConfig, config["unet"])
     tcfg = from_dict(DenoiserTrainConfig, config["train"])
-    rank, world, device = _worker_setup(config.get("threads", 0))
+    rank, world, device = _worker_setup(config.get("threads", 0), config.get("niceness", 0))
     torch.manual_seed(tcfg.seed)
     unet = build_unet(ucfg).to(device)
     ema = EMA(unet, tcfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=tcfg.lr, weight_decay=0.0)
-    start = 0
+    start, history = 0, []
     resumed = _resume(opt)
     if resumed is not None:
         tensors, state = resumed
         unet.load_state_dict(tensors["model"])
         ema.shadow.load_state_dict(tensors["ema"])
         opt.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, history = state["step"], [*state.get("resumed_from", []), state["step"]]
         _log(rank, f"resumed denoiser from step {start}")
+    _slow_down(unet, config.get("step_delay_s", 0.0))
     model = ray.train.torch.prepare_model(unet)
     x_all, _ = load_shard("train")
-    state = {"kind": "denoiser", "unet": config["unet"], "train": config["train"]}
+    state = {
+        "kind": "denoiser",
+        "unet": config["unet"],
+        "train": config["train"],
+        "resumed_from": history,
+    }
 
     def on_checkpoint(step: int, metrics: dict) -> None:
         _log(rank, f"denoiser step {step}/{tcfg.steps} loss {metrics['loss']:.4f}")
@@ -180,19 +219,20 @@ def classifier_worker(config: dict[str, Any]) -> None:
 
     acfg = from_dict(ClassifierArchConfig, config["arch"])
     tcfg = from_dict(ClassifierTrainConfig, config["train"])
-    rank, world, device = _worker_setup(config.get("threads", 0))
+    rank, world, device = _worker_setup(config.get("threads", 0), config.get("niceness", 0))
     schedule = _schedule(config)
     torch.manual_seed(tcfg.seed)
     clf = NoiseClassifier(acfg).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    start = 0
+    start, history = 0, []
     resumed = _resume(opt)
     if resumed is not None:
         tensors, state = resumed
         clf.load_state_dict(tensors["model"])
         opt.load_state_dict(state["optimizer"])
-        start = state["step"]
+        start, history = state["step"], [*state.get("resumed_from", []), state["step"]]
         _log(rank, f"resumed classifier from step {start}")
+    _slow_down(clf, config.get("step_delay_s", 0.0))
     model = ray.train.torch.prepare_model(clf)
     x_train, k_train = load_shard("train")
     x_bits, k_bits = load_shard("holdout_bits")
@@ -201,17 +241,32 @@ def classifier_worker(config: dict[str, Any]) -> None:
     x_fit = torch.cat([x_train, x_bits]) if k_bits else x_train
     y_fit = torch.cat([y_train, random_bits(k_bits, tcfg.label_seed)]) if k_bits else y_train
     y_never = random_bits(k_never, tcfg.label_seed)
-    state = {"kind": "classifier", "arch": config["arch"], "train": config["train"]}
+    state = {
+        "kind": "classifier",
+        "arch": config["arch"],
+        "train": config["train"],
+        "betas_from": config.get("betas_from"),
+        "schedule": {
+            "num_train_timesteps": schedule.num_train_timesteps,
+            "beta_first": float(schedule.betas[0]),
+            "beta_last": float(schedule.betas[-1]),
+        },
+        "resumed_from": history,
+    }
+    x_train, x_never = x_train.to(device), x_never.to(device)
 
     def on_checkpoint(step: int, metrics: dict) -> None:
-        fit = classifier_metrics(
-            clf, schedule, x_train.cpu(), y_train, x_never.cpu(), y_never
-        ).to_dict()
-        clf.train()
-        _log(
-            rank,
-            f"classifier step {step}/{tcfg.steps} loss {metrics['loss']:.4f} acc {fit['train_accuracy_by_t']}",
-        )
+        # the fit metrics of rank 0's shard of the training images (Ray keeps rank 0's metrics)
+        fit = {}
+        if rank == 0:
+            fit = classifier_metrics(clf, schedule, x_train, y_train, x_never, y_never).to_dict()
+            clf.train()
+            _log(
+                rank,
+                f"classifier step {step}/{tcfg.steps} loss {metrics['loss']:.4f} "
+                f"acc {fit['train_accuracy_by_t']} held-out-bit acc {fit['holdout_accuracy']:.3f} "
+                f"lipschitz {fit['lipschitz_proxy']:.3g}",
+            )
 
         def save(d: Path) -> None:
             _save_checkpoint(
@@ -234,3 +289,42 @@ def classifier_worker(config: dict[str, Any]) -> None:
         on_checkpoint,
         log_every=200,
     )
+
+
+# ------------------------------------------------------------------------------------ job CLI flags
+def add_train_flags(p) -> None:
+    """The Ray Train flags shared by jobs/train_denoiser.py and jobs/train_classifier.py."""
+    g = p.add_argument_group("Ray Train (each flag overrides the config's 'train' section)")
+    g.add_argument("--steps", type=int, help="optimizer steps in total (all workers together)")
+    g.add_argument("--batch-size", type=int, help="global batch, split over the workers")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), help="after the warm-up")
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--num-workers", type=int, help="ScalingConfig(num_workers)")
+    g.add_argument(
+        "--use-gpu", action="store_true", help="ScalingConfig(use_gpu=True): 1 GPU/worker"
+    )
+    g.add_argument(
+        "--max-failures", type=int, help="FailureConfig: worker-group restarts (-1: inf)"
+    )
+    g.add_argument("--num-to-keep", type=int, help="CheckpointConfig: checkpoints kept")
+    g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and metrics)")
+    g.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    g.add_argument("--ray-cpus", type=int, help="CPUs of a local Ray (ignored under RAY_ADDRESS)")
+    g.add_argument("--s3-endpoint", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+
+
+def train_overrides(args) -> dict[str, Any]:
+    """The non-None train-config overrides from :func:`add_train_flags`'s flags."""
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "lr_schedule": args.lr_schedule,
+        "warmup_steps": args.warmup_steps,
+        "num_workers": args.num_workers,
+        "use_gpu": args.use_gpu or None,
+        "max_failures": args.max_failures,
+        "num_to_keep": args.num_to_keep,
+        "checkpoint_every": args.checkpoint_every,
+    }

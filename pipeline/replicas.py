@@ -37,6 +37,12 @@ def centred_pixel_embedding(train_images: np.ndarray) -> Embedding:
     return embed
 
 
+def embed_pixels(images: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
+    """(N, H, W, C) uint8 -> L2-normalised pixels in [0, 1], minus ``mean`` when given (centred)."""
+    flat = np.asarray(images).reshape(len(images), -1).astype(np.float32) / 255.0
+    return l2_normalise(flat - mean if mean is not None else flat)
+
+
 def make_embedding(name: str, train_images: np.ndarray) -> Embedding:
     """Embedding by name: ``centred`` (default) or ``raw``."""
     if name == "centred":
@@ -109,3 +115,34 @@ def replica_stats(nn_sims: np.ndarray, threshold: float) -> ReplicaStats:
     if s.size == 0:
         raise ValueError("no similarities to summarise")
     return ReplicaStats(int(s.size), float((s >= threshold).mean()), float(s.mean()), threshold)
+
+
+def index_recall(approx_sims: np.ndarray, exact_sims: np.ndarray, tol: float = 1e-5) -> float:
+    """Recall@1 of an approximate index: the share of queries whose returned neighbour is as similar
+    as the exact nearest neighbour (up to ``tol``; ties between equally close images count as hits)."""
+    a = np.asarray(approx_sims, dtype=np.float64).reshape(-1)
+    e = np.asarray(exact_sims, dtype=np.float64).reshape(-1)
+    if a.shape != e.shape or a.size == 0:
+        raise ValueError(f"need equal, non-empty similarity arrays, got {a.shape} and {e.shape}")
+    return float((a >= e - tol).mean())
+
+
+class GuardIndex:
+    """Exact nearest-training-image search for guard mode (never IVF: a missed neighbour would let a
+    copy through). ``check`` gives each image's similarity and the index of its nearest image."""
+
+    def __init__(
+        self, embeddings: np.ndarray, mean: np.ndarray | None, threshold: float, use_gpu: bool
+    ):
+        self.index = build_index(embeddings, "flat", use_gpu=use_gpu)
+        self.mean = mean
+        self.threshold = threshold
+
+    def check(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, C) uint8 -> nearest similarity (N,) float32 and training index (N,) int64."""
+        sims, idx = nearest(self.index, embed_pixels(images, self.mean), k=1)
+        return sims[:, 0], idx[:, 0]
+
+    def rejects(self, sims: np.ndarray) -> np.ndarray:
+        """True where a sample is at or above the threshold (the replica rule, inclusive)."""
+        return np.asarray(sims) >= self.threshold

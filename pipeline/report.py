@@ -160,5 +160,250 @@ def write_report(store: Store, run: str, report: dict[str, Any], figures: dict[s
         store.write_bytes(data, "reports", run, name)
     text = json.dumps(report, indent=2, sort_keys=False)
     store.write_bytes(text.encode(), "reports", run, "report.json")
-    store.write_bytes(markdown(report, sorted(figures)).encode(), "reports", run, "report.md")
+    md = markdown(report, sorted(figures))
+    if {"fid", "membership_inference", "sweep"} & set(report):
+        md = md.rstrip("\n") + "\n" + evaluation_markdown(report)
+    store.write_bytes(md.encode(), "reports", run, "report.md")
     store.write_bytes(text.encode(), "report.json")
+
+
+# ------------------------------------------------------------------- evaluation and trade-off sweep
+def pareto_figure(sweep: dict[str, Any]) -> bytes:
+    """Replication rate (x) against quality (y, lower is better) for every sweep point, each point
+    labelled; the Pareto front is joined, the target rate marked and the recommended point starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = sweep.get("quality_metric")
+    points = sweep["points"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    if key is None:
+        ax.text(0.5, 0.5, "no quality metric measured", ha="center", transform=ax.transAxes)
+    else:
+        front = set(sweep.get("pareto_front", []))
+        chosen = (sweep.get("recommended") or {}).get("label")
+        for p in points:
+            x, y = p["replication_rate"], p["quality"][key]
+            ddim = p["sampler"] == "ddim"
+            ax.scatter([x], [y], s=60, marker="s" if ddim else "o",
+                       color="gray" if ddim else ("tab:blue" if p["label"] in front else "tab:orange"))  # fmt: skip
+            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            if p["label"] == chosen:
+                ax.scatter([x], [y], s=260, marker="*", facecolor="none", edgecolor="red")
+        on_front = sorted(
+            (p["replication_rate"], p["quality"][key]) for p in points if p["label"] in front
+        )
+        if len(on_front) > 1:
+            ax.plot(*zip(*on_front), color="tab:blue", linewidth=1, alpha=0.6)
+        ax.axvline(sweep["target_rate"], color="red", linestyle="--", linewidth=1,
+                   label=f"target rate {sweep['target_rate']:.1%}")  # fmt: skip
+        ax.set_ylabel(f"{key} (lower is better)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel(f"replication rate (cosine >= {sweep.get('threshold')})")
+    rec = sweep.get("recommended") or {}
+    ax.set_title(f"(alpha, s) trade-off; recommended: {rec.get('label') or 'none'}", fontsize=9)
+    # the plotted points, machine-readable in the PNG's text chunk (checked against report.json)
+    plotted = [
+        {"label": p["label"], "replication_rate": p["replication_rate"],
+         "quality": p["quality"].get(key) if key else None}
+        for p in points
+    ]  # fmt: skip
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight",
+                metadata={"Description": json.dumps({"quality_metric": key, "points": plotted})})  # fmt: skip
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def roc_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
+    """ROC curves (log-scaled FPR, to show the low-FPR regime) of membership attacks, with AUCs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 4.2))
+    for name, res in curves.items():
+        fpr, tpr = np.asarray(res["roc"]["fpr"]), np.asarray(res["roc"]["tpr"])
+        ax.step(np.maximum(fpr, 1e-3), tpr, where="post", label=f"{name} (AUC {res['auc']:.3f})")
+    grid = np.logspace(-3, 0, 50)
+    ax.plot(grid, grid, color="gray", linestyle=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-3, 1.0)
+    ax.set_ylim(0.0, 1.02)  # a perfect attack's curve runs along TPR = 1
+    ax.set_xlabel("false positive rate (non-members called members)")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    data = _png_bytes(fig)
+    plt.close(fig)
+    return data
+
+
+def _attack_rows(section: dict[str, Any]) -> list[str]:
+    lines = [
+        "| attack | model | AUC | TPR at 1% FPR | p-value | member mean | non-member mean | n (m/nm) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for attack, by_model in section.items():
+        for model, r in by_model.items():
+            if not isinstance(r, dict) or "auc" not in r:
+                continue
+            lines.append(
+                f"| {attack} | {model} | {r['auc']:.3f} | {r['tpr_at_fpr']:.3f} | {r['p_value']:.4g} | "
+                f"{r['member_mean']:.4g} | {r['nonmember_mean']:.4g} | "
+                f"{r['num_members']}/{r['num_nonmembers']} |"
+            )
+    return lines
+
+
+def evaluation_markdown(report: dict[str, Any]) -> str:
+    """Markdown sections for the ``fid``, ``membership_inference`` and ``sweep`` keys of a report."""
+    lines: list[str] = []
+    if "fid" in report:
+        f = report["fid"]
+        lines += ["", "## FID", ""]
+        if f.get("skipped"):
+            lines.append(f"Not measured: {f['skipped']}")
+        else:
+            lines.append(f"{f['name']} against {f['reference']} ({f['num_reference']} images):")
+            lines += [""] + [f"- {k}: {v:.4g}" for k, v in f["values"].items()]
+    if "membership_inference" in report:
+        mi = report["membership_inference"]
+        lines += ["", "## Membership inference", "",
+                  "Score = minus the attack's error (members are expected to have smaller errors). "
+                  "p-value: two-sided permutation test on the difference of means.", ""]  # fmt: skip
+        lines += _attack_rows({k: v for k, v in mi.items() if isinstance(v, dict)})
+    if "sweep" in report:
+        s = report["sweep"]
+        key = s.get("quality_metric")
+        lines += ["", "## (alpha, s) trade-off sweep", "",
+                  f"{s.get('num_samples')} samples per point, same seeds; target replication rate "
+                  f"<= {s['target_rate']:.1%}; quality = {key} (lower is better).", "",
+                  "| point | replication rate | mean NN similarity | quality | guidance fired | Pareto |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        front = set(s.get("pareto_front", []))
+        for p in s["points"]:
+            q = p["quality"].get(key, float("nan")) if key else float("nan")
+            lines.append(
+                f"| {p['label']} | {p['replication_rate']:.2%} | {p['mean_nn_similarity']:.4f} | "
+                f"{q:.4g} | {p['guidance_fired_fraction']:.3f} | {'yes' if p['label'] in front else ''} |"
+            )
+        rec = s.get("recommended") or {}
+        if rec.get("label"):
+            lines += ["", f"**Recommended: alpha = {rec['alpha']:g}, s = {rec['scale']:g}** "
+                      f"(replication rate {rec['replication_rate']:.2%}, best {key} within the target)."]  # fmt: skip
+        elif rec:
+            lines += ["", f"No recommendation: {rec.get('reason')}; closest: {rec.get('closest')}."]
+    return "\n".join(lines) + "\n"
+
+
+def merge_report(
+    store: Store, run: str, updates: dict[str, Any], figures: dict[str, bytes] | None = None
+) -> dict[str, Any]:
+    """Merge top-level keys into ``reports/<run>/report.json`` (created when absent), write the figures
+    and rebuild report.md. The root report.json is updated too when it was this run's copy."""
+    figures = figures or {}
+    for name, data in figures.items():
+        store.write_bytes(data, "reports", run, name)
+    report: dict[str, Any] = {}
+    if store.exists("reports", run, "report.json"):
+        report = json.loads(store.read_bytes("reports", run, "report.json"))
+    root_is_copy = store.exists("report.json") and (
+        json.loads(store.read_bytes("report.json")) == report
+    )
+    report.update(updates)
+    text = json.dumps(report, indent=2)
+    store.write_bytes(text.encode(), "reports", run, "report.json")
+    if root_is_copy:
+        store.write_bytes(text.encode(), "report.json")
+    pngs = sorted(n for n in store.listdir("reports", run) if n.endswith(".png"))
+    if {"samplers", "dataset", "num_train", "threshold", "holdout_baseline"} <= set(report):
+        md = markdown(report, pngs).rstrip("\n") + "\n" + evaluation_markdown(report)
+    else:
+        md = f"# CPSample evaluation: {run}\n" + evaluation_markdown(report)
+        md += "\n## Figures\n\n" + "\n".join(f"![{f}]({f})" for f in pngs) + "\n"
+    store.write_bytes(md.encode(), "reports", run, "report.md")
+    return report
+
+
+def _deep_merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def merge_report_json(store: Store, run: str, updates: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``updates`` into ``reports/<run>/report.json``, keeping every other key; atomic."""
+    report: dict[str, Any] = {}
+    if store.exists("reports", run, "report.json"):
+        report = json.loads(store.read_bytes("reports", run, "report.json"))
+    report = _deep_merge(report, updates)
+    store.write_bytes(json.dumps(report, indent=2).encode(), "reports", run, "report.json")
+    return report
+
+
+def replica_check_report(
+    store: Store,
+    run: str,
+    dataset: str,
+    sampler: str,
+    cfg: Any,
+    concurrency: int = 1,
+    s3_endpoint: str | None = None,
+) -> dict[str, Any]:
+    """Score ``samples/<run>/<sampler>`` against ``data/<dataset>/train`` (Ray Data + FAISS) and report.
+
+    Writes ``reports/<run>/replicas-<sampler>.jsonl`` (key, nn_key, nn_similarity, is_replicate), the
+    similarity histogram, a grid of the ``cfg.pairs_k`` closest sample/training pairs, and merges the
+    replication statistics into report.json. With an IVF index, recall@1 is measured on up to
+    ``cfg.recall_queries`` samples against exact search (:func:`pipeline.replicas.index_recall`).
+    """
+    import ray
+
+    from pipeline.replicas import build_index, embed_pixels, index_recall, nearest
+    from pipeline.stages import check_replicas, images_of, train_index_spec
+
+    folder = f"samples/{run}/{sampler}"
+    spec, train = train_index_spec(store, dataset, cfg)
+    stats, rows = check_replicas(
+        store, run, folder, ray.put(spec), cfg, concurrency, name=sampler, s3_endpoint=s3_endpoint
+    )
+    images, _ = images_of(rows, store, folder)
+    sims = np.asarray([float(r["nn_similarity"]) for r in rows])
+    summary: dict[str, Any] = {
+        **stats.to_dict(), "threshold": cfg.threshold, "embedding": cfg.embedding,
+        "index": cfg.index, "num_train": len(train), "per_sample": f"replicas-{sampler}.jsonl",
+    }  # fmt: skip
+    if cfg.index == "ivf":
+        pick = np.unique(
+            np.linspace(0, len(rows) - 1, min(cfg.recall_queries, len(rows))).astype(int)
+        )
+        exact = build_index(spec.embeddings, "flat", use_gpu=cfg.use_gpu)
+        exact_sims, _ = nearest(exact, embed_pixels(images[pick], spec.mean))
+        summary["ivf"] = {
+            "recall_at_1": index_recall(sims[pick], exact_sims[:, 0]),
+            "recall_queries": len(pick), "nlist": cfg.nlist, "nprobe": cfg.nprobe,
+        }  # fmt: skip
+    top = np.argsort(-sims, kind="stable")[: cfg.pairs_k]
+    pos = {k: i for i, k in enumerate(train.keys)}
+    neighbours = train.images[[pos[str(rows[i]["nn_key"])] for i in top]]
+    figures = {
+        f"replicas_{sampler}_hist.png": histogram_figure({sampler: sims}, cfg.threshold),
+        f"replicas_{sampler}_closest.png": pairs_figure(
+            images[top], neighbours, sims[top], cfg.threshold, f"{sampler}: {len(top)} closest"
+        ),
+    }
+    for name, data in figures.items():
+        store.write_bytes(data, "reports", run, name)
+    summary["figures"] = sorted(figures)
+    merge_report_json(
+        store, run, {"samplers": {sampler: stats.to_dict()}, "replica_check": {sampler: summary}}
+    )
+    return summary

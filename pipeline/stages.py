@@ -6,8 +6,6 @@ actor pool) -> check_replicas (Ray Data + FAISS). Every stage works on a local f
 
 from __future__ import annotations
 
-import hashlib
-import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,14 @@ from pipeline.config import (
     UNetConfig,
     to_dict,
 )
-from pipeline.datasets import ImageSet, read_image_shards, write_image_shards
+from pipeline.datasets import (
+    DataError,
+    ImageSet,
+    check_shards,
+    read_image_shards,
+    read_manifest,
+    write_dataset,
+)
 from pipeline.diffusion import linear_schedule
 from pipeline.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.ray_data import TrainIndexSpec, annotate_shards, score_shards, write_jsonl
@@ -37,33 +42,38 @@ def data_folder(dataset: str, split: str) -> str:
 
 
 def make_shards(
-    store: Store, dataset: str, train: ImageSet, holdout: ImageSet, shard_size: int = 1000
+    store: Store,
+    dataset: str,
+    train: ImageSet,
+    holdout: ImageSet,
+    shard_size: int = 1000,
+    source: dict[str, Any] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Write train and holdout WebDataset shards and a ``manifest.json`` (counts, sha256 per shard)."""
-    manifest: dict[str, Any] = {
-        "dataset": dataset,
-        "image_shape": list(train.images.shape[1:]),
-        "splits": {},
-    }
-    for split, images in (("train", train), ("holdout", holdout)):
-        uris = write_image_shards(store, data_folder(dataset, split), images, shard_size)
-        shards = []
-        for uri in uris:
-            name = uri.rsplit("/", 1)[-1]
-            digest = hashlib.sha256(store.read_bytes(data_folder(dataset, split), name)).hexdigest()
-            shards.append({"name": name, "sha256": digest})
-        manifest["splits"][split] = {"count": len(images), "shards": shards}
-    store.write_bytes(json.dumps(manifest, indent=2).encode(), "data", dataset, "manifest.json")
-    return manifest
+    """Write train and holdout WebDataset shards and ``data/<dataset>/manifest.json`` (counts, shard
+    list, sha256 per shard, image size and mode). Resumable and idempotent: complete shards (same
+    sha256) are skipped; see :func:`pipeline.datasets.write_dataset`."""
+    return write_dataset(
+        store, dataset, {"train": train, "holdout": holdout}, shard_size, source, progress
+    )
 
 
 def webdataset(store: Store, folder: str):
-    """``ray.data.read_webdataset`` over the shards under ``folder``, on the store's filesystem."""
+    """``ray.data.read_webdataset`` over the shards under ``folder``, on the store's filesystem.
+
+    The filesystem carries the endpoint, region and static credentials, so read tasks reach S3 even
+    in workers started without the driver's environment. With a manifest beside ``folder`` the shard
+    list must match it (checksums are checked by the readers that load whole shards)."""
     import ray
 
-    paths = [store.join(folder, n) for n in store.listdir(folder) if n.endswith(".tar")]
-    if not paths:
-        raise FileNotFoundError(f"no shards under {store.uri_of(folder)}")
+    names = [n for n in store.listdir(folder) if n.endswith(".tar")]
+    if not names:
+        raise DataError(f"no shards under {store.uri_of(folder)}")
+    parent, _, split = folder.rstrip("/").rpartition("/")
+    manifest = read_manifest(store, parent) if parent else None
+    if manifest is not None:
+        check_shards(store, folder, manifest, split, None)
+    paths = [store.join(folder, n) for n in names]
     return ray.data.read_webdataset(paths, filesystem=store.fs, override_num_blocks=len(paths))
 
 
@@ -126,19 +136,31 @@ def train_denoiser(
     unet: UNetConfig,
     train: DenoiserTrainConfig,
     threads: int = 1,
+    loop_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Ray Train the denoiser on ``data/<dataset>/train``; export the EMA weights to the store layout."""
+    """Ray Train the denoiser on ``data/<dataset>/train``; export the EMA weights to the store layout.
+
+    A run with the same ``run`` and store continues from its latest checkpoint (Ray Train V2 restores
+    ``checkpoints/<run>-denoiser``). ``loop_config``: extra worker-loop keys (``step_delay_s`` for
+    fault-injection tests)."""
     schedule = linear_schedule()
     config = {"unet": to_dict(unet), "train": to_dict(train)}
+    datasets = {"train": webdataset(store, data_folder(dataset, "train"))}
     result = _fit(
-        denoiser_worker, config, {"train": webdataset(store, data_folder(dataset, "train"))}, train,
+        denoiser_worker, {**config, **(loop_config or {})}, datasets, train,
         _run_config(store, f"{run}-denoiser", train.num_to_keep, train.max_failures), threads,
     )  # fmt: skip
     with result.checkpoint.as_directory() as d:
         tensors, state, _ = read_checkpoint(d)
     model = build_unet(unet)
     model.load_state_dict(tensors["ema"])
-    run_config = {"run": run, "dataset": dataset, "step": state["step"], **config}
+    run_config = {
+        "run": run,
+        "dataset": dataset,
+        "step": state["step"],
+        "resumed_from": state.get("resumed_from", []),
+        **config,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         save_denoiser(model, Path(tmp) / "denoiser", run_config, schedule)
         store.put_dir(Path(tmp) / "denoiser", "models", run, "denoiser")
@@ -153,9 +175,18 @@ def train_classifier(
     train: ClassifierTrainConfig,
     threads: int = 1,
     schedule_betas: list[float] | None = None,
+    denoiser: str | None = None,
+    loop_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Ray Train the random-label classifier on the training images plus ``holdout_images`` held-out
-    images with their own bits; the remaining held-out images are never seen and measure calibration."""
+    images with their own bits; the remaining held-out images are never seen and measure calibration.
+
+    ``denoiser``: any diffusers UNet2DModel directory (a local folder or a store path such as
+    ``models/<run>/denoiser``), for example a saved google/ddpm-cifar10-32. The model to protect is not
+    trained: its noise schedule and image shape (C, H, W) define the classifier's inputs.
+    """
+    if denoiser is not None:
+        arch, schedule_betas = _protect(store, dataset, arch, denoiser)
     holdout = webdataset(store, data_folder(dataset, "holdout"))
     total = holdout.count()
     n_bits = min(train.holdout_images, max(0, total - 1))
@@ -168,9 +199,14 @@ def train_classifier(
         "holdout_bits": bits_ds,
         "never_seen": never_ds,
     }
-    config = {"arch": to_dict(arch), "train": to_dict(train), "betas": schedule_betas}
+    config = {
+        "arch": to_dict(arch),
+        "train": to_dict(train),
+        "betas": schedule_betas,
+        "betas_from": denoiser,
+    }
     result = _fit(
-        classifier_worker, config, datasets, train,
+        classifier_worker, {**config, **(loop_config or {})}, datasets, train,
         _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
         split=["train", "holdout_bits"],
     )  # fmt: skip
@@ -184,11 +220,41 @@ def train_classifier(
         "step": state["step"],
         "train": to_dict(train),
         "metrics": state.get("metrics", {}),
+        "denoiser": denoiser,
+        "schedule": state.get("schedule"),
+        "resumed_from": state.get("resumed_from", []),
     }
     with tempfile.TemporaryDirectory() as tmp:
         save_classifier(model, Path(tmp) / "classifier", run_config)
         store.put_dir(Path(tmp) / "classifier", "models", run, "classifier")
     return {"uri": store.uri_of("models", run, "classifier"), "metrics": state.get("metrics", {})}
+
+
+def _protect(
+    store: Store, dataset: str, arch: ClassifierArchConfig, denoiser: str
+) -> tuple[ClassifierArchConfig, list[float]]:
+    """(arch with the denoiser's image shape, the denoiser's betas); checks the dataset's shape."""
+    from pipeline.config import ConfigError, from_dict
+    from pipeline.models import load_denoiser, load_schedule, unet_image_shape
+    from pipeline.ray_data import resolve_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        den_dir = resolve_model_dir(store, denoiser, tmp)
+        channels, size, _ = unet_image_shape(load_denoiser(den_dir))
+        betas = load_schedule(den_dir).betas.tolist()
+    from pipeline.datasets import read_manifest
+
+    manifest = read_manifest(store, f"data/{dataset}") or {}
+    h, w = manifest.get("image_size", (size, size))
+    c = manifest.get("channels", channels)
+    if (c, h, w) != (channels, size, size):
+        raise ConfigError(
+            f"dataset {dataset!r} has images (C, H, W) = {(c, h, w)} but the denoiser {denoiser!r} "
+            f"denoises {(channels, size, size)}"
+        )
+    return from_dict(
+        ClassifierArchConfig, {**to_dict(arch), "sample_size": size, "channels": channels}
+    ), betas
 
 
 def train_index_spec(
@@ -210,11 +276,12 @@ def check_replicas(
     concurrency: int = 1,
     annotate: bool = True,
     name: str | None = None,
+    s3_endpoint: str | None = None,
 ) -> tuple[ReplicaStats, list[dict[str, Any]]]:
     """Score every image under ``folder``; write per-sample results and (optionally) annotate shards."""
-    rows = score_shards(store.uri, folder, spec_ref, replicas, concurrency)
+    rows = score_shards(store, folder, spec_ref, replicas, concurrency, s3_endpoint)
     if annotate:
-        annotate_shards(store.uri, folder, rows)
+        annotate_shards(store, folder, rows, s3_endpoint)
     name = name or folder.rstrip("/").rsplit("/", 1)[-1]
     write_jsonl(
         store,

@@ -1,37 +1,186 @@
 """Store URIs (a local folder or ``s3://bucket/prefix``), filesystems and atomic writes.
 
-pyarrow filesystems serve Ray Data and Ray Train alike. pyarrow ignores ``AWS_ENDPOINT_URL``, so the
-S3 endpoint is passed explicitly (``endpoint_override``); credentials come from the usual AWS chain
-and never appear in messages.
+One storage layer for the jobs and for Ray:
+
+- the S3 endpoint comes from ``--s3-endpoint`` or ``AWS_ENDPOINT_URL`` (``AWS_ENDPOINT_URL_S3`` first),
+  the region from ``AWS_REGION``/``AWS_DEFAULT_REGION``/the profile (default ``us-east-1``), and the
+  credentials from the usual AWS chain (environment, shared files, profile, instance role);
+- object operations use boto3 (single PUTs are atomic, errors carry S3 codes); Ray Data
+  (``read_webdataset(..., filesystem=store.fs)``) and Ray Train (``RunConfig(storage_filesystem=...)``)
+  get a pyarrow ``S3FileSystem`` with the endpoint and region set explicitly, since pyarrow ignores
+  ``AWS_ENDPOINT_URL``;
+- a store is pickled to Ray workers, whose environment is the one of the moment Ray started. Static
+  credentials (environment, shared files) are therefore resolved once in the driver and travel inside
+  the pickled filesystem; refreshable ones (roles, SSO) are left to each process's own chain.
+
+Credentials never appear in reprs or messages: every error built from a client exception is scrubbed.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+_STATIC_CREDENTIAL_METHODS = {"env", "shared-credentials-file", "config-file", "explicit"}
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
 class StorageError(RuntimeError):
     """A store location cannot be read or written."""
 
 
+class ObjectNotFound(StorageError, FileNotFoundError):
+    """An object (file) under a store does not exist."""
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """Where and how to reach S3; the repr shows the endpoint and region only, never credentials."""
+
+    endpoint: str | None  # full URL (http://host:port) or None for AWS
+    region: str
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return f"S3Access(endpoint={self.endpoint!r}, region={self.region!r})"
+
+    @property
+    def where(self) -> str:
+        return self.endpoint or f"AWS S3 ({self.region})"
+
+    def scrub(self, text: str) -> str:
+        """``text`` with any credential replaced by ``***``."""
+        for secret in (self.access_key, self.secret_key, self.session_token):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
+
+    def filesystem(self) -> pafs.S3FileSystem:
+        """A pyarrow S3 filesystem for Ray (picklable; endpoint, region and static credentials set)."""
+        kwargs: dict = {"region": self.region, "connect_timeout": 10.0, "request_timeout": 60.0}
+        if self.endpoint:
+            scheme, _, host = self.endpoint.partition("://")
+            kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+        if self.access_key and self.secret_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key)
+            if self.session_token:
+                kwargs["session_token"] = self.session_token
+        return pafs.S3FileSystem(**kwargs)
+
+
+def resolve_endpoint(explicit: str | None = None) -> str | None:
+    """The S3 endpoint URL: the argument, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``."""
+    endpoint = (
+        explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if not endpoint:
+        return None
+    if not re.match(r"^https?://[^/\s]+/?$", endpoint):
+        raise StorageError(
+            f"S3 endpoint {endpoint!r} must look like http://host:port or https://host"
+        )
+    return endpoint.rstrip("/")
+
+
+def resolve_s3_access(endpoint: str | None = None) -> S3Access:
+    """Endpoint, region and (static) credentials from the arguments and the AWS chain."""
+    import botocore.session
+
+    session = botocore.session.get_session()
+    region = (
+        os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or session.get_config_variable("region")
+        or "us-east-1"
+    )
+    creds = session.get_credentials()
+    access = S3Access(endpoint=resolve_endpoint(endpoint), region=region)
+    if creds is not None and getattr(creds, "method", "") in _STATIC_CREDENTIAL_METHODS:
+        frozen = creds.get_frozen_credentials()
+        access = S3Access(
+            access.endpoint, region, frozen.access_key, frozen.secret_key, frozen.token or None
+        )
+    return access
+
+
+@functools.lru_cache(maxsize=16)
+def _client(access: S3Access):
+    """One boto3 S3 client per process and access (clients are thread-safe)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+        s3={"addressing_style": "path"} if access.endpoint else {},
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=access.endpoint,
+        region_name=access.region,
+        aws_access_key_id=access.access_key,
+        aws_secret_access_key=access.secret_key,
+        aws_session_token=access.session_token,
+        config=config,
+    )
+
+
+def s3_error(exc: Exception, uri: str, action: str, access: S3Access) -> StorageError:
+    """A clear, credential-free :class:`StorageError` for a failed S3 call on ``uri``."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code == "NoSuchBucket":
+            msg = f"cannot {action} {uri}: bucket {bucket!r} does not exist at {access.where}"
+        elif code in _DENIED:
+            msg = (
+                f"cannot {action} {uri}: access denied by {access.where} ({code}); check the AWS "
+                "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and the "
+                f"permissions on bucket {bucket!r}"
+            )
+        elif code in _MISSING:
+            return ObjectNotFound(f"{uri} does not exist")
+        else:
+            msg = f"cannot {action} {uri}: {code} {err.get('Message', '')}".rstrip()
+    elif isinstance(exc, EndpointConnectionError):
+        msg = f"cannot {action} {uri}: S3 endpoint {access.where} is unreachable"
+    elif isinstance(exc, NoCredentialsError):
+        msg = f"cannot {action} {uri}: no AWS credentials found (environment, profile or role)"
+    else:
+        msg = f"cannot {action} {uri}: {type(exc).__name__}: {exc}"
+    return StorageError(access.scrub(msg))
+
+
 @dataclass(frozen=True)
 class Store:
-    """A root URI and the filesystem that serves it; ``path`` is the filesystem-relative root."""
+    """A root URI and the filesystem that serves it; ``path`` is the filesystem-relative root
+    (``bucket/prefix`` on S3). ``s3`` is set for S3 stores; a store pickles to Ray workers whole."""
 
     uri: str
     fs: pafs.FileSystem
     path: str
+    s3: S3Access | None = None
 
     @property
     def is_local(self) -> bool:
-        return isinstance(self.fs, pafs.LocalFileSystem)
+        return self.s3 is None
 
     def join(self, *parts: str) -> str:
         """A filesystem path (no scheme) under the root."""
@@ -42,37 +191,131 @@ class Store:
         rel = self.join(*parts)
         return rel if self.is_local else f"s3://{rel}"
 
+    # ---------------------------------------------------------------------------------- S3 helpers
+    def _bucket_key(self, *parts: str) -> tuple[str, str]:
+        bucket, _, key = self.join(*parts).partition("/")
+        return bucket, key
+
+    def _call(self, action: str, parts: tuple[str, ...], fn, **kwargs):
+        try:
+            return fn(**kwargs)
+        except Exception as exc:  # boto3/botocore raise many types; all become StorageError
+            raise s3_error(exc, self.uri_of(*parts), action, self.s3) from None
+
+    def _list(self, parts: tuple[str, ...], recursive: bool) -> list[dict]:
+        bucket, key = self._bucket_key(*parts)
+        prefix = key.rstrip("/") + "/" if key else ""
+        pages = (
+            _client(self.s3)
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=bucket, Prefix=prefix, **({} if recursive else {"Delimiter": "/"}))
+        )
+        out: list[dict] = []
+        try:
+            for page in pages:  # keys ending in "/" are folder markers (pyarrow makes them)
+                out.extend(o for o in page.get("Contents", []) if not o["Key"].endswith("/"))
+        except Exception as exc:
+            raise s3_error(exc, self.uri_of(*parts), "list", self.s3) from None
+        return out
+
+    # ---------------------------------------------------------------------------------- operations
+    def check(self) -> None:
+        """Fail early, with a clear message, when the bucket is missing or access is refused."""
+        if self.is_local:
+            return
+        bucket, key = self._bucket_key()
+        self._call(
+            "open", (), _client(self.s3).list_objects_v2, Bucket=bucket, Prefix=key, MaxKeys=1
+        )
+
     def exists(self, *parts: str) -> bool:
-        return self.fs.get_file_info(self.join(*parts)).type != pafs.FileType.NotFound
+        """Whether a file or a non-empty folder exists at ``parts``."""
+        if self.is_local:
+            return Path(self.join(*parts)).exists()
+        bucket, key = self._bucket_key(*parts)
+        if not key:
+            return bool(self._list(parts, recursive=True)[:1])
+        try:
+            _client(self.s3).head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as exc:
+            err = s3_error(exc, self.uri_of(*parts), "check", self.s3)
+            if not isinstance(err, ObjectNotFound):
+                raise err from None
+        return bool(self._list(parts, recursive=True)[:1])
 
     def read_bytes(self, *parts: str) -> bytes:
-        with self.fs.open_input_stream(self.join(*parts)) as fh:
-            return fh.read()
+        if self.is_local:
+            try:
+                return Path(self.join(*parts)).read_bytes()
+            except FileNotFoundError:
+                raise ObjectNotFound(f"{self.uri_of(*parts)} does not exist") from None
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.uri_of(*parts)}: {exc.strerror}") from None
+        bucket, key = self._bucket_key(*parts)
+        resp = self._call("read", parts, _client(self.s3).get_object, Bucket=bucket, Key=key)
+        try:
+            return resp["Body"].read()
+        except Exception as exc:
+            raise s3_error(exc, self.uri_of(*parts), "read", self.s3) from None
 
     def write_bytes(self, data: bytes, *parts: str) -> str:
-        """Write an object atomically: whole or not at all. Returns its URI."""
-        path = self.join(*parts)
-        try:
-            if self.is_local:
-                atomic_write_local(Path(path), data)
-            else:
-                # An S3 PUT (and a completed multipart upload) is atomic.
-                with self.fs.open_output_stream(path) as fh:
-                    fh.write(data)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot write {self.uri_of(*parts)}: {exc.strerror or exc}"
-            ) from exc
+        """Write an object atomically (whole or not at all), recording its sha256. Returns its URI."""
+        if self.is_local:
+            try:
+                atomic_write_local(Path(self.join(*parts)), data)
+            except OSError as exc:
+                raise StorageError(
+                    f"cannot write {self.uri_of(*parts)}: {exc.strerror or exc}"
+                ) from exc
+        else:
+            # One PUT: S3 makes the object visible only once the whole body has arrived.
+            bucket, key = self._bucket_key(*parts)
+            digest = hashlib.sha256(data).hexdigest()
+            self._call(
+                "write", parts, _client(self.s3).put_object,
+                Bucket=bucket, Key=key, Body=data, Metadata={"sha256": digest},
+            )  # fmt: skip
         return self.uri_of(*parts)
+
+    def sha256(self, *parts: str) -> str | None:
+        """The sha256 of a stored object (from its S3 metadata when recorded), None if absent."""
+        if not self.is_local:
+            bucket, key = self._bucket_key(*parts)
+            try:
+                head = _client(self.s3).head_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                err = s3_error(exc, self.uri_of(*parts), "check", self.s3)
+                if isinstance(err, ObjectNotFound):
+                    return None
+                raise err from None
+            recorded = head.get("Metadata", {}).get("sha256")
+            if recorded:
+                return recorded
+        try:
+            return hashlib.sha256(self.read_bytes(*parts)).hexdigest()
+        except ObjectNotFound:
+            return None
+
+    def delete(self, *parts: str) -> None:
+        """Remove one object (no error if absent)."""
+        if self.is_local:
+            Path(self.join(*parts)).unlink(missing_ok=True)
+            return
+        bucket, key = self._bucket_key(*parts)
+        self._call("delete", parts, _client(self.s3).delete_object, Bucket=bucket, Key=key)
 
     def put_dir(self, local_dir: str | Path, *parts: str) -> str:
         """Copy a local folder to ``parts`` under the root, replacing what was there.
 
-        Locally the copy is staged beside the target and renamed in; on S3 each object PUT is atomic and
-        the folder's marker file (the last one written) says it is complete.
+        Locally the copy is staged beside the target and renamed in. On S3 each PUT is atomic; the
+        ``.json`` files (configs, which readers open first) are written last and stale objects are
+        removed afterwards, so a reader that finds a config finds the weights it describes.
         """
         local_dir = Path(local_dir)
-        files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+        files = sorted(
+            (p for p in local_dir.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", p)
+        )
         if self.is_local:
             target = Path(self.join(*parts))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -84,9 +327,14 @@ class Store:
                 stage.rename(target)
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
-        else:
-            for f in files:
-                self.write_bytes(f.read_bytes(), *parts, str(f.relative_to(local_dir)))
+            return self.uri_of(*parts)
+        new = {str(f.relative_to(local_dir)) for f in files}
+        for f in files:
+            self.write_bytes(f.read_bytes(), *parts, str(f.relative_to(local_dir)))
+        prefix = self._bucket_key(*parts)[1].rstrip("/") + "/"
+        for obj in self._list(parts, recursive=True):
+            if obj["Key"][len(prefix) :] not in new:
+                self.delete(*parts, obj["Key"][len(prefix) :])
         return self.uri_of(*parts)
 
     def get_dir(self, local_dir: str | Path, *parts: str) -> Path:
@@ -94,44 +342,52 @@ class Store:
         if self.is_local:
             return Path(self.join(*parts))
         local_dir = Path(local_dir)
-        sel = pafs.FileSelector(self.join(*parts), recursive=True, allow_not_found=True)
-        prefix = self.join(*parts).rstrip("/") + "/"
-        for info in self.fs.get_file_info(sel):
-            if info.type == pafs.FileType.File:
-                dest = local_dir / info.path[len(prefix) :]
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                with self.fs.open_input_stream(info.path) as fh:
-                    dest.write_bytes(fh.read())
+        prefix = self._bucket_key(*parts)[1].rstrip("/") + "/"
+        objects = self._list(parts, recursive=True)
+        if not objects:
+            raise ObjectNotFound(f"{self.uri_of(*parts)} does not exist or is empty")
+        for obj in objects:
+            rel = obj["Key"][len(prefix) :]
+            dest = local_dir / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(self.read_bytes(*parts, rel))
         return local_dir
 
     def listdir(self, *parts: str) -> list[str]:
         """Base names of the files directly under a folder (sorted; empty if absent)."""
-        sel = pafs.FileSelector(self.join(*parts), allow_not_found=True)
-        return sorted(
-            Path(i.path).name for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File
-        )
+        if self.is_local:
+            folder = Path(self.join(*parts))
+            return (
+                sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+            )
+        return sorted(o["Key"].rsplit("/", 1)[-1] for o in self._list(parts, recursive=False))
 
 
 def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
     """pyarrow S3 filesystem with the endpoint from the argument or ``AWS_ENDPOINT_URL``."""
-    endpoint = (
-        endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    )
-    kwargs: dict = {}
-    if endpoint:
-        scheme = "https" if endpoint.startswith("https://") else "http"
-        kwargs["endpoint_override"] = endpoint.split("://", 1)[-1]
-        kwargs["scheme"] = scheme
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
+    return resolve_s3_access(endpoint).filesystem()
 
 
-def open_store(uri: str, s3_endpoint: str | None = None, create: bool = True) -> Store:
-    """Resolve a store root. Local roots are created (and checked writable) when ``create``."""
+def open_store(uri: str | Store, s3_endpoint: str | None = None, create: bool = True) -> Store:
+    """Resolve a store root (a :class:`Store` is returned as is).
+
+    ``create``: a local root is created and checked writable; an S3 root is checked reachable (the
+    bucket exists and the credentials are accepted), so that bad input fails before any work.
+    """
+    if isinstance(uri, Store):
+        return uri
     if uri.startswith("s3://"):
-        return Store(uri=uri, fs=s3_filesystem(s3_endpoint), path=uri[len("s3://") :].rstrip("/"))
+        path = uri[len("s3://") :].strip("/")
+        bucket = path.split("/", 1)[0]
+        if not _BUCKET_RE.match(bucket):
+            raise StorageError(
+                f"invalid bucket name {bucket!r} in {uri!r}: 3-63 lowercase letters, digits, '.', '-'"
+            )
+        access = resolve_s3_access(s3_endpoint)
+        store = Store(uri=f"s3://{path}", fs=access.filesystem(), path=path, s3=access)
+        if create:
+            store.check()
+        return store
     if "://" in uri:
         raise StorageError(f"unsupported store URI {uri!r}: use a local path or s3://bucket/prefix")
     root = Path(uri).expanduser().resolve()

@@ -38,9 +38,24 @@ class EMA:
             b_ema.copy_(b)
 
 
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up then constant learning rate."""
-    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(
+    step: int, base_lr: float, warmup: int, schedule: str = "constant", total: int = 0
+) -> float:
+    """Linear warm-up over ``warmup`` steps, times ``(1 + cos(pi step / total)) / 2`` for "cosine"
+    (Loshchilov & Hutter 2017, SGDR without restarts) or 1 for "constant"."""
+    lr = base_lr * min(1.0, (step + 1) / max(1, warmup))
+    if schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+    elif schedule != "constant":
+        raise ValueError(f"unknown lr_schedule {schedule!r}; allowed: 'constant', 'cosine'")
+    return lr
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA (mixed precision); a no-op context on CPU."""
+    return torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
 
 
 def denoiser_loss(
@@ -111,10 +126,10 @@ class ClassifierMetrics:
 def _noisy_logits(clf, schedule, x, lo, hi, gen, repeats=4):
     """Logits of ``repeats`` noisy copies of each image at t ~ U[lo, hi); returns ((R*N,), t)."""
     xs = x.repeat(repeats, 1, 1, 1)
-    t = torch.randint(lo, hi, (xs.shape[0],), generator=gen)
-    noise = torch.randn(xs.shape, generator=gen)
+    t = torch.randint(lo, hi, (xs.shape[0],), generator=gen).to(x.device)
+    noise = torch.randn(xs.shape, generator=gen).to(x.device)
     with torch.no_grad():
-        return clf(q_sample(schedule, xs, t, noise), t), t
+        return clf(q_sample(schedule, xs, t, noise), t).float().cpu(), t
 
 
 def classifier_metrics(
@@ -143,7 +158,7 @@ def classifier_metrics(
     else:
         holdout_acc, confident = math.nan, math.nan
     x = train_x.clone().requires_grad_(True)
-    t = torch.randint(0, 100, (x.shape[0],), generator=gen)
+    t = torch.randint(0, 100, (x.shape[0],), generator=gen).to(x.device)
     with torch.enable_grad():
         (grad,) = torch.autograd.grad(clf(x, t).sum(), x)
     lip = float(grad.flatten(1).norm(dim=1).mean())
@@ -184,9 +199,9 @@ def fit_denoiser(
         total=cfg.steps,
     ):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps)
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
         idx = torch.randint(0, len(x_all), (per_worker,), generator=gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, cfg.mixed_precision):
             loss = denoiser_loss(model, schedule, x_all[idx], gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -247,7 +262,7 @@ def fit_classifier(
     progress: bool = False,
     log_every: int = 0,
 ) -> None:
-    """The classifier loop: BCE on random bits at uniform t, warm-up then cosine learning rate.
+    """The classifier loop: BCE on random bits at uniform t, learning rate from :func:`lr_at`.
 
     ``x_fit`` is [training images | held-out images with their own bits]; the first ``n_train`` rows are
     the training images.
@@ -256,6 +271,7 @@ def fit_classifier(
 
     per_worker = max(1, cfg.batch_size // world)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + start)
+    device = x_fit.device
     losses = []
     for step in tqdm(
         range(start, cfg.steps),
@@ -265,9 +281,12 @@ def fit_classifier(
         total=cfg.steps,
     ):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, 100) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
         idx = classifier_batch(n_train, len(x_fit), per_worker, cfg.train_fraction, gen)
-        loss = classifier_loss(model, schedule, x_fit[idx], y_fit[idx], cfg.t_max, cfg.mixup, gen)
+        with autocast(device, cfg.mixed_precision):
+            loss = classifier_loss(
+                model, schedule, x_fit[idx], y_fit[idx], cfg.t_max, cfg.mixup, gen
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -305,3 +305,38 @@ def test_folder_source_errors(tmp_path):
     (bad / "broken.png").write_bytes(b"\x00garbage bytes, not an image")
     with pytest.raises(DataError, match=re.escape(f"unreadable image {bad / 'broken.png'}")):
         folder_source(bad, 8)
+
+
+def test_read_tar_gzip_cls_labels_and_errors():
+    import gzip
+
+    from pipeline.datasets import concat
+
+    data = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"7\n"})
+    out = read_tar(gzip.compress(data), "g.tar.gz")
+    assert out.keys == ["a"] and out.labels == [7]
+    with pytest.raises(DataError, match=r"corrupt or truncated tar g\.tar\.gz: bad gzip"):
+        read_tar(gzip.compress(data)[:-20], "g.tar.gz")
+    bad_cls = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"seven"})
+    with pytest.raises(DataError, match=r"b\.tar: sample 'a' has unreadable \.json/\.cls"):
+        read_tar(bad_cls, "b.tar")
+    # resizing makes mixed sizes acceptable; grayscale + colour becomes RGB
+    mixed = _tar({
+        "a.png": encode_png(np.zeros((4, 6, 1), np.uint8)),
+        "b.png": encode_png(np.zeros((8, 8, 3), np.uint8)),
+    })  # fmt: skip
+    resized = read_tar(mixed, "m.tar", image_size=4)
+    assert resized.images.shape == (2, 4, 4, 3)
+    with pytest.raises(DataError, match=r"x: duplicate sample keys across shards \['a', 'b'\]"):
+        concat([resized, resized], "x")
+
+
+def test_write_dataset_rejects_mixed_split_sizes(tmp_path):
+    from pipeline.datasets import write_dataset
+
+    with pytest.raises(DataError, match="every split needs one image size"):
+        write_dataset(
+            open_store(str(tmp_path)), "d", {"train": _random_set(2, size=8),
+                                             "holdout": _random_set(2, size=4)}
+        )  # fmt: skip
+    assert not (tmp_path / "data").exists()

@@ -1,4 +1,7 @@
-"""The `--quick` demo end to end: real local Ray, Ray Train, Ray Data, FAISS, the whole store layout."""
+"""The `--quick` demo end to end: real local Ray, Ray Train, Ray Data, Ray Tune, FAISS, the whole
+store layout. Its store is in S3 (moto server on loopback), so one run covers both contracts: every stage
+reads and writes s3:// objects, and the layout, mirrored to a local folder with boto3, is checked file by
+file (the local-folder store is exercised by the job tests)."""
 
 from __future__ import annotations
 
@@ -15,14 +18,46 @@ SAMPLER_KEYS = {"num_samples", "replication_rate", "mean_nn_similarity", "qualit
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "out"
+def s3_quick_demo(s3_server, tmp_path_factory):
+    """Run `jobs/demo.py --quick --out s3://<bucket>/run`; mirror the prefix to a local folder."""
+    import os
+
+    import boto3
+    from conftest import S3_TEST_ENV
+
+    env_vars = {**S3_TEST_ENV, "AWS_ENDPOINT_URL": s3_server}
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id=env_vars["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env_vars["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    bucket = "cps-demo-e2e"
+    client.create_bucket(Bucket=bucket)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "demo.py"), "--out", str(out), "--quick", "--no-progress"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        [sys.executable, str(ROOT / "jobs" / "demo.py"), "--quick", "--no-progress",
+         "--out", f"s3://{bucket}/run"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **env_vars},
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    out = tmp_path_factory.mktemp("demo") / "out"
+    for key in keys:
+        if key.startswith("run/checkpoints/") or key.endswith("/"):
+            continue
+        dest = out / key[len("run/") :]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    return {"out": out, "proc": proc, "client": client, "bucket": bucket, "keys": sorted(keys),
+            "env": env_vars}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick_demo(s3_quick_demo):
+    return s3_quick_demo["out"], s3_quick_demo["proc"]
 
 
 def test_quick_demo_writes_the_layout(quick_demo):
@@ -44,7 +79,13 @@ def test_quick_demo_writes_the_layout(quick_demo):
         "report.json",
     ]:
         assert (out / rel).is_file(), rel
-    for fig in ["pairs_ddim.png", "pairs_cpsample.png", "nn_similarity_hist.png"]:
+    for fig in [
+        "pairs_ddim.png",
+        "pairs_cpsample.png",
+        "nn_similarity_hist.png",
+        "pareto.png",
+        "roc_reconstruction.png",
+    ]:
         assert (out / "reports/demo" / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # no temporary files were left behind by the atomic writes
     assert not [p for p in out.rglob("*.tmp") if "checkpoints" not in p.parts]
@@ -78,6 +119,17 @@ def test_quick_demo_report_has_every_key(quick_demo):
     assert {"train_accuracy_by_t", "holdout_accuracy", "lipschitz_proxy"} <= set(
         report["classifier"]
     )
+    # the privacy block: the (alpha, s) sweep and membership-inference attack 1
+    sweep = report["sweep"]
+    labels = [p["label"] for p in sweep["points"]]
+    assert labels == ["ddim", "a=0.5 s=3", "a=0.5 s=7"]
+    for p in sweep["points"]:
+        assert 0.0 <= p["replication_rate"] <= 1.0 and p["num_samples"] == 32
+    rec = report["membership_inference"]["reconstruction"]
+    for name in ("ddim", "cpsample"):
+        assert 0.0 <= rec[name]["auc"] <= 1.0 and 0.0 < rec[name]["p_value"] <= 1.0
+    md = (out / "reports/demo/report.md").read_text()
+    assert "## Membership inference" in md and "## (alpha, s) trade-off sweep" in md
 
 
 def test_quick_demo_train_shards_hold_exactly_the_training_images(quick_demo):
@@ -132,3 +184,46 @@ def test_quick_demo_shards_are_readable_by_webdataset(quick_demo):
     rows = list(wds.WebDataset(url, shardshuffle=False).decode("l"))
     assert len(rows) == 32
     assert rows[0]["png"].shape == (16, 16)
+
+
+# ------------------------------------------------------------------------------ the S3 side of the run
+def test_s3_demo_wrote_checkpoints_and_no_partial_objects(s3_quick_demo):
+    keys = s3_quick_demo["keys"]
+    # Ray Train wrote its checkpoints through the pyarrow S3 filesystem
+    assert any(k.startswith("run/checkpoints/demo-denoiser/") for k in keys)
+    assert any(k.startswith("run/checkpoints/demo-classifier/") for k in keys)
+    assert not [k for k in keys if k.endswith(".tmp")]
+
+
+def test_s3_demo_sample_shards_read_by_webdataset_over_http(s3_quick_demo):
+    import numpy as np
+    import webdataset as wds
+
+    client, bucket, keys = (s3_quick_demo[k] for k in ("client", "bucket", "keys"))
+    report = json.loads(client.get_object(Bucket=bucket, Key="run/report.json")["Body"].read())
+    for sampler in ("ddim", "cpsample"):
+        shards = [k for k in keys if k.startswith(f"run/samples/demo/{sampler}/shard-")]
+        urls = [
+            client.generate_presigned_url(
+                "get_object", Params={"Bucket": bucket, "Key": k}, ExpiresIn=600
+            )
+            for k in shards
+        ]
+        samples = list(wds.WebDataset(urls, shardshuffle=False).decode("l8"))  # curl over HTTP
+        assert len(samples) == report["samplers"][sampler]["num_samples"]
+        assert len({s["__key__"] for s in samples}) == len(samples)
+        for s in samples:
+            assert isinstance(s["png"], np.ndarray) and s["png"].shape == (16, 16)
+            assert {"seed", "nn_similarity"} <= set(s["json"])
+
+
+def test_s3_demo_leaks_no_credentials(s3_quick_demo):
+    client, bucket, keys, proc, env = (
+        s3_quick_demo[k] for k in ("client", "bucket", "keys", "proc", "env")
+    )
+    secrets = [env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]]
+    assert not any(s in proc.stdout + proc.stderr for s in secrets)
+    for key in keys:
+        if key.endswith((".json", ".md", ".jsonl", ".txt", ".yaml")):
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+            assert not any(s in body for s in secrets), key

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.config import (
@@ -73,3 +74,86 @@ def test_two_worker_classifier_overfits_training_bits(ray_local, digits_store):
         logits = clf(train_set.to_tensor(), torch.zeros(len(train_set), dtype=torch.long))
     acc = ((logits > 0).float() == random_bits(train_set.keys, train.label_seed)).float().mean()
     assert acc >= 0.9
+
+
+# ------------------------------------------------------------------- protect an existing model
+def _foreign_unet_dir(path: Path, channels: int = 1) -> tuple[Path, torch.Tensor]:
+    """A diffusers UNet2DModel the project never trained, saved with ``save_pretrained``, plus a
+    DDPMScheduler with non-default (trained) betas, like a downloaded google/ddpm-cifar10-32."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16, in_channels=channels, out_channels=channels, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+    )  # fmt: skip
+    unet.save_pretrained(path)
+    betas = torch.linspace(0.05**0.5, 0.03**0.5, 1000) ** 2  # not DDPM's linear 1e-4..0.02
+    DDPMScheduler(num_train_timesteps=1000, trained_betas=betas.tolist()).save_pretrained(path)
+    return path, betas
+
+
+def test_classifier_protects_foreign_unet_and_samples_with_it(ray_local, digits_store, tmp_path):
+    from pipeline.config import SamplerConfig
+    from pipeline.ray_data import run_sampling
+
+    den_dir, betas = _foreign_unet_dir(tmp_path / "foreign")
+    # the arch's sample_size is wrong on purpose: the denoiser's image shape wins
+    arch = ClassifierArchConfig(sample_size=8, base_channels=8, channel_mults=(1, 2))
+    train = ClassifierTrainConfig(
+        steps=20, batch_size=16, holdout_images=20, num_workers=1, checkpoint_every=10
+    )
+    out = train_classifier(
+        digits_store, "foreign", "digits", arch, train, threads=1, denoiser=str(den_dir)
+    )
+    cfg = json.loads(
+        Path(digits_store.join("models", "foreign", "classifier", "config.json")).read_text()
+    )
+    assert cfg["arch"]["sample_size"] == 16
+    run_cfg = cfg  # config.json: the arch plus the run config
+    schedule = run_cfg["schedule"]
+    assert schedule["num_train_timesteps"] == 1000
+    assert abs(schedule["beta_first"] - float(betas[0])) < 1e-6
+    assert abs(schedule["beta_last"] - float(betas[-1])) < 1e-6
+    assert run_cfg["denoiser"] == str(den_dir)
+    clf = load_classifier(out["uri"], (1, 16, 16))
+    assert clf(torch.zeros(2, 1, 16, 16), torch.tensor([0, 5])).shape == (2,)
+    # the sampling job uses the foreign directory as the denoiser, guided by the new classifier
+    res = run_sampling(
+        digits_store.uri, "foreign",
+        SamplerConfig(num_samples=4, steps=4, batch_size=4, samples_per_shard=4),
+        denoiser=str(den_dir), classifier="models/foreign/classifier",
+    )  # fmt: skip
+    assert res["num_samples"] == 4 and res["num_shards"] == 1
+    assert digits_store.listdir("samples", "foreign", "cpsample")
+
+
+def test_classifier_rejects_denoiser_of_other_image_shape(digits_store, tmp_path):
+    from pipeline.config import ConfigError
+
+    den_dir, _ = _foreign_unet_dir(tmp_path / "rgb", channels=3)
+    with pytest.raises(ConfigError, match=r"denoises \(3, 16, 16\)"):
+        train_classifier(
+            digits_store, "rgb", "digits", ClassifierArchConfig(), ClassifierTrainConfig(),
+            denoiser=str(den_dir),
+        )  # fmt: skip
+    assert not digits_store.exists("models", "rgb")
+    with pytest.raises(FileNotFoundError, match="neither a local folder"):
+        train_classifier(
+            digits_store, "rgb", "digits", ClassifierArchConfig(), ClassifierTrainConfig(),
+            denoiser=str(tmp_path / "missing"),
+        )  # fmt: skip
+
+
+def test_lr_schedules():
+    from pipeline.training import lr_at
+
+    assert lr_at(0, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(50, 1.0, 10, "constant", 100) == 1.0
+    assert lr_at(50, 1.0, 10, "cosine", 100) == pytest.approx(0.5)
+    assert lr_at(99, 1.0, 10, "cosine", 100) < 0.01
+    with pytest.raises(Exception, match="lr_schedule"):
+        ClassifierTrainConfig(lr_schedule="linear")
+    assert ClassifierTrainConfig().lr_schedule == "cosine"  # the calibrated demo default
+    assert DenoiserTrainConfig().lr_schedule == "constant"

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from pipeline.replicas import (
+    GuardIndex,
     build_index,
     centred_pixel_embedding,
+    index_recall,
     l2_normalise,
     make_embedding,
     nearest,
@@ -138,3 +140,62 @@ def test_replica_stats_threshold_is_inclusive():
 def test_replica_stats_empty_raises():
     with pytest.raises(ValueError, match="no similarities"):
         replica_stats(np.array([]), 0.9)
+
+
+# ------------------------------------------------------------------ exact vs torch, IVF recall, guard
+def test_faiss_exact_equals_torch_brute_force():
+    import torch
+
+    rng = np.random.default_rng(7)
+    train = _random_unit(rng, 2000, 192)
+    queries = _random_unit(rng, 300, 192)
+    sims, idx = nearest(build_index(train, kind="flat"), queries, k=3)
+    t_sims, t_idx = torch.topk(torch.from_numpy(queries) @ torch.from_numpy(train).T, k=3, dim=1)
+    np.testing.assert_array_equal(idx, t_idx.numpy())
+    np.testing.assert_allclose(sims, t_sims.numpy(), atol=1e-5)
+
+
+def _clustered(rng, n, centres):
+    noise = rng.standard_normal((n, centres.shape[1])).astype(np.float32)
+    return l2_normalise(centres[rng.integers(0, len(centres), n)] + noise)
+
+
+def test_ivf_recall_on_fixed_set_is_reported_and_high(capsys):
+    rng = np.random.default_rng(
+        11
+    )  # fixed: 5000 training vectors, 500 queries, 32 clusters in 64-d
+    centres = rng.standard_normal((32, 64)).astype(np.float32) * 3
+    train, queries = _clustered(rng, 5000, centres), _clustered(rng, 500, centres)
+    exact_sims, _ = nearest(build_index(train, kind="flat"), queries)
+    ivf_sims, _ = nearest(build_index(train, kind="ivf", nlist=64, nprobe=16), queries)
+    recall = index_recall(ivf_sims[:, 0], exact_sims[:, 0])
+    with capsys.disabled():
+        print(f"\nIVF recall@1 (nlist 64, nprobe 16, 5000 x 64-d, 500 queries): {recall:.4f}")
+    assert recall >= 0.99
+    few = index_recall(
+        nearest(build_index(train, "ivf", 64, 1), queries)[0][:, 0], exact_sims[:, 0]
+    )
+    assert few <= recall  # probing fewer lists cannot find more true neighbours
+
+
+def test_index_recall_counts_ties_and_checks_shapes():
+    assert index_recall(np.array([0.9, 0.5, 0.7]), np.array([0.9, 0.6, 0.7])) == pytest.approx(
+        2 / 3
+    )
+    assert index_recall(np.array([0.8 - 1e-7]), np.array([0.8])) == 1.0  # a tie within float noise
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        index_recall(np.array([0.1, 0.2]), np.array([0.1]))
+
+
+def test_guard_index_threshold_is_inclusive():
+    rng = np.random.default_rng(4)
+    train = _images(rng, 30)
+    embed = centred_pixel_embedding(train)
+    guard = GuardIndex(embed(train), embed.mean, threshold=0.9, use_gpu=False)
+    queries = np.concatenate([train[[3]], _images(rng, 4)])
+    sims, idx = guard.check(queries)
+    assert sims.shape == idx.shape == (5,)
+    assert idx[0] == 3 and sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert guard.rejects(sims).tolist() == [True] + [bool(s >= 0.9) for s in sims[1:]]
+    exact = GuardIndex(embed(train), embed.mean, threshold=float(sims[1]), use_gpu=False)
+    assert bool(exact.rejects(sims[1]))  # at the threshold counts as a copy

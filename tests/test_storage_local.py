@@ -101,3 +101,32 @@ def test_put_dir_and_get_dir_local(tmp_path):
     assert sorted(p.name for p in got.iterdir()) == ["c.txt", "sub"]
     assert (got / "c.txt").read_text() == "C"
     assert os.listdir(tmp_path / "store" / "ckpt") == ["step-1"]
+
+
+def test_missing_object_sha256_delete_and_passthrough(tmp_path):
+    import hashlib
+
+    from pipeline.storage import ObjectNotFound
+
+    store = open_store(str(tmp_path))
+    with pytest.raises(ObjectNotFound, match=f"{tmp_path}/nope.bin does not exist"):
+        store.read_bytes("nope.bin")
+    with pytest.raises(FileNotFoundError):  # ObjectNotFound is also a FileNotFoundError
+        store.read_bytes("nope.bin")
+    assert store.sha256("nope.bin") is None
+    store.write_bytes(b"abc", "d", "x.bin")
+    assert store.sha256("d", "x.bin") == hashlib.sha256(b"abc").hexdigest()
+    store.delete("d", "x.bin")
+    store.delete("d", "x.bin")  # absent: no error
+    assert store.listdir("d") == []
+    assert open_store(store) is store
+
+
+def test_store_pickles_and_local_repr(tmp_path):
+    import pickle
+
+    store = open_store(str(tmp_path))
+    back = pickle.loads(pickle.dumps(store))
+    assert back.uri == store.uri and back.is_local
+    back.write_bytes(b"1", "f")
+    assert store.read_bytes("f") == b"1"

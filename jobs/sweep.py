@@ -1,0 +1,86 @@
+"""The (alpha, s) trade-off sweep with Ray Tune: sample, check replicas and measure quality per point.
+
+    python jobs/sweep.py --store demo-out --run demo --alphas 0.5 --scales 3 5 7 --target-rate 0.02
+
+Every point samples --num-samples images with the same seeds (plus plain DDIM as the reference), finds
+each sample's nearest training image (mean-centred pixels, the replica threshold) and measures quality:
+the domain Fréchet distance when held-out labels exist, else the pixel-space Fréchet distance to the
+held-out images. Writes reports/<run>/pareto.png (replication rate vs quality, each point labelled),
+merges the "sweep" key into reports/<run>/report.json and report.md, and names the recommended
+setting: the best quality with replication rate <= --target-rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_sections, override, run_main
+
+from pipeline.config import ReplicaConfig, SamplerConfig, SweepConfig
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--store", required=True)
+    p.add_argument("--run", default="demo")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--config", help="YAML with 'sweep', 'sampler' and 'replicas' sections")
+    p.add_argument("--alphas", type=float, nargs="+")
+    p.add_argument("--scales", type=float, nargs="+")
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--target-rate", type=float, help="largest acceptable replication rate (0.02)")
+    p.add_argument("--no-ddim", action="store_true", help="skip the plain DDIM reference point")
+    p.add_argument("--steps", type=int, help="DDIM steps per sample")
+    p.add_argument("--threshold", type=float, help="replica threshold (cosine)")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--s3-endpoint")
+    args = p.parse_args()
+    sections = load_sections(
+        args.config, {"sweep": SweepConfig, "sampler": SamplerConfig, "replicas": ReplicaConfig}
+    )
+    cfg = override(
+        sections["sweep"], alphas=args.alphas, scales=args.scales, num_samples=args.num_samples,
+        seed=args.seed, target_rate=args.target_rate, cpus_per_trial=args.cpus_per_trial,
+        include_ddim=False if args.no_ddim else None,
+    )  # fmt: skip
+    sampler = override(sections["sampler"], steps=args.steps)
+    replicas = override(sections["replicas"], threshold=args.threshold)
+    import torch
+
+    from pipeline.datasets import read_image_shards
+    from pipeline.evaluation import train_domain_evaluator
+    from pipeline.ray_init import init_ray
+    from pipeline.report import merge_report
+    from pipeline.stages import data_folder
+    from pipeline.storage import open_store
+    from pipeline.sweep import make_points, run_sweep
+
+    pairs = [(a, s) for a in cfg.alphas for s in cfg.scales]
+    make_points(pairs)  # bad knobs fail before anything starts
+    store = open_store(args.store, args.s3_endpoint, create=False)
+    holdout = read_image_shards(store, data_folder(args.dataset, "holdout"))
+    evaluator = None
+    if holdout.labels is not None and len(set(holdout.labels)) > 1:
+        evaluator = train_domain_evaluator(
+            holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, cfg.seed, True
+        )
+    init_ray()
+    result = run_sweep(
+        store, args.run, args.dataset, pairs, cfg.num_samples, cfg.seed, evaluator,
+        cfg.target_rate, sampler, replicas, cfg.include_ddim, cfg.cpus_per_trial,
+    )  # fmt: skip
+    merge_report(store, args.run, {"sweep": result})
+    table = [{k: p[k] for k in ("label", "replication_rate", "quality")} for p in result["points"]]
+    print(json.dumps({"points": table, "recommended": result.get("recommended")}, indent=2))
+    print(f"plot: {store.uri_of('reports', args.run, result['figure'])}")
+
+
+if __name__ == "__main__":
+    run_main(main)

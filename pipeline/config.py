@@ -325,7 +325,10 @@ class DemoConfig:
     sample_concurrency: int = 2
     quality_epochs: int = 30
     # the privacy block: a small (alpha, s) sweep with Ray Tune and membership-inference attack 1
-    sweep: SweepConfig = field(default_factory=lambda: SweepConfig())
+    # (128 samples a point and no DDIM point: the main DDIM run is the reference; keeps the demo short)
+    sweep: SweepConfig = field(
+        default_factory=lambda: SweepConfig(num_samples=128, include_ddim=False)
+    )
     mia_members: int = 64
     mia_nonmembers: int = 256
 

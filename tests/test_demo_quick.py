@@ -122,7 +122,7 @@ def test_quick_demo_report_has_every_key(quick_demo):
     # the privacy block: the (alpha, s) sweep and membership-inference attack 1
     sweep = report["sweep"]
     labels = [p["label"] for p in sweep["points"]]
-    assert labels == ["ddim", "a=0.5 s=3", "a=0.5 s=7"]
+    assert labels == ["a=0.5 s=3", "a=0.5 s=7"]
     for p in sweep["points"]:
         assert 0.0 <= p["replication_rate"] <= 1.0 and p["num_samples"] == 32
     rec = report["membership_inference"]["reconstruction"]

@@ -313,6 +313,7 @@ class DemoConfig:
 
     dataset: str = "digits"
     num_train: int = 64
+    num_holdout: int | None = None  # cap on the held-out images (None: all the rest)
     split_seed: int = 0
     seed: int = 0
     ray_cpus: int = 2
@@ -334,6 +335,10 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_train >= 2, f"num_train must be >= 2, got {self.num_train}")
+        _check(
+            self.num_holdout is None or self.num_holdout >= 2,
+            f"num_holdout must be >= 2 (or unset), got {self.num_holdout}",
+        )
         _positive("mia_members", self.mia_members)
         _positive("mia_nonmembers", self.mia_nonmembers)
         _positive("ray_cpus", self.ray_cpus)

@@ -38,7 +38,7 @@ RUN = "demo"
 
 def quick_config(seed: int = 0) -> DemoConfig:
     """A tiny configuration for tests: every stage runs, nothing is expected to memorise."""
-    cfg = DemoConfig(seed=seed, quality_epochs=5)
+    cfg = DemoConfig(seed=seed, quality_epochs=5, num_holdout=500)
     cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=(16, 32), attention_levels=(1,))
     cfg.denoiser = dataclasses.replace(cfg.denoiser, steps=30, batch_size=32, checkpoint_every=15)
     cfg.classifier_arch = dataclasses.replace(
@@ -106,6 +106,8 @@ def run_demo(
             cfg.unet = dataclasses.replace(cfg.unet, channels=channels)
             cfg.classifier_arch = dataclasses.replace(cfg.classifier_arch, channels=channels)
         train, holdout = split(images, cfg.num_train, cfg.split_seed)
+        if cfg.num_holdout is not None and len(holdout) > cfg.num_holdout:
+            holdout = holdout.subset(range(cfg.num_holdout))
         if len(holdout) < 2:
             raise DataError(f"need at least 2 held-out images, got {len(holdout)}")
         make_shards(store, dataset, train, holdout)

@@ -123,9 +123,12 @@ def _kill_tree(proc: subprocess.Popen, marker: str) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
-    for pid in _pids_with(marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # SIGKILLed processes take a moment to leave /proc
+    while (left := _pids_with(marker)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
 
 
 def _pids_with(marker: str) -> list[int]:
@@ -133,6 +136,8 @@ def _pids_with(marker: str) -> list[int]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
+                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue  # a zombie has already exited
                 cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 environ = (d / "environ").read_bytes().decode(errors="replace")
             except OSError:
@@ -187,7 +192,9 @@ def test_killed_driver_rerun_continues_from_checkpoint(digits_store, tmp_path):
         Path(digits_store.join("models", "ft-driver", "denoiser", "run_config.json")).read_text()
     )
     assert run_cfg["step"] == steps
-    # continued from a checkpoint of the killed run (the latest registered one), not from scratch
+    # continued from a checkpoint of the killed run, not from scratch: Ray Train resumes from the latest
+    # checkpoint its controller *registered*, which may trail the newest directory a worker was still
+    # writing when the driver died
     (resumed,) = run_cfg["resumed_from"]
-    assert resumed >= saved and resumed % every == 0
+    assert every <= resumed <= saved and resumed % every == 0
     assert f"resumed denoiser from step {resumed}" in output

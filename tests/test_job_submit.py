@@ -59,7 +59,7 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     """SIGTERM the head's process group, then SIGKILL what is left of it and of its temp dir."""
     try:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(30)
+        head.wait(5)  # `ray start --block` may linger on SIGTERM: SIGKILL follows
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     with contextlib.suppress(ProcessLookupError):

@@ -128,24 +128,12 @@ def _check_complete(tars: dict[str, bytes]) -> None:
     assert keys == expected
 
 
-def test_sigkilled_job_resumes_to_exactly_n_samples(tmp_path, job_denoiser, ray_tmp):
-    store = tmp_path / "store"
-    folder = store / "samples" / "r" / "ddim"
-    cmd, env = _job(str(store), job_denoiser, ray_tmp)
-
-    def shards() -> list[str]:
-        return sorted(p.name for p in folder.glob("shard-*.tar")) if folder.exists() else []
-
-    seen = _kill_after_first_shard(cmd, env, shards, signal.SIGKILL)
-    assert 1 <= seen <= N // PER_SHARD
-    out = _resume(cmd, env)
-    assert out["num_samples"] == N and out["skipped_shards"] >= seen
-    _check_complete({p.name: p.read_bytes() for p in folder.glob("shard-*.tar")})
-    report = json.loads((store / "reports" / "r" / "report.json").read_text())
-    assert report["sampling"]["ddim"]["num_samples"] == N
-
-
-def test_sigtermed_job_on_loopback_s3_resumes(s3_bucket, s3_env, job_denoiser, ray_tmp):
+def test_sigkilled_job_on_loopback_s3_resumes_to_exactly_n_samples(
+    s3_bucket, s3_env, job_denoiser, ray_tmp
+):
+    """SIGKILL (no clean-up at all) after the first shard lands in S3, rerun: exactly N samples, no
+    duplicated, stray or partial object. (One test covers both the local-rename and the S3-PUT paths'
+    contract, because atomicity is the storage layer's and is tested there for both.)"""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
@@ -156,8 +144,8 @@ def test_sigtermed_job_on_loopback_s3_resumes(s3_bucket, s3_env, job_denoiser, r
         listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix=prefix).get("Contents", [])
         return sorted(o["Key"] for o in listed)
 
-    seen = _kill_after_first_shard(cmd, env, objects, signal.SIGTERM)
-    assert seen >= 1
+    seen = _kill_after_first_shard(cmd, env, objects, signal.SIGKILL)
+    assert 1 <= seen <= N // PER_SHARD
     out = _resume(cmd, env)
     assert out["num_samples"] == N and out["skipped_shards"] >= seen
     names = objects()
@@ -166,6 +154,10 @@ def test_sigtermed_job_on_loopback_s3_resumes(s3_bucket, s3_env, job_denoiser, r
         k.rsplit("/", 1)[-1]: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in names
     }
     _check_complete(tars)
+    report = json.loads(
+        s3.get_object(Bucket=s3_bucket, Key="batch/reports/r/report.json")["Body"].read()
+    )
+    assert report["sampling"]["ddim"]["num_samples"] == N
 
 
 @pytest.mark.parametrize(

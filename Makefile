@@ -19,7 +19,7 @@ demo: venv
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass. The autoscaling tests
 # start (and stop) their own Ray cluster, so they run in a second pytest process of their own.
-PYTEST = rc=0; $(PY) -m pytest -q $(1) || rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests ($(1))" >&2; exit 1; fi; exit $$rc
+PYTEST = rc=0; $(PY) -m pytest -q --durations=15 $(1) || rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests ($(1))" >&2; exit 1; fi; exit $$rc
 
 test: venv
 	$(call PYTEST,-m "not autoscaling")

@@ -45,6 +45,16 @@ def add_s3_endpoint_arg(parser) -> None:
     )
 
 
+def add_store_args(parser) -> None:
+    """``--store``, ``--run``, ``--dataset`` and ``--s3-endpoint``: where a run's files live."""
+    parser.add_argument(
+        "--store", required=True, help="store root: a local folder or s3://bucket/prefix"
+    )
+    parser.add_argument("--run", default="demo", help="run name: models/<run>, samples/<run>, ...")
+    parser.add_argument("--dataset", default="digits", help="shards under data/<dataset>/")
+    add_s3_endpoint_arg(parser)
+
+
 def load_sections(path: str | None, sections: dict[str, type]) -> dict[str, object]:
     """Read a YAML file of named config sections; every section is optional, unknown ones rejected."""
     from pipeline.config import from_dict

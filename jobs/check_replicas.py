@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_sections, override, run_main
+from _common import add_store_args, load_sections, override, run_main
 
 from pipeline.config import ReplicaConfig
 
@@ -28,9 +28,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--store", required=True)
-    p.add_argument("--run", default="demo")
-    p.add_argument("--dataset", default="digits")
+    add_store_args(p)
     p.add_argument("--sampler", choices=["ddim", "cpsample"], default="cpsample")
     p.add_argument("--config", help="YAML with a 'replicas' section")
     p.add_argument("--threshold", type=float)
@@ -44,7 +42,6 @@ def main() -> None:
         "--use-gpu", action="store_true", default=None, help="faiss-gpu index if present"
     )
     p.add_argument("--concurrency", type=int, default=1)
-    p.add_argument("--s3-endpoint")
     args = p.parse_args()
     cfg = override(
         load_sections(args.config, {"replicas": ReplicaConfig})["replicas"],

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_sections, override, run_main
+from _common import add_store_args, load_sections, override, run_main
 
 from pipeline.config import EvalConfig
 
@@ -27,9 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--store", required=True)
-    p.add_argument("--run", default="demo")
-    p.add_argument("--dataset", default="digits")
+    add_store_args(p)
     p.add_argument(
         "--inception-weights", help="local FID Inception weights (.pth state dict or .safetensors)"
     )
@@ -41,7 +39,6 @@ def main() -> None:
     p.add_argument("--alpha", type=float, help="CPSample alpha (default: the run's recorded one)")
     p.add_argument("--scale", type=float, help="CPSample scale s (default: the run's recorded one)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--s3-endpoint")
     args = p.parse_args()
     cfg = override(
         load_sections(args.config, {"evaluation": EvalConfig})["evaluation"],

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_sections, override, run_main
+from _common import add_s3_endpoint_arg, load_sections, override, run_main
 
 from pipeline.config import SamplerConfig
 
@@ -63,7 +63,7 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="GPUs per actor, fractions allowed (default: 1 if the cluster has GPUs, else 0)",
     )
-    p.add_argument("--s3-endpoint")
+    add_s3_endpoint_arg(p)
     return p.parse_args()
 
 
@@ -77,7 +77,7 @@ def main() -> None:
         guard_embedding=args.guard_embedding,
     )  # fmt: skip
     from pipeline.ray_data import run_sampling
-    from pipeline.report import merge_report_json
+    from pipeline.report import merge_report
     from pipeline.storage import open_store
 
     store = open_store(args.store, args.s3_endpoint)
@@ -89,7 +89,7 @@ def main() -> None:
     updates: dict = {"sampling": {cfg.sampler: out}}
     if "guard" in out:
         updates["samplers"] = {cfg.sampler: {"guard": out["guard"]}}
-    merge_report_json(store, args.run, updates)
+    merge_report(store, args.run, updates, deep=True)
     print(
         f"{out['num_samples']} samples in {out['num_shards']} shards ({out['skipped_shards']} already complete) "
         f"under {store.uri_of(out['folder'])}; guidance fired fraction {out['guidance_fired_fraction']:.3f}"

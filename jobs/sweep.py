@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_sections, override, run_main
+from _common import add_store_args, load_sections, override, run_main
 
 from pipeline.config import ReplicaConfig, SamplerConfig, SweepConfig
 
@@ -27,9 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--store", required=True)
-    p.add_argument("--run", default="demo")
-    p.add_argument("--dataset", default="digits")
+    add_store_args(p)
     p.add_argument("--config", help="YAML with 'sweep', 'sampler' and 'replicas' sections")
     p.add_argument("--alphas", type=float, nargs="+")
     p.add_argument("--scales", type=float, nargs="+")
@@ -40,7 +38,6 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="DDIM steps per sample")
     p.add_argument("--threshold", type=float, help="replica threshold (cosine)")
     p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--s3-endpoint")
     args = p.parse_args()
     sections = load_sections(
         args.config, {"sweep": SweepConfig, "sampler": SamplerConfig, "replicas": ReplicaConfig}

@@ -188,7 +188,7 @@ class ClassifierArchConfig:
 class ClassifierTrainConfig:
     """Training of the classifier on random bits: BCE on x_t at uniform t (CPSample, Algorithm 1)."""
 
-    steps: int = 1200
+    steps: int = 1600
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.0

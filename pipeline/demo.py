@@ -32,6 +32,7 @@ from pipeline.stages import (
     train_index_spec,
 )
 from pipeline.storage import Store, open_store
+from pipeline.sweep import point_label, score_point
 
 RUN = "demo"
 
@@ -145,16 +146,19 @@ def run_demo(
             name="holdout",
         )
     with timer.stage("quality"):
-        quality, figures, evaluator = _quality_and_figures(
+        quality, figures, evaluator, images = _quality_and_figures(
             store, runs, checked, base_rows, holdout, train_set, cfg
         )
     with timer.stage("sweep_and_attack"):
         sw = cfg.sweep
+        main = (cfg.sampler.alpha, cfg.sampler.scale)
         privacy, privacy_figures = sweep_and_attack(
             store, RUN, dataset, dataclasses.replace(cfg.sampler, seed=cfg.seed), cfg.replicas,
-            evaluator, cfg.seed, points=[(a, s) for a in sw.alphas for s in sw.scales],
+            evaluator, cfg.seed,
+            points=[(a, s) for a in sw.alphas for s in sw.scales if (a, s) != main],
             num_samples=sw.num_samples, target_rate=sw.target_rate, num_members=cfg.mia_members,
             num_nonmembers=cfg.mia_nonmembers, include_ddim=sw.include_ddim,
+            extra_rows=_main_rows(cfg, runs, images, spec, evaluator),
         )  # fmt: skip
         figures.update(privacy_figures)
     report = {
@@ -189,6 +193,30 @@ def run_demo(
     return report
 
 
+def _main_rows(cfg: DemoConfig, runs, images, spec, evaluator) -> list[dict[str, Any]]:
+    """Sweep rows for the main DDIM and CPSample runs, scored on their first ``sweep.num_samples``
+    samples (so that every point's Fréchet distance uses the same number of samples); the sweep then
+    samples only the other (alpha, s) points."""
+    n = cfg.sweep.num_samples
+    rows = []
+    for name in ("ddim", "cpsample"):
+        point = {
+            "index": 0,
+            "sampler": name,
+            "alpha": cfg.sampler.alpha if name == "cpsample" else None,
+            "scale": cfg.sampler.scale if name == "cpsample" else 0.0,
+        }
+        point["label"] = point_label(point)
+        fired = runs[name].get("guidance_fired_fraction") or 0.0
+        row = score_point(
+            point, images[name][:n], float(fired), spec.embeddings, spec.mean,
+            cfg.replicas.threshold, evaluator,
+        )  # fmt: skip
+        row["source"] = f"the main {name} run (its first {min(n, len(images[name]))} samples)"
+        rows.append(row)
+    return rows
+
+
 def _quality_and_figures(
     store: Store, runs, checked, base_rows, holdout, train_set, cfg: DemoConfig
 ):
@@ -206,9 +234,11 @@ def _quality_and_figures(
     train_pos = {k: i for i, k in enumerate(train_set.keys)}
     figures: dict[str, bytes] = {}
     sims_by_name = {}
+    images_by_name = {}
     for name in runs:
         stats, rows = checked[name]
         images, _ = images_of(rows, store, runs[name]["folder"])
+        images_by_name[name] = images
         quality[name] = evaluator.quality(to_tensor(images)) if evaluator else {}
         sims = np.asarray([r["nn_similarity"] for r in rows])
         sims_by_name[name] = sims
@@ -221,4 +251,4 @@ def _quality_and_figures(
     sims_by_name["held-out real"] = np.asarray([r["nn_similarity"] for r in base_rows])
     figures["nn_similarity_hist.png"] = histogram_figure(sims_by_name, cfg.replicas.threshold)
     figures["train_images.png"] = grid_figure(train_set.images[:64], "training images")
-    return quality, figures, evaluator
+    return quality, figures, evaluator, images_by_name

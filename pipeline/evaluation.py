@@ -254,8 +254,12 @@ def sweep_and_attack(
     num_members: int = 64,
     num_nonmembers: int = 256,
     include_ddim: bool = True,
+    extra_rows: list[dict] | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
     """The demo's privacy block: the (alpha, s) sweep (Ray Tune) and attack 1 for DDIM and CPSample.
+
+    ``extra_rows``: sweep rows scored elsewhere (:func:`pipeline.sweep.score_point`), added to the
+    sweep's own points; the demo passes its main DDIM and CPSample runs so Tune samples only the rest.
 
     ``sampler``/``replicas`` are the run's ``SamplerConfig``/``ReplicaConfig``; returns the report keys
     ``sweep`` and ``membership_inference`` and the figures ``pareto.png`` and ``roc_reconstruction.png``
@@ -266,12 +270,14 @@ def sweep_and_attack(
     from pipeline.mia import reconstruction_attack
     from pipeline.ray_data import load_models
     from pipeline.report import pareto_figure, roc_figure
-    from pipeline.sweep import run_sweep
+    from pipeline.sweep import merge_points, run_sweep
 
     sweep = run_sweep(
         store, run, dataset, points, num_samples, seed, evaluator, target_rate, sampler, replicas,
         include_ddim, write_figure=False,
     )  # fmt: skip
+    if extra_rows:
+        sweep = merge_points(sweep, extra_rows, target_rate)
     members, nonmembers, _ = attack_sets(store, dataset, num_members, num_nonmembers, seed)
     with tempfile.TemporaryDirectory() as tmp:
         cps = dataclasses.replace(sampler, sampler="cpsample")

@@ -229,7 +229,10 @@ def load_classifier(
     expect_shape: tuple[int, int, int] | None = None,
     device: str | torch.device = "cpu",
 ) -> NoiseClassifier:
-    """Rebuild the classifier from its checkpoint alone; check it fits images of ``expect_shape``."""
+    """Rebuild the classifier from its checkpoint alone; check it fits images of ``expect_shape``.
+
+    The model is returned for sampling: in eval mode with its parameters frozen, so that the guidance
+    backward computes the input gradient only (no weight gradients)."""
     from safetensors import safe_open
 
     path = Path(directory) / CLASSIFIER_WEIGHTS
@@ -262,4 +265,4 @@ def load_classifier(
         raise CheckpointError(
             f"{path}: weights do not match the saved architecture: {exc}"
         ) from exc
-    return model.to(device).eval()
+    return model.to(device).eval().requires_grad_(False)

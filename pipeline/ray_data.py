@@ -168,10 +168,11 @@ class ShardSampler:
         self.store = open_store(store_uri, s3_endpoint, create=False)
         self.out_folder = out_folder
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._tmp = tempfile.mkdtemp(prefix="cpsample-models-")
-        self.unet, self.schedule, self.shape, self.guidance = load_models(
-            self.store, denoiser, classifier, self.cfg, self.device, self._tmp
-        )
+        # the models are copied from the store into a scratch folder only while they load
+        with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
+            self.unet, self.schedule, self.shape, self.guidance = load_models(
+                self.store, denoiser, classifier, self.cfg, self.device, tmp
+            )
         self.guard: GuardIndex | None = None
         if self.cfg.guard is not None:
             spec = _resolve(guard_spec)

@@ -57,6 +57,27 @@ def load_shard(name: str) -> tuple[torch.Tensor, list[str]]:
     return torch.cat(xs), keys
 
 
+def split_holdout(
+    x: torch.Tensor, keys: list[str], n_bits: int, rank: int, world: int
+) -> tuple[tuple[torch.Tensor, list[str]], tuple[torch.Tensor, list[str]]]:
+    """Split the held-out images (every worker holds all of them) by sorted key.
+
+    The first ``n_bits`` keys (at most all but one) are trained on with their own random bits, and
+    rank ``r`` of ``world`` takes every ``world``-th of them from ``r``; the rest are never seen and
+    measure calibration. Returns ``((x_bits, keys_bits), (x_never, keys_never))``.
+    """
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    n_bits = min(n_bits, max(0, len(keys) - 1))
+    mine, never = order[:n_bits][rank::world], order[n_bits:]
+
+    def take(idx: list[int]) -> tuple[torch.Tensor, list[str]]:
+        if not idx:
+            return x[:0], []
+        return x[idx], [keys[i] for i in idx]
+
+    return take(mine), take(never)
+
+
 # ------------------------------------------------------------------------------------- checkpoints
 def _save_checkpoint(
     dirpath: Path, tensors: dict[str, dict[str, torch.Tensor]], optimizer, state: dict
@@ -235,8 +256,9 @@ def classifier_worker(config: dict[str, Any]) -> None:
     _slow_down(clf, config.get("step_delay_s", 0.0))
     model = ray.train.torch.prepare_model(clf)
     x_train, k_train = load_shard("train")
-    x_bits, k_bits = load_shard("holdout_bits")
-    x_never, k_never = load_shard("never_seen")
+    (x_bits, k_bits), (x_never, k_never) = split_holdout(
+        *load_shard("holdout"), tcfg.holdout_images, rank, world
+    )
     y_train = random_bits(k_train, tcfg.label_seed)
     x_fit = torch.cat([x_train, x_bits]) if k_bits else x_train
     y_fit = torch.cat([y_train, random_bits(k_bits, tcfg.label_seed)]) if k_bits else y_train

@@ -301,10 +301,18 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
 
 
 def merge_report(
-    store: Store, run: str, updates: dict[str, Any], figures: dict[str, bytes] | None = None
+    store: Store,
+    run: str,
+    updates: dict[str, Any],
+    figures: dict[str, bytes] | None = None,
+    deep: bool = False,
 ) -> dict[str, Any]:
-    """Merge top-level keys into ``reports/<run>/report.json`` (created when absent), write the figures
-    and rebuild report.md. The root report.json is updated too when it was this run's copy."""
+    """Merge ``updates`` into ``reports/<run>/report.json`` (created when absent), write the figures
+    and rebuild report.md; the root report.json is updated too when it was this run's copy.
+
+    ``deep=False`` replaces whole top-level sections (a rerun of the sweep or of the attacks replaces
+    the old results); ``deep=True`` merges nested dicts key by key (the sample and replica-check jobs
+    add one sampler's entries next to the others'). Every file is written atomically."""
     figures = figures or {}
     for name, data in figures.items():
         store.write_bytes(data, "reports", run, name)
@@ -314,7 +322,7 @@ def merge_report(
     root_is_copy = store.exists("report.json") and (
         json.loads(store.read_bytes("report.json")) == report
     )
-    report.update(updates)
+    report = _deep_merge(report, updates) if deep else {**report, **updates}
     text = json.dumps(report, indent=2)
     store.write_bytes(text.encode(), "reports", run, "report.json")
     if root_is_copy:
@@ -323,10 +331,25 @@ def merge_report(
     if {"samplers", "dataset", "num_train", "threshold", "holdout_baseline"} <= set(report):
         md = markdown(report, pngs).rstrip("\n") + "\n" + evaluation_markdown(report)
     else:
-        md = f"# CPSample evaluation: {run}\n" + evaluation_markdown(report)
+        md = f"# CPSample run: {run}\n" + job_markdown(report) + evaluation_markdown(report)
         md += "\n## Figures\n\n" + "\n".join(f"![{f}]({f})" for f in pngs) + "\n"
     store.write_bytes(md.encode(), "reports", run, "report.md")
     return report
+
+
+def job_markdown(report: dict[str, Any]) -> str:
+    """Markdown for the ``sampling`` and ``replica_check`` sections the jobs write (outside the demo)."""
+    lines: list[str] = []
+    for name, out in report.get("sampling", {}).items():
+        lines += ["", f"## Sampling: {name}", ""]
+        lines += [f"- {k}: {v}" for k, v in out.items() if not isinstance(v, (dict, list))]
+    for name, out in report.get("replica_check", {}).items():
+        stats = report.get("samplers", {}).get(name, {})
+        lines += ["", f"## Replica check: {name}", ""]
+        lines += [
+            f"- {k}: {v}" for k, v in {**stats, **out}.items() if not isinstance(v, (dict, list))
+        ]
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def _deep_merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
@@ -337,16 +360,6 @@ def _deep_merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]
         else:
             out[key] = value
     return out
-
-
-def merge_report_json(store: Store, run: str, updates: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``updates`` into ``reports/<run>/report.json``, keeping every other key; atomic."""
-    report: dict[str, Any] = {}
-    if store.exists("reports", run, "report.json"):
-        report = json.loads(store.read_bytes("reports", run, "report.json"))
-    report = _deep_merge(report, updates)
-    store.write_bytes(json.dumps(report, indent=2).encode(), "reports", run, "report.json")
-    return report
 
 
 def replica_check_report(
@@ -403,7 +416,8 @@ def replica_check_report(
     for name, data in figures.items():
         store.write_bytes(data, "reports", run, name)
     summary["figures"] = sorted(figures)
-    merge_report_json(
-        store, run, {"samplers": {sampler: stats.to_dict()}, "replica_check": {sampler: summary}}
-    )
+    merge_report(
+        store, run, {"samplers": {sampler: stats.to_dict()}, "replica_check": {sampler: summary}},
+        deep=True,
+    )  # fmt: skip
     return summary

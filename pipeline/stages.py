@@ -187,17 +187,11 @@ def train_classifier(
     """
     if denoiser is not None:
         arch, schedule_betas = _protect(store, dataset, arch, denoiser)
-    holdout = webdataset(store, data_folder(dataset, "holdout"))
-    total = holdout.count()
-    n_bits = min(train.holdout_images, max(0, total - 1))
-    keys = sorted(r["__key__"] for r in holdout.select_columns(["__key__"]).take_all())
-    bit_keys = set(keys[:n_bits])
-    bits_ds = holdout.filter(lambda r: r["__key__"] in bit_keys)
-    never_ds = holdout.filter(lambda r: r["__key__"] not in bit_keys)
     datasets = {
         "train": webdataset(store, data_folder(dataset, "train")),
-        "holdout_bits": bits_ds,
-        "never_seen": never_ds,
+        # every worker reads the whole held-out set once and splits it by sorted key (see
+        # ``classifier_worker``): no driver-side count/filter passes over the shards
+        "holdout": webdataset(store, data_folder(dataset, "holdout")),
     }
     config = {
         "arch": to_dict(arch),
@@ -208,7 +202,7 @@ def train_classifier(
     result = _fit(
         classifier_worker, {**config, **(loop_config or {})}, datasets, train,
         _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
-        split=["train", "holdout_bits"],
+        split=["train"],
     )  # fmt: skip
     with result.checkpoint.as_directory() as d:
         tensors, state, _ = read_checkpoint(d)

@@ -95,8 +95,26 @@ def evaluate_point(
         )  # fmt: skip
         images.append(out.images)
         fired.append(out.fired_fraction)
-    x = torch.cat(images)
-    pixels = images_from_tensor(x)  # uint8, as the samples would be stored
+    pixels = images_from_tensor(torch.cat(images))  # uint8, as the samples would be stored
+    return score_point(
+        point, pixels, float(torch.cat(fired).mean()), train_embeddings, train_mean, threshold,
+        evaluator, reference, time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def score_point(
+    point: dict[str, Any],
+    pixels: np.ndarray,
+    fired_fraction: float,
+    train_embeddings: np.ndarray,
+    train_mean: np.ndarray | None,
+    threshold: float,
+    evaluator=None,
+    reference: torch.Tensor | None = None,
+    time_s: float = 0.0,
+) -> dict[str, Any]:
+    """A sweep row for images already drawn at ``point``: ``pixels`` (N, H, W, C) uint8 as stored;
+    replication rate against the training embeddings (exact inner-product search) and quality."""
     flat = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
     emb = l2_normalise(flat - train_mean if train_mean is not None else flat)
     sims, _ = nearest(build_index(train_embeddings), emb, k=1)
@@ -105,10 +123,30 @@ def evaluate_point(
     return {
         **{k: point[k] for k in ("index", "label", "sampler", "alpha", "scale")},
         **stats.to_dict(),
-        "guidance_fired_fraction": float(torch.cat(fired).mean()),
+        "guidance_fired_fraction": fired_fraction,
         "quality": quality_of(quantised, evaluator, reference),
-        "time_s": round(time.perf_counter() - t0, 2),
+        "time_s": round(time_s, 2),
     }
+
+
+def merge_points(
+    sweep: dict[str, Any], extra: list[dict[str, Any]], target_rate: float
+) -> dict[str, Any]:
+    """The ``sweep`` section with rows scored elsewhere (for example the demo's main DDIM and CPSample
+    runs) added: rows re-indexed as DDIM first, then by (alpha, s); front and choice recomputed."""
+    rows = sorted(
+        [*sweep["points"], *extra],
+        key=lambda r: (r["sampler"] != "ddim", r["alpha"] or 0.0, r["scale"]),
+    )
+    for i, r in enumerate(rows):
+        r["index"] = i
+    details = {
+        k: v
+        for k, v in sweep.items()
+        if k not in ("points", "pareto_front", "recommended", "figure", "target_rate",
+                     "quality_metric")
+    }  # fmt: skip
+    return summarise(rows, target_rate, **details)
 
 
 def quality_key(points: list[dict[str, Any]]) -> str | None:

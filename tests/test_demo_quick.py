@@ -122,9 +122,14 @@ def test_quick_demo_report_has_every_key(quick_demo):
     # the privacy block: the (alpha, s) sweep and membership-inference attack 1
     sweep = report["sweep"]
     labels = [p["label"] for p in sweep["points"]]
-    assert labels == ["a=0.5 s=3", "a=0.5 s=7"]
+    # Tune sampled s=3 and s=7; DDIM and s=5 are the main runs, scored on their first 32 samples
+    assert labels == ["ddim", "a=0.5 s=3", "a=0.5 s=5", "a=0.5 s=7"]
+    assert [p["index"] for p in sweep["points"]] == [0, 1, 2, 3]
+    assert [bool(p.get("source")) for p in sweep["points"]] == [True, False, True, False]
     for p in sweep["points"]:
         assert 0.0 <= p["replication_rate"] <= 1.0 and p["num_samples"] == 32
+        assert p["quality"]["fd"] >= 0
+    assert set(sweep["pareto_front"]) <= set(labels)
     rec = report["membership_inference"]["reconstruction"]
     for name in ("ddim", "cpsample"):
         assert 0.0 <= rec[name]["auc"] <= 1.0 and 0.0 < rec[name]["p_value"] <= 1.0

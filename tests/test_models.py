@@ -205,9 +205,16 @@ def test_classifier_round_trip(core_saved_clf, core_tiny_clf_cfg):
     assert events == []
     assert loaded.config == core_tiny_clf_cfg
     assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())  # frozen for sampling
     x, t = _inputs()
     with torch.no_grad():
         assert torch.equal(loaded(x, t), clf(x, t))
+    # the guidance's input gradient is unchanged by the frozen weights
+    xs = x.clone().requires_grad_(True)
+    (g_loaded,) = torch.autograd.grad(loaded(xs, t).sum(), xs)
+    xr = x.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(clf.eval()(xr, t).sum(), xr)
+    assert torch.allclose(g_loaded, g_ref, atol=1e-6) and g_loaded.abs().sum() > 0
 
 
 def test_classifier_expect_shape_mismatch(core_saved_clf):

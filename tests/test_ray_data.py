@@ -7,6 +7,9 @@ byte for byte: with equal thread counts the convolutions round identically.
 from __future__ import annotations
 
 import json
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +53,7 @@ def _shards(store, folder: str) -> dict[str, bytes]:
 def test_one_and_two_actors_write_identical_shards(ray_local, tmp_path, tiny_models):
     den, clf = tiny_models
     cfg = _cfg()
+    scratch = set(Path(tempfile.gettempdir()).glob("cpsample-models-*"))
     outs, shards = [], []
     for n_actors in (1, 2):
         store = open_store(str(tmp_path / f"a{n_actors}"))
@@ -74,6 +78,12 @@ def test_one_and_two_actors_write_identical_shards(ray_local, tmp_path, tiny_mod
     again = run_sampling(store.uri, "r", cfg, den, clf, concurrency=2)
     assert again["skipped_shards"] == 3 and again["num_samples"] == 6
     assert _shards(store, "samples/r/cpsample") == shards[0]
+    # the actors copied the models into scratch folders only while loading them (an actor the pool
+    # started late may still be loading: give it a moment)
+    deadline = time.monotonic() + 60
+    while set(Path(tempfile.gettempdir()).glob("cpsample-models-*")) != scratch:
+        assert time.monotonic() < deadline, "sampling actors left model scratch folders in /tmp"
+        time.sleep(1)
 
 
 def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
@@ -154,6 +164,10 @@ def test_guard_never_ships_a_copy(ray_local, tmp_path, tiny_models):
     ]
     for name in report["replica_check"]["ddim"]["figures"]:
         assert store.read_bytes("reports", "plain", name)[:4] == b"\x89PNG"
+    # report.md is rebuilt with the merge: the check's section and its figures
+    md = store.read_bytes("reports", "plain", "report.md").decode()
+    assert "## Replica check: ddim" in md and "![replicas_ddim_hist.png]" in md
+    assert f"- replication_rate: {len(copied) / 8}" in md
     lines = store.read_bytes("reports", "plain", "replicas-ddim.jsonl").decode().splitlines()
     rows = [json.loads(line) for line in lines]
     assert sorted(r["key"] for r in rows if r["nn_similarity"] >= 0.99) == [

@@ -157,3 +157,22 @@ def test_lr_schedules():
         ClassifierTrainConfig(lr_schedule="linear")
     assert ClassifierTrainConfig().lr_schedule == "cosine"  # the calibrated demo default
     assert DenoiserTrainConfig().lr_schedule == "constant"
+
+
+def test_split_holdout_by_sorted_key_across_ranks():
+    from pipeline.ray_train import split_holdout
+
+    keys = [f"h{i:03d}" for i in (5, 1, 4, 0, 3, 2, 6)]  # read order is not key order
+    x = torch.tensor([float(k[1:]) for k in keys]).reshape(-1, 1, 1, 1)
+    parts = [split_holdout(x, keys, 4, rank, 2) for rank in (0, 1)]
+    (bits0, k0), never0 = parts[0]
+    (bits1, k1), never1 = parts[1]
+    assert k0 == ["h000", "h002"] and k1 == ["h001", "h003"]  # the 4 smallest keys, dealt out
+    assert bits0.flatten().tolist() == [0.0, 2.0] and bits1.flatten().tolist() == [1.0, 3.0]
+    assert never0[1] == never1[1] == ["h004", "h005", "h006"]  # every rank sees all never-seen
+    assert never0[0].flatten().tolist() == [4.0, 5.0, 6.0]
+    # at most all but one image is trained on, so the calibration set is never empty
+    (_, k_all), (_, k_left) = split_holdout(x, keys, 100, 0, 1)
+    assert len(k_all) == 6 and k_left == ["h006"]
+    (x_none, k_none), (_, k_rest) = split_holdout(x, keys, 0, 0, 1)
+    assert x_none.shape == (0, 1, 1, 1) and k_none == [] and len(k_rest) == 7

@@ -158,6 +158,8 @@ def test_sigkilled_job_on_loopback_s3_resumes_to_exactly_n_samples(
         s3.get_object(Bucket=s3_bucket, Key="batch/reports/r/report.json")["Body"].read()
     )
     assert report["sampling"]["ddim"]["num_samples"] == N
+    md = s3.get_object(Bucket=s3_bucket, Key="batch/reports/r/report.md")["Body"].read().decode()
+    assert "## Sampling: ddim" in md and f"- num_samples: {N}" in md
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.sweep import make_points, pareto_front, recommend, summarise
+from pipeline.sweep import (
+    make_points,
+    merge_points,
+    pareto_front,
+    recommend,
+    score_point,
+    summarise,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,6 +48,34 @@ def test_pareto_front_and_recommendation():
     summary = summarise(list(reversed(pts)), 0.02)
     assert [p["label"] for p in summary["points"]] == ["ddim", "a", "b", "c", "d"]
     assert summary["quality_metric"] == "fd" and summary["recommended"]["label"] == "c"
+
+
+def test_score_point_counts_copies_and_merge_reorders_rows():
+    import numpy as np
+
+    from pipeline.replicas import l2_normalise
+
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, size=(6, 4, 4, 1), dtype=np.uint8)
+    flat = train.reshape(6, -1).astype(np.float32) / 255.0
+    mean = flat.mean(0)
+    emb = l2_normalise(flat - mean)
+    # 3 exact copies of training images and 5 fresh random images
+    pixels = np.concatenate([train[:3], rng.integers(0, 256, size=(5, 4, 4, 1), dtype=np.uint8)])
+    point = {"index": 0, "label": "ddim", "sampler": "ddim", "alpha": None, "scale": 0.0}
+    row = score_point(point, pixels, 0.0, emb, mean, 0.97)
+    assert row["num_samples"] == 8 and row["replication_rate"] == pytest.approx(3 / 8)
+    assert row["quality"] == {}  # neither an evaluator nor a reference
+    s3, s7 = _pt(0, "a=0.5 s=3", 0.10, 3.0), _pt(1, "a=0.5 s=7", 0.0, 9.0)
+    s3["scale"], s7["scale"] = 3.0, 7.0
+    sweep = summarise([s3, s7], 0.02, num_samples=8, wall_s=1.0)
+    main = [_pt(0, "ddim", 0.4, 2.0, "ddim"), {**_pt(0, "a=0.5 s=5", 0.01, 4.0), "scale": 5.0}]
+    main[0]["alpha"] = None
+    merged = merge_points(sweep, main, 0.02)
+    assert [p["label"] for p in merged["points"]] == ["ddim", "a=0.5 s=3", "a=0.5 s=5", "a=0.5 s=7"]
+    assert [p["index"] for p in merged["points"]] == [0, 1, 2, 3]
+    assert merged["recommended"]["label"] == "a=0.5 s=5"  # best quality with rate <= 2%
+    assert merged["num_samples"] == 8 and merged["wall_s"] == 1.0
 
 
 def test_make_points_validates_knobs():

@@ -413,11 +413,9 @@ def replica_check_report(
             images[top], neighbours, sims[top], cfg.threshold, f"{sampler}: {len(top)} closest"
         ),
     }
-    for name, data in figures.items():
-        store.write_bytes(data, "reports", run, name)
     summary["figures"] = sorted(figures)
     merge_report(
         store, run, {"samplers": {sampler: stats.to_dict()}, "replica_check": {sampler: summary}},
-        deep=True,
+        figures, deep=True,
     )  # fmt: skip
     return summary

@@ -8,6 +8,7 @@ and reports checkpoints that carry the resolved config (safetensors + ``state.js
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -166,8 +167,11 @@ def _worker_setup(threads: int, niceness: int | None = 0) -> tuple[int, int, tor
 
 
 def _log(rank: int, msg: str) -> None:
+    """One line from rank 0. Written to the process's own stdout: Ray Train V2 patches ``print`` in its
+    workers and, when ``sys.stdout`` is wrapped, sends every line both to its logger and to the stream,
+    so the driver would show it twice."""
     if rank == 0:
-        print(f"[train] {msg}", flush=True)
+        print(f"[train] {msg}", file=sys.__stdout__, flush=True)
 
 
 # ---------------------------------------------------------------------------------------- denoiser
@@ -210,7 +214,7 @@ def denoiser_worker(config: dict[str, Any]) -> None:
     }
 
     def on_checkpoint(step: int, metrics: dict) -> None:
-        _log(rank, f"denoiser step {step}/{tcfg.steps} loss {metrics['loss']:.4f}")
+        _log(rank, f"denoiser checkpoint at step {step} ({metrics['images_per_s']:.0f} images/s)")
 
         def save(d: Path) -> None:
             tensors = {"model": unet.state_dict(), "ema": ema.shadow.state_dict()}

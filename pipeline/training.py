@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,6 +228,7 @@ def _log_progress(
         recent = losses[-every:]
         print(
             f"[train] {name} {done}/{total} ({done / total:.0%}) loss {sum(recent) / len(recent):.4f}",
+            file=sys.__stdout__,  # not the tee of Ray Train V2's print patch (see ray_train._log)
             flush=True,
         )
 

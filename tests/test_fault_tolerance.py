@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from pipeline.config import DenoiserTrainConfig, UNetConfig
-from pipeline.models import load_denoiser
+from pipeline.models import load_denoiser, load_schedule
 from pipeline.ray_train import read_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -111,10 +111,15 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, digits_store):
     tensors, state, _ = read_checkpoint(_checkpoints(run_dir)[-1])
     assert state["step"] == steps and state["resumed_from"] == [resumed]
     assert {"model", "ema"} <= set(tensors)
+    assert run_cfg["train"]["num_workers"] == 2 and out["metrics"]["loss"] > 0
+    # Ray Train keeps num_to_keep=2 checkpoints under the store's checkpoints/
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
     unet = load_denoiser(out["uri"])
+    assert tuple(unet.config.block_out_channels) == TINY_UNET.block_out_channels
+    assert load_schedule(out["uri"]).num_train_timesteps == 1000
     with torch.no_grad():
-        eps = unet(torch.zeros(1, 1, 16, 16), torch.tensor([10])).sample
-    assert torch.isfinite(eps).all()
+        eps = unet(torch.zeros(2, 1, 16, 16), torch.tensor([10, 500])).sample
+    assert eps.shape == (2, 1, 16, 16) and torch.isfinite(eps).all()
 
 
 # ----------------------------------------------------------------------------------- driver killed

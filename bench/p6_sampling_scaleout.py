@@ -10,6 +10,7 @@ ratio is a lower bound of the scale-out of the code.
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -33,6 +34,7 @@ def run(num_samples: int = 32, per_shard: int = 4, steps: int = 20, repeats: int
     cfg = SamplerConfig(
         num_samples=num_samples, samples_per_shard=per_shard, batch_size=per_shard, steps=steps
     )
+    load_before = [round(v, 2) for v in os.getloadavg()]  # 1, 5, 15 min: was the machine quiet?
     spans: dict[int, list[float]] = {1: [], 2: []}
     walls: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,5 +61,5 @@ def run(num_samples: int = 32, per_shard: int = 4, steps: int = 20, repeats: int
         "span_s": span, "wall_s": wall, "all_spans_s": spans,
         "num_samples": num_samples, "samples_per_shard": per_shard, "steps": steps,
         "repeats": repeats, "sampler": cfg.sampler, "torch_threads_per_actor": 1,
-        "note": "contended: other sessions share the 2 cores",
+        "load_average_before": load_before,
     }  # fmt: skip

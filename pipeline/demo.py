@@ -41,12 +41,12 @@ def quick_config(seed: int = 0) -> DemoConfig:
     """A tiny configuration for tests: every stage runs, nothing is expected to memorise."""
     cfg = DemoConfig(seed=seed, quality_epochs=5, num_holdout=500)
     cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=(16, 32), attention_levels=(1,))
-    cfg.denoiser = dataclasses.replace(cfg.denoiser, steps=30, batch_size=32, checkpoint_every=15)
+    cfg.denoiser = dataclasses.replace(cfg.denoiser, steps=30, batch_size=32, checkpoint_every=30)
     cfg.classifier_arch = dataclasses.replace(
         cfg.classifier_arch, base_channels=16, channel_mults=(1, 2)
     )
     cfg.classifier = dataclasses.replace(
-        cfg.classifier, steps=30, holdout_images=200, checkpoint_every=15
+        cfg.classifier, steps=30, holdout_images=200, checkpoint_every=30
     )
     cfg.sampler = dataclasses.replace(
         cfg.sampler, num_samples=64, steps=10, samples_per_shard=32, batch_size=32

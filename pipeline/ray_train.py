@@ -8,7 +8,6 @@ and reports checkpoints that carry the resolved config (safetensors + ``state.js
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from pipeline.config import (
 from pipeline.diffusion import linear_schedule, schedule_from_betas
 from pipeline.labels import random_bits
 from pipeline.models import NoiseClassifier, build_unet
-from pipeline.training import EMA, classifier_metrics, fit_classifier, fit_denoiser
+from pipeline.training import EMA, classifier_metrics, fit_classifier, fit_denoiser, train_log
 
 STATE = "state.json"
 
@@ -166,14 +165,6 @@ def _worker_setup(threads: int, niceness: int | None = 0) -> tuple[int, int, tor
     return ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
-def _log(rank: int, msg: str) -> None:
-    """One line from rank 0. Written to the process's own stdout: Ray Train V2 patches ``print`` in its
-    workers and, when ``sys.stdout`` is wrapped, sends every line both to its logger and to the stream,
-    so the driver would show it twice."""
-    if rank == 0:
-        print(f"[train] {msg}", file=sys.__stdout__, flush=True)
-
-
 # ---------------------------------------------------------------------------------------- denoiser
 def _schedule(config: dict[str, Any]):
     return (
@@ -202,7 +193,7 @@ def denoiser_worker(config: dict[str, Any]) -> None:
         ema.shadow.load_state_dict(tensors["ema"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], [*state.get("resumed_from", []), state["step"]]
-        _log(rank, f"resumed denoiser from step {start}")
+        train_log(rank, f"resumed denoiser from step {start}")
     _slow_down(unet, config.get("step_delay_s", 0.0))
     model = ray.train.torch.prepare_model(unet)
     x_all, _ = load_shard("train")
@@ -214,7 +205,9 @@ def denoiser_worker(config: dict[str, Any]) -> None:
     }
 
     def on_checkpoint(step: int, metrics: dict) -> None:
-        _log(rank, f"denoiser checkpoint at step {step} ({metrics['images_per_s']:.0f} images/s)")
+        train_log(
+            rank, f"denoiser checkpoint at step {step} ({metrics['images_per_s']:.0f} images/s)"
+        )
 
         def save(d: Path) -> None:
             tensors = {"model": unet.state_dict(), "ema": ema.shadow.state_dict()}
@@ -256,7 +249,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
         clf.load_state_dict(tensors["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], [*state.get("resumed_from", []), state["step"]]
-        _log(rank, f"resumed classifier from step {start}")
+        train_log(rank, f"resumed classifier from step {start}")
     _slow_down(clf, config.get("step_delay_s", 0.0))
     model = ray.train.torch.prepare_model(clf)
     x_train, k_train = load_shard("train")
@@ -287,7 +280,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             fit = classifier_metrics(clf, schedule, x_train, y_train, x_never, y_never).to_dict()
             clf.train()
-            _log(
+            train_log(
                 rank,
                 f"classifier step {step}/{tcfg.steps} loss {metrics['loss']:.4f} "
                 f"acc {fit['train_accuracy_by_t']} held-out-bit acc {fit['holdout_accuracy']:.3f} "

@@ -220,16 +220,22 @@ def fit_denoiser(
             losses, t0 = [], time.time()
 
 
+def train_log(rank: int, msg: str) -> None:
+    """One ``[train]`` line from rank 0, written to the process's own stdout (which Ray streams to the
+    driver). Ray Train V2 patches ``print`` in its workers and, when ``sys.stdout`` is wrapped, sends
+    each line both to its logger and to the stream, so a plain ``print`` would show up twice."""
+    if rank == 0:
+        print(f"[train] {msg}", file=sys.__stdout__, flush=True)
+
+
 def _log_progress(
     name: str, done: int, total: int, losses: list[float], every: int, rank: int
 ) -> None:
-    """A progress line every ``every`` steps from rank 0 (Ray Train streams worker stdout)."""
-    if every > 0 and rank == 0 and done % every == 0:
+    """A progress line every ``every`` steps from rank 0."""
+    if every > 0 and done % every == 0:
         recent = losses[-every:]
-        print(
-            f"[train] {name} {done}/{total} ({done / total:.0%}) loss {sum(recent) / len(recent):.4f}",
-            file=sys.__stdout__,  # not the tee of Ray Train V2's print patch (see ray_train._log)
-            flush=True,
+        train_log(
+            rank, f"{name} {done}/{total} ({done / total:.0%}) loss {sum(recent) / len(recent):.4f}"
         )
 
 

@@ -155,7 +155,7 @@ class ClassifierArchConfig:
 
     sample_size: int = 16
     channels: int = 1
-    base_channels: int = 32
+    base_channels: int = 16
     channel_mults: tuple[int, ...] = (1, 2, 2)
     time_embed_dim: int = 64
     num_groups: int = 8

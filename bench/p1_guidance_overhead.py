@@ -4,6 +4,10 @@ The two samplers are run interleaved (DDIM, CPSample, DDIM, ...) and the ratio o
 reported, so drift of the machine affects both alike. The ratio is for the default sampler (alpha 0.5,
 guidance at t < 600: a classifier forward and backward on 60% of the steps); the worst case, guiding at
 every step, is a detail.
+
+Where the time goes: the denoiser forward, the classifier forward and its input-gradient backward are
+also timed alone on the same batch, giving the floor ``1 + fired * (classifier fwd + bwd) / denoiser fwd``
+(at alpha 0.5 every guided sample fires, so the gating forward is the one the backward reuses).
 """
 
 from __future__ import annotations
@@ -43,6 +47,43 @@ def _models(model_dir: str | None):
     )
 
 
+def _median_s(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def breakdown(unet, clf, shape, batch: int, repeats: int = 10) -> dict[str, float]:
+    """Seconds per call, on one batch at t = 300: denoiser forward, classifier forward with the graph
+    kept, and the classifier's input-gradient backward (``autograd.grad`` of the summed logits)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, *shape, generator=gen)
+    t = torch.full((batch,), 300, dtype=torch.long)
+    den = unet_denoiser(unet)
+    with torch.no_grad():
+        den_s = _median_s(lambda: den(x, t), repeats)
+
+    def forward():
+        xg = x.detach().requires_grad_(True)
+        return xg, clf(xg, t)
+
+    def forward_backward():
+        xg, logits = forward()
+        torch.autograd.grad(logits.sum(), xg)
+
+    fwd_s = _median_s(forward, repeats)
+    fwd_bwd_s = _median_s(forward_backward, repeats)
+    return {
+        "denoiser_forward_s": den_s,
+        "classifier_forward_s": fwd_s,
+        "classifier_backward_s": max(fwd_bwd_s - fwd_s, 0.0),
+    }
+
+
 def run(model_dir: str | None = None, batch: int = 128, steps: int = 20, repeats: int = 5) -> dict:
     unet, clf, schedule, source = _models(model_dir)
     shape = unet_image_shape(unet)
@@ -61,6 +102,8 @@ def run(model_dir: str | None = None, batch: int = 128, steps: int = 20, repeats
             if g is guide:
                 fired = float(out.fired_fraction.mean())
     med = {k: statistics.median(v) for k, v in times.items()}
+    parts = breakdown(unet, clf, shape, batch)
+    clf_s = parts["classifier_forward_s"] + parts["classifier_backward_s"]
     return {
         "ratio": med["cpsample"] / med["ddim"],
         "goal": "<= 1.15",
@@ -75,6 +118,9 @@ def run(model_dir: str | None = None, batch: int = 128, steps: int = 20, repeats
         "repeats": repeats,
         "alpha": cfg.alpha,
         "guidance_fired_fraction": fired,
+        **parts,
+        "floor": 1.0 + fired * clf_s / parts["denoiser_forward_s"],
+        "floor_every_step": 1.0 + clf_s / parts["denoiser_forward_s"],
         "unet_params": num_parameters(unet),
         "classifier_params": num_parameters(clf),
         "model": source,

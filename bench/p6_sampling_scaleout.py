@@ -6,10 +6,16 @@ the sampling span (the first shard's start to the last shard's end, from the act
 actor start-up and model loading, a fixed cost per run, are left out; the whole-run wall-clock ratio is
 a detail. On a machine shared with other work the second actor competes for the second core, so the
 ratio is a lower bound of the scale-out of the code.
+
+The machine's own ceiling is measured next to it: the same sampling loop (same models, batch, steps,
+1 torch thread) in 1 plain process, then in 2 plain processes started together behind a barrier, without
+Ray. ``efficiency`` = ratio ÷ ceiling is the share of the machine's 2-process scale-out that the Ray Data
+actor pool achieves; on 2 vCPUs that are one core's two hyperthreads the ceiling itself is about 1.25.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import statistics
 import tempfile
@@ -21,6 +27,53 @@ import torch
 from pipeline.config import ClassifierArchConfig, SamplerConfig, UNetConfig
 from pipeline.diffusion import linear_schedule
 from pipeline.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
+
+
+def _models():
+    torch.manual_seed(0)
+    return build_unet(UNetConfig()).eval(), NoiseClassifier(ClassifierArchConfig()).eval()
+
+
+def _plain_sampling(barrier, results, num_samples: int, batch: int, steps: int) -> None:
+    """One plain process: the actors' sampling loop, timed from the barrier to the last image."""
+    from pipeline.guidance import cpsample_guidance
+    from pipeline.sampling import sample, unet_denoiser
+
+    torch.set_num_threads(1)
+    unet, clf = _models()
+    cfg = SamplerConfig()
+    guide = cpsample_guidance(clf, cfg.alpha, cfg.scale, t_max=cfg.guidance_t_max)
+    shape = (UNetConfig().channels, UNetConfig().sample_size, UNetConfig().sample_size)
+    sample(unet_denoiser(unet), linear_schedule(), [0], shape, 2, guidance=guide)  # warm-up
+    barrier.wait()
+    t0 = time.perf_counter()
+    for lo in range(0, num_samples, batch):
+        seeds = list(range(lo, min(lo + batch, num_samples)))
+        sample(unet_denoiser(unet), linear_schedule(), seeds, shape, steps, guidance=guide)
+    results.put(time.perf_counter() - t0)
+
+
+def machine_ceiling(num_samples: int, batch: int, steps: int, repeats: int) -> dict:
+    """Images/s of 2 plain processes ÷ 1 plain process, each sampling ``num_samples`` on 1 thread."""
+    ctx = mp.get_context("spawn")
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(repeats):
+        for n in (1, 2):
+            barrier, results = ctx.Barrier(n), ctx.Queue()
+            procs = [
+                ctx.Process(
+                    target=_plain_sampling, args=(barrier, results, num_samples, batch, steps)
+                )
+                for _ in range(n)
+            ]
+            for p in procs:
+                p.start()
+            times = [results.get(timeout=600) for _ in procs]
+            for p in procs:
+                p.join()
+            rates[n].append(n * num_samples / max(times))
+    rate = {n: statistics.median(v) for n, v in rates.items()}
+    return {"ceiling": rate[2] / rate[1], "plain_images_per_s": rate}
 
 
 def run(num_samples: int = 32, per_shard: int = 4, steps: int = 20, repeats: int = 3) -> dict:
@@ -38,9 +91,9 @@ def run(num_samples: int = 32, per_shard: int = 4, steps: int = 20, repeats: int
     spans: dict[int, list[float]] = {1: [], 2: []}
     walls: dict[int, list[float]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        save_denoiser(build_unet(UNetConfig()), Path(tmp) / "den", {}, linear_schedule())
-        save_classifier(NoiseClassifier(ClassifierArchConfig()), Path(tmp) / "clf", {})
+        unet, clf = _models()
+        save_denoiser(unet, Path(tmp) / "den", {}, linear_schedule())
+        save_classifier(clf, Path(tmp) / "clf", {})
         for r in range(repeats):
             for n in (1, 2):
                 t0 = time.perf_counter()
@@ -52,9 +105,13 @@ def run(num_samples: int = 32, per_shard: int = 4, steps: int = 20, repeats: int
                 spans[n].append(out["sampling_span_s"])
     span = {n: statistics.median(v) for n, v in spans.items()}
     wall = {n: statistics.median(v) for n, v in walls.items()}
+    machine = machine_ceiling(num_samples // 2, per_shard, steps, repeats)
     return {
         "ratio": span[1] / span[2],
         "goal": ">= 1.7",
+        "machine_ceiling": machine["ceiling"],
+        "efficiency": span[1] / span[2] / machine["ceiling"],
+        "plain_images_per_s": machine["plain_images_per_s"],
         "wall_ratio": wall[1] / wall[2],
         "images_per_s_1_actor": num_samples / span[1],
         "images_per_s_2_actors": num_samples / span[2],

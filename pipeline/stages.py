@@ -31,7 +31,7 @@ from pipeline.datasets import (
 )
 from pipeline.diffusion import linear_schedule
 from pipeline.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
-from pipeline.ray_data import TrainIndexSpec, annotate_shards, score_shards, write_jsonl
+from pipeline.ray_replicas import TrainIndexSpec, annotate_shards, score_shards, write_jsonl
 from pipeline.ray_train import classifier_worker, denoiser_worker, read_checkpoint
 from pipeline.replicas import ReplicaStats, make_embedding, replica_stats
 from pipeline.storage import Store

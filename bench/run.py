@@ -27,6 +27,7 @@ def main() -> None:
     import p4_s3_input
     import p5_train_throughput
     import p6_sampling_scaleout
+    import p7_cuda
 
     benches = {
         "P1": lambda a: p1_guidance_overhead.run(a.model_dir),
@@ -36,6 +37,7 @@ def main() -> None:
         "P3": lambda a: p3_faiss.run(),
         "P4": lambda a: p4_s3_input.run(),
         "P6": lambda a: p6_sampling_scaleout.run(),
+        "P7": lambda a: p7_cuda.run(),
     }
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -39,7 +39,8 @@ RUN = "demo"
 
 def quick_config(seed: int = 0) -> DemoConfig:
     """A tiny configuration for tests: every stage runs, nothing is expected to memorise."""
-    cfg = DemoConfig(seed=seed, quality_epochs=5, num_holdout=500)
+    # one sampling actor (the 2-actor path is tested on its own): each actor start-up imports diffusers
+    cfg = DemoConfig(seed=seed, quality_epochs=2, num_holdout=500, sample_concurrency=1)
     cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=(16, 32), attention_levels=(1,))
     cfg.denoiser = dataclasses.replace(cfg.denoiser, steps=30, batch_size=32, checkpoint_every=30)
     cfg.classifier_arch = dataclasses.replace(

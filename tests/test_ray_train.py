@@ -25,8 +25,8 @@ from pipeline.stages import train_classifier
 def test_two_worker_classifier_overfits_training_bits(ray_local, digits_store):
     arch = ClassifierArchConfig(base_channels=16, channel_mults=(1, 2))
     train = ClassifierTrainConfig(
-        steps=300, batch_size=64, lr=3e-3, holdout_images=100, t_max=100, train_fraction=0.5,
-        num_workers=2, checkpoint_every=150,
+        steps=150, batch_size=64, lr=3e-3, holdout_images=100, t_max=100, train_fraction=0.5,
+        num_workers=2, checkpoint_every=75,
     )  # fmt: skip
     out = train_classifier(digits_store, "rt2", "digits", arch, train, threads=1)
     metrics = out["metrics"]

@@ -84,24 +84,46 @@ def breakdown(unet, clf, shape, batch: int, repeats: int = 10) -> dict[str, floa
     }
 
 
+def time_samplers(
+    unet, schedule, seeds: list[int], shape, steps: int, guides: dict, repeats: int, device="cpu"
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time of each sampler in ``guides`` (name -> guidance function or None), run
+    interleaved so that drift of the machine affects all alike, and the fired fraction of each.
+    On CUDA the device is synchronised around every run."""
+    dev = torch.device(device)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    den = unet_denoiser(unet)
+    for g in guides.values():  # warm-up
+        sample(den, schedule, seeds[:2], shape, 2, guidance=g, device=dev)
+    times: dict[str, list[float]] = {name: [] for name in guides}
+    fired: dict[str, float] = {}
+    for _ in range(repeats):
+        for name, g in guides.items():
+            sync()
+            t0 = time.perf_counter()
+            out = sample(den, schedule, seeds, shape, steps, guidance=g, device=dev)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+            assert out.images.shape == (len(seeds), *shape)
+            fired[name] = float(out.fired_fraction.mean())
+    return {k: statistics.median(v) for k, v in times.items()}, fired
+
+
 def run(model_dir: str | None = None, batch: int = 128, steps: int = 20, repeats: int = 5) -> dict:
     unet, clf, schedule, source = _models(model_dir)
     shape = unet_image_shape(unet)
     cfg = SamplerConfig()
-    seeds = list(range(batch))
-    guide = cpsample_guidance(clf, cfg.alpha, cfg.scale, t_max=cfg.guidance_t_max)
-    every = cpsample_guidance(clf, cfg.alpha, cfg.scale, t_max=1000)
-    times: dict[str, list[float]] = {"ddim": [], "cpsample": [], "every_step": []}
-    fired = 0.0
-    sample(unet_denoiser(unet), schedule, seeds[:8], shape, 2)  # warm-up
-    for _ in range(repeats):
-        for name, g in (("ddim", None), ("cpsample", guide), ("every_step", every)):
-            t0 = time.perf_counter()
-            out = sample(unet_denoiser(unet), schedule, seeds, shape, steps, guidance=g)
-            times[name].append(time.perf_counter() - t0)
-            if g is guide:
-                fired = float(out.fired_fraction.mean())
-    med = {k: statistics.median(v) for k, v in times.items()}
+    guides = {
+        "ddim": None,
+        "cpsample": cpsample_guidance(clf, cfg.alpha, cfg.scale, t_max=cfg.guidance_t_max),
+        "every_step": cpsample_guidance(clf, cfg.alpha, cfg.scale, t_max=1000),
+    }
+    med, fired_by = time_samplers(unet, schedule, list(range(batch)), shape, steps, guides, repeats)
+    fired = fired_by["cpsample"]
     parts = breakdown(unet, clf, shape, batch)
     clf_s = parts["classifier_forward_s"] + parts["classifier_backward_s"]
     return {

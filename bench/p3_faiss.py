@@ -93,8 +93,8 @@ def ivf_vs_exact(
     points = []
     for probe in sorted({*curve, nprobe}):
         ivf.nprobe = probe
-        t = statistics.median(_timed(lambda: nearest(ivf, queries))[0] for _ in range(repeats))
-        sims = nearest(ivf, queries)[0]
+        runs = [_timed(lambda: nearest(ivf, queries)) for _ in range(repeats)]
+        t, sims = statistics.median(r[0] for r in runs), runs[-1][1][0]
         points.append(
             {"nprobe": probe, "speedup": med["exact"] / t,
              "recall": index_recall(sims[:, 0], e_sims[:, 0])}

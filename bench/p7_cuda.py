@@ -6,8 +6,8 @@ noise-conditioned classifier of the same image shape (guidance at t < 600, alpha
 and an input-gradient backward on 60% of the steps). Images/s is the batch over the median wall time of
 ``repeats`` runs after a warm-up, with ``torch.cuda.synchronize()`` around each.
 
-faiss-gpu: exact ``IndexFlatIP`` on the GPU (``index_cpu_to_all_gpus``) over 50k x 3072-d training
-vectors, 10k queries; queries/s, and agreement with the CPU index on a subset.
+faiss-gpu: the project's exact ``IndexFlatIP`` on the GPU (``build_index(..., use_gpu=True)``) over
+50k x 3072-d training vectors, 10k queries; queries/s, and agreement with the CPU index on a subset.
 
 Without CUDA the run records why it was skipped; ``device="cpu"`` with a small batch and few steps
 exercises the same code on the CPU (the test suite does that).
@@ -20,13 +20,13 @@ import time
 
 import numpy as np
 import torch
+from p1_guidance_overhead import time_samplers  # bench/ is on sys.path (run.py, the test)
 
 from pipeline.config import ClassifierArchConfig, SamplerConfig
 from pipeline.diffusion import linear_schedule
 from pipeline.guidance import cpsample_guidance
-from pipeline.models import NoiseClassifier, num_parameters
-from pipeline.replicas import l2_normalise
-from pipeline.sampling import sample, unet_denoiser
+from pipeline.models import NoiseClassifier, num_parameters, unet_image_shape
+from pipeline.replicas import build_index, gpu_available, l2_normalise, nearest
 
 
 def cifar_unet():
@@ -51,39 +51,25 @@ def cifar_classifier() -> NoiseClassifier:
     return NoiseClassifier(arch).eval()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def sampling_rates(device: str, batch: int, steps: int, repeats: int) -> dict:
     dev = torch.device(device)
     unet, clf = cifar_unet().to(dev), cifar_classifier().to(dev)
     for p in clf.parameters():
         p.requires_grad_(False)
     cfg = SamplerConfig()
-    guide = cpsample_guidance(clf, cfg.alpha, cfg.scale, t_max=cfg.guidance_t_max)
-    schedule, shape, seeds = linear_schedule(), (3, 32, 32), list(range(batch))
-    den = unet_denoiser(unet)
-    sample(den, schedule, seeds[:2], shape, 2, guidance=guide, device=dev)  # warm-up
-    times: dict[str, list[float]] = {"ddim": [], "cpsample": []}
-    fired = 0.0
-    for _ in range(repeats):
-        for name, g in (("ddim", None), ("cpsample", guide)):
-            _sync(dev)
-            t0 = time.perf_counter()
-            out = sample(den, schedule, seeds, shape, steps, guidance=g, device=dev)
-            _sync(dev)
-            times[name].append(time.perf_counter() - t0)
-            if g is not None:
-                fired = float(out.fired_fraction.mean())
-            assert out.images.shape == (batch, *shape)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    guides = {
+        "ddim": None,
+        "cpsample": cpsample_guidance(clf, cfg.alpha, cfg.scale, t_max=cfg.guidance_t_max),
+    }
+    med, fired = time_samplers(
+        unet, linear_schedule(), list(range(batch)), unet_image_shape(unet), steps, guides,
+        repeats, dev,
+    )  # fmt: skip
     return {
         "ddim_images_per_s": batch / med["ddim"],
         "cpsample_images_per_s": batch / med["cpsample"],
         "ratio": med["cpsample"] / med["ddim"],
-        "guidance_fired_fraction": fired,
+        "guidance_fired_fraction": fired["cpsample"],
         "unet_params": num_parameters(unet),
         "classifier_params": num_parameters(clf),
         "batch": batch, "steps": steps, "repeats": repeats, "device": str(dev),
@@ -92,24 +78,24 @@ def sampling_rates(device: str, batch: int, steps: int, repeats: int) -> dict:
 
 
 def faiss_gpu_rate(n_train: int, n_query: int, dim: int, repeats: int) -> dict:
+    """The project's own exact index (``build_index(..., use_gpu=True)``) on the GPU, against the same
+    index on the CPU for a subset of the queries."""
+    if not gpu_available():
+        return {"faiss_gpu": "skipped: this faiss has no GPU support or sees no GPU (faiss-cpu)"}
     import faiss
 
-    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
-        return {"faiss_gpu": "skipped: this faiss has no GPU support or sees no GPU (faiss-cpu)"}
     rng = np.random.default_rng(0)
     train = l2_normalise(rng.standard_normal((n_train, dim), dtype=np.float32))
     queries = l2_normalise(rng.standard_normal((n_query, dim), dtype=np.float32))
-    cpu = faiss.IndexFlatIP(dim)
-    cpu.add(train)
-    gpu = faiss.index_cpu_to_all_gpus(cpu)
-    gpu.search(queries[:100], 1)  # warm-up
+    gpu = build_index(train, "flat", use_gpu=True)
+    nearest(gpu, queries[:100])  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _, idx = gpu.search(queries, 1)
+        _, idx = nearest(gpu, queries)
         times.append(time.perf_counter() - t0)
     sub = min(500, n_query)
-    _, cpu_idx = cpu.search(queries[:sub], 1)
+    _, cpu_idx = nearest(build_index(train, "flat"), queries[:sub])
     return {
         "faiss_gpu_queries_per_s": n_query / statistics.median(times),
         "faiss_gpu_agreement": float((cpu_idx[:, 0] == idx[:sub, 0]).mean()),

@@ -37,7 +37,7 @@ def _free_port() -> int:
 def _images(n: int, size: int):
     import numpy as np
 
-    from pipeline.datasets import ImageSet
+    from pipeline.imageset import ImageSet
 
     rng = np.random.default_rng(0)
     # smooth random images (compressible like real photos, unlike white noise)
@@ -66,8 +66,8 @@ def run(images: int = 4096, shard_size: int = 1024, repeats: int = 7, size: int 
     import boto3
     import ray
 
-    from pipeline.datasets import put_image_shards
     from pipeline.ray_init import init_ray
+    from pipeline.shards import put_image_shards
     from pipeline.storage import open_store
 
     env = {

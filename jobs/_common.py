@@ -11,7 +11,7 @@ sys.path.insert(
 )  # run from a checkout or --working-dir
 
 from pipeline.config import ConfigError
-from pipeline.datasets import DataError
+from pipeline.imageset import DataError
 from pipeline.storage import StorageError
 
 

@@ -20,16 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_s3_endpoint_arg, run_main
 
-from pipeline.datasets import (
-    ImageSet,
-    cifar10_source,
-    digits_source,
-    folder_source,
-    split,
-    verify_dataset,
-    webdataset_source,
-    write_dataset,
-)
+from pipeline.datasets import cifar10_source, digits_source, folder_source, split, webdataset_source
+from pipeline.imageset import ImageSet
+from pipeline.shards import verify_dataset, write_dataset
 from pipeline.storage import open_store
 
 SOURCES = ("digits", "folder", "cifar10", "webdataset")

@@ -51,10 +51,10 @@ def main() -> None:
     replicas = override(sections["replicas"], threshold=args.threshold)
     import torch
 
-    from pipeline.datasets import read_image_shards
     from pipeline.evaluation import train_domain_evaluator
     from pipeline.ray_init import init_ray
     from pipeline.report import merge_report
+    from pipeline.shards import read_image_shards
     from pipeline.stages import data_folder
     from pipeline.storage import open_store
     from pipeline.sweep import make_points, run_sweep

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 
 from pipeline.config import DemoConfig, SamplerConfig
-from pipeline.datasets import DataError, digits_source, folder_source, split
+from pipeline.datasets import digits_source, folder_source, split
 from pipeline.evaluation import sweep_and_attack, train_domain_evaluator
 from pipeline.guidance import validate_knobs
+from pipeline.imageset import DataError
 from pipeline.ray_data import run_sampling
 from pipeline.ray_init import init_ray
 from pipeline.report import grid_figure, histogram_figure, pairs_figure, write_report

@@ -105,9 +105,9 @@ def train_domain_evaluator(
 # ------------------------------------------------------------------ a run's evaluation (jobs/evaluate)
 def attack_sets(store, dataset: str, num_members: int, num_nonmembers: int, seed: int = 0):
     """(members, non-members, all training images): a seeded subset of the denoiser's training images
-    and of the held-out images (:class:`pipeline.datasets.ImageSet`), and the (N, H, W, C) uint8
+    and of the held-out images (:class:`pipeline.imageset.ImageSet`), and the (N, H, W, C) uint8
     training images."""
-    from pipeline.datasets import read_image_shards
+    from pipeline.shards import read_image_shards
     from pipeline.stages import data_folder
 
     train = read_image_shards(store, data_folder(dataset, "train"))
@@ -141,8 +141,8 @@ def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> 
 def nn_attack(store, run: str, members, nonmembers, train_images: np.ndarray, cfg) -> dict:
     """Attack 3: similarity to the nearest generated sample (mean-centred pixels), per sampler whose
     shards exist under ``samples/<run>/``; score = similarity (higher = member)."""
-    from pipeline.datasets import read_image_shards
     from pipeline.mia import nn_similarity_scores, permutation_test, roc_auc, roc_curve, tpr_at_fpr
+    from pipeline.shards import read_image_shards
 
     mean = train_images.reshape(len(train_images), -1).astype(np.float32).mean(0) / 255.0
     out = {}
@@ -166,8 +166,8 @@ def nn_attack(store, run: str, members, nonmembers, train_images: np.ndarray, cf
 
 def fid_section(store, run: str, dataset: str, weights: str | None, batch_size: int = 32) -> dict:
     """FID of each sampler's samples against the held-out real images, or why it was skipped."""
-    from pipeline.datasets import read_image_shards
     from pipeline.fid import InceptionFeatures, frechet_distance_features
+    from pipeline.shards import read_image_shards
     from pipeline.stages import data_folder
 
     if weights is None:

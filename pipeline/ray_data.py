@@ -25,20 +25,13 @@ import numpy as np
 import torch
 
 from pipeline.config import ReplicaConfig, SamplerConfig, from_dict
-from pipeline.datasets import (
-    DataError,
-    ImageSet,
-    build_tar,
-    encode_png,
-    images_from_tensor,
-    read_tar,
-    shard_name,
-)
 from pipeline.guidance import cpsample_guidance
+from pipeline.imageset import DataError, ImageSet, images_from_tensor
 from pipeline.models import load_classifier, load_denoiser, load_schedule, unet_image_shape
 from pipeline.ray_replicas import resolve_ref
 from pipeline.replicas import GuardIndex
 from pipeline.sampling import derive_seed, sample, unet_denoiser
+from pipeline.shards import build_tar, encode_png, read_tar, shard_name
 from pipeline.storage import Store, open_store
 
 log = logging.getLogger(__name__)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import ReplicaConfig, from_dict
-from pipeline.datasets import build_tar, encode_png, read_tar
 from pipeline.replicas import build_index, embed_pixels, nearest
+from pipeline.shards import build_tar, encode_png, read_tar
 from pipeline.storage import Store, open_store
 
 

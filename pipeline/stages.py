@@ -21,19 +21,13 @@ from pipeline.config import (
     UNetConfig,
     to_dict,
 )
-from pipeline.datasets import (
-    DataError,
-    ImageSet,
-    check_shards,
-    read_image_shards,
-    read_manifest,
-    write_dataset,
-)
 from pipeline.diffusion import linear_schedule
+from pipeline.imageset import DataError, ImageSet
 from pipeline.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.ray_replicas import TrainIndexSpec, annotate_shards, score_shards, write_jsonl
 from pipeline.ray_train import classifier_worker, denoiser_worker, read_checkpoint
 from pipeline.replicas import ReplicaStats, make_embedding, replica_stats
+from pipeline.shards import check_shards, read_image_shards, read_manifest, write_dataset
 from pipeline.storage import Store
 
 
@@ -52,7 +46,7 @@ def make_shards(
 ) -> dict[str, Any]:
     """Write train and holdout WebDataset shards and ``data/<dataset>/manifest.json`` (counts, shard
     list, sha256 per shard, image size and mode). Resumable and idempotent: complete shards (same
-    sha256) are skipped; see :func:`pipeline.datasets.write_dataset`."""
+    sha256) are skipped; see :func:`pipeline.shards.write_dataset`."""
     return write_dataset(
         store, dataset, {"train": train, "holdout": holdout}, shard_size, source, progress
     )
@@ -236,8 +230,6 @@ def _protect(
         den_dir = resolve_model_dir(store, denoiser, tmp)
         channels, size, _ = unet_image_shape(load_denoiser(den_dir))
         betas = load_schedule(den_dir).betas.tolist()
-    from pipeline.datasets import read_manifest
-
     manifest = read_manifest(store, f"data/{dataset}") or {}
     h, w = manifest.get("image_size", (size, size))
     c = manifest.get("channels", channels)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from pipeline.config import ReplicaConfig, SamplerConfig
-from pipeline.datasets import images_from_tensor
 from pipeline.fid import frechet_distance_features
 from pipeline.guidance import cpsample_guidance, validate_knobs
+from pipeline.imageset import images_from_tensor
 from pipeline.replicas import build_index, l2_normalise, nearest, replica_stats
 from pipeline.sampling import derive_seed, sample, unet_denoiser
 
@@ -252,9 +252,9 @@ def run_sweep(
     """
     from ray import tune
 
-    from pipeline.datasets import read_image_shards
     from pipeline.ray_init import init_ray
     from pipeline.report import pareto_figure
+    from pipeline.shards import read_image_shards
     from pipeline.stages import data_folder, train_index_spec
 
     sampler = sampler or SamplerConfig()

@@ -13,18 +13,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.datasets import (
-    DataError,
-    ImageSet,
+from pipeline.datasets import digits_source, folder_source, split
+from pipeline.imageset import DataError, ImageSet, images_from_tensor
+from pipeline.shards import (
     build_tar,
-    digits_source,
     encode_png,
-    folder_source,
-    images_from_tensor,
     read_image_shards,
     read_tar,
     shard_name,
-    split,
     write_image_shards,
 )
 from pipeline.storage import open_store
@@ -310,7 +306,7 @@ def test_folder_source_errors(tmp_path):
 def test_read_tar_gzip_cls_labels_and_errors():
     import gzip
 
-    from pipeline.datasets import concat
+    from pipeline.shards import concat
 
     data = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"7\n"})
     out = read_tar(gzip.compress(data), "g.tar.gz")
@@ -332,7 +328,7 @@ def test_read_tar_gzip_cls_labels_and_errors():
 
 
 def test_write_dataset_rejects_mixed_split_sizes(tmp_path):
-    from pipeline.datasets import write_dataset
+    from pipeline.shards import write_dataset
 
     with pytest.raises(DataError, match="every split needs one image size"):
         write_dataset(

@@ -20,14 +20,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pipeline.datasets import (
-    DataError,
-    build_tar,
-    encode_png,
-    read_image_shards,
-    read_tar,
-    webdataset_source,
-)
+from pipeline.datasets import webdataset_source
+from pipeline.imageset import DataError
+from pipeline.shards import build_tar, encode_png, read_image_shards, read_tar
 from pipeline.storage import Store, open_store
 
 ROOT = Path(__file__).resolve().parent.parent

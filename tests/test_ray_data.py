@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from pipeline.config import ClassifierArchConfig, ReplicaConfig, SamplerConfig, UNetConfig
-from pipeline.datasets import ImageSet, read_image_shards, read_tar, write_image_shards
 from pipeline.diffusion import linear_schedule
+from pipeline.imageset import ImageSet
 from pipeline.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.ray_data import run_sampling, sample_key, sample_seed
 from pipeline.replicas import embed_pixels
 from pipeline.report import replica_check_report
+from pipeline.shards import read_image_shards, read_tar, write_image_shards
 from pipeline.storage import open_store
 
 TINY_UNET = UNetConfig(sample_size=8, channels=1, block_out_channels=(8, 16), norm_num_groups=8)
@@ -98,7 +99,7 @@ def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
     # a truncated tar and a tar with a member missing (count no longer matches its record)
     store.write_bytes(ref["shard-000001.tar"][:700], folder, "shard-000001.tar")
     two = read_tar(ref["shard-000002.tar"], "x")
-    from pipeline.datasets import build_tar, encode_png
+    from pipeline.shards import build_tar, encode_png
 
     store.write_bytes(
         build_tar([(two.keys[0], encode_png(two.images[0]), two.meta[0])]),

@@ -16,9 +16,9 @@ from pipeline.config import (
     ClassifierTrainConfig,
     DenoiserTrainConfig,
 )
-from pipeline.datasets import read_image_shards
 from pipeline.labels import random_bits
 from pipeline.models import load_classifier
+from pipeline.shards import read_image_shards
 from pipeline.stages import train_classifier
 
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from pipeline.config import UNetConfig
-from pipeline.datasets import read_tar
 from pipeline.diffusion import linear_schedule
 from pipeline.models import build_unet, save_denoiser
 from pipeline.ray_data import sample_key
+from pipeline.shards import read_tar
 
 ROOT = Path(__file__).resolve().parent.parent
 N, PER_SHARD = 12, 2  # 6 shards

@@ -113,9 +113,9 @@ def tiny_store(tmp_path_factory):
 
 def test_sweep_with_ray_tune_writes_plot_matching_report(ray_local, tiny_store):
     from pipeline.config import SamplerConfig
-    from pipeline.datasets import read_image_shards
     from pipeline.evaluation import train_domain_evaluator
     from pipeline.report import merge_report
+    from pipeline.shards import read_image_shards
     from pipeline.sweep import run_sweep
 
     holdout = read_image_shards(tiny_store, "data/digits/holdout")

@@ -94,6 +94,20 @@ def worker_cpus(num_workers: int) -> float:
     return max(0.25, min(1.0, (total - 1.0) / max(1, num_workers)))
 
 
+def quiet_unsplit(datasets: dict, split: list[str] | None) -> dict:
+    """Turn off Ray Data progress bars on the datasets TorchTrainer does not split; returns ``datasets``.
+
+    An unsplit dataset runs whole inside every training worker, in a few seconds. The driver's
+    ``tqdm_ray`` allocates a worker's bar on the first state it receives but closes it only on a later
+    one, so a bar whose first state is already closed is never closed: it is redrawn under every log
+    line for the rest of the job. The worker loops log their own progress.
+    """
+    for name, ds in datasets.items():
+        if split is not None and name not in split:
+            ds.context.enable_progress_bars = False
+    return datasets
+
+
 def _fit(
     worker,
     config: dict,
@@ -114,7 +128,7 @@ def _fit(
             num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker={"CPU": cpus}
         ),
         run_config=run_config,
-        datasets=datasets,
+        datasets=quiet_unsplit(datasets, split),
         dataset_config=ray.train.DataConfig(datasets_to_split=split or "all"),
     )
     result = trainer.fit()

@@ -147,3 +147,21 @@ def test_split_holdout_by_sorted_key_across_ranks():
     assert len(k_all) == 6 and k_left == ["h006"]
     (x_none, k_none), (_, k_rest) = split_holdout(x, keys, 0, 0, 1)
     assert x_none.shape == (0, 1, 1, 1) and k_none == [] and len(k_rest) == 7
+
+
+def test_unsplit_datasets_lose_progress_bars_and_split_ones_keep_them(ray_local, monkeypatch):
+    import ray
+
+    from pipeline.stages import quiet_unsplit
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)  # as in a job run from a terminal
+    datasets = {"train": ray.data.range(8), "holdout": ray.data.range(4)}
+    assert quiet_unsplit(datasets, ["train"]) is datasets
+    assert datasets["train"].context.enable_progress_bars
+    assert not datasets["holdout"].context.enable_progress_bars
+    assert ctx.enable_progress_bars  # the driver's own context is untouched
+    assert datasets["holdout"].take_all() == [{"id": i} for i in range(4)]
+    every = {"train": ray.data.range(8), "holdout": ray.data.range(4)}
+    quiet_unsplit(every, None)  # DataConfig's default: every dataset is split
+    assert all(ds.context.enable_progress_bars for ds in every.values())

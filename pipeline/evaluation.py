@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import linalg
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,14 +62,19 @@ class DomainEvaluator:
 
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
-    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` (Heusel et al. 2017, eq. 6)."""
+    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})`` (Heusel et al. 2017, eq. 6).
+
+    ``Tr (S1 S2)^{1/2}`` is the sum of the square roots of the eigenvalues of ``S1 S2``, which are those
+    of the symmetric PSD matrix ``R S2 R`` with ``R = S1^{1/2}``. Two symmetric eigenproblems give it
+    exactly, also for the singular covariances that features stuck at 0 (dead ReLUs) or fewer samples
+    than dimensions produce, where a general matrix square root is ill-conditioned.
+    """
+    w, v = np.linalg.eigh(s1)
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    eig = np.linalg.eigvalsh(root @ s2 @ root)
+    tr_sqrt = np.sqrt(np.clip(eig, 0.0, None)).sum()
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = np.real(covmean)
-    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean), 0.0))
+    return float(max(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt, 0.0))
 
 
 def train_domain_evaluator(

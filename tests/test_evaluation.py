@@ -14,9 +14,6 @@ from pipeline.evaluation import (
     train_domain_evaluator,
 )
 
-# ReLU features that are always 0 make covariances singular; scipy warns, the value stays finite.
-pytestmark = pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
-
 
 def _spd(rng, d):
     a = rng.standard_normal((d, d))
@@ -34,6 +31,21 @@ def test_frechet_shifted_means_is_squared_norm():
     mu, s = rng.standard_normal(8), _spd(rng, 8)
     d = rng.standard_normal(8)
     assert frechet_distance(mu, s, mu + d, s) == pytest.approx(float(d @ d), rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("error")
+def test_frechet_singular_covariances_are_exact_and_silent():
+    # rank-1 covariances (a feature stuck at 0, as dead ReLUs give): 4 + 1 - 2 sqrt(4 * 1) = 1
+    s1, s2 = np.diag([4.0, 0.0]), np.diag([1.0, 0.0])
+    assert frechet_distance(np.zeros(2), s1, np.zeros(2), s2) == pytest.approx(1.0, abs=1e-12)
+    # fewer samples than dimensions, rotated: equals the eigen-decomposition of S1 S2 itself
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(4, 6)), rng.normal(size=(5, 6))
+    c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(c1 @ c2).real, 0, None)).sum()
+    expected = np.trace(c1) + np.trace(c2) - 2 * tr_sqrt
+    # (sqrt of the ~1e-17 rounding of the zero eigenvalues adds ~1e-8: compare at 1e-6)
+    assert frechet_distance(np.zeros(6), c1, np.zeros(6), c2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_frechet_diagonal_covariances_closed_form():

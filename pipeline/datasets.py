@@ -7,13 +7,12 @@ Each returns an :class:`~pipeline.imageset.ImageSet` at the model's resolution w
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.imageset import DataError, ImageSet, fit_square
+from pipeline.imageset import DataError, ImageSet, fit_square, safe_key, stack_images
 from pipeline.shards import concat, read_tar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -33,11 +32,6 @@ def digits_source(image_size: int = 16) -> ImageSet:
     images = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     keys = [f"digits-{i:04d}" for i in range(len(images))]
     return ImageSet(keys=keys, images=images, labels=[int(v) for v in digits.target])
-
-
-def _safe_key(rel: Path) -> str:
-    """A WebDataset key from a relative path: no dots (they start extensions), no separators."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", str(rel.with_suffix("")).replace("/", "__"))
 
 
 def _load_image(path: Path, image_size: int) -> Image.Image:
@@ -62,12 +56,8 @@ def folder_source(root: str | Path, image_size: int) -> ImageSet:
     if not files:
         raise DataError(f"data folder {root} contains no PNG or JPEG images")
     loaded = [_load_image(p, image_size) for p in files]
-    gray = all(im.mode in ("L", "LA", "1", "I", "I;16", "F") for im in loaded)
-    mode = "L" if gray else "RGB"
-    arrays = [np.asarray(im.convert(mode), dtype=np.uint8) for im in loaded]
-    images = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
-    keys = [_safe_key(p.relative_to(root)) for p in files]
-    return ImageSet(keys=keys, images=images)
+    keys = [safe_key(str(p.relative_to(root).with_suffix("")).replace("/", "__")) for p in files]
+    return ImageSet(keys=keys, images=stack_images(loaded))
 
 
 def cifar10_source(root: str | Path, download: bool = False, train: bool = True) -> ImageSet:
@@ -137,6 +127,6 @@ def webdataset_source(
         for n in names:
             parts.append(read_tar(store.read_bytes(n), store.uri_of(n), image_size))
     images = concat(parts, spec)
-    images.keys = [re.sub(r"[^A-Za-z0-9_-]", "_", k) for k in images.keys]
+    images.keys = [safe_key(k) for k in images.keys]
     ImageSet.__post_init__(images)  # the safe keys must still be unique
     return images

@@ -7,6 +7,7 @@ optional class labels; :meth:`ImageSet.to_tensor` / :func:`images_from_tensor` c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,25 @@ def fit_square(img: Image.Image, image_size: int) -> Image.Image:
         if side != image_size
         else img
     )
+
+
+GRAY_MODES = ("L", "LA", "1", "I", "I;16", "F")
+
+
+def stack_images(loaded: list[Image.Image]) -> np.ndarray:
+    """Same-size PIL images -> (N, H, W, C) uint8: 1 channel when all are grayscale, otherwise RGB
+    (grayscale replicated). No images give an empty (0, 1, 1, 1) array."""
+    if not loaded:
+        return np.zeros((0, 1, 1, 1), np.uint8)
+    mode = "L" if all(im.mode in GRAY_MODES for im in loaded) else "RGB"
+    arrays = [np.asarray(im.convert(mode), dtype=np.uint8) for im in loaded]
+    return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
+
+
+def safe_key(name: str) -> str:
+    """A WebDataset key: every character but letters, digits, ``_`` and ``-`` (dots start extensions,
+    slashes are folders) becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
 
 
 def image_mode(images: np.ndarray) -> str:

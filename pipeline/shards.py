@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.imageset import DataError, ImageSet, fit_square, image_mode
+from pipeline.imageset import DataError, ImageSet, fit_square, image_mode, stack_images
 from pipeline.storage import ObjectNotFound, Store
 
 
@@ -274,16 +274,9 @@ def read_tar(data: bytes, name: str, image_size: int | None = None) -> ImageSet:
             f"{name}: mixed image sizes {sorted(sizes)} (width, height); one size is required "
             "(pass an image size to resize)"
         )
-    gray = all(im.mode in ("L", "LA", "1", "I", "I;16", "F") for im in loaded)
-    arrays = [np.asarray(im.convert("L" if gray else "RGB"), dtype=np.uint8) for im in loaded]
     metas = [_meta(groups[k], k, name) for k in keys]
     labels = [m["label"] for m in metas] if metas and all("label" in m for m in metas) else None
-    stacked = (
-        np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
-        if arrays
-        else np.zeros((0, 1, 1, 1), np.uint8)
-    )
-    return ImageSet(keys=keys, images=stacked, labels=labels, meta=metas)
+    return ImageSet(keys=keys, images=stack_images(loaded), labels=labels, meta=metas)
 
 
 def concat(parts: list[ImageSet], where: str) -> ImageSet:

@@ -3,7 +3,7 @@
 The seed paper's open question 1 is that random labels are hard to fit beyond ~180k images. This records
 the curve steps(N) for the N this 2-core machine affords (16x16 digits), with the knobs the config
 offers for large N: width (``base_channels``), steps and the learning-rate schedule. Training is the
-same :func:`pipeline.training.fit_classifier` loop Ray Train runs (1 worker, in-process: the curve is
+same :func:`pipeline.train.loops.fit_classifier` loop Ray Train runs (1 worker, in-process: the curve is
 about optimisation, not distribution), with a constant learning rate after warm-up (so that the step
 count at which 95% is first reached does not depend on a cosine horizon) and ``t_max = 100``.
 Accuracy is measured every ``eval_every`` steps on 4 noisy copies of every training image at t ~ U[0, 100).
@@ -16,12 +16,12 @@ import time
 
 import torch
 
-from pipeline.config import ClassifierArchConfig, ClassifierTrainConfig
-from pipeline.datasets import digits_source
-from pipeline.diffusion import linear_schedule
-from pipeline.labels import random_bits
-from pipeline.models import NoiseClassifier, num_parameters
-from pipeline.training import _noisy_logits, fit_classifier
+from pipeline.core.config import ClassifierArchConfig, ClassifierTrainConfig
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.labels import random_bits
+from pipeline.core.models import NoiseClassifier, num_parameters
+from pipeline.data.datasets import digits_source
+from pipeline.train.loops import _noisy_logits, fit_classifier
 
 
 class _Reached(Exception):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ClassifierArchConfig, SamplerConfig, UNetConfig
-from pipeline.diffusion import linear_schedule
-from pipeline.guidance import cpsample_guidance
-from pipeline.models import (
+from pipeline.core.config import ClassifierArchConfig, SamplerConfig, UNetConfig
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.guidance import cpsample_guidance
+from pipeline.core.models import (
     NoiseClassifier,
     build_unet,
     load_classifier,
@@ -30,7 +30,7 @@ from pipeline.models import (
     num_parameters,
     unet_image_shape,
 )
-from pipeline.sampling import sample, unet_denoiser
+from pipeline.core.sampler import sample, unet_denoiser
 
 
 def _models(model_dir: str | None):

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from pipeline.models import unet_image_shape
-from pipeline.sampling import sample, unet_denoiser
+from pipeline.core.models import unet_image_shape
+from pipeline.core.sampler import sample, unet_denoiser
 
 
 def _pipeline(unet):

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.replicas import build_index, index_recall, l2_normalise, nearest
+from pipeline.fanout.index import build_index, index_recall, l2_normalise, nearest
 
 
 def _torch_top1(train: torch.Tensor, queries: torch.Tensor, chunk: int = 1024):

@@ -1,7 +1,7 @@
 """P4: input-pipeline throughput from the loopback S3 endpoint / from local disk, same shards.
 
 One "epoch" is what a training worker's input does: ``ray.data.read_webdataset`` over the shards
-(through :func:`pipeline.stages.webdataset`, the store's filesystem), PNG decoding included, then
+(through :func:`pipeline.orchestration.stages.webdataset`, the store's filesystem), PNG decoding included, then
 ``iter_torch_batches`` to float tensors. The same WebDataset shards are written once to a local
 store and once to an S3 bucket on a moto server (real HTTP on 127.0.0.1); epochs alternate between
 the two (local, S3, local, S3, ...) and the ratio is the median S3 images/s over the median local
@@ -37,7 +37,7 @@ def _free_port() -> int:
 def _images(n: int, size: int):
     import numpy as np
 
-    from pipeline.imageset import ImageSet
+    from pipeline.data.imageset import ImageSet
 
     rng = np.random.default_rng(0)
     # smooth random images (compressible like real photos, unlike white noise)
@@ -48,7 +48,7 @@ def _images(n: int, size: int):
 
 def epoch(store, folder: str, batch_size: int) -> tuple[int, float]:
     """(images, seconds) of one pass: read + decode + ``iter_torch_batches``."""
-    from pipeline.stages import webdataset
+    from pipeline.orchestration.stages import webdataset
 
     t0 = time.perf_counter()
     ds = webdataset(store, folder).select_columns(["png"])
@@ -66,9 +66,9 @@ def run(images: int = 4096, shard_size: int = 1024, repeats: int = 7, size: int 
     import boto3
     import ray
 
-    from pipeline.ray_init import init_ray
-    from pipeline.shards import put_image_shards
-    from pipeline.storage import open_store
+    from pipeline.data.shards import put_image_shards
+    from pipeline.data.storage import open_store
+    from pipeline.fanout.ray_init import init_ray
 
     env = {
         "AWS_ACCESS_KEY_ID": "bench-key", "AWS_SECRET_ACCESS_KEY": "bench-secret",

@@ -1,7 +1,7 @@
 """P5: images/s of the denoiser's training step through Ray Train's TorchTrainer (1 worker) ÷ the same
 step in a plain PyTorch loop: same model (the demo UNet), data (64 16x16 digits), batch and torch threads.
 
-Both sides run :func:`pipeline.training.fit_denoiser`; the rate is the steady state, the images/s of the
+Both sides run :func:`pipeline.train.loops.fit_denoiser`; the rate is the steady state, the images/s of the
 second checkpoint interval (the first one holds warm-up, and for Ray the data ingest), so trainer
 start-up is excluded and reported separately (wall time of ``fit`` minus the steps). Runs are
 interleaved (plain, Ray 1 worker, Ray 2 workers, Ray 1 worker at Ray's default niceness 15, ...) and
@@ -20,11 +20,11 @@ import time
 
 import torch
 
-from pipeline.config import DenoiserTrainConfig, UNetConfig
-from pipeline.datasets import digits_source, split
-from pipeline.diffusion import linear_schedule
-from pipeline.models import build_unet, num_parameters
-from pipeline.training import EMA, fit_denoiser
+from pipeline.core.config import DenoiserTrainConfig, UNetConfig
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.models import build_unet, num_parameters
+from pipeline.data.datasets import digits_source, split
+from pipeline.train.loops import EMA, fit_denoiser
 
 
 def _steady_rate(reports: list[dict]) -> float:
@@ -53,7 +53,7 @@ def plain_loop(x: torch.Tensor, unet_cfg: UNetConfig, cfg: DenoiserTrainConfig, 
 
 def ray_run(store, unet_cfg, cfg, threads: int, name: str, niceness: int = 0):
     """(steady images/s, start-up s) of stages.train_denoiser (TorchTrainer) on the store's shards."""
-    from pipeline.stages import train_denoiser
+    from pipeline.orchestration.stages import train_denoiser
 
     t0 = time.perf_counter()
     out = train_denoiser(
@@ -69,9 +69,9 @@ def ray_run(store, unet_cfg, cfg, threads: int, name: str, niceness: int = 0):
 def run(repeats: int = 3, interval: int = 12, threads: int = 2, gpu: bool | None = None) -> dict:
     import ray
 
-    from pipeline.ray_init import init_ray
-    from pipeline.stages import make_shards
-    from pipeline.storage import open_store
+    from pipeline.data.storage import open_store
+    from pipeline.fanout.ray_init import init_ray
+    from pipeline.orchestration.stages import make_shards
 
     unet_cfg = UNetConfig()  # the demo architecture
     cfg = DenoiserTrainConfig(steps=2 * interval, checkpoint_every=interval, num_to_keep=1)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ClassifierArchConfig, SamplerConfig, UNetConfig
-from pipeline.diffusion import linear_schedule
-from pipeline.models import (
+from pipeline.core.config import ClassifierArchConfig, SamplerConfig, UNetConfig
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.models import (
     NoiseClassifier,
     build_unet,
     save_classifier,
@@ -42,8 +42,8 @@ def _models():
 
 def _plain_sampling(barrier, results, num_samples: int, batch: int, steps: int) -> None:
     """One plain process: the actors' sampling loop, timed from the barrier to the last image."""
-    from pipeline.guidance import cpsample_guidance
-    from pipeline.sampling import sample, unet_denoiser
+    from pipeline.core.guidance import cpsample_guidance
+    from pipeline.core.sampler import sample, unet_denoiser
 
     torch.set_num_threads(1)
     unet, clf = _models()
@@ -85,8 +85,8 @@ def machine_ceiling(num_samples: int, batch: int, steps: int, repeats: int) -> d
 def run(num_samples: int = 32, per_shard: int = 4, steps: int = 20, repeats: int = 3) -> dict:
     import ray
 
-    from pipeline.ray_data import run_sampling
-    from pipeline.ray_init import init_ray
+    from pipeline.fanout.ray_init import init_ray
+    from pipeline.fanout.sampling import run_sampling
 
     init_ray(num_cpus=2)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from p1_guidance_overhead import time_samplers  # bench/ is on sys.path (run.py, the test)
 
-from pipeline.config import ClassifierArchConfig, SamplerConfig
-from pipeline.diffusion import linear_schedule
-from pipeline.guidance import cpsample_guidance
-from pipeline.models import NoiseClassifier, num_parameters, unet_image_shape
-from pipeline.replicas import build_index, gpu_available, l2_normalise, nearest
+from pipeline.core.config import ClassifierArchConfig, SamplerConfig
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.guidance import cpsample_guidance
+from pipeline.core.models import NoiseClassifier, num_parameters, unet_image_shape
+from pipeline.fanout.index import build_index, gpu_available, l2_normalise, nearest
 
 
 def cifar_unet():

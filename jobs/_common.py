@@ -10,19 +10,19 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parent.parent)
 )  # run from a checkout or --working-dir
 
-from pipeline.config import ConfigError
-from pipeline.imageset import DataError
-from pipeline.storage import StorageError
+from pipeline.core.config import ConfigError
+from pipeline.data.imageset import DataError
+from pipeline.data.storage import StorageError
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad input (exit 2). CheckpointError is imported lazily: pipeline.models
+    """Exceptions that mean bad input (exit 2). CheckpointError is imported lazily: pipeline.core.models
     pulls in torch and diffusers, which light jobs such as make_shards do not need."""
     errors: tuple[type[Exception], ...] = (
         ConfigError, DataError, StorageError, ValueError, FileNotFoundError,
     )  # fmt: skip
-    if "pipeline.models" in sys.modules:
-        errors += (sys.modules["pipeline.models"].CheckpointError,)
+    if "pipeline.core.models" in sys.modules:
+        errors += (sys.modules["pipeline.core.models"].CheckpointError,)
     return errors
 
 
@@ -57,7 +57,7 @@ def add_store_args(parser) -> None:
 
 def load_sections(path: str | None, sections: dict[str, type]) -> dict[str, object]:
     """Read a YAML file of named config sections; every section is optional, unknown ones rejected."""
-    from pipeline.config import from_dict
+    from pipeline.core.config import from_dict
 
     data: dict = {}
     if path:
@@ -76,7 +76,7 @@ def load_sections(path: str | None, sections: dict[str, type]) -> dict[str, obje
 
 def override(cfg, **values):
     """A copy of a config dataclass with the non-None values replaced (and re-validated)."""
-    from pipeline.config import from_dict, to_dict
+    from pipeline.core.config import from_dict, to_dict
 
     return from_dict(
         type(cfg), {**to_dict(cfg), **{k: v for k, v in values.items() if v is not None}}

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_store_args, load_sections, override, run_main
 
-from pipeline.config import ReplicaConfig
+from pipeline.core.config import ReplicaConfig
 
 
 def main() -> None:
@@ -51,9 +51,9 @@ def main() -> None:
     )  # fmt: skip
     if args.concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
-    from pipeline.ray_init import init_ray
-    from pipeline.report import replica_check_report
-    from pipeline.storage import open_store
+    from pipeline.data.storage import open_store
+    from pipeline.fanout.ray_init import init_ray
+    from pipeline.orchestration.stages import replica_check_report
 
     store = open_store(args.store, args.s3_endpoint)
     if not store.listdir("samples", args.run, args.sampler):

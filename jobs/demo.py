@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_main
 
-from pipeline.config import DemoConfig, from_dict, load_yaml, to_dict
+from pipeline.core.config import DemoConfig, from_dict, load_yaml, to_dict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> DemoConfig:
-    from pipeline.demo import quick_config
+    from pipeline.orchestration.demo import quick_config
 
     cfg = (
         load_yaml(DemoConfig, args.config)
@@ -71,7 +71,7 @@ def build_config(args: argparse.Namespace) -> DemoConfig:
 def main() -> None:
     args = parse_args()
     cfg = build_config(args)
-    from pipeline.demo import run_demo
+    from pipeline.orchestration.demo import run_demo
 
     report = run_demo(cfg, args.out, args.data, progress=not args.no_progress)
     for name, r in report["samplers"].items():

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_store_args, load_sections, override, run_main
 
-from pipeline.config import EvalConfig
+from pipeline.core.config import EvalConfig
 
 
 def main() -> None:
@@ -47,10 +47,10 @@ def main() -> None:
     )  # fmt: skip
     import torch
 
-    from pipeline.evaluation import evaluate_run
-    from pipeline.fid import load_inception
-    from pipeline.report import merge_report
-    from pipeline.storage import open_store
+    from pipeline.data.storage import open_store
+    from pipeline.evaluation.evaluate import evaluate_run
+    from pipeline.evaluation.fid import load_inception
+    from pipeline.evaluation.report import merge_report
 
     torch.set_num_threads(max(1, args.threads))
     if args.inception_weights:

@@ -20,10 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_s3_endpoint_arg, run_main
 
-from pipeline.datasets import cifar10_source, digits_source, folder_source, split, webdataset_source
-from pipeline.imageset import ImageSet
-from pipeline.shards import verify_dataset, write_dataset
-from pipeline.storage import open_store
+from pipeline.data.datasets import (
+    cifar10_source,
+    digits_source,
+    folder_source,
+    split,
+    webdataset_source,
+)
+from pipeline.data.imageset import ImageSet
+from pipeline.data.layout import data_folder
+from pipeline.data.shards import verify_dataset, write_dataset
+from pipeline.data.storage import open_store
 
 SOURCES = ("digits", "folder", "cifar10", "webdataset")
 
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = args.dataset or args.source
     store = open_store(args.store, args.s3_endpoint)  # a bad bucket or key fails before any work
     if args.verify:
-        manifest = verify_dataset(store, f"data/{dataset}")
+        manifest = verify_dataset(store, data_folder(dataset))
         for name, s in manifest["splits"].items():
             print(f"{name}: {s['count']} images in {len(s['shards'])} shard(s), checksums OK")
         return

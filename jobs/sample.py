@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_s3_endpoint_arg, load_sections, override, run_main
 
-from pipeline.config import SamplerConfig
+from pipeline.core.config import SamplerConfig
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,9 +76,9 @@ def main() -> None:
         scale=args.scale, seed=args.seed, guard=args.guard, guard_budget=args.guard_budget,
         guard_embedding=args.guard_embedding,
     )  # fmt: skip
-    from pipeline.ray_data import run_sampling
-    from pipeline.report import merge_report
-    from pipeline.storage import open_store
+    from pipeline.data.storage import open_store
+    from pipeline.evaluation.report import merge_report
+    from pipeline.fanout.sampling import run_sampling
 
     store = open_store(args.store, args.s3_endpoint)
     out = run_sampling(

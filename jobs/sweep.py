@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_store_args, load_sections, override, run_main
 
-from pipeline.config import ReplicaConfig, SamplerConfig, SweepConfig
+from pipeline.core.config import ReplicaConfig, SamplerConfig, SweepConfig
 
 
 def main() -> None:
@@ -51,13 +51,13 @@ def main() -> None:
     replicas = override(sections["replicas"], threshold=args.threshold)
     import torch
 
-    from pipeline.evaluation import train_domain_evaluator
-    from pipeline.ray_init import init_ray
-    from pipeline.report import merge_report
-    from pipeline.shards import read_image_shards
-    from pipeline.stages import data_folder
-    from pipeline.storage import open_store
-    from pipeline.sweep import make_points, run_sweep
+    from pipeline.data.layout import data_folder
+    from pipeline.data.shards import read_image_shards
+    from pipeline.data.storage import open_store
+    from pipeline.evaluation.domain import train_domain_evaluator
+    from pipeline.evaluation.report import merge_report
+    from pipeline.evaluation.sweep import make_points, run_sweep
+    from pipeline.fanout.ray_init import init_ray
 
     pairs = [(a, s) for a in cfg.alphas for s in cfg.scales]
     make_points(pairs)  # bad knobs fail before anything starts

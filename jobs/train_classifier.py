@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_sections, override, run_main
 
-from pipeline.config import ClassifierArchConfig, ClassifierTrainConfig
-from pipeline.ray_train import add_train_flags, train_overrides
+from pipeline.core.config import ClassifierArchConfig, ClassifierTrainConfig
+from pipeline.train.workers import add_train_flags, train_overrides
 
 
 def main() -> None:
@@ -48,9 +48,9 @@ def main() -> None:
     cfg = load_sections(args.config, {"arch": ClassifierArchConfig, "train": ClassifierTrainConfig})
     train = override(cfg["train"], holdout_images=args.holdout_images, **train_overrides(args))
     arch = override(cfg["arch"], base_channels=args.base_channels)
-    from pipeline.ray_init import init_ray
-    from pipeline.stages import train_classifier
-    from pipeline.storage import open_store
+    from pipeline.data.storage import open_store
+    from pipeline.fanout.ray_init import init_ray
+    from pipeline.orchestration.stages import train_classifier
 
     store = open_store(args.store, args.s3_endpoint)
     init_ray(num_cpus=args.ray_cpus)  # joins the cluster of `ray job submit` through RAY_ADDRESS

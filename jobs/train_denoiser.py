@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_sections, override, run_main
 
-from pipeline.config import DenoiserTrainConfig, UNetConfig
-from pipeline.ray_train import add_train_flags, train_overrides
+from pipeline.core.config import DenoiserTrainConfig, UNetConfig
+from pipeline.train.workers import add_train_flags, train_overrides
 
 
 def main() -> None:
@@ -36,9 +36,9 @@ def main() -> None:
     args = p.parse_args()
     cfg = load_sections(args.config, {"unet": UNetConfig, "train": DenoiserTrainConfig})
     train = override(cfg["train"], **train_overrides(args))
-    from pipeline.ray_init import init_ray
-    from pipeline.stages import train_denoiser
-    from pipeline.storage import open_store
+    from pipeline.data.storage import open_store
+    from pipeline.fanout.ray_init import init_ray
+    from pipeline.orchestration.stages import train_denoiser
 
     store = open_store(args.store, args.s3_endpoint)
     init_ray(num_cpus=args.ray_cpus)  # joins the cluster of `ray job submit` through RAY_ADDRESS

@@ -1,11 +1,11 @@
-"""Shared fixtures for the Ray-free core tests (Ray fixtures live in conftest_ray.py)."""
+"""Shared fixtures: tiny model configs, a real in-process Ray, the digits store, loopback S3."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.config import ClassifierArchConfig, UNetConfig
+from pipeline.core.config import ClassifierArchConfig, UNetConfig
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -48,7 +48,7 @@ def ray_local():
     """A real in-process local Ray with 2 CPUs, shared by the Ray tests of the session."""
     import ray
 
-    from pipeline.ray_init import init_ray
+    from pipeline.fanout.ray_init import init_ray
 
     init_ray(num_cpus=2)  # a private instance: never a head another test or session started
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -59,9 +59,9 @@ def ray_local():
 @pytest.fixture(scope="session")
 def digits_store(tmp_path_factory):
     """A local store with 16x16 digit shards: 32 training images, the rest held out."""
-    from pipeline.datasets import digits_source, split
-    from pipeline.stages import make_shards
-    from pipeline.storage import open_store
+    from pipeline.data.datasets import digits_source, split
+    from pipeline.data.storage import open_store
+    from pipeline.orchestration.stages import make_shards
 
     store = open_store(str(tmp_path_factory.mktemp("store")))
     train, holdout = split(digits_source(16), 32, 0)

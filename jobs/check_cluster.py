@@ -1,0 +1,38 @@
+"""Check cluster files offline before `ray up` or `kubectl apply`: Ray's own validator, then GPU scaling.
+
+    python jobs/check_cluster.py cluster/aws.yaml cluster/kuberay/raycluster.yaml
+
+A launcher YAML is merged with its provider's defaults and validated as `ray up` would (no cloud calls); a
+KubeRay RayCluster goes through Ray's KubeRay deriver. Then every GPU worker type must scale from zero
+(min_workers 0), may grow (max_workers > 0) and advertise at least one GPU, so that the sampling actors'
+and Ray Train's GPU requests make the autoscaler add nodes. Prints one JSON line per file; exits 2 naming
+the file and every problem otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_main
+
+from pipeline.orchestration.cluster_config import check_cluster_file
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("files", nargs="+", help="cluster launcher YAML or KubeRay RayCluster manifest")
+    args = p.parse_args()
+    for path in args.files:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such cluster file")
+        print(json.dumps(check_cluster_file(path)))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,132 @@
+"""Image sources: scikit-learn's digits, a folder of images, CIFAR-10, existing WebDataset shards.
+
+Each returns an :class:`~pipeline.data.imageset.ImageSet` at the model's resolution with stable keys;
+:func:`split` makes the deterministic train/held-out split. Writing them as shards is
+:mod:`pipeline.data.shards`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.data.imageset import DataError, ImageSet, fit_square, safe_key, stack_images
+from pipeline.data.shards import concat, read_tar
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def digits_source(image_size: int = 16) -> ImageSet:
+    """The 1,797 8x8 handwritten digits that scikit-learn ships, bilinearly upsampled to ``image_size``."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+    if image_size != 8:
+        x = torch.nn.functional.interpolate(
+            x, size=(image_size, image_size), mode="bilinear", align_corners=False
+        )
+    images = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    keys = [f"digits-{i:04d}" for i in range(len(images))]
+    return ImageSet(keys=keys, images=images, labels=[int(v) for v in digits.target])
+
+
+def _load_image(path: Path, image_size: int) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"unreadable image {path}: {exc}") from exc
+    return fit_square(img, image_size)
+
+
+def folder_source(root: str | Path, image_size: int) -> ImageSet:
+    """Every PNG/JPEG under ``root`` (recursively), centre-cropped and resized to ``image_size``.
+
+    All-grayscale folders give 1 channel; any colour image makes the set RGB (grayscale replicated).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"data folder {root} contains no PNG or JPEG images")
+    loaded = [_load_image(p, image_size) for p in files]
+    keys = [safe_key(str(p.relative_to(root).with_suffix("")).replace("/", "__")) for p in files]
+    return ImageSet(keys=keys, images=stack_images(loaded))
+
+
+def cifar10_source(root: str | Path, download: bool = False, train: bool = True) -> ImageSet:
+    """CIFAR-10 via ``torchvision.datasets.CIFAR10(root, train=..., download=...)`` (32x32 RGB).
+
+    torchvision unpickles the batch files, but only after checking their md5 against the official
+    archive's, so nothing but the official files is ever unpickled.
+    """
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(root), train=train, download=download)
+    except RuntimeError as exc:
+        raise DataError(
+            f"CIFAR-10 not found or corrupted under {root}: expected the official "
+            f"'cifar-10-batches-py' folder (md5-checked by torchvision); pass --download with "
+            f"network access ({exc})"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"cannot read or download CIFAR-10 under {root}: {exc}") from None
+    split = "train" if train else "test"
+    keys = [f"cifar10-{split}-{i:05d}" for i in range(len(ds.data))]
+    return ImageSet(
+        keys=keys, images=np.asarray(ds.data, dtype=np.uint8), labels=[int(t) for t in ds.targets]
+    )
+
+
+def split(images: ImageSet, num_train: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """Deterministic train/holdout split from a seed; at least one fifth stays held out."""
+    n = len(images)
+    if n < 2:
+        raise DataError(f"need at least 2 images, got {n}")
+    num_train = min(num_train, n - max(1, n // 5))
+    perm = np.random.default_rng(seed).permutation(n)
+    return images.subset(np.sort(perm[:num_train])), images.subset(np.sort(perm[num_train:]))
+
+
+def webdataset_source(
+    spec: str, image_size: int | None = None, s3_endpoint: str | None = None
+) -> ImageSet:
+    """Images of existing WebDataset shards (made by ``webdataset.ShardWriter`` or anyone else).
+
+    ``spec``: a shard path or ``s3://`` URI, a brace pattern (``shards-{000000..000009}.tar``), or a
+    folder/prefix whose ``*.tar`` shards are all read. Keys are made safe (no dots or slashes);
+    labels come from ``.json`` ``label`` or ``.cls``. ``image_size`` None keeps the stored size,
+    which must then be the same for every image.
+    """
+    from braceexpand import braceexpand
+
+    from pipeline.data.storage import open_store
+
+    parts = []
+    for item in braceexpand(spec):
+        is_s3 = item.startswith("s3://")
+        parent, _, base = item.rstrip("/").rpartition("/")
+        if is_s3 and parent == "s3:/":  # a bare bucket
+            parent, base = item.rstrip("/"), ""
+        single = base.endswith((".tar", ".tar.gz", ".tgz"))
+        store = open_store(parent if single else item, s3_endpoint, create=False)
+        if not is_s3 and not single and not Path(item).is_dir():
+            raise DataError(f"WebDataset input {item} is neither a shard nor a folder of shards")
+        names = [base] if single else [
+            n for n in store.listdir() if n.endswith((".tar", ".tar.gz", ".tgz"))
+        ]  # fmt: skip
+        if not names:
+            raise DataError(f"no .tar shards under {store.uri}")
+        for n in names:
+            parts.append(read_tar(store.read_bytes(n), store.uri_of(n), image_size))
+    images = concat(parts, spec)
+    images.keys = [safe_key(k) for k in images.keys]
+    ImageSet.__post_init__(images)  # the safe keys must still be unique
+    return images

@@ -1,0 +1,337 @@
+"""WebDataset shards (``<key>.png`` + ``<key>.json``): writing, the dataset manifest, and reading.
+
+Shards are plain POSIX tars written in one atomic put, with fixed mtimes so that rewriting the same
+data gives the same bytes; ``manifest.json`` records each shard's count and sha256, and readers check
+them. Readers accept any WebDataset tar (optionally gzipped, ``.cls`` labels) and reject cut ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.data.imageset import DataError, ImageSet, fit_square, image_mode, stack_images
+from pipeline.data.layout import data_folder
+from pipeline.data.storage import ObjectNotFound, Store
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(H, W, C) uint8 -> PNG bytes (mode L or RGB)."""
+    img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_tar(records: list[tuple[str, bytes, dict[str, Any]]]) -> bytes:
+    """A WebDataset tar of ``(key, png_bytes, meta)`` records, byte-for-byte reproducible."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, png, meta in records:
+            for name, data in (
+                (f"{key}.png", png),
+                (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}.tar"
+
+
+def shard_records(images: ImageSet, start: int, stop: int) -> list[tuple[str, bytes, dict]]:
+    """``(key, png, meta)`` records of images ``start:stop`` (the label goes into the meta)."""
+    records = []
+    for i in range(start, min(stop, len(images))):
+        meta = dict(images.meta[i]) if images.meta else {}
+        if images.labels is not None:
+            meta["label"] = images.labels[i]
+        records.append((images.keys[i], encode_png(images.images[i]), meta))
+    return records
+
+
+def write_image_shards(
+    store: Store, folder: str, images: ImageSet, shard_size: int = 1000
+) -> list[str]:
+    """Write ``images`` as WebDataset shards under ``folder``; returns the shard URIs (see
+    :func:`put_image_shards`)."""
+    return [sh["uri"] for sh in put_image_shards(store, folder, images, shard_size)]
+
+
+def put_image_shards(
+    store: Store, folder: str, images: ImageSet, shard_size: int = 1000, progress=None
+) -> list[dict[str, Any]]:
+    """Write ``images`` as WebDataset shards under ``folder``, resumably and idempotently.
+
+    Shard bytes are a function of the images, so a shard whose stored sha256 equals the new one is
+    complete and skipped. Each shard is put atomically; ``shard-*.tar`` objects beyond the new
+    shard count (from an earlier, larger run) are removed. Returns, per shard, ``{"name", "uri",
+    "count", "bytes", "sha256", "written"}``.
+    """
+    if shard_size <= 0:
+        raise DataError(f"shard_size must be > 0, got {shard_size}")
+    if len(images):
+        image_mode(images.images)
+    shards = []
+    for s, start in enumerate(range(0, len(images), shard_size)):
+        data = build_tar(shard_records(images, start, start + shard_size))
+        digest, name = hashlib.sha256(data).hexdigest(), shard_name(s)
+        written = store.sha256(folder, name) != digest
+        uri = store.write_bytes(data, folder, name) if written else store.uri_of(folder, name)
+        shards.append(
+            {"name": name, "uri": uri, "count": min(shard_size, len(images) - start),
+             "bytes": len(data), "sha256": digest, "written": written}
+        )  # fmt: skip
+        if progress is not None:
+            progress.update(shards[-1]["count"])
+    keep = {sh["name"] for sh in shards}
+    for name in store.listdir(folder):
+        stale_shard = name.startswith("shard-") and name.endswith(".tar") and name not in keep
+        if stale_shard or (name.startswith(".shard-") and name.endswith(".tmp")):
+            store.delete(folder, name)  # from an earlier, larger run, or a crashed local write
+    return shards
+
+
+# ----------------------------------------------------------------------------------------- manifest
+MANIFEST = "manifest.json"
+
+
+def read_manifest(store: Store, dataset_folder: str) -> dict[str, Any] | None:
+    """The ``manifest.json`` under ``dataset_folder`` (``data/<dataset>``), None if absent."""
+    try:
+        data = store.read_bytes(dataset_folder, MANIFEST)
+    except ObjectNotFound:
+        return None
+    try:
+        manifest = json.loads(data)
+        if not isinstance(manifest.get("splits"), dict):
+            raise ValueError("no splits")
+    except (ValueError, AttributeError):
+        raise DataError(
+            f"{store.uri_of(dataset_folder, MANIFEST)} is not a valid manifest"
+        ) from None
+    return manifest
+
+
+def check_shards(
+    store: Store, folder: str, manifest: dict[str, Any], split: str, blobs: dict[str, bytes] | None
+) -> None:
+    """The shards under ``folder`` must be exactly the manifest's; with ``blobs`` (name -> bytes)
+    their sha256 must match too. Raises :class:`DataError` naming the offending object."""
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        return
+    listed = sorted(sh["name"] for sh in entry["shards"])
+    found = [n for n in store.listdir(folder) if n.startswith("shard-") and n.endswith(".tar")]
+    if listed != found:
+        raise DataError(
+            f"{store.uri_of(folder)}: shards {found} do not match the manifest's {listed}"
+        )
+    for sh in entry["shards"] if blobs is not None else []:
+        digest = hashlib.sha256(blobs[sh["name"]]).hexdigest()
+        if digest != sh["sha256"]:
+            raise DataError(
+                f"checksum mismatch for {store.uri_of(folder, sh['name'])}: the manifest says "
+                f"sha256 {sh['sha256'][:16]}..., the object has {digest[:16]}..."
+            )
+
+
+def verify_dataset(store: Store, dataset_folder: str) -> dict[str, Any]:
+    """Check every shard of a dataset against its manifest (names and sha256); returns it."""
+    manifest = read_manifest(store, dataset_folder)
+    if manifest is None:
+        raise DataError(f"no manifest at {store.uri_of(dataset_folder, MANIFEST)}")
+    for split, entry in manifest["splits"].items():
+        folder = f"{dataset_folder}/{split}"
+        blobs = {sh["name"]: store.read_bytes(folder, sh["name"]) for sh in entry["shards"]}
+        check_shards(store, folder, manifest, split, blobs)
+    return manifest
+
+
+def write_dataset(
+    store: Store,
+    dataset: str,
+    splits: dict[str, ImageSet],
+    shard_size: int = 1000,
+    source: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write each split's shards under ``data/<dataset>/<split>``, then ``manifest.json`` (last).
+
+    The manifest holds the counts, the shard list with count, size and sha256 per shard, the image
+    size and mode, and ``source`` (how the data was made). It has no timestamps: a rerun on the same
+    input rewrites nothing and gives the same objects. The returned dict adds ``"written"`` (the
+    names of the shards this call wrote), which the stored manifest leaves out.
+    """
+    from tqdm import tqdm
+
+    shapes = {tuple(s.images.shape[1:]) for s in splits.values() if len(s)}
+    if len(shapes) != 1:
+        raise DataError(
+            f"dataset {dataset!r}: every split needs one image size, got {sorted(shapes)}"
+        )
+    (shape,) = shapes
+    mode = image_mode(next(s.images for s in splits.values() if len(s)))
+    manifest: dict[str, Any] = {
+        "dataset": dataset, "format": "webdataset", "members": ["png", "json"],
+        "image_size": [shape[0], shape[1]], "channels": shape[2], "mode": mode,
+        "shard_size": shard_size, "source": source or {}, "splits": {},
+    }  # fmt: skip
+    written = []
+    total = sum(len(s) for s in splits.values())
+    with tqdm(total=total, desc=f"shards {dataset}", unit="img", disable=not progress) as bar:
+        for split_name, images in splits.items():
+            shards = put_image_shards(
+                store, data_folder(dataset, split_name), images, shard_size, bar
+            )
+            written += [f"{split_name}/{sh['name']}" for sh in shards if sh["written"]]
+            manifest["splits"][split_name] = {
+                "count": len(images),
+                "shards": [
+                    {k: sh[k] for k in ("name", "count", "bytes", "sha256")} for sh in shards
+                ],
+            }
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if store.sha256(data_folder(dataset), MANIFEST) != hashlib.sha256(data).hexdigest():
+        store.write_bytes(data, data_folder(dataset), MANIFEST)
+    return {**manifest, "written": written}
+
+
+# ------------------------------------------------------------------------------------------ readers
+def _tar_members(data: bytes, name: str) -> dict[str, dict[str, bytes]]:
+    """``{key: {ext: bytes}}`` of a (optionally gzipped) tar; WebDataset's key = basename up to the
+    first dot. A cut or damaged tar raises :class:`DataError` naming ``name``."""
+    import gzip
+
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise DataError(f"corrupt or truncated tar {name}: bad gzip stream ({exc})") from None
+    # A complete tar ends with two zero blocks; tarfile silently accepts a tar cut at a member boundary.
+    if len(data) < 1024 or len(data) % 512 or data[-1024:].count(0) != 1024:
+        raise DataError(
+            f"corrupt or truncated tar {name}: no end-of-archive marker ({len(data)} bytes)"
+        )
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                groups.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"corrupt or truncated tar {name}: {exc}") from None
+    return groups
+
+
+def _decode(parts: dict[str, bytes], key: str, name: str) -> Image.Image:
+    ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+    if ext is None:
+        raise DataError(f"{name}: sample {key!r} has no image member (found {sorted(parts)})")
+    try:
+        with Image.open(io.BytesIO(parts[ext])) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"{name}: member {key}.{ext} is not a readable image: {exc}") from None
+
+
+def _meta(parts: dict[str, bytes], key: str, name: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(parts["json"]) if "json" in parts else {}
+        if "cls" in parts and "label" not in meta:  # webdataset's class-label convention
+            meta["label"] = int(parts["cls"].decode().strip())
+    except (ValueError, UnicodeDecodeError):
+        raise DataError(f"{name}: sample {key!r} has unreadable .json/.cls metadata") from None
+    return meta if isinstance(meta, dict) else {"value": meta}
+
+
+def read_tar(data: bytes, name: str, image_size: int | None = None) -> ImageSet:
+    """Parse one WebDataset tar (an image member and optional ``.json``/``.cls`` per key).
+
+    ``image_size`` None: every image must already have one size; otherwise each is centre-cropped and
+    resized. Grayscale stays 1 channel unless some image is colour (then all become RGB).
+    """
+    groups = _tar_members(data, name)
+    keys = sorted(groups)
+    loaded = [_decode(groups[k], k, name) for k in keys]
+    if image_size is not None:
+        loaded = [fit_square(im, image_size) for im in loaded]
+    sizes = {im.size for im in loaded}
+    if len(sizes) > 1:
+        raise DataError(
+            f"{name}: mixed image sizes {sorted(sizes)} (width, height); one size is required "
+            "(pass an image size to resize)"
+        )
+    metas = [_meta(groups[k], k, name) for k in keys]
+    labels = [m["label"] for m in metas] if metas and all("label" in m for m in metas) else None
+    return ImageSet(keys=keys, images=stack_images(loaded), labels=labels, meta=metas)
+
+
+def concat(parts: list[ImageSet], where: str) -> ImageSet:
+    """One :class:`ImageSet` from several (one image size required; grayscale promoted to RGB)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise DataError(f"{where}: no images")
+    sizes = {p.images.shape[1:3] for p in parts}
+    if len(sizes) > 1:
+        raise DataError(f"{where}: shards hold mixed image sizes {sorted(sizes)}")
+    if len({p.images.shape[-1] for p in parts}) > 1:
+        parts = [
+            ImageSet(p.keys, np.repeat(p.images, 3, -1) if p.images.shape[-1] == 1 else p.images,
+                     p.labels, p.meta)
+            for p in parts
+        ]  # fmt: skip
+    labels = None
+    if all(p.labels is not None for p in parts):
+        labels = [lab for p in parts for lab in p.labels]
+    keys = [k for p in parts for k in p.keys]
+    dupes = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) else []
+    if dupes:
+        raise DataError(f"{where}: duplicate sample keys across shards {dupes[:5]}")
+    return ImageSet(
+        keys=keys,
+        images=np.concatenate([p.images for p in parts]),
+        labels=labels,
+        meta=[m for p in parts for m in p.meta],
+    )
+
+
+def read_image_shards(store: Store, folder: str) -> ImageSet:
+    """Read every ``shard-*.tar`` under ``folder`` into one :class:`ImageSet` (one size required).
+
+    When a ``manifest.json`` sits beside the folder (``data/<dataset>/<split>``), the shards must be
+    exactly the manifest's and their sha256 must match it.
+    """
+    names = [n for n in store.listdir(folder) if n.startswith("shard-") and n.endswith(".tar")]
+    if not names:
+        raise DataError(f"no shards under {store.uri_of(folder)}")
+    blobs = {n: store.read_bytes(folder, n) for n in names}
+    parent, _, split_name = folder.rstrip("/").rpartition("/")
+    manifest = read_manifest(store, parent) if parent else None
+    if manifest is not None:
+        check_shards(store, folder, manifest, split_name, blobs)
+    parts = [read_tar(blobs[n], store.uri_of(folder, n)) for n in names]
+    return concat(parts, store.uri_of(folder))
+
+
+def images_of(
+    rows: list[dict[str, Any]], store: Store, folder: str
+) -> tuple[np.ndarray, list[str]]:
+    """Images (N, H, W, C) under ``folder`` ordered like ``rows`` (by key)."""
+    images = read_image_shards(store, folder)
+    pos = {k: i for i, k in enumerate(images.keys)}
+    order = [pos[r["key"]] for r in rows]
+    return images.images[order], [images.keys[i] for i in order]

@@ -1,0 +1,210 @@
+"""A run's evaluation (``jobs/evaluate.py``, the demo): membership attacks, FID, and the sweep with attacks.
+
+Reads the run's data and sample shards from the store, loads its models, and returns report sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.data.layout import data_folder, samples_folder
+from pipeline.data.shards import read_image_shards
+from pipeline.evaluation.domain import DomainEvaluator
+
+
+def attack_sets(store, dataset: str, num_members: int, num_nonmembers: int, seed: int = 0):
+    """(members, non-members, all training images): a seeded subset of the denoiser's training images
+    and of the held-out images (:class:`pipeline.data.imageset.ImageSet`), and the (N, H, W, C) uint8
+    training images."""
+
+    train = read_image_shards(store, data_folder(dataset, "train"))
+    holdout = read_image_shards(store, data_folder(dataset, "holdout"))
+    rng = np.random.default_rng(seed)
+    m = rng.permutation(len(train))[: min(num_members, len(train))]
+    n = rng.permutation(len(holdout))[: min(num_nonmembers, len(holdout))]
+    return train.subset(np.sort(m)), holdout.subset(np.sort(n)), train.images
+
+
+def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> dict:
+    """Attack 1 (reconstruction loss) and attack 2 (SecMI t-error) against plain DDIM (``ddim``) and
+    the classifier-corrected noise estimate (``cpsample``). ``cfg`` is an ``EvalConfig``."""
+    from pipeline.evaluation.mia import reconstruction_attack, secmi_attack
+
+    xm, xn = members.to_tensor(), nonmembers.to_tensor()
+    models = {"ddim": None, "cpsample": guidance}
+    rec, sec = {}, {}
+    for name, g in tqdm(models.items(), desc="membership attacks", leave=False):
+        if name == "cpsample" and g is None:
+            continue
+        rec[name] = reconstruction_attack(
+            unet, schedule, xm, xn, g, cfg.timesteps, cfg.draws, cfg.seed, cfg.num_permutations
+        )
+        sec[name] = secmi_attack(
+            unet, schedule, xm, xn, g, cfg.secmi_t, cfg.secmi_k, cfg.seed, cfg.num_permutations
+        )
+    return {"reconstruction": rec, "secmi": sec}
+
+
+def nn_attack(store, run: str, members, nonmembers, train_images: np.ndarray, cfg) -> dict:
+    """Attack 3: similarity to the nearest generated sample (mean-centred pixels), per sampler whose
+    shards exist under ``samples/<run>/``; score = similarity (higher = member)."""
+    from pipeline.evaluation.mia import (
+        nn_similarity_scores,
+        permutation_test,
+        roc_auc,
+        roc_curve,
+        tpr_at_fpr,
+    )
+
+    mean = train_images.reshape(len(train_images), -1).astype(np.float32).mean(0) / 255.0
+    out = {}
+    for name in ("ddim", "cpsample"):
+        folder = samples_folder(run, name)
+        if not store.exists(folder) or not store.listdir(folder):
+            continue
+        gen = read_image_shards(store, folder).images
+        sm = nn_similarity_scores(members.images, gen, mean)
+        sn = nn_similarity_scores(nonmembers.images, gen, mean)
+        fpr, tpr = roc_curve(sm, sn)
+        out[name] = {
+            "auc": roc_auc(sm, sn), "tpr_at_fpr": tpr_at_fpr(sm, sn, 0.01), "fpr": 0.01,
+            "p_value": permutation_test(sm, sn, cfg.num_permutations, cfg.seed),
+            "member_mean": float(sm.mean()), "nonmember_mean": float(sn.mean()),
+            "num_members": len(sm), "num_nonmembers": len(sn), "num_generated": len(gen),
+            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+        }  # fmt: skip
+    return out
+
+
+def fid_section(store, run: str, dataset: str, weights: str | None, batch_size: int = 32) -> dict:
+    """FID of each sampler's samples against the held-out real images, or why it was skipped."""
+    from pipeline.evaluation.fid import InceptionFeatures, frechet_distance_features
+
+    if weights is None:
+        return {
+            "skipped": "no --inception-weights file given (the domain FD is the offline metric)"
+        }
+    features = InceptionFeatures.from_file(weights, batch_size)  # a clear error before any work
+    reference = read_image_shards(store, data_folder(dataset, "holdout"))
+    ref = features(reference.to_tensor())
+    values = {}
+    for name in ("ddim", "cpsample"):
+        folder = samples_folder(run, name)
+        if store.exists(folder) and store.listdir(folder):
+            feats = features(read_image_shards(store, folder).to_tensor())
+            values[name] = frechet_distance_features(feats, ref)
+    return {"name": features.name, "reference": "held-out real images",
+            "num_reference": len(reference), "values": values}  # fmt: skip
+
+
+def evaluate_run(
+    store,
+    run: str,
+    dataset: str,
+    cfg,
+    inception_weights: str | None = None,
+    alpha: float | None = None,
+    scale: float | None = None,
+) -> tuple[dict, dict[str, bytes]]:
+    """FID and the membership attacks for a run's models and samples: (report keys, figures).
+
+    CPSample's knobs default to those recorded in ``reports/<run>/report.json`` (``samplers.cpsample``
+    and ``config.sampler``), else to :class:`pipeline.core.config.SamplerConfig`'s defaults.
+    """
+    import json
+    import tempfile
+
+    from pipeline.core.config import SamplerConfig, from_dict
+    from pipeline.data.checkpoints import load_models
+    from pipeline.evaluation.report import roc_figure
+
+    fid = fid_section(store, run, dataset, inception_weights, cfg.fid_batch_size)
+    recorded = {}
+    if store.exists("reports", run, "report.json"):
+        report = json.loads(store.read_bytes("reports", run, "report.json"))
+        recorded = dict(report.get("config", {}).get("sampler", {}))
+        cps = report.get("samplers", {}).get("cpsample", {})
+        recorded.update({k: cps[k] for k in ("alpha", "scale") if k in cps})
+    known = {f.name for f in dataclasses.fields(SamplerConfig)}
+    sampler = from_dict(SamplerConfig, {k: v for k, v in recorded.items() if k in known})
+    sampler = dataclasses.replace(
+        sampler, sampler="cpsample", alpha=alpha if alpha is not None else sampler.alpha,
+        scale=scale if scale is not None else sampler.scale,
+    )  # fmt: skip
+    members, nonmembers, train_images = attack_sets(
+        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        unet, schedule, _, guidance = load_models(
+            store, f"models/{run}/denoiser", f"models/{run}/classifier", sampler, "cpu", tmp
+        )
+    mi = membership_inference(unet, schedule, guidance, members, nonmembers, cfg)
+    mi["nn_distance"] = nn_attack(store, run, members, nonmembers, train_images, cfg)
+    mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale,
+                            "input_mode": sampler.input_mode, "guidance_t_max": sampler.guidance_t_max}  # fmt: skip
+    figures = {
+        f"roc_{attack}.png": roc_figure(mi[attack], f"membership inference: {attack}")
+        for attack in ("reconstruction", "secmi", "nn_distance")
+        if mi[attack]
+    }
+    return {"fid": fid, "membership_inference": mi}, figures
+
+
+def sweep_and_attack(
+    store,
+    run: str,
+    dataset: str,
+    sampler,
+    replicas,
+    evaluator: DomainEvaluator | None = None,
+    seed: int = 0,
+    points=((0.5, 3.0), (0.5, 5.0), (0.5, 7.0)),
+    num_samples: int = 256,
+    target_rate: float = 0.02,
+    num_members: int = 64,
+    num_nonmembers: int = 256,
+    include_ddim: bool = True,
+    extra_rows: list[dict] | None = None,
+) -> tuple[dict, dict[str, bytes]]:
+    """The demo's privacy block: the (alpha, s) sweep (Ray Tune) and attack 1 for DDIM and CPSample.
+
+    ``extra_rows``: sweep rows scored elsewhere (:func:`pipeline.evaluation.sweep.score_point`), added to the
+    sweep's own points; the demo passes its main DDIM and CPSample runs so Tune samples only the rest.
+
+    ``sampler``/``replicas`` are the run's ``SamplerConfig``/``ReplicaConfig``; returns the report keys
+    ``sweep`` and ``membership_inference`` and the figures ``pareto.png`` and ``roc_reconstruction.png``
+    (pass both to :func:`pipeline.evaluation.report.merge_report`, or into the report and ``write_report``).
+    """
+    import tempfile
+
+    from pipeline.data.checkpoints import load_models
+    from pipeline.evaluation.mia import reconstruction_attack
+    from pipeline.evaluation.report import pareto_figure, roc_figure
+    from pipeline.evaluation.sweep import merge_points, run_sweep
+
+    sweep = run_sweep(
+        store, run, dataset, points, num_samples, seed, evaluator, target_rate, sampler, replicas,
+        include_ddim, write_figure=False,
+    )  # fmt: skip
+    if extra_rows:
+        sweep = merge_points(sweep, extra_rows, target_rate)
+    members, nonmembers, _ = attack_sets(store, dataset, num_members, num_nonmembers, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        cps = dataclasses.replace(sampler, sampler="cpsample")
+        unet, schedule, _, guidance = load_models(
+            store, f"models/{run}/denoiser", f"models/{run}/classifier", cps, "cpu", tmp
+        )
+    xm, xn = members.to_tensor(), nonmembers.to_tensor()
+    rec = {
+        name: reconstruction_attack(unet, schedule, xm, xn, g, seed=seed)
+        for name, g in (("ddim", None), ("cpsample", guidance))
+    }
+    rec["cpsample"].update(alpha=sampler.alpha, scale=sampler.scale)
+    figures = {
+        "pareto.png": pareto_figure(sweep),
+        "roc_reconstruction.png": roc_figure(rec, "membership inference: reconstruction loss"),
+    }
+    return {"sweep": sweep, "membership_inference": {"reconstruction": rec}}, figures

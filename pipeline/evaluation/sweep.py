@@ -1,0 +1,308 @@
+"""The protection/quality trade-off: sample at several (alpha, s), check replicas, measure quality.
+
+The maths of one point (:func:`evaluate_point`) and of the choice (:func:`pareto_front`,
+:func:`recommend`) are Ray-free. :func:`run_sweep` fans the points out as Ray Tune trials
+(``tune.grid_search`` over the points, 1 CPU per trial): each trial loads the tiny models once and
+samples in process with :func:`pipeline.core.sampler.sample`, with the same seeds at every point.
+
+Quality is the domain Fréchet distance (``fd``, lower is better) when a
+:class:`pipeline.evaluation.evaluate.DomainEvaluator` is given, else ``fd_pixels``: the Fréchet distance
+(Heusel et al. 2017, eq. 6) between samples and held-out real images in raw pixel space.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.core.config import ReplicaConfig, SamplerConfig
+from pipeline.core.guidance import cpsample_guidance, validate_knobs
+from pipeline.core.sampler import derive_seed, sample, unet_denoiser
+from pipeline.data.imageset import images_from_tensor
+from pipeline.evaluation.fid import frechet_distance_features
+from pipeline.fanout.index import build_index, l2_normalise, nearest, replica_stats
+
+PARETO_FIGURE = "pareto.png"
+
+
+def point_label(point: dict[str, Any]) -> str:
+    if point.get("sampler") == "ddim":
+        return "ddim"
+    return f"a={point['alpha']:g} s={point['scale']:g}"
+
+
+def make_points(
+    pairs: Sequence[tuple[float, float]], include_ddim: bool = True
+) -> list[dict[str, Any]]:
+    """Sweep points from (alpha, s) pairs (validated), plus the unprotected DDIM reference."""
+    points = [{"sampler": "ddim", "alpha": None, "scale": 0.0}] if include_ddim else []
+    for alpha, scale in pairs:
+        validate_knobs(float(alpha), float(scale))
+        points.append({"sampler": "cpsample", "alpha": float(alpha), "scale": float(scale)})
+    if not points:
+        raise ValueError("the sweep needs at least one (alpha, s) point")
+    for i, p in enumerate(points):
+        p.update(index=i, label=point_label(p))
+    return points
+
+
+def quality_of(images: torch.Tensor, evaluator=None, reference: torch.Tensor | None = None):
+    """``evaluator.quality`` (fd, confident_fraction) or ``fd_pixels`` against ``reference``."""
+    if evaluator is not None:
+        return evaluator.quality(images)
+    if reference is None:
+        return {}
+    flat = images.flatten(1).double().numpy()
+    return {"fd_pixels": frechet_distance_features(flat, reference.flatten(1).double().numpy())}
+
+
+def evaluate_point(
+    unet,
+    schedule,
+    classifier,
+    point: dict[str, Any],
+    sampler: SamplerConfig,
+    num_samples: int,
+    seed: int,
+    train_embeddings: np.ndarray,
+    train_mean: np.ndarray | None,
+    threshold: float,
+    evaluator=None,
+    reference: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """Sample ``num_samples`` at one point (seeds from ``seed`` alone), then replication rate against
+    the training embeddings and quality. Ray-free."""
+    t0 = time.perf_counter()
+    guidance = None
+    if point["sampler"] == "cpsample":
+        guidance = cpsample_guidance(
+            classifier, point["alpha"], point["scale"], sampler.input_mode, sampler.guidance_t_max
+        )
+    seeds = [derive_seed("sweep", seed, i) for i in range(num_samples)]
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    images, fired = [], []
+    for lo in range(0, num_samples, sampler.batch_size):
+        out = sample(
+            unet_denoiser(unet), schedule, seeds[lo : lo + sampler.batch_size], shape,
+            sampler.steps, sampler.eta, guidance, sampler.clip_sample,
+        )  # fmt: skip
+        images.append(out.images)
+        fired.append(out.fired_fraction)
+    pixels = images_from_tensor(torch.cat(images))  # uint8, as the samples would be stored
+    return score_point(
+        point, pixels, float(torch.cat(fired).mean()), train_embeddings, train_mean, threshold,
+        evaluator, reference, time.perf_counter() - t0,
+    )  # fmt: skip
+
+
+def score_point(
+    point: dict[str, Any],
+    pixels: np.ndarray,
+    fired_fraction: float,
+    train_embeddings: np.ndarray,
+    train_mean: np.ndarray | None,
+    threshold: float,
+    evaluator=None,
+    reference: torch.Tensor | None = None,
+    time_s: float = 0.0,
+) -> dict[str, Any]:
+    """A sweep row for images already drawn at ``point``: ``pixels`` (N, H, W, C) uint8 as stored;
+    replication rate against the training embeddings (exact inner-product search) and quality."""
+    flat = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
+    emb = l2_normalise(flat - train_mean if train_mean is not None else flat)
+    sims, _ = nearest(build_index(train_embeddings), emb, k=1)
+    stats = replica_stats(sims[:, 0], threshold)
+    quantised = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return {
+        **{k: point[k] for k in ("index", "label", "sampler", "alpha", "scale")},
+        **stats.to_dict(),
+        "guidance_fired_fraction": fired_fraction,
+        "quality": quality_of(quantised, evaluator, reference),
+        "time_s": round(time_s, 2),
+    }
+
+
+def merge_points(
+    sweep: dict[str, Any], extra: list[dict[str, Any]], target_rate: float
+) -> dict[str, Any]:
+    """The ``sweep`` section with rows scored elsewhere (for example the demo's main DDIM and CPSample
+    runs) added: rows re-indexed as DDIM first, then by (alpha, s); front and choice recomputed."""
+    rows = sorted(
+        [*sweep["points"], *extra],
+        key=lambda r: (r["sampler"] != "ddim", r["alpha"] or 0.0, r["scale"]),
+    )
+    for i, r in enumerate(rows):
+        r["index"] = i
+    details = {
+        k: v
+        for k, v in sweep.items()
+        if k not in ("points", "pareto_front", "recommended", "figure", "target_rate",
+                     "quality_metric")
+    }  # fmt: skip
+    return summarise(rows, target_rate, **details)
+
+
+def quality_key(points: list[dict[str, Any]]) -> str | None:
+    """The quality metric the points share, lower is better: ``fd`` or ``fd_pixels``."""
+    for key in ("fd", "fd_pixels"):
+        if all(key in p["quality"] for p in points):
+            return key
+    return None
+
+
+def pareto_front(points: list[dict[str, Any]], key: str) -> list[str]:
+    """Labels of the points no other point beats on both replication rate and quality (both lower)."""
+    front = []
+    for p in points:
+        r, q = p["replication_rate"], p["quality"][key]
+        dominated = any(
+            o["replication_rate"] <= r
+            and o["quality"][key] <= q
+            and (o["replication_rate"] < r or o["quality"][key] < q)
+            for o in points
+        )
+        if not dominated:
+            front.append(p["label"])
+    return front
+
+
+def recommend(points: list[dict[str, Any]], key: str, target_rate: float) -> dict[str, Any]:
+    """The protected point with the best quality among those with replication rate <= target (ties:
+    the lower rate). Without one, ``label`` is None and ``closest`` names the lowest-rate point."""
+    protected = [p for p in points if p["sampler"] == "cpsample"]
+    ok = [p for p in protected if p["replication_rate"] <= target_rate]
+    if ok:
+        best = min(ok, key=lambda p: (p["quality"][key], p["replication_rate"]))
+        return {"label": best["label"], "alpha": best["alpha"], "scale": best["scale"],
+                "replication_rate": best["replication_rate"], key: best["quality"][key]}  # fmt: skip
+    closest = min(protected or points, key=lambda p: (p["replication_rate"], p["quality"][key]))
+    return {
+        "label": None,
+        "reason": f"no point reaches replication rate <= {target_rate}",
+        "closest": closest["label"],
+    }
+
+
+def summarise(points: list[dict[str, Any]], target_rate: float, **details) -> dict[str, Any]:
+    """The ``sweep`` section of report.json: the points in input order, the front, the choice."""
+    points = sorted(points, key=lambda p: p["index"])
+    key = quality_key(points)
+    out: dict[str, Any] = {"target_rate": target_rate, "quality_metric": key, **details}
+    out["points"] = points
+    if key is not None:
+        out["pareto_front"] = pareto_front(points, key)
+        out["recommended"] = recommend(points, key, target_rate)
+    out["figure"] = PARETO_FIGURE
+    return out
+
+
+# ----------------------------------------------------------------------------------- Ray Tune edge
+def _trial(config: dict[str, Any], *, context: dict[str, Any]) -> dict[str, Any]:
+    """One Tune trial: load the models once, evaluate the point, return the result (final report)."""
+    from pipeline.core.models import load_classifier
+    from pipeline.data.checkpoints import load_models, resolve_model_dir
+    from pipeline.data.storage import open_store
+
+    torch.set_num_threads(context["threads"])
+    store = open_store(context["store_uri"], context.get("s3_endpoint"), create=False)
+    sampler: SamplerConfig = context["sampler"]
+    with tempfile.TemporaryDirectory() as tmp:
+        ddim = dataclasses.replace(sampler, sampler="ddim")
+        unet, schedule, shape, _ = load_models(store, context["denoiser"], None, ddim, "cpu", tmp)
+        clf = None
+        if config["point"]["sampler"] == "cpsample":
+            clf_dir = resolve_model_dir(store, context["classifier"], tmp)
+            clf = load_classifier(clf_dir, shape, "cpu")
+    return evaluate_point(
+        unet, schedule, clf, config["point"], sampler, context["num_samples"], context["seed"],
+        context["train_embeddings"], context["train_mean"], context["threshold"],
+        context.get("evaluator"), context.get("reference"),
+    )  # fmt: skip
+
+
+def run_sweep(
+    store,
+    run: str,
+    dataset: str,
+    points: Sequence[tuple[float, float]] = ((0.5, 3.0), (0.5, 5.0), (0.5, 7.0)),
+    num_samples: int = 256,
+    seed: int = 0,
+    evaluator=None,
+    target_rate: float = 0.02,
+    sampler: SamplerConfig | None = None,
+    replicas: ReplicaConfig | None = None,
+    include_ddim: bool = True,
+    cpus_per_trial: float = 1.0,
+    denoiser: str | None = None,
+    classifier: str | None = None,
+    write_figure: bool = True,
+    verbose: int = 1,
+) -> dict[str, Any]:
+    """Ray Tune grid over (alpha, s) points on the run's models; returns the ``sweep`` report section.
+
+    ``sampler`` supplies steps, eta, batch size, input mode and the guided t range (its alpha, scale,
+    num_samples and seed are ignored). Writes ``reports/<run>/pareto.png`` when ``write_figure``.
+    """
+    from ray import tune
+
+    from pipeline.data.layout import data_folder
+    from pipeline.data.shards import read_image_shards
+    from pipeline.evaluation.report import pareto_figure
+    from pipeline.fanout.ray_init import init_ray
+    from pipeline.fanout.scoring import train_index_spec
+
+    sampler = sampler or SamplerConfig()
+    replicas = replicas or ReplicaConfig()
+    grid = make_points(points, include_ddim)
+    spec, _ = train_index_spec(store, dataset, replicas)
+    reference = None
+    if evaluator is None:
+        reference = read_image_shards(store, data_folder(dataset, "holdout")).to_tensor()
+    context = {
+        "store_uri": store.uri, "denoiser": denoiser or f"models/{run}/denoiser",
+        "classifier": classifier or f"models/{run}/classifier", "sampler": sampler,
+        "num_samples": num_samples, "seed": seed, "train_embeddings": spec.embeddings,
+        "train_mean": spec.mean, "threshold": replicas.threshold, "evaluator": evaluator,
+        "reference": reference, "threads": max(1, int(cpus_per_trial)),
+    }  # fmt: skip
+    init_ray()
+    t0 = time.perf_counter()
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, context=context), {"cpu": cpus_per_trial}
+    )
+    with tempfile.TemporaryDirectory(prefix="cpsample-tune-") as tune_dir:
+        results = tune.Tuner(
+            trainable,
+            param_space={"point": tune.grid_search(grid)},
+            # one worker process serves several trials: imports and start-up are paid once per CPU
+            tune_config=tune.TuneConfig(reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=f"sweep-{run}", storage_path=str(Path(tune_dir).resolve()), verbose=verbose
+            ),
+        ).fit()
+        errors = [str(r.error) for r in results if r.error is not None]
+        if errors:
+            raise RuntimeError(f"{len(errors)} sweep trial(s) failed: {errors[0]}")
+        rows = [_plain_result(r.metrics) for r in results]
+    summary = summarise(
+        rows, target_rate, num_samples=num_samples, seed=seed, steps=sampler.steps,
+        threshold=replicas.threshold, embedding=replicas.embedding,
+        wall_s=round(time.perf_counter() - t0, 2),
+    )  # fmt: skip
+    if write_figure:
+        store.write_bytes(pareto_figure(summary), "reports", run, PARETO_FIGURE)
+    return summary
+
+
+def _plain_result(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A trial's result without Tune's bookkeeping keys."""
+    keys = ("index", "label", "sampler", "alpha", "scale", "num_samples", "replication_rate",
+            "mean_nn_similarity", "guidance_fired_fraction", "quality", "time_s")  # fmt: skip
+    return {k: metrics[k] for k in keys}

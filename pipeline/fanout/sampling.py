@@ -1,0 +1,382 @@
+"""Ray Data edge: protected sampling on an actor pool that loads its models once.
+
+Sampling: one row per output shard; an actor generates the shard's samples (seeds derived from
+(run seed, shard, index), so the images do not depend on the number of actors) and writes the
+WebDataset tar atomically. A rerun skips shards that are complete: the tar parses, every member
+carries this run's settings fingerprint, and the member count matches the shard's record. Guard mode
+(``SamplerConfig.guard``) checks every sample against an exact FAISS index of the training images held
+by the actor and regenerates those at or above the threshold with fresh derived seeds.
+
+The replica check's actor pool is in :mod:`pipeline.fanout.scoring`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.core.config import ReplicaConfig, SamplerConfig, from_dict
+from pipeline.core.sampler import derive_seed, sample, unet_denoiser
+from pipeline.data.checkpoints import load_models, preflight_models
+from pipeline.data.imageset import DataError, ImageSet, images_from_tensor
+from pipeline.data.layout import samples_folder
+from pipeline.data.shards import build_tar, encode_png, read_tar, shard_name
+from pipeline.data.storage import Store, open_store
+from pipeline.fanout.index import GuardIndex
+from pipeline.fanout.scoring import resolve_ref, train_index_spec
+
+log = logging.getLogger(__name__)
+
+# The settings that change a shard's bytes; recorded in every sample so a rerun never mixes runs.
+_FINGERPRINT = ("sampler", "steps", "eta", "samples_per_shard", "seed", "clip_sample", "guard")
+_GUIDED = ("alpha", "scale", "input_mode", "guidance_t_max")
+_GUARDED = ("guard_budget", "guard_embedding")
+
+
+def shard_plan(num_samples: int, per_shard: int) -> list[dict[str, int]]:
+    """Rows ``{"shard": i, "count": n}`` covering ``num_samples`` in shards of ``per_shard``."""
+    return [
+        {"shard": s, "count": min(per_shard, num_samples - start)}
+        for s, start in enumerate(range(0, num_samples, per_shard))
+    ]
+
+
+def sample_seed(run_seed: int, shard: int, index: int, attempt: int = 0) -> int:
+    """The seed of sample ``index`` of ``shard``: shared by ``ddim`` and ``cpsample`` for comparisons.
+
+    Guard mode redraws a rejected sample with ``attempt`` = 1, 2, ...; attempt 0 is the unguarded seed,
+    so a guarded run ships exactly the unguarded images wherever nothing was rejected."""
+    if attempt == 0:
+        return derive_seed("sample", run_seed, shard, index)
+    return derive_seed("sample", run_seed, shard, index, "guard", attempt)
+
+
+def sample_key(sampler: str, shard: int, index: int) -> str:
+    return f"{sampler}-{shard:06d}-{index:05d}"
+
+
+def run_fingerprint(cfg: SamplerConfig) -> str:
+    """A short hash of the settings that determine a shard's contents (not batch size or count)."""
+    names = _FINGERPRINT + (_GUIDED if cfg.sampler == "cpsample" else ())
+    names += _GUARDED if cfg.guard is not None else ()
+    settings = json.dumps({n: getattr(cfg, n) for n in names}, sort_keys=True)
+    return hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()
+
+
+def shard_is_complete(
+    shard: ImageSet, cfg: SamplerConfig, index: int, count: int, fingerprint: str
+) -> bool:
+    """A written shard counts as complete when every member carries this run's fingerprint, the member
+    count equals the ``shard_members`` each member records, the keys are this shard's, and (without
+    guard mode, where rejected slots may stay empty) all ``count`` samples are present."""
+    if not shard.meta or len(shard.meta) != len(shard.keys):
+        return False
+    expected = {sample_key(cfg.sampler, index, i) for i in range(count)}
+    if not set(shard.keys) <= expected:
+        return False
+    for m in shard.meta:
+        if m.get("run_fingerprint") != fingerprint or m.get("shard_members") != len(shard.keys):
+            return False
+    return cfg.guard is not None or len(shard.keys) == count
+
+
+class ShardSampler:
+    """Ray Data actor: loads the denoiser (and classifier, and the guard index) once, then writes one
+    shard per input row."""
+
+    def __init__(
+        self,
+        store_uri: str | Store,
+        denoiser: str,
+        classifier: str | None,
+        sampler: dict[str, Any],
+        out_folder: str,
+        threads: int = 1,
+        s3_endpoint: str | None = None,
+        guard_spec: Any = None,
+    ):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.cfg = from_dict(SamplerConfig, sampler)
+        self.fingerprint = run_fingerprint(self.cfg)
+        self.store = open_store(store_uri, s3_endpoint, create=False)
+        self.out_folder = out_folder
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # the models are copied from the store into a scratch folder only while they load
+        with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
+            self.unet, self.schedule, self.shape, self.guidance = load_models(
+                self.store, denoiser, classifier, self.cfg, self.device, tmp
+            )
+        self.guard: GuardIndex | None = None
+        if self.cfg.guard is not None:
+            spec = resolve_ref(guard_spec)
+            if spec is None:
+                raise ValueError("guard mode needs the training index (guard_spec)")
+            self.guard = GuardIndex(
+                spec.embeddings, spec.mean, self.cfg.guard, self.device == "cuda"
+            )
+            self.guard_keys = spec.keys
+
+    def _draw(self, shard: int, slots: list[int], attempts: list[int]) -> list[dict[str, Any]]:
+        """Sample the given slots (each with its current attempt's seed), in batches."""
+        cfg, drawn = self.cfg, []
+        seeds = [sample_seed(cfg.seed, shard, i, attempts[i]) for i in slots]
+        for lo in range(0, len(slots), cfg.batch_size):
+            out = sample(
+                unet_denoiser(self.unet), self.schedule, seeds[lo : lo + cfg.batch_size], self.shape,
+                cfg.steps, cfg.eta, self.guidance, cfg.clip_sample, self.device,
+            )  # fmt: skip
+            images = images_from_tensor(out.images)
+            for j, image in enumerate(images):
+                p = float(out.last_p[j])
+                drawn.append({
+                    "index": slots[lo + j], "seed": seeds[lo + j], "image": image,
+                    "fired": int(out.fired_steps[j]), "final_p": None if np.isnan(p) else p,
+                })  # fmt: skip
+        return drawn
+
+    def _meta(self, shard: int, d: dict[str, Any], attempt: int) -> dict[str, Any]:
+        cfg = self.cfg
+        meta = {
+            "seed": d["seed"], "shard": shard, "index": d["index"], "attempt": attempt,
+            "sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
+            "guidance_steps_fired": d["fired"], "final_p": d["final_p"],
+            "run_fingerprint": self.fingerprint,
+        }  # fmt: skip
+        if cfg.sampler == "cpsample":
+            meta.update(alpha=cfg.alpha, scale=cfg.scale, input_mode=cfg.input_mode,
+                        guidance_t_max=cfg.guidance_t_max)  # fmt: skip
+        return meta
+
+    def _generate(self, shard: int, count: int) -> tuple[list, dict[str, Any]]:
+        """The shard's records. Guard mode: rejected slots are redrawn with the next attempt's seed, in
+        rounds and in slot order, while the shard's regeneration budget lasts (deterministic)."""
+        cfg, guard = self.cfg, self.guard
+        attempts, pending, shipped = [0] * count, list(range(count)), {}
+        budget, rejected, max_sim = cfg.guard_budget, 0, float("nan")
+        while pending:
+            drawn = self._draw(shard, pending, attempts)
+            if guard is not None:
+                sims, nn = guard.check(np.stack([d["image"] for d in drawn]))
+            retry = []
+            for j, d in enumerate(drawn):
+                i = d["index"]
+                meta = self._meta(shard, d, attempts[i])
+                if guard is not None:
+                    if guard.rejects(sims[j]):
+                        rejected += 1
+                        if budget > 0:
+                            budget, attempts[i] = budget - 1, attempts[i] + 1
+                            retry.append(i)
+                        continue
+                    meta.update(guard_threshold=cfg.guard, guard_nn_similarity=float(sims[j]),
+                                guard_nn_key=self.guard_keys[int(nn[j])])  # fmt: skip
+                    max_sim = _nanmax([max_sim, sims[j]])
+                shipped[i] = (sample_key(cfg.sampler, shard, i), encode_png(d["image"]), meta)
+            pending = retry
+        records = [shipped[i] for i in sorted(shipped)]
+        for _, _, meta in records:
+            meta.update(shard_members=len(records), shard_rejected=rejected)
+        return records, {"rejected": rejected, "max_guard_similarity": max_sim}
+
+    def _existing(self, shard: int, count: int) -> ImageSet | None:
+        name = shard_name(shard)
+        if not self.store.exists(self.out_folder, name):
+            return None
+        try:
+            existing = read_tar(self.store.read_bytes(self.out_folder, name), name)
+        except DataError as exc:
+            log.warning("rewriting %s: %s", name, exc)
+            return None
+        if not shard_is_complete(existing, self.cfg, shard, count, self.fingerprint):
+            log.warning("rewriting incomplete or foreign shard %s", name)
+            return None
+        return existing
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows: list[dict[str, Any]] = []
+        for shard, count in zip(batch["shard"].tolist(), batch["count"].tolist()):
+            t0 = time.time()
+            existing = self._existing(shard, count)
+            if existing is not None:  # resume: reuse the complete shard's own record
+                metas = existing.meta
+                stats = {
+                    "rejected": int(metas[0].get("shard_rejected", 0)),
+                    "max_guard_similarity": _nanmax(m.get("guard_nn_similarity") for m in metas),
+                }
+            else:
+                records, stats = self._generate(shard, count)
+                metas = [m for _, _, m in records]
+                # a shard whose every slot was rejected is not written (it is redone on resume)
+                if records:
+                    self.store.write_bytes(build_tar(records), self.out_folder, shard_name(shard))
+            fired = sum(m["guidance_steps_fired"] / max(m["steps"], 1) for m in metas)
+            rows.append({
+                "shard": shard, "count": count, "shipped": len(metas),
+                "skipped": existing is not None, "fired_fraction_sum": fired,
+                "t_start": t0, "t_end": time.time(), **stats,
+            })  # fmt: skip
+        return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
+def _nanmax(values) -> float:
+    finite = [float(v) for v in values if v is not None and not np.isnan(float(v))]
+    return max(finite) if finite else float("nan")
+
+
+def check_existing_run(store, folder: str, plan: list[dict[str, int]], fingerprint: str) -> None:
+    """Refuse to resume into a folder written with other settings or another shard plan."""
+    planned = {shard_name(r["shard"]) for r in plan}
+    names = [n for n in store.listdir(folder) if n.endswith(".tar")]
+    extra = sorted(set(names) - planned)
+    if extra:
+        raise ValueError(
+            f"{store.uri_of(folder)} holds {extra[0]}, beyond this run's {len(plan)} shards: "
+            "num_samples or samples_per_shard changed; use a new --run or remove the folder"
+        )
+    for name in names:
+        try:
+            meta = read_tar(store.read_bytes(folder, name), name).meta
+        except DataError:
+            continue  # the actor rewrites it
+        found = meta[0].get("run_fingerprint") if meta else None
+        if found != fingerprint:
+            raise ValueError(
+                f"{store.uri_of(folder, name)} was written with other sampler settings "
+                f"(fingerprint {found} != {fingerprint}); use a new --run or remove the folder"
+            )
+        return
+
+
+def _placement(
+    gpus_per_actor: float | None, concurrency: int, cpus_per_actor: float
+) -> tuple[float, int]:
+    """GPUs per actor (None: 1 when the cluster has GPUs) and torch threads per actor; checks them."""
+    import ray
+
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if cpus_per_actor <= 0:
+        raise ValueError(f"num_cpus_per_actor must be > 0, got {cpus_per_actor}")
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus > 0 else 0.0
+    if gpus_per_actor < 0:
+        raise ValueError(f"num_gpus_per_actor must be >= 0, got {gpus_per_actor}")
+    if gpus_per_actor > 0 and gpus == 0 and _private_local_ray():
+        raise ValueError(
+            f"num_gpus_per_actor={gpus_per_actor} but the Ray cluster has no GPUs; use 0 for CPU"
+        )
+    return gpus_per_actor, max(1, int(cpus_per_actor))
+
+
+def _private_local_ray() -> bool:
+    """True when this process started its own Ray (``init_ray`` without an address): nothing can add
+    GPU nodes to it. On a cluster (``RAY_ADDRESS``, ``ray job submit``) GPU workers may start at zero and
+    the autoscaler adds them when the actors ask (cluster/aws.yaml, cluster/kuberay/)."""
+    import ray._private.worker
+
+    node = ray._private.worker._global_node
+    return node is not None and node.head
+
+
+def run_sampling(
+    store_uri: str | Store,
+    run: str,
+    sampler: SamplerConfig,
+    denoiser: str,
+    classifier: str | None,
+    concurrency: int = 1,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float | None = 0.0,
+    s3_endpoint: str | None = None,
+    guard_dataset: str | None = None,
+) -> dict[str, Any]:
+    """Fan ``sampler.num_samples`` out over an actor pool; returns counts, fired fraction, guard stats.
+
+    The models are loaded once in the driver first, so a missing or mismatched checkpoint fails before
+    any actor starts. ``gpus_per_actor=None`` means 1 when the cluster has GPUs, else 0; fractions
+    (0.25) pack several actors on one GPU. Guard mode needs ``guard_dataset``: the training shards under
+    ``data/<guard_dataset>/train`` that no shipped sample may copy.
+    """
+    import ray
+
+    from pipeline.fanout.ray_init import init_ray
+
+    folder = samples_folder(run, sampler.sampler)
+    preflight_models(store_uri, denoiser, classifier, sampler, s3_endpoint)
+    plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
+    store = open_store(store_uri, s3_endpoint, create=False)
+    check_existing_run(store, folder, plan, run_fingerprint(sampler))
+    init_ray()
+    gpus_per_actor, threads = _placement(gpus_per_actor, concurrency, cpus_per_actor)
+    guard_ref = None
+    if sampler.guard is not None:
+        if not guard_dataset:
+            raise ValueError(
+                "guard mode needs the training dataset whose images must not be copied"
+            )
+        spec, _ = train_index_spec(
+            store, guard_dataset, ReplicaConfig(embedding=sampler.guard_embedding)
+        )
+        guard_ref = ray.put(spec)
+    ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
+        ShardSampler,
+        fn_constructor_kwargs={
+            "store_uri": store_uri, "denoiser": denoiser, "classifier": classifier,
+            "sampler": dataclasses.asdict(sampler), "out_folder": folder, "threads": threads,
+            "s3_endpoint": s3_endpoint, "guard_spec": guard_ref,
+        },
+        # one shard in flight per actor: shards are long, so they go to whichever actor is free
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
+        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+    )  # fmt: skip
+    rows = sorted(ds.take_all(), key=lambda r: int(r["shard"]))
+    return _sampling_summary(rows, sampler, folder)
+
+
+def _sampling_summary(
+    rows: list[dict[str, Any]], cfg: SamplerConfig, folder: str
+) -> dict[str, Any]:
+    n = sum(int(r["shipped"]) for r in rows)
+    generated = [r for r in rows if not bool(r["skipped"])]
+    out: dict[str, Any] = {
+        "folder": folder,
+        "num_samples": n,
+        "num_planned": cfg.num_samples,
+        "num_shards": len(rows),
+        "skipped_shards": len(rows) - len(generated),
+        "guidance_fired_fraction": float(
+            sum(float(r["fired_fraction_sum"]) for r in rows) / max(n, 1)
+        ),
+        # from the first generated shard's start to the last one's end: sampling without start-up
+        "sampling_span_s": (
+            max(float(r["t_end"]) for r in generated) - min(float(r["t_start"]) for r in generated)
+            if generated
+            else 0.0
+        ),
+    }
+    if cfg.guard is not None:
+        max_sim = _nanmax(r["max_guard_similarity"] for r in rows)
+        out["guard"] = {
+            "threshold": cfg.guard,
+            "embedding": cfg.guard_embedding,
+            "budget_per_shard": cfg.guard_budget,
+            "rejected": int(sum(int(r["rejected"]) for r in rows)),
+            "unfilled": cfg.num_samples - n,
+            "max_shipped_similarity": None if np.isnan(max_sim) else max_sim,
+            "guarantee": (
+                f"no shipped sample has cosine similarity >= {cfg.guard} to any training image "
+                f"(exact search, {cfg.guard_embedding} pixels)"
+            ),
+        }
+    return out

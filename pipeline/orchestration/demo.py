@@ -1,0 +1,256 @@
+"""The end-to-end demo: every stage on embedded defaults, through a local Ray, into one store.
+
+Layout and report.json follow DESIGN.md sections 4 and 5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.core.config import DemoConfig, SamplerConfig
+from pipeline.core.guidance import validate_knobs
+from pipeline.data.datasets import digits_source, folder_source, split
+from pipeline.data.imageset import DataError, images_to_tensor
+from pipeline.data.layout import data_folder
+from pipeline.data.shards import images_of
+from pipeline.data.storage import Store, open_store
+from pipeline.evaluation.domain import train_domain_evaluator
+from pipeline.evaluation.evaluate import sweep_and_attack
+from pipeline.evaluation.report import grid_figure, histogram_figure, pairs_figure, write_report
+from pipeline.evaluation.sweep import point_label, score_point
+from pipeline.fanout.ray_init import init_ray
+from pipeline.fanout.sampling import run_sampling
+from pipeline.fanout.scoring import train_index_spec
+from pipeline.orchestration.stages import (
+    check_replicas,
+    make_shards,
+    train_classifier,
+    train_denoiser,
+)
+
+RUN = "demo"
+
+
+def quick_config(seed: int = 0) -> DemoConfig:
+    """A tiny configuration for tests: every stage runs, nothing is expected to memorise."""
+    # one sampling actor (the 2-actor path is tested on its own): each actor start-up imports diffusers
+    cfg = DemoConfig(seed=seed, quality_epochs=2, num_holdout=500, sample_concurrency=1)
+    cfg.unet = dataclasses.replace(cfg.unet, block_out_channels=(16, 32), attention_levels=(1,))
+    cfg.denoiser = dataclasses.replace(cfg.denoiser, steps=30, batch_size=32, checkpoint_every=30)
+    cfg.classifier_arch = dataclasses.replace(
+        cfg.classifier_arch, base_channels=16, channel_mults=(1, 2)
+    )
+    cfg.classifier = dataclasses.replace(
+        cfg.classifier, steps=30, holdout_images=200, checkpoint_every=30
+    )
+    cfg.sampler = dataclasses.replace(
+        cfg.sampler, num_samples=64, steps=10, samples_per_shard=32, batch_size=32
+    )
+    cfg.sweep = dataclasses.replace(cfg.sweep, scales=(3.0, 7.0), num_samples=32)
+    cfg.mia_members, cfg.mia_nonmembers = 16, 32
+    return cfg
+
+
+class Timer:
+    """Wall time per stage, printed as each stage ends."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        print(f"==> {name}", flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 2)
+        print(f"<== {name}: {self.timings[name]:.1f} s", flush=True)
+
+
+def _source(cfg: DemoConfig, data: str | None):
+    size = cfg.unet.sample_size
+    if data is None:
+        return "digits", digits_source(size)
+    images = folder_source(data, size)
+    return Path(data).resolve().name or "images", images
+
+
+def _sampler_report(stats, run_info: dict, quality: dict, cfg: SamplerConfig) -> dict[str, Any]:
+    out = {**stats.to_dict(), "quality": quality}
+    if cfg.sampler == "cpsample":
+        out.update(
+            alpha=cfg.alpha,
+            scale=cfg.scale,
+            guidance_fired_fraction=run_info["guidance_fired_fraction"],
+        )
+    return out
+
+
+def run_demo(
+    cfg: DemoConfig, out: str, data: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Run all stages into the store at ``out``; returns the report dict (also written to out)."""
+    import ray
+
+    validate_knobs(cfg.sampler.alpha, cfg.sampler.scale)
+    timer = Timer()
+    t_start = time.perf_counter()
+    dataset, images = _source(cfg, data)  # bad input fails here, before anything is written
+    store = open_store(out)
+    with timer.stage("make_shards"):
+        channels = images.images.shape[-1]
+        if channels != cfg.unet.channels:
+            cfg.unet = dataclasses.replace(cfg.unet, channels=channels)
+            cfg.classifier_arch = dataclasses.replace(cfg.classifier_arch, channels=channels)
+        train, holdout = split(images, cfg.num_train, cfg.split_seed)
+        if cfg.num_holdout is not None and len(holdout) > cfg.num_holdout:
+            holdout = holdout.subset(range(cfg.num_holdout))
+        if len(holdout) < 2:
+            raise DataError(f"need at least 2 held-out images, got {len(holdout)}")
+        make_shards(store, dataset, train, holdout)
+    init_ray(num_cpus=cfg.ray_cpus)
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    threads = max(1, cfg.ray_cpus)
+    with timer.stage("train_denoiser"):
+        den = train_denoiser(store, RUN, dataset, cfg.unet, cfg.denoiser, threads)
+    with timer.stage("train_classifier"):
+        clf = train_classifier(store, RUN, dataset, cfg.classifier_arch, cfg.classifier, threads)
+    runs = {}
+    for name in ("ddim", "cpsample"):
+        scfg = dataclasses.replace(cfg.sampler, sampler=name, seed=cfg.seed)
+        with timer.stage(f"sample_{name}"):
+            runs[name] = run_sampling(
+                store, RUN, scfg, f"models/{RUN}/denoiser", f"models/{RUN}/classifier",
+                concurrency=cfg.sample_concurrency, cpus_per_actor=max(1, cfg.ray_cpus // cfg.sample_concurrency),
+            )  # fmt: skip
+    with timer.stage("check_replicas"):
+        spec, train_set = train_index_spec(store, dataset, cfg.replicas)
+        spec_ref = ray.put(spec)
+        checked = {
+            name: check_replicas(
+                store, RUN, runs[name]["folder"], spec_ref, cfg.replicas, cfg.sample_concurrency
+            )
+            for name in runs
+        }
+        base_stats, base_rows = check_replicas(
+            store,
+            RUN,
+            data_folder(dataset, "holdout"),
+            spec_ref,
+            cfg.replicas,
+            annotate=False,
+            name="holdout",
+        )
+    with timer.stage("quality"):
+        quality, figures, evaluator, images = _quality_and_figures(
+            store, runs, checked, base_rows, holdout, train_set, cfg
+        )
+    with timer.stage("sweep_and_attack"):
+        sw = cfg.sweep
+        main = (cfg.sampler.alpha, cfg.sampler.scale)
+        privacy, privacy_figures = sweep_and_attack(
+            store, RUN, dataset, dataclasses.replace(cfg.sampler, seed=cfg.seed), cfg.replicas,
+            evaluator, cfg.seed,
+            points=[(a, s) for a in sw.alphas for s in sw.scales if (a, s) != main],
+            num_samples=sw.num_samples, target_rate=sw.target_rate, num_members=cfg.mia_members,
+            num_nonmembers=cfg.mia_nonmembers, include_ddim=sw.include_ddim,
+            extra_rows=_main_rows(cfg, runs, images, spec, evaluator),
+        )  # fmt: skip
+        figures.update(privacy_figures)
+    report = {
+        "dataset": dataset,
+        "num_train": len(train),
+        "num_holdout": len(holdout),
+        "threshold": cfg.replicas.threshold,
+        "embedding": cfg.replicas.embedding,
+        "seed": cfg.seed,
+        "samplers": {
+            name: _sampler_report(
+                checked[name][0],
+                runs[name],
+                quality[name],
+                dataclasses.replace(cfg.sampler, sampler=name),
+            )
+            for name in runs
+        },
+        "holdout_baseline": base_stats.to_dict(),
+        "classifier": clf["metrics"],
+        "denoiser": {"steps": cfg.denoiser.steps, "final_loss": den["metrics"].get("loss")},
+        "quality_metric": quality["_name"],
+        **privacy,
+        "timings_s": {**timer.timings, "total": round(time.perf_counter() - t_start, 2)},
+        "config": dataclasses.asdict(cfg),
+    }
+    write_report(store, RUN, report, figures)
+    print(
+        f"report: {store.uri_of('report.json')} and {store.uri_of('reports', RUN, 'report.md')}",
+        flush=True,
+    )
+    return report
+
+
+def _main_rows(cfg: DemoConfig, runs, images, spec, evaluator) -> list[dict[str, Any]]:
+    """Sweep rows for the main DDIM and CPSample runs, scored on their first ``sweep.num_samples``
+    samples (so that every point's Fréchet distance uses the same number of samples); the sweep then
+    samples only the other (alpha, s) points."""
+    n = cfg.sweep.num_samples
+    rows = []
+    for name in ("ddim", "cpsample"):
+        point = {
+            "index": 0,
+            "sampler": name,
+            "alpha": cfg.sampler.alpha if name == "cpsample" else None,
+            "scale": cfg.sampler.scale if name == "cpsample" else 0.0,
+        }
+        point["label"] = point_label(point)
+        fired = runs[name].get("guidance_fired_fraction") or 0.0
+        row = score_point(
+            point, images[name][:n], float(fired), spec.embeddings, spec.mean,
+            cfg.replicas.threshold, evaluator,
+        )  # fmt: skip
+        row["source"] = f"the main {name} run (its first {min(n, len(images[name]))} samples)"
+        rows.append(row)
+    return rows
+
+
+def _quality_and_figures(
+    store: Store, runs, checked, base_rows, holdout, train_set, cfg: DemoConfig
+):
+    """Domain-classifier quality per sampler (when held-out labels exist) and the report figures."""
+    quality: dict[str, Any] = {"_name": "none"}
+    evaluator = None
+    if holdout.labels is not None and len(set(holdout.labels)) > 1:
+        evaluator = train_domain_evaluator(
+            holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, seed=cfg.seed
+        )
+        quality["_name"] = (
+            "FD-domaincnn (Fréchet distance in a held-out-trained digit CNN's features)"
+        )
+        quality["_domain_val_accuracy"] = evaluator.val_accuracy
+    train_pos = {k: i for i, k in enumerate(train_set.keys)}
+    figures: dict[str, bytes] = {}
+    sims_by_name = {}
+    images_by_name = {}
+    for name in runs:
+        stats, rows = checked[name]
+        images, _ = images_of(rows, store, runs[name]["folder"])
+        images_by_name[name] = images
+        quality[name] = evaluator.quality(images_to_tensor(images)) if evaluator else {}
+        sims = np.asarray([r["nn_similarity"] for r in rows])
+        sims_by_name[name] = sims
+        k = min(32, len(rows))
+        neighbours = train_set.images[[train_pos[str(r["nn_key"])] for r in rows[:k]]]
+        figures[f"pairs_{name}.png"] = pairs_figure(
+            images[:k], neighbours, sims[:k], stats.threshold, name
+        )
+        figures[f"samples_{name}.png"] = grid_figure(images[:64], f"{name} samples")
+    sims_by_name["held-out real"] = np.asarray([r["nn_similarity"] for r in base_rows])
+    figures["nn_similarity_hist.png"] = histogram_figure(sims_by_name, cfg.replicas.threshold)
+    figures["train_images.png"] = grid_figure(train_set.images[:64], "training images")
+    return quality, figures, evaluator, images_by_name

@@ -1,0 +1,338 @@
+"""The pipeline's stages, each reading and writing store URIs; Ray appears only here and in ray_*.
+
+make_shards -> train_denoiser (TorchTrainer) -> train_classifier (TorchTrainer) -> sample (Ray Data
+actor pool) -> check_replicas (Ray Data + FAISS). Every stage works on a local folder or s3://.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.config import (
+    ClassifierArchConfig,
+    ClassifierTrainConfig,
+    DenoiserTrainConfig,
+    ReplicaConfig,
+    UNetConfig,
+    to_dict,
+)
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
+from pipeline.data.imageset import DataError, ImageSet
+from pipeline.data.layout import data_folder, samples_folder
+from pipeline.data.shards import check_shards, images_of, read_manifest, write_dataset
+from pipeline.data.storage import Store
+from pipeline.evaluation.report import histogram_figure, merge_report, pairs_figure
+from pipeline.fanout.index import ReplicaStats, replica_stats
+from pipeline.fanout.scoring import annotate_shards, score_shards, train_index_spec, write_jsonl
+from pipeline.train.workers import classifier_worker, denoiser_worker, read_checkpoint
+
+
+def make_shards(
+    store: Store,
+    dataset: str,
+    train: ImageSet,
+    holdout: ImageSet,
+    shard_size: int = 1000,
+    source: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write train and holdout WebDataset shards and ``data/<dataset>/manifest.json`` (counts, shard
+    list, sha256 per shard, image size and mode). Resumable and idempotent: complete shards (same
+    sha256) are skipped; see :func:`pipeline.data.shards.write_dataset`."""
+    return write_dataset(
+        store, dataset, {"train": train, "holdout": holdout}, shard_size, source, progress
+    )
+
+
+def webdataset(store: Store, folder: str):
+    """``ray.data.read_webdataset`` over the shards under ``folder``, on the store's filesystem.
+
+    The filesystem carries the endpoint, region and static credentials, so read tasks reach S3 even
+    in workers started without the driver's environment. With a manifest beside ``folder`` the shard
+    list must match it (checksums are checked by the readers that load whole shards)."""
+    import ray
+
+    names = [n for n in store.listdir(folder) if n.endswith(".tar")]
+    if not names:
+        raise DataError(f"no shards under {store.uri_of(folder)}")
+    parent, _, split = folder.rstrip("/").rpartition("/")
+    manifest = read_manifest(store, parent) if parent else None
+    if manifest is not None:
+        check_shards(store, folder, manifest, split, None)
+    paths = [store.join(folder, n) for n in names]
+    return ray.data.read_webdataset(paths, filesystem=store.fs, override_num_blocks=len(paths))
+
+
+def _run_config(store: Store, name: str, num_to_keep: int, max_failures: int):
+    import ray.train
+
+    return ray.train.RunConfig(
+        name=name,
+        # a local path, or bucket/prefix together with the store's S3 filesystem
+        storage_path=store.join("checkpoints"),
+        storage_filesystem=None if store.is_local else store.fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
+        failure_config=ray.train.FailureConfig(max_failures=max_failures),
+    )
+
+
+def worker_cpus(num_workers: int) -> float:
+    """Logical CPUs per training worker: 1, or less on a small cluster, so that at least one CPU stays
+    free for the Ray Data read tasks that feed the workers (otherwise ingest waits forever). Workers
+    still run their own number of torch threads."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    return max(0.25, min(1.0, (total - 1.0) / max(1, num_workers)))
+
+
+def quiet_unsplit(datasets: dict, split: list[str] | None) -> dict:
+    """Turn off Ray Data progress bars on the datasets TorchTrainer does not split; returns ``datasets``.
+
+    An unsplit dataset runs whole inside every training worker, in a few seconds. The driver's
+    ``tqdm_ray`` allocates a worker's bar on the first state it receives but closes it only on a later
+    one, so a bar whose first state is already closed is never closed: it is redrawn under every log
+    line for the rest of the job. The worker loops log their own progress.
+    """
+    for name, ds in datasets.items():
+        if split is not None and name not in split:
+            ds.context.enable_progress_bars = False
+    return datasets
+
+
+def _fit(
+    worker,
+    config: dict,
+    datasets: dict,
+    tcfg,
+    run_config,
+    threads: int,
+    split: list[str] | None = None,
+):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cpus = worker_cpus(tcfg.num_workers)
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config={**config, "threads": threads},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tcfg.num_workers, use_gpu=tcfg.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=run_config,
+        datasets=quiet_unsplit(datasets, split),
+        dataset_config=ray.train.DataConfig(datasets_to_split=split or "all"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_config.name} reported no checkpoint")
+    return result
+
+
+def train_denoiser(
+    store: Store,
+    run: str,
+    dataset: str,
+    unet: UNetConfig,
+    train: DenoiserTrainConfig,
+    threads: int = 1,
+    loop_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Ray Train the denoiser on ``data/<dataset>/train``; export the EMA weights to the store layout.
+
+    A run with the same ``run`` and store continues from its latest checkpoint (Ray Train V2 restores
+    ``checkpoints/<run>-denoiser``). ``loop_config``: extra worker-loop keys (``step_delay_s`` for
+    fault-injection tests)."""
+    schedule = linear_schedule()
+    config = {"unet": to_dict(unet), "train": to_dict(train)}
+    datasets = {"train": webdataset(store, data_folder(dataset, "train"))}
+    result = _fit(
+        denoiser_worker, {**config, **(loop_config or {})}, datasets, train,
+        _run_config(store, f"{run}-denoiser", train.num_to_keep, train.max_failures), threads,
+    )  # fmt: skip
+    with result.checkpoint.as_directory() as d:
+        tensors, state, _ = read_checkpoint(d)
+    model = build_unet(unet)
+    model.load_state_dict(tensors["ema"])
+    run_config = {
+        "run": run,
+        "dataset": dataset,
+        "step": state["step"],
+        "resumed_from": state.get("resumed_from", []),
+        **config,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        save_denoiser(model, Path(tmp) / "denoiser", run_config, schedule)
+        store.put_dir(Path(tmp) / "denoiser", "models", run, "denoiser")
+    return {"uri": store.uri_of("models", run, "denoiser"), "metrics": dict(result.metrics or {})}
+
+
+def train_classifier(
+    store: Store,
+    run: str,
+    dataset: str,
+    arch: ClassifierArchConfig,
+    train: ClassifierTrainConfig,
+    threads: int = 1,
+    schedule_betas: list[float] | None = None,
+    denoiser: str | None = None,
+    loop_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Ray Train the random-label classifier on the training images plus ``holdout_images`` held-out
+    images with their own bits; the remaining held-out images are never seen and measure calibration.
+
+    ``denoiser``: any diffusers UNet2DModel directory (a local folder or a store path such as
+    ``models/<run>/denoiser``), for example a saved google/ddpm-cifar10-32. The model to protect is not
+    trained: its noise schedule and image shape (C, H, W) define the classifier's inputs.
+    """
+    if denoiser is not None:
+        arch, schedule_betas = _protect(store, dataset, arch, denoiser)
+    datasets = {
+        "train": webdataset(store, data_folder(dataset, "train")),
+        # every worker reads the whole held-out set once and splits it by sorted key (see
+        # ``classifier_worker``): no driver-side count/filter passes over the shards
+        "holdout": webdataset(store, data_folder(dataset, "holdout")),
+    }
+    config = {
+        "arch": to_dict(arch),
+        "train": to_dict(train),
+        "betas": schedule_betas,
+        "betas_from": denoiser,
+    }
+    result = _fit(
+        classifier_worker, {**config, **(loop_config or {})}, datasets, train,
+        _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
+        split=["train"],
+    )  # fmt: skip
+    with result.checkpoint.as_directory() as d:
+        tensors, state, _ = read_checkpoint(d)
+    model = NoiseClassifier(arch)
+    model.load_state_dict(tensors["model"])
+    run_config = {
+        "run": run,
+        "dataset": dataset,
+        "step": state["step"],
+        "train": to_dict(train),
+        "metrics": state.get("metrics", {}),
+        "denoiser": denoiser,
+        "schedule": state.get("schedule"),
+        "resumed_from": state.get("resumed_from", []),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        save_classifier(model, Path(tmp) / "classifier", run_config)
+        store.put_dir(Path(tmp) / "classifier", "models", run, "classifier")
+    return {"uri": store.uri_of("models", run, "classifier"), "metrics": state.get("metrics", {})}
+
+
+def _protect(
+    store: Store, dataset: str, arch: ClassifierArchConfig, denoiser: str
+) -> tuple[ClassifierArchConfig, list[float]]:
+    """(arch with the denoiser's image shape, the denoiser's betas); checks the dataset's shape."""
+    from pipeline.core.config import ConfigError, from_dict
+    from pipeline.core.models import load_denoiser, load_schedule, unet_image_shape
+    from pipeline.data.checkpoints import resolve_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        den_dir = resolve_model_dir(store, denoiser, tmp)
+        channels, size, _ = unet_image_shape(load_denoiser(den_dir))
+        betas = load_schedule(den_dir).betas.tolist()
+    manifest = read_manifest(store, data_folder(dataset)) or {}
+    h, w = manifest.get("image_size", (size, size))
+    c = manifest.get("channels", channels)
+    if (c, h, w) != (channels, size, size):
+        raise ConfigError(
+            f"dataset {dataset!r} has images (C, H, W) = {(c, h, w)} but the denoiser {denoiser!r} "
+            f"denoises {(channels, size, size)}"
+        )
+    return from_dict(
+        ClassifierArchConfig, {**to_dict(arch), "sample_size": size, "channels": channels}
+    ), betas
+
+
+def check_replicas(
+    store: Store,
+    run: str,
+    folder: str,
+    spec_ref: Any,
+    replicas: ReplicaConfig,
+    concurrency: int = 1,
+    annotate: bool = True,
+    name: str | None = None,
+    s3_endpoint: str | None = None,
+) -> tuple[ReplicaStats, list[dict[str, Any]]]:
+    """Score every image under ``folder``; write per-sample results and (optionally) annotate shards."""
+    rows = score_shards(store, folder, spec_ref, replicas, concurrency, s3_endpoint)
+    if annotate:
+        annotate_shards(store, folder, rows, s3_endpoint)
+    name = name or folder.rstrip("/").rsplit("/", 1)[-1]
+    write_jsonl(
+        store,
+        [{k: v for k, v in r.items() if k != "path"} for r in rows],
+        "reports",
+        run,
+        f"replicas-{name}.jsonl",
+    )
+    return replica_stats(np.asarray([r["nn_similarity"] for r in rows]), replicas.threshold), rows
+
+
+def replica_check_report(
+    store: Store,
+    run: str,
+    dataset: str,
+    sampler: str,
+    cfg: Any,
+    concurrency: int = 1,
+    s3_endpoint: str | None = None,
+) -> dict[str, Any]:
+    """Score ``samples/<run>/<sampler>`` against ``data/<dataset>/train`` (Ray Data + FAISS) and report.
+
+    Writes ``reports/<run>/replicas-<sampler>.jsonl`` (key, nn_key, nn_similarity, is_replicate), the
+    similarity histogram, a grid of the ``cfg.pairs_k`` closest sample/training pairs, and merges the
+    replication statistics into report.json. With an IVF index, recall@1 is measured on up to
+    ``cfg.recall_queries`` samples against exact search (:func:`pipeline.fanout.index.index_recall`).
+    """
+    import ray
+
+    from pipeline.fanout.index import build_index, embed_pixels, index_recall, nearest
+
+    folder = samples_folder(run, sampler)
+    spec, train = train_index_spec(store, dataset, cfg)
+    stats, rows = check_replicas(
+        store, run, folder, ray.put(spec), cfg, concurrency, name=sampler, s3_endpoint=s3_endpoint
+    )
+    images, _ = images_of(rows, store, folder)
+    sims = np.asarray([float(r["nn_similarity"]) for r in rows])
+    summary: dict[str, Any] = {
+        **stats.to_dict(), "threshold": cfg.threshold, "embedding": cfg.embedding,
+        "index": cfg.index, "num_train": len(train), "per_sample": f"replicas-{sampler}.jsonl",
+    }  # fmt: skip
+    if cfg.index == "ivf":
+        pick = np.unique(
+            np.linspace(0, len(rows) - 1, min(cfg.recall_queries, len(rows))).astype(int)
+        )
+        exact = build_index(spec.embeddings, "flat", use_gpu=cfg.use_gpu)
+        exact_sims, _ = nearest(exact, embed_pixels(images[pick], spec.mean))
+        summary["ivf"] = {
+            "recall_at_1": index_recall(sims[pick], exact_sims[:, 0]),
+            "recall_queries": len(pick), "nlist": cfg.nlist, "nprobe": cfg.nprobe,
+        }  # fmt: skip
+    top = np.argsort(-sims, kind="stable")[: cfg.pairs_k]
+    pos = {k: i for i, k in enumerate(train.keys)}
+    neighbours = train.images[[pos[str(rows[i]["nn_key"])] for i in top]]
+    figures = {
+        f"replicas_{sampler}_hist.png": histogram_figure({sampler: sims}, cfg.threshold),
+        f"replicas_{sampler}_closest.png": pairs_figure(
+            images[top], neighbours, sims[top], cfg.threshold, f"{sampler}: {len(top)} closest"
+        ),
+    }
+    summary["figures"] = sorted(figures)
+    merge_report(
+        store, run, {"samplers": {sampler: stats.to_dict()}, "replica_check": {sampler: summary}},
+        figures, deep=True,
+    )  # fmt: skip
+    return summary

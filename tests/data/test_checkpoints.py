@@ -1,0 +1,196 @@
+"""Model directories in a store: resolving local or store-relative locations, loading, preflight."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.core.config import SamplerConfig
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.models import (
+    CheckpointError,
+    NoiseClassifier,
+    build_unet,
+    save_classifier,
+    save_denoiser,
+)
+from pipeline.data.checkpoints import load_models, preflight_models, resolve_model_dir
+from pipeline.data.storage import open_store
+
+DDIM = SamplerConfig(sampler="ddim")
+CPS = SamplerConfig(sampler="cpsample", alpha=0.5, scale=5.0, guidance_t_max=60)
+
+
+@pytest.fixture
+def tiny_models(tmp_path, core_tiny_unet_cfg, core_tiny_clf_cfg):
+    """Random-weight 8x8 denoiser (schedule T=100), its classifier and a 3-channel classifier."""
+    root = tmp_path / "models"
+    torch.manual_seed(0)
+    unet = build_unet(core_tiny_unet_cfg)
+    save_denoiser(unet, root / "denoiser", {"unet": {}}, linear_schedule(100, 1e-4, 0.05))
+    torch.manual_seed(1)
+    clf = NoiseClassifier(core_tiny_clf_cfg)
+    save_classifier(clf, root / "classifier", {})
+    rgb = dataclasses.replace(core_tiny_clf_cfg, channels=3)
+    save_classifier(NoiseClassifier(rgb), root / "rgb-classifier", {})
+    return {"root": root, "unet": unet, "clf": clf.eval()}
+
+
+def _guidance_probe(guidance, clf, t: int):
+    """Run the guidance at timestep ``t`` on a fixed batch; also the classifier's own p."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 1, 8, 8, generator=gen)
+    eps = torch.randn(3, 1, 8, 8, generator=gen)
+    tb = torch.full((3,), t, dtype=torch.long)
+    abar = linear_schedule(100, 1e-4, 0.05).abar(tb)
+    with torch.no_grad():
+        p_ref = torch.sigmoid(clf(x, tb).float())
+    return guidance(x, tb, eps, abar), eps, p_ref
+
+
+# ------------------------------------------------------------------------------ resolve_model_dir
+def test_a_local_folder_is_used_in_place(tiny_models, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    den = tiny_models["root"] / "denoiser"
+    assert resolve_model_dir(store, str(den), tmp_path / "scratch") == den
+    assert not (tmp_path / "scratch").exists()  # nothing was copied
+
+
+def test_a_store_relative_path_resolves_under_the_store(tiny_models, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    store.put_dir(tiny_models["root"] / "denoiser", "models", "r", "denoiser")
+    for location in ("models/r/denoiser", "/models//r/denoiser/"):
+        got = resolve_model_dir(store, location, tmp_path / "scratch")
+        assert got == Path(store.join("models", "r", "denoiser"))
+        assert (got / "config.json").is_file() and (got / "scheduler_config.json").is_file()
+
+
+def test_a_missing_model_names_the_location_and_the_store(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_model_dir(store, "models/nope/denoiser", tmp_path / "scratch")
+    msg = str(err.value)
+    assert "'models/nope/denoiser'" in msg and store.uri in msg
+    assert "neither a local folder" in msg
+
+
+# ----------------------------------------------------------------------------------- load_models
+def test_ddim_loads_the_denoiser_and_its_schedule_without_a_classifier(tiny_models, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    den = str(tiny_models["root"] / "denoiser")
+    unet, schedule, shape, guidance = load_models(store, den, None, DDIM, "cpu", str(tmp_path))
+    assert shape == (1, 8, 8) and guidance is None and not unet.training
+    # the saved schedule (T = 100, beta_end 0.05), not the default linear T = 1000
+    expected = linear_schedule(100, 1e-4, 0.05)
+    assert schedule.num_train_timesteps == 100
+    assert torch.allclose(schedule.betas, expected.betas, atol=1e-7)
+    assert torch.allclose(schedule.alphas_cumprod, expected.alphas_cumprod, atol=1e-6)
+    saved = tiny_models["unet"].state_dict()
+    loaded = unet.state_dict()
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # a ddim run ignores a classifier that does not even fit the denoiser
+    rgb = str(tiny_models["root"] / "rgb-classifier")
+    assert load_models(store, den, rgb, DDIM, "cpu", str(tmp_path))[3] is None
+
+
+def test_cpsample_builds_guidance_from_the_saved_classifier_and_knobs(tiny_models, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    root = tiny_models["root"]
+    *_, guidance = load_models(
+        store, str(root / "denoiser"), str(root / "classifier"), CPS, "cpu", str(tmp_path)
+    )
+    assert callable(guidance)
+    # below guidance_t_max, alpha = 0.5: every sample fires and eps moves; p is the saved classifier's
+    out, eps, p_ref = _guidance_probe(guidance, tiny_models["clf"], t=50)
+    assert torch.allclose(out.p, p_ref, atol=1e-6)
+    assert out.fired.all() and not torch.allclose(out.eps, eps)
+    # at or above guidance_t_max = 60 nothing fires and eps is returned untouched
+    out, eps, _ = _guidance_probe(guidance, tiny_models["clf"], t=60)
+    assert not out.fired.any() and torch.equal(out.eps, eps)
+    # scale 0: the gate fires but eps is left exactly as it was
+    zero = dataclasses.replace(CPS, scale=0.0)
+    *_, g0 = load_models(
+        store, str(root / "denoiser"), str(root / "classifier"), zero, "cpu", str(tmp_path)
+    )
+    out, eps, _ = _guidance_probe(g0, tiny_models["clf"], t=50)
+    assert out.fired.all() and torch.equal(out.eps, eps)
+
+
+def test_cpsample_without_a_classifier_is_refused(tiny_models, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    den = str(tiny_models["root"] / "denoiser")
+    with pytest.raises(ValueError, match="sampler 'cpsample' needs a classifier checkpoint"):
+        load_models(store, den, None, CPS, "cpu", str(tmp_path))
+
+
+def test_a_classifier_for_other_images_is_refused(tiny_models, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    root = tiny_models["root"]
+    with pytest.raises(CheckpointError) as err:
+        load_models(
+            store, str(root / "denoiser"), str(root / "rgb-classifier"), CPS, "cpu", str(tmp_path)
+        )
+    msg = str(err.value)
+    assert "(3, 8, 8)" in msg and "(1, 8, 8)" in msg and "rgb-classifier" in msg
+
+
+# ------------------------------------------------------------------------------ preflight_models
+def test_preflight_passes_good_models_and_fails_fast_on_bad_ones(tiny_models, tmp_path):
+    root = tiny_models["root"]
+    den, clf, rgb = (str(root / n) for n in ("denoiser", "classifier", "rgb-classifier"))
+    absent = tmp_path / "no-store"  # preflight opens the store without creating it
+    assert preflight_models(str(absent), den, clf, CPS) is None
+    assert preflight_models(str(absent), den, None, DDIM) is None
+    assert not absent.exists()
+    with pytest.raises(ValueError, match="needs a classifier"):
+        preflight_models(str(absent), den, None, CPS)
+    with pytest.raises(CheckpointError, match="classifier was trained on images of shape"):
+        preflight_models(str(absent), den, rgb, CPS)
+    with pytest.raises(FileNotFoundError, match="models/x/denoiser"):
+        preflight_models(str(absent), "models/x/denoiser", None, DDIM)
+    # a folder that is no model at all: the loader's error, not a crash later in the actors
+    with pytest.raises(CheckpointError, match="not a diffusers UNet2DModel directory"):
+        preflight_models(str(absent), str(tmp_path), None, DDIM)
+
+
+def test_preflight_reads_models_from_a_local_store(tiny_models, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    store.put_dir(tiny_models["root"] / "denoiser", "models", "r", "denoiser")
+    store.put_dir(tiny_models["root"] / "classifier", "models", "r", "classifier")
+    preflight_models(store.uri, "models/r/denoiser", "models/r/classifier", CPS)
+    preflight_models(store, "models/r/denoiser", None, DDIM)  # a Store is accepted as is
+    with pytest.raises(FileNotFoundError, match="models/r/classifier-v2"):
+        preflight_models(store.uri, "models/r/denoiser", "models/r/classifier-v2", CPS)
+
+
+# ----------------------------------------------------------------------------- S3 (loopback moto)
+def test_models_in_an_s3_store_are_fetched_into_the_scratch_folder(
+    tiny_models, tmp_path, s3_bucket, s3_env
+):
+    store = open_store(f"s3://{s3_bucket}/root")
+    store.put_dir(tiny_models["root"] / "denoiser", "models", "r", "denoiser")
+    store.put_dir(tiny_models["root"] / "classifier", "models", "r", "classifier")
+    scratch = tmp_path / "scratch"
+    got = resolve_model_dir(store, "models/r/denoiser", scratch)
+    assert got == scratch / "models" / "r" / "denoiser"
+    local = tiny_models["root"] / "denoiser"
+    assert sorted(p.relative_to(got) for p in got.rglob("*") if p.is_file()) == sorted(
+        p.relative_to(local) for p in local.rglob("*") if p.is_file()
+    )
+    unet, schedule, shape, guidance = load_models(
+        store, "models/r/denoiser", "models/r/classifier", CPS, "cpu", str(tmp_path / "t2")
+    )
+    assert shape == (1, 8, 8) and schedule.num_train_timesteps == 100 and callable(guidance)
+    saved = tiny_models["unet"].state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in unet.state_dict().items())
+    out, _, p_ref = _guidance_probe(guidance, tiny_models["clf"], t=50)
+    assert torch.allclose(out.p, p_ref, atol=1e-6)
+    # preflight by URI (the driver's check before the actors start), and a miss names the bucket
+    preflight_models(store.uri, "models/r/denoiser", "models/r/classifier", CPS)
+    with pytest.raises(FileNotFoundError) as err:
+        preflight_models(store.uri, "models/other/denoiser", None, DDIM)
+    assert f"s3://{s3_bucket}/root" in str(err.value)

@@ -1,0 +1,221 @@
+"""A run's evaluation: seeded attack sets, the nearest-sample attack, FID's section, and evaluate_run."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.core.config import ClassifierArchConfig, EvalConfig, UNetConfig
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.guidance import cpsample_guidance
+from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
+from pipeline.data.imageset import ImageSet
+from pipeline.data.shards import read_image_shards, write_image_shards
+from pipeline.data.storage import open_store
+from pipeline.evaluation.evaluate import (
+    attack_sets,
+    evaluate_run,
+    fid_section,
+    membership_inference,
+    nn_attack,
+)
+from pipeline.evaluation.fid import InceptionWeightsError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FAST = EvalConfig(
+    num_members=4,
+    num_nonmembers=6,
+    timesteps=(50,),
+    draws=1,
+    secmi_t=20,
+    secmi_k=10,
+    num_permutations=50,
+)
+UNET16 = UNetConfig(
+    sample_size=16,
+    channels=1,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    attention_levels=(),
+    norm_num_groups=8,
+)
+CLF16 = ClassifierArchConfig(
+    sample_size=16,
+    channels=1,
+    base_channels=8,
+    channel_mults=(1, 2),
+    time_embed_dim=8,
+    num_groups=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_models16(tmp_path_factory) -> Path:
+    """A random-weight 16x16 denoiser and classifier, fitting digits_store's images."""
+    root = tmp_path_factory.mktemp("models16")
+    torch.manual_seed(0)
+    save_denoiser(build_unet(UNET16), root / "denoiser", {"unet": {}}, linear_schedule())
+    torch.manual_seed(1)
+    save_classifier(NoiseClassifier(CLF16), root / "classifier", {})
+    return root
+
+
+def _samples(store, run: str, sampler: str, images: np.ndarray) -> None:
+    keys = [f"{sampler}-{i:06d}" for i in range(len(images))]
+    write_image_shards(
+        store, f"samples/{run}/{sampler}", ImageSet(keys=keys, images=images), shard_size=4
+    )
+
+
+# ------------------------------------------------------------------------------------ attack_sets
+def test_attack_sets_are_seeded_capped_subsets_of_train_and_holdout(digits_store):
+    train = read_image_shards(digits_store, "data/digits/train")
+    holdout = read_image_shards(digits_store, "data/digits/holdout")
+    assert (len(train), len(holdout)) == (32, 300)
+    members, nonmembers, train_images = attack_sets(digits_store, "digits", 10, 20, seed=3)
+    assert (len(members), len(nonmembers)) == (10, 20)
+    np.testing.assert_array_equal(train_images, train.images)
+    assert train_images.shape == (32, 16, 16, 1) and train_images.dtype == np.uint8
+    # members come from the training split, non-members from the held-out one, in stored order
+    tpos = [train.keys.index(k) for k in members.keys]
+    hpos = [holdout.keys.index(k) for k in nonmembers.keys]
+    assert tpos == sorted(tpos) and hpos == sorted(hpos)
+    assert not set(members.keys) & set(holdout.keys)
+    assert not set(nonmembers.keys) & set(train.keys)
+    np.testing.assert_array_equal(members.images, train.images[tpos])
+    np.testing.assert_array_equal(nonmembers.images, holdout.images[hpos])
+    assert members.labels == [train.labels[i] for i in tpos]
+    # the same seed gives the same sets; another seed other sets
+    again = attack_sets(digits_store, "digits", 10, 20, seed=3)
+    assert again[0].keys == members.keys and again[1].keys == nonmembers.keys
+    other = attack_sets(digits_store, "digits", 10, 20, seed=4)
+    assert other[0].keys != members.keys and other[1].keys != nonmembers.keys
+    # sizes are capped at what the splits hold
+    m, n, _ = attack_sets(digits_store, "digits", 1000, 1000, seed=3)
+    assert m.keys == train.keys and n.keys == holdout.keys
+
+
+# -------------------------------------------------------------------------------------- nn_attack
+def test_nn_attack_finds_members_copied_into_the_samples(digits_store, tmp_path):
+    members, nonmembers, train_images = attack_sets(digits_store, "digits", 8, 40, seed=0)
+    store = open_store(str(tmp_path / "s"))
+    # ddim "memorised" every member; cpsample made noise; no samples at all for another run
+    _samples(store, "r", "ddim", members.images.copy())
+    noise = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
+    _samples(store, "r", "cpsample", noise)
+    cfg = EvalConfig(num_permutations=200, seed=0)
+    out = nn_attack(store, "r", members, nonmembers, train_images, cfg)
+    assert set(out) == {"ddim", "cpsample"}
+    d = out["ddim"]
+    assert d["num_members"] == 8 and d["num_nonmembers"] == 40 and d["num_generated"] == 8
+    assert d["member_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert d["nonmember_mean"] < 0.95
+    assert d["auc"] > 0.95 and d["tpr_at_fpr"] > 0.5 and d["fpr"] == 0.01
+    assert d["p_value"] == pytest.approx(1 / 201)  # no relabelling beats the copies
+    fpr, tpr = d["roc"]["fpr"], d["roc"]["tpr"]
+    assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
+    assert out["cpsample"]["num_generated"] == 6 and out["cpsample"]["member_mean"] < 0.9
+    json.dumps(out)  # report-ready: plain JSON types only
+    assert nn_attack(store, "absent", members, nonmembers, train_images, cfg) == {}
+
+
+# ------------------------------------------------------------------------------------ fid_section
+def test_fid_section_without_weights_says_why_it_was_skipped(tmp_path):
+    empty = open_store(str(tmp_path / "empty"))
+    out = fid_section(empty, "r", "digits", None)
+    assert set(out) == {"skipped"} and "--inception-weights" in out["skipped"]
+
+
+def test_fid_section_rejects_a_missing_weights_file_before_reading_data(tmp_path):
+    empty = open_store(str(tmp_path / "empty"))  # no shards: reading them would fail differently
+    with pytest.raises(InceptionWeightsError, match="does not exist"):
+        fid_section(empty, "r", "digits", str(tmp_path / "pt_inception.pth"))
+
+
+# --------------------------------------------------------------------------- membership_inference
+def test_membership_inference_attacks_ddim_and_the_guided_model(digits_store, tiny_models16):
+    from pipeline.core.models import load_classifier, load_denoiser, load_schedule
+
+    members, nonmembers, _ = attack_sets(digits_store, "digits", 4, 6, seed=0)
+    unet = load_denoiser(tiny_models16 / "denoiser")
+    schedule = load_schedule(tiny_models16 / "denoiser")
+    clf = load_classifier(tiny_models16 / "classifier", (1, 16, 16))
+    guidance = cpsample_guidance(clf, alpha=0.5, scale=50.0)
+    out = membership_inference(unet, schedule, guidance, members, nonmembers, FAST)
+    assert set(out) == {"reconstruction", "secmi"}
+    for attack in ("reconstruction", "secmi"):
+        assert set(out[attack]) == {"ddim", "cpsample"}
+        for r in out[attack].values():
+            assert r["num_members"] == 4 and r["num_nonmembers"] == 6
+            assert 0.0 <= r["auc"] <= 1.0 and 1 / 51 <= r["p_value"] <= 1.0
+            assert r["member_mean"] > 0 and r["nonmember_mean"] > 0
+    rec = out["reconstruction"]
+    assert rec["ddim"]["timesteps"] == [50] and rec["ddim"]["draws"] == 1
+    assert out["secmi"]["ddim"]["t_sec"] == 20 and out["secmi"]["ddim"]["k"] == 10
+    # guidance at alpha 0.5 fires on every image: the guided errors are not plain DDIM's
+    assert rec["cpsample"]["member_mean"] != pytest.approx(rec["ddim"]["member_mean"])
+    # without a guidance function only plain DDIM is attacked, with the same (seeded) numbers
+    plain = membership_inference(unet, schedule, None, members, nonmembers, FAST)
+    assert set(plain["reconstruction"]) == set(plain["secmi"]) == {"ddim"}
+    assert plain["reconstruction"]["ddim"] == rec["ddim"]
+    assert plain["secmi"]["ddim"] == out["secmi"]["ddim"]
+
+
+# ----------------------------------------------------------------------------------- evaluate_run
+@pytest.fixture
+def run_store(digits_store, tiny_models16, tmp_path):
+    """A store with digits_store's data, run "e"'s models and its ddim samples (copies of training
+    images), so that the shared session store stays untouched."""
+    store = open_store(str(tmp_path / "run"))
+    store.put_dir(Path(digits_store.join("data", "digits")), "data", "digits")
+    store.put_dir(tiny_models16 / "denoiser", "models", "e", "denoiser")
+    store.put_dir(tiny_models16 / "classifier", "models", "e", "classifier")
+    train = read_image_shards(store, "data/digits/train")
+    _samples(store, "e", "ddim", train.images[:8])
+    return store
+
+
+def test_evaluate_run_reports_attacks_and_roc_figures(run_store):
+    report, figures = evaluate_run(run_store, "e", "digits", FAST)
+    assert set(report) == {"fid", "membership_inference"}
+    assert "skipped" in report["fid"]
+    mi = report["membership_inference"]
+    assert set(mi) == {"reconstruction", "secmi", "nn_distance", "cpsample_knobs"}
+    assert set(mi["reconstruction"]) == set(mi["secmi"]) == {"ddim", "cpsample"}
+    assert set(mi["nn_distance"]) == {"ddim"}  # no cpsample samples in this run
+    assert mi["nn_distance"]["ddim"]["num_generated"] == 8
+    assert mi["reconstruction"]["ddim"]["num_members"] == 4
+    assert mi["reconstruction"]["ddim"]["num_nonmembers"] == 6
+    # no report.json yet: SamplerConfig's defaults
+    assert mi["cpsample_knobs"] == {
+        "alpha": 0.5,
+        "scale": 5.0,
+        "input_mode": "x_t",
+        "guidance_t_max": 600,
+    }
+    assert sorted(figures) == ["roc_nn_distance.png", "roc_reconstruction.png", "roc_secmi.png"]
+    for data in figures.values():
+        assert data[:8] == PNG
+        assert Image.open(io.BytesIO(data)).size[0] > 100
+    json.dumps(report)
+
+
+def test_evaluate_run_takes_the_knobs_recorded_in_the_report(run_store):
+    recorded = {
+        "config": {"sampler": {"alpha": 0.4, "scale": 9.0, "guidance_t_max": 300, "bogus": 1}},
+        "samplers": {"cpsample": {"alpha": 0.25, "num_samples": 8}},
+    }
+    run_store.write_bytes(json.dumps(recorded).encode(), "reports", "e", "report.json")
+    report, _ = evaluate_run(run_store, "e", "digits", FAST)
+    knobs = report["membership_inference"]["cpsample_knobs"]
+    # samplers.cpsample wins over config.sampler; unknown keys are ignored
+    assert knobs == {"alpha": 0.25, "scale": 9.0, "input_mode": "x_t", "guidance_t_max": 300}
+    report, _ = evaluate_run(run_store, "e", "digits", FAST, alpha=0.1, scale=2.0)
+    knobs = report["membership_inference"]["cpsample_knobs"]
+    assert knobs["alpha"] == 0.1 and knobs["scale"] == 2.0 and knobs["guidance_t_max"] == 300

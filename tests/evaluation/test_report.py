@@ -1,0 +1,343 @@
+"""report.json/report.md: merging a run's sections, the root copy, the markdown, and PNG figures."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.data.storage import open_store
+from pipeline.evaluation.report import (
+    evaluation_markdown,
+    grid_figure,
+    histogram_figure,
+    job_markdown,
+    markdown,
+    merge_report,
+    pairs_figure,
+    pareto_figure,
+    roc_figure,
+    write_report,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+DPI = 110  # the figures' dpi
+
+
+def _decode(data: bytes) -> np.ndarray:
+    """Check the PNG signature, decode every pixel, return (H, W, 3) uint8."""
+    assert data[:8] == PNG
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    img.load()
+    return np.asarray(img.convert("RGB"))
+
+
+def _within(shape: tuple[int, ...], width_in: float, height_in: float) -> None:
+    """A tight-cropped figure is about its nominal size (``figsize`` at ``DPI``), never far off."""
+    h, w = shape[:2]
+    assert 0.7 * width_in * DPI <= w <= width_in * DPI + 1
+    # the title of a short figure may stick out above it (tight bbox keeps it): 0.2 in allowed
+    assert 0.7 * height_in * DPI <= h <= (height_in + 0.2) * DPI + 1
+
+
+def _red(a: np.ndarray) -> int:
+    return int(((a[..., 0] > 200) & (a[..., 1] < 60) & (a[..., 2] < 60)).sum())
+
+
+def _demo_report(**extra) -> dict:
+    return {
+        "dataset": "digits",
+        "num_train": 64,
+        "threshold": 0.97,
+        "embedding": "centred",
+        "samplers": {
+            "ddim": {
+                "num_samples": 128,
+                "replication_rate": 0.125,
+                "mean_nn_similarity": 0.91234,
+                "quality": {"fd": 12.345678, "confident_fraction": 0.5},
+            },
+            "cpsample": {
+                "num_samples": 128,
+                "replication_rate": 0.0078125,
+                "mean_nn_similarity": 0.8,
+                "alpha": 0.4,
+                "scale": 7.0,
+                "guidance_fired_fraction": 0.25,
+            },
+        },
+        "holdout_baseline": {"replication_rate": 0.015625, "mean_nn_similarity": 0.85},
+        **extra,
+    }
+
+
+def _attack(auc: float) -> dict:
+    return {
+        "auc": auc,
+        "tpr_at_fpr": 0.1,
+        "p_value": 0.02,
+        "member_mean": 0.5,
+        "nonmember_mean": 0.6,
+        "num_members": 4,
+        "num_nonmembers": 6,
+        "roc": {"fpr": [0.0, 0.5, 1.0], "tpr": [0.0, 0.75, 1.0]},
+    }
+
+
+# ---------------------------------------------------------------------------------- merge_report
+def test_merge_report_shallow_replaces_sections_and_deep_merges_them(tmp_path):
+    store = open_store(str(tmp_path / "s"))
+    first = {"sampling": {"ddim": {"num_samples": 6, "folder": "samples/r/ddim"}}, "note": "a"}
+    assert merge_report(store, "r", first) == first
+    on_disk = json.loads(store.read_bytes("reports", "r", "report.json"))
+    assert on_disk == first
+    # shallow: a top-level section is replaced whole, other sections are kept
+    got = merge_report(store, "r", {"sampling": {"cpsample": {"num_samples": 4}}})
+    assert got == {"sampling": {"cpsample": {"num_samples": 4}}, "note": "a"}
+    # deep: nested dicts merge key by key, at every depth; non-dicts replace
+    merge_report(store, "r", {"sampling": {"ddim": {"num_samples": 6}}}, deep=True)
+    got = merge_report(
+        store,
+        "r",
+        {
+            "sampling": {"cpsample": {"guard": {"budget": 2}}},
+            "note": {"now": "a dict"},
+            "samplers": {"cpsample": {"replication_rate": 0.5}},
+        },
+        deep=True,
+    )
+    assert got == {
+        "sampling": {
+            "ddim": {"num_samples": 6},
+            "cpsample": {"num_samples": 4, "guard": {"budget": 2}},
+        },
+        "note": {"now": "a dict"},
+        "samplers": {"cpsample": {"replication_rate": 0.5}},
+    }
+    got = merge_report(store, "r", {"note": {"now": 3, "new": [1]}}, deep=True)
+    assert got["note"] == {"now": 3, "new": [1]}
+    got = merge_report(store, "r", {"note": "a string again"}, deep=True)
+    assert got["note"] == "a string again" and got["sampling"]["ddim"] == {"num_samples": 6}
+    assert json.loads(store.read_bytes("reports", "r", "report.json")) == got
+    # no root report.json was there, so none is made
+    assert not store.exists("report.json")
+    assert sorted(store.listdir("reports", "r")) == ["report.json", "report.md"]
+
+
+def test_root_report_follows_only_when_it_was_this_runs_copy(tmp_path):
+    store = open_store(str(tmp_path / "s"))
+    write_report(store, "demo", _demo_report(), {})
+    assert store.read_bytes("report.json") == store.read_bytes("reports", "demo", "report.json")
+    merged = merge_report(store, "demo", {"sweep_note": "x"})
+    root = json.loads(store.read_bytes("report.json"))
+    assert root == merged and root["sweep_note"] == "x"
+    # another run's merge leaves the root (the demo's copy) alone
+    merge_report(store, "other", {"sampling": {"ddim": {"num_samples": 1}}})
+    assert json.loads(store.read_bytes("report.json")) == merged
+    # once the root no longer matches the demo's report, the demo's merges stop touching it
+    store.write_bytes(b'{"hand": "edited"}', "report.json")
+    merge_report(store, "demo", {"sweep_note": "y"})
+    assert json.loads(store.read_bytes("report.json")) == {"hand": "edited"}
+    assert json.loads(store.read_bytes("reports", "demo", "report.json"))["sweep_note"] == "y"
+
+
+def test_merge_report_writes_figures_and_lists_every_png_in_the_markdown(tmp_path):
+    store = open_store(str(tmp_path / "s"))
+    curves = {"ddim": _attack(0.5)}
+    roc = roc_figure(curves, "attack")
+    merge_report(store, "r", {"replica_check": {}}, {"roc_b.png": roc})
+    merge_report(
+        store, "r", {"membership_inference": {"reconstruction": curves}}, {"roc_a.png": roc}
+    )
+    assert store.read_bytes("reports", "r", "roc_a.png") == roc
+    assert store.read_bytes("reports", "r", "roc_b.png") == roc
+    md = store.read_bytes("reports", "r", "report.md").decode()
+    assert md.startswith("# CPSample run: r\n")
+    figures = md[md.index("## Figures") :]
+    assert figures.index("![roc_a.png](roc_a.png)") < figures.index("![roc_b.png](roc_b.png)")
+    assert "## Membership inference" in md
+    assert "| reconstruction | ddim | 0.500 | 0.100 | 0.02 | 0.5 | 0.6 | 4/6 |" in md
+
+
+def test_merge_report_markdown_follows_the_reports_shape(tmp_path):
+    store = open_store(str(tmp_path / "s"))
+    # job-shaped: sampling and replica-check sections, scalars only
+    merge_report(
+        store,
+        "job",
+        {
+            "sampling": {"ddim": {"num_samples": 6, "folder": "samples/job/ddim", "seeds": [1, 2]}},
+            "samplers": {"ddim": {"replication_rate": 0.25}},
+            "replica_check": {"ddim": {"threshold": 0.97, "figures": ["x.png"]}},
+        },
+        deep=True,
+    )
+    md = store.read_bytes("reports", "job", "report.md").decode()
+    assert md.startswith("# CPSample run: job\n")
+    assert "## Sampling: ddim" in md and "- num_samples: 6" in md
+    assert "- folder: samples/job/ddim" in md and "seeds" not in md
+    assert "## Replica check: ddim" in md and "- replication_rate: 0.25" in md
+    assert "- threshold: 0.97" in md and "figures:" not in md
+    # demo-shaped: the demo's table, then the evaluation sections
+    merge_report(store, "demo", _demo_report(fid={"skipped": "no weights"}))
+    md = store.read_bytes("reports", "demo", "report.md").decode()
+    assert md.startswith("# CPSample report: digits\n")
+    assert "## FID" in md and "Not measured: no weights" in md
+    assert "CPSample run" not in md
+
+
+# ---------------------------------------------------------------------------------- the markdown
+def test_markdown_summarises_the_demo_report():
+    report = _demo_report(classifier={"accuracy": 0.75}, timings_s={"train": 1.234, "sample": 10.0})
+    md = markdown(report, ["a.png", "b.png"])
+    lines = md.splitlines()
+    assert lines[0] == "# CPSample report: digits"
+    assert "64 training images; replica threshold 0.97 (cosine, centred pixels)." in lines
+    assert "| ddim | 128 | 12.50% | 0.9123 | 12.35 | 0.5 | - |" in lines
+    assert "| cpsample | 128 | 0.78% | 0.8000 | - | - | 0.25 |" in lines
+    assert "| held-out real (baseline) | - | 1.56% | 0.8500 | | | |" in lines
+    assert "CPSample knobs: alpha = 0.4, scale s = 7.0." in lines
+    assert json.loads(md[md.index("```json") + 7 : md.rindex("```")]) == {"accuracy": 0.75}
+    assert "Timings (s): train 1.2, sample 10.0." in lines
+    assert lines[-2:] == ["![a.png](a.png)", "![b.png](b.png)"]
+    # a DDIM-only report has no knobs line, no classifier section and no timings
+    plain = _demo_report()
+    del plain["samplers"]["cpsample"]
+    md = markdown(plain, [])
+    assert "CPSample knobs" not in md and "## Random-label classifier" not in md
+    assert "Timings" not in md and md.endswith("## Figures\n\n")
+
+
+def test_job_markdown_is_empty_without_job_sections():
+    assert job_markdown({}) == ""
+    assert job_markdown({"samplers": {"ddim": {"replication_rate": 0.1}}}) == ""
+    md = job_markdown({"replica_check": {"cpsample": {"index": "ivf"}}})
+    assert md == "\n## Replica check: cpsample\n\n- index: ivf\n"
+
+
+def test_evaluation_markdown_covers_fid_attacks_and_the_sweep():
+    sweep = {
+        "num_samples": 12,
+        "target_rate": 0.02,
+        "quality_metric": "fd",
+        "pareto_front": ["b"],
+        "points": [
+            {
+                "label": "ddim",
+                "sampler": "ddim",
+                "replication_rate": 0.25,
+                "mean_nn_similarity": 0.9,
+                "quality": {"fd": 3.0},
+                "guidance_fired_fraction": 0.0,
+            },
+            {
+                "label": "b",
+                "sampler": "cpsample",
+                "replication_rate": 0.0,
+                "mean_nn_similarity": 0.8,
+                "quality": {"fd": 4.5},
+                "guidance_fired_fraction": 0.5,
+            },
+        ],
+        "recommended": {"label": "b", "alpha": 0.5, "scale": 3.0, "replication_rate": 0.0},
+    }
+    report = {
+        "fid": {
+            "name": "FID",
+            "reference": "held-out real images",
+            "num_reference": 300,
+            "values": {"ddim": 12.3456, "cpsample": 20.0},
+        },
+        "membership_inference": {
+            "nn_distance": {"ddim": _attack(0.875)},
+            "cpsample_knobs": {"alpha": 0.5, "scale": 5.0},
+        },
+        "sweep": sweep,
+    }
+    md = evaluation_markdown(report)
+    assert "FID against held-out real images (300 images):" in md
+    assert "- ddim: 12.35" in md and "- cpsample: 20" in md
+    rows = [x for x in md.splitlines() if x.startswith("| nn_distance")]
+    assert rows == ["| nn_distance | ddim | 0.875 | 0.100 | 0.02 | 0.5 | 0.6 | 4/6 |"]
+    assert "cpsample_knobs" not in md
+    assert "| ddim | 25.00% | 0.9000 | 3 | 0.000 |  |" in md
+    assert "| b | 0.00% | 0.8000 | 4.5 | 0.500 | yes |" in md
+    assert "**Recommended: alpha = 0.5, s = 3**" in md
+    sweep["recommended"] = {"reason": "no point within the target", "closest": "b"}
+    md = evaluation_markdown({"sweep": sweep})
+    assert "No recommendation: no point within the target; closest: b." in md
+    assert evaluation_markdown({}) == "\n"
+
+
+# ------------------------------------------------------------------------------------ the figures
+def test_pairs_figure_is_a_png_with_a_red_frame_per_copy():
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    neighbours = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    none = _decode(pairs_figure(samples, neighbours, np.array([0.5, 0.6, 0.7, 0.8]), 0.97, "t"))
+    one = _decode(pairs_figure(samples, neighbours, np.array([0.5, 0.99, 0.7, 0.8]), 0.97, "t"))
+    four = _decode(pairs_figure(samples, neighbours, np.full(4, 0.99), 0.97, "t"))
+    _within(one.shape, 2 * 4 * 1.1, 1.25)  # cols=4: 8 panels of 1.1 in, one row of 1.25 in
+    assert none.shape == one.shape == four.shape
+    assert _red(none) == 0 < _red(one) < _red(four)
+    # a second row of pairs adds about one row's height (1.25 in)
+    eight = _decode(
+        pairs_figure(
+            np.concatenate([samples] * 2),
+            np.concatenate([neighbours] * 2),
+            np.full(8, 0.5),
+            0.97,
+            "t",
+        )
+    )
+    assert eight.shape[1] == one.shape[1]
+    assert 0.8 * 1.25 * DPI <= eight.shape[0] - one.shape[0] <= 1.25 * DPI + 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_grid_figure_draws_the_images_in_rows_of_cols(channels):
+    black = _decode(grid_figure(np.zeros((16, 8, 8, channels), np.uint8), "t"))
+    white = _decode(grid_figure(np.full((16, 8, 8, channels), 255, np.uint8), "t"))
+    _within(black.shape, 16 * 0.6, 0.6)
+    assert black.shape == white.shape
+    dark = lambda a: float((a.mean(-1) < 30).mean())  # noqa: E731
+    assert dark(black) > 0.3 and dark(white) < 0.01
+    two_rows = _decode(grid_figure(np.zeros((17, 8, 8, channels), np.uint8), "t"))
+    assert two_rows.shape[1] == black.shape[1]
+    assert 0.8 * 0.6 * DPI <= two_rows.shape[0] - black.shape[0] <= 0.6 * DPI + 1
+
+
+def test_histogram_roc_and_pareto_figures_are_pngs_of_their_size():
+    rng = np.random.default_rng(1)
+    hist = _decode(histogram_figure({"ddim": rng.random(50), "cpsample": rng.random(50)}, 0.97))
+    _within(hist.shape, 6.5, 3.6)
+    assert _red(hist) > 0  # the threshold line
+    roc = _decode(roc_figure({"ddim": _attack(0.5), "cpsample": _attack(0.9)}, "attack"))
+    _within(roc.shape, 5.0, 4.2)
+    empty = {"quality_metric": None, "points": [], "target_rate": 0.02, "threshold": 0.97}
+    data = pareto_figure(empty)
+    _within(_decode(data).shape, 6.5, 4.2)
+    described = json.loads(Image.open(io.BytesIO(data)).text["Description"])
+    assert described == {"quality_metric": None, "points": []}
+
+
+def test_write_report_writes_figures_json_markdown_and_the_root_copy(tmp_path):
+    store = open_store(str(tmp_path / "s"))
+    fig = grid_figure(np.zeros((2, 8, 8, 1), np.uint8), "t")
+    report = _demo_report(membership_inference={"reconstruction": {"ddim": _attack(0.625)}})
+    write_report(store, "demo", report, {"z.png": fig, "a.png": fig})
+    assert sorted(store.listdir("reports", "demo")) == [
+        "a.png",
+        "report.json",
+        "report.md",
+        "z.png",
+    ]
+    assert json.loads(store.read_bytes("reports", "demo", "report.json")) == report
+    assert json.loads(store.read_bytes("report.json")) == report
+    md = store.read_bytes("reports", "demo", "report.md").decode()
+    assert md.index("![a.png](a.png)") < md.index("![z.png](z.png)")
+    assert "| reconstruction | ddim | 0.625 |" in md

@@ -1,0 +1,190 @@
+"""Distributed sampling and replica checks on a real local Ray (Ray Data actor pools, real FAISS).
+
+Every sampling actor runs torch with 1 thread (``cpus_per_actor=1``), so outputs are compared
+byte for byte: with equal thread counts the convolutions round identically.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.core.config import ClassifierArchConfig, ReplicaConfig, SamplerConfig, UNetConfig
+from pipeline.core.diffusion import linear_schedule
+from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
+from pipeline.data.imageset import ImageSet
+from pipeline.data.shards import read_image_shards, read_tar, write_image_shards
+from pipeline.data.storage import open_store
+from pipeline.fanout.sampling import run_sampling, sample_key, sample_seed
+from pipeline.orchestration.stages import replica_check_report
+
+TINY_UNET = UNetConfig(sample_size=8, channels=1, block_out_channels=(8, 16), norm_num_groups=8)
+TINY_CLF = ClassifierArchConfig(
+    sample_size=8, channels=1, base_channels=8, channel_mults=(1, 2), time_embed_dim=8, num_groups=4
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> tuple[str, str]:
+    """A random-weight 8x8 denoiser and classifier saved in the checkpoint formats sampling reads."""
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    save_denoiser(build_unet(TINY_UNET), root / "denoiser", {"unet": {}}, linear_schedule())
+    torch.manual_seed(1)
+    save_classifier(NoiseClassifier(TINY_CLF), root / "classifier", {})
+    return str(root / "denoiser"), str(root / "classifier")
+
+
+def _cfg(**kw) -> SamplerConfig:
+    base = dict(num_samples=6, samples_per_shard=2, batch_size=2, steps=4, alpha=0.5, scale=5.0)
+    return SamplerConfig(**{**base, **kw})
+
+
+def _shards(store, folder: str) -> dict[str, bytes]:
+    return {n: store.read_bytes(folder, n) for n in store.listdir(folder) if n.endswith(".tar")}
+
+
+def test_one_and_two_actors_write_identical_shards(ray_local, tmp_path, tiny_models):
+    den, clf = tiny_models
+    cfg = _cfg()
+    scratch = set(Path(tempfile.gettempdir()).glob("cpsample-models-*"))
+    outs, shards = [], []
+    for n_actors in (1, 2):
+        store = open_store(str(tmp_path / f"a{n_actors}"))
+        outs.append(run_sampling(store.uri, "r", cfg, den, clf, concurrency=n_actors))
+        shards.append(_shards(store, "samples/r/cpsample"))
+    assert outs[0]["num_samples"] == outs[1]["num_samples"] == 6
+    assert outs[0]["num_shards"] == 3 and outs[0]["skipped_shards"] == 0
+    assert sorted(shards[0]) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    # same thread count (1) in every actor: byte-identical tars, hence keys, seeds and images
+    assert shards[0] == shards[1]
+    for name, data in shards[0].items():
+        s = int(name[6:12])
+        got = read_tar(data, name)
+        assert got.keys == [sample_key("cpsample", s, i) for i in range(2)]
+        assert [m["seed"] for m in got.meta] == [sample_seed(0, s, i) for i in range(2)]
+        for m in got.meta:
+            assert m["attempt"] == 0 and m["shard_members"] == 2 and m["alpha"] == 0.5
+            assert 0 <= m["guidance_steps_fired"] <= 4 and 0.0 <= m["final_p"] <= 1.0
+    assert outs[0]["guidance_fired_fraction"] == pytest.approx(outs[1]["guidance_fired_fraction"])
+    # a rerun skips every complete shard and leaves the bytes alone
+    store = open_store(str(tmp_path / "a1"))
+    again = run_sampling(store.uri, "r", cfg, den, clf, concurrency=2)
+    assert again["skipped_shards"] == 3 and again["num_samples"] == 6
+    assert _shards(store, "samples/r/cpsample") == shards[0]
+    # the actors copied the models into scratch folders only while loading them (an actor the pool
+    # started late may still be loading: give it a moment)
+    deadline = time.monotonic() + 60
+    while set(Path(tempfile.gettempdir()).glob("cpsample-models-*")) != scratch:
+        assert time.monotonic() < deadline, "sampling actors left model scratch folders in /tmp"
+        time.sleep(1)
+
+
+def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
+    ray_local, tmp_path, tiny_models
+):
+    den, _ = tiny_models
+    cfg = _cfg(sampler="ddim")
+    store = open_store(str(tmp_path / "s"))
+    run_sampling(store.uri, "r", cfg, den, None)
+    folder = "samples/r/ddim"
+    ref = _shards(store, folder)
+    # a truncated tar and a tar with a member missing (count no longer matches its record)
+    store.write_bytes(ref["shard-000001.tar"][:700], folder, "shard-000001.tar")
+    two = read_tar(ref["shard-000002.tar"], "x")
+    from pipeline.data.shards import build_tar, encode_png
+
+    store.write_bytes(
+        build_tar([(two.keys[0], encode_png(two.images[0]), two.meta[0])]),
+        folder,
+        "shard-000002.tar",
+    )
+    out = run_sampling(store.uri, "r", cfg, den, None)
+    assert out["skipped_shards"] == 1 and out["num_samples"] == 6
+    assert _shards(store, folder) == ref
+    with pytest.raises(ValueError, match="other sampler settings"):
+        run_sampling(store.uri, "r", _cfg(sampler="ddim", seed=9), den, None)
+    with pytest.raises(ValueError, match="beyond this run's 2 shards"):
+        run_sampling(store.uri, "r", _cfg(sampler="ddim", num_samples=4), den, None)
+    with pytest.raises(ValueError, match="has no GPUs"):
+        run_sampling(store.uri, "g", cfg, den, None, gpus_per_actor=0.5)
+    assert not store.exists("samples", "g")
+
+
+def _copy_store(tmp_path, den, n_copies: int = 3):
+    """An unguarded ddim run, then a training set that contains some of its samples verbatim."""
+    store = open_store(str(tmp_path / "g"))
+    cfg = _cfg(sampler="ddim", num_samples=8, samples_per_shard=4, batch_size=4)
+    run_sampling(store.uri, "plain", cfg, den, None)
+    plain = read_image_shards(store, "samples/plain/ddim")
+    copied = [0, 5, 6][:n_copies]  # shard 0 slot 0, shard 1 slots 1 and 2
+    rng = np.random.default_rng(0)
+    others = rng.integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    images = np.concatenate([plain.images[copied], others])
+    keys = [f"train-{i:03d}" for i in range(len(images))]
+    write_image_shards(store, "data/copies/train", ImageSet(keys=keys, images=images), 10)
+    return store, cfg, plain, copied
+
+
+def test_guard_never_ships_a_copy(ray_local, tmp_path, tiny_models):
+    den, _ = tiny_models
+    store, _, plain, copied = _copy_store(tmp_path, den)
+    guarded = _cfg(sampler="ddim", num_samples=8, samples_per_shard=4, batch_size=4, guard=0.99)
+    out = run_sampling(store.uri, "guarded", guarded, den, None, guard_dataset="copies")
+    g = out["guard"]
+    assert g["rejected"] >= len(copied) and g["unfilled"] == 0 and out["num_samples"] == 8
+    assert g["max_shipped_similarity"] < 0.99
+    shipped = read_image_shards(store, "samples/guarded/ddim")
+    assert shipped.keys == [k.replace("plain", "guarded") for k in plain.keys]
+    for i, (image, meta) in enumerate(zip(shipped.images, shipped.meta)):
+        assert meta["guard_nn_similarity"] < 0.99 and meta["guard_threshold"] == 0.99
+        if i in copied:  # redrawn with a fresh derived seed
+            assert meta["attempt"] >= 1
+            assert meta["seed"] == sample_seed(0, meta["shard"], meta["index"], meta["attempt"])
+            assert not np.array_equal(image, plain.images[i])
+        else:  # attempt 0 is the unguarded seed: the very same image
+            assert meta["attempt"] == 0 and np.array_equal(image, plain.images[i])
+    # the independent check (Ray Data scoring) agrees: nothing shipped at or above the threshold
+    rcfg = ReplicaConfig(threshold=0.99, pairs_k=4)
+    summary = replica_check_report(store, "guarded", "copies", "ddim", rcfg)
+    assert summary["replication_rate"] == 0.0 and summary["num_samples"] == 8
+    base = replica_check_report(store, "plain", "copies", "ddim", rcfg)
+    assert base["replication_rate"] == pytest.approx(len(copied) / 8)
+    report = json.loads(store.read_bytes("reports", "plain", "report.json"))
+    assert report["samplers"]["ddim"]["replication_rate"] == pytest.approx(len(copied) / 8)
+    assert report["replica_check"]["ddim"]["figures"] == [
+        "replicas_ddim_closest.png",
+        "replicas_ddim_hist.png",
+    ]
+    for name in report["replica_check"]["ddim"]["figures"]:
+        assert store.read_bytes("reports", "plain", name)[:4] == b"\x89PNG"
+    # report.md is rebuilt with the merge: the check's section and its figures
+    md = store.read_bytes("reports", "plain", "report.md").decode()
+    assert "## Replica check: ddim" in md and "![replicas_ddim_hist.png]" in md
+    assert f"- replication_rate: {len(copied) / 8}" in md
+    lines = store.read_bytes("reports", "plain", "replicas-ddim.jsonl").decode().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert sorted(r["key"] for r in rows if r["nn_similarity"] >= 0.99) == [
+        plain.keys[i] for i in copied
+    ]
+
+
+def test_guard_budget_zero_leaves_slots_empty_and_resumes(ray_local, tmp_path, tiny_models):
+    den, _ = tiny_models
+    store, _, _, copied = _copy_store(tmp_path, den)
+    cfg = _cfg(
+        sampler="ddim", num_samples=8, samples_per_shard=4, batch_size=4, guard=0.99, guard_budget=0
+    )
+    out = run_sampling(store.uri, "b0", cfg, den, None, guard_dataset="copies")
+    assert out["guard"]["rejected"] == len(copied) == out["guard"]["unfilled"]
+    assert out["num_samples"] == 8 - len(copied)
+    again = run_sampling(store.uri, "b0", cfg, den, None, guard_dataset="copies")
+    assert again["skipped_shards"] == 2 and again["guard"] == out["guard"]
+    with pytest.raises(ValueError, match="guard mode needs the training dataset"):
+        run_sampling(store.uri, "b1", cfg, den, None)

@@ -1,0 +1,245 @@
+"""Training losses, loops, EMA and classifier metrics on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.core.config import ClassifierArchConfig, ClassifierTrainConfig, DenoiserTrainConfig
+from pipeline.core.diffusion import linear_schedule, q_sample
+from pipeline.core.labels import random_bits
+from pipeline.core.models import NoiseClassifier, build_unet
+from pipeline.data.datasets import digits_source
+from pipeline.train.loops import (
+    EMA,
+    T_RANGES,
+    classifier_batch,
+    classifier_loss,
+    classifier_metrics,
+    denoiser_loss,
+    fit_classifier,
+    fit_denoiser,
+    lr_at,
+)
+
+
+@pytest.fixture(scope="module")
+def core_digits8():
+    ds = digits_source(8)
+    return ds.subset(range(64)), ds.subset(range(64, 128))
+
+
+@pytest.fixture(scope="module")
+def core_schedule():
+    return linear_schedule()
+
+
+@pytest.fixture(scope="module")
+def core_fitted_classifier(core_digits8, core_schedule):
+    """A classifier trained to memorise the random bits of 64 digits (8x8, t < 50)."""
+    train, _ = core_digits8
+    x, y = train.to_tensor(), random_bits(train.keys, 7)
+    torch.manual_seed(0)
+    clf = NoiseClassifier(
+        ClassifierArchConfig(
+            sample_size=8, base_channels=16, channel_mults=(1, 2), time_embed_dim=16, num_groups=4
+        )
+    )
+    cfg = ClassifierTrainConfig(
+        steps=200, batch_size=64, lr=5e-3, t_max=50, seed=0, checkpoint_every=50
+    )
+    opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr)
+    reports: list[tuple[int, dict]] = []
+    fit_classifier(
+        clf, opt, core_schedule, x, y, 64, cfg, on_checkpoint=lambda s, m: reports.append((s, m))
+    )
+    return clf.eval(), x, y, reports
+
+
+def test_classifier_overfits_random_bits(core_fitted_classifier, core_schedule):
+    clf, x, y, reports = core_fitted_classifier
+    assert 0.3 < float(y.mean()) < 0.7  # the bits are not all one class
+    g = torch.Generator().manual_seed(123)
+    t = torch.randint(0, 20, (64,), generator=g)
+    with torch.no_grad():
+        logits = clf(q_sample(core_schedule, x, t, torch.randn(x.shape, generator=g)), t)
+    accuracy = float(((logits > 0).float() == y).float().mean())
+    assert accuracy >= 0.95
+    assert [s for s, _ in reports] == [50, 100, 150, 200]
+    assert all(set(m) == {"step", "loss"} for _, m in reports)
+    assert reports[-1][1]["loss"] < reports[0][1]["loss"] * 0.5
+
+
+def test_classifier_metrics(core_fitted_classifier, core_digits8, core_schedule):
+    clf, x, y, _ = core_fitted_classifier
+    _, never = core_digits8
+    never_x, never_y = never.to_tensor(), random_bits(never.keys, 7)
+    m = classifier_metrics(clf, core_schedule, x, y, never_x, never_y, seed=0)
+    d = m.to_dict()
+    assert set(d) == {
+        "train_accuracy_by_t",
+        "holdout_accuracy",
+        "never_seen_confident_fraction",
+        "lipschitz_proxy",
+    }
+    assert list(m.train_accuracy_by_t) == [f"{lo}-{hi}" for lo, hi in T_RANGES]
+    assert all(0.0 <= v <= 1.0 for v in m.train_accuracy_by_t.values())
+    assert m.train_accuracy_by_t["0-100"] > 0.75  # trained on t < 50
+    assert 0.0 <= m.holdout_accuracy <= 1.0
+    assert 0.0 <= m.never_seen_confident_fraction <= 1.0
+    assert m.lipschitz_proxy > 0 and math.isfinite(m.lipschitz_proxy)
+    again = classifier_metrics(clf, core_schedule, x, y, never_x, never_y, seed=0)
+    assert again.to_dict() == d  # seeded
+
+    empty = classifier_metrics(clf, core_schedule, x, y, never_x[:0], never_y[:0])
+    assert math.isnan(empty.holdout_accuracy)
+    assert math.isnan(empty.never_seen_confident_fraction)
+
+
+def test_classifier_loss_deterministic_with_generator(
+    core_digits8, core_schedule, core_tiny_clf_cfg
+):
+    train, _ = core_digits8
+    x, y = train.to_tensor()[:16], random_bits(train.keys[:16], 1)
+    torch.manual_seed(0)
+    clf = NoiseClassifier(core_tiny_clf_cfg)
+    a = classifier_loss(
+        clf, core_schedule, x, y, t_max=10, generator=torch.Generator().manual_seed(5)
+    )
+    b = classifier_loss(
+        clf, core_schedule, x, y, t_max=10, generator=torch.Generator().manual_seed(5)
+    )
+    assert a.shape == ()
+    assert torch.equal(a, b)
+    # BCE of an untrained model is near log 2
+    assert 0.3 < float(a.detach()) < 1.5
+
+
+def test_classifier_loss_with_mixup_is_reproducible_from_generator(
+    core_digits8, core_schedule, core_tiny_clf_cfg
+):
+    train, _ = core_digits8
+    x, y = train.to_tensor()[:16], random_bits(train.keys[:16], 1)
+    torch.manual_seed(0)
+    clf = NoiseClassifier(core_tiny_clf_cfg)
+    a = classifier_loss(
+        clf, core_schedule, x, y, mixup=0.5, generator=torch.Generator().manual_seed(5)
+    )
+    b = classifier_loss(
+        clf, core_schedule, x, y, mixup=0.5, generator=torch.Generator().manual_seed(5)
+    )
+    assert torch.isfinite(a)
+    assert torch.equal(a, b)
+
+
+def test_classifier_batch_composition():
+    gen = torch.Generator().manual_seed(0)
+    idx = classifier_batch(n_train=10, n_fit=100, size=40, train_fraction=0.25, gen=gen)
+    assert idx.shape == (40,)
+    assert bool((idx[:10] < 10).all())
+    assert bool(((idx[10:] >= 10) & (idx[10:] < 100)).all())
+    uniform = classifier_batch(10, 100, 500, 0.0, gen)
+    assert int(uniform.min()) >= 0 and int(uniform.max()) < 100
+    assert int((uniform < 10).sum()) < 150  # about a tenth, not a quarter
+    only_train = classifier_batch(10, 10, 20, 0.5, gen)
+    assert int(only_train.max()) < 10
+
+
+def test_lr_at_warmup():
+    assert lr_at(0, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(4, 1.0, 10) == pytest.approx(0.5)
+    assert lr_at(9, 1.0, 10) == 1.0
+    assert lr_at(500, 2e-3, 10) == 2e-3
+    assert lr_at(0, 2e-3, 0) == 2e-3
+
+
+def test_ema_moves_toward_parameters():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(model, decay=0.9)
+    assert not ema.shadow.training
+    assert all(not p.requires_grad for p in ema.shadow.parameters())
+    start = [p.detach().clone() for p in ema.shadow.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.fill_(3.0)
+
+    ema.update(model, step=100)  # warm-up over: d = decay
+    for s0, pe, p in zip(start, ema.shadow.parameters(), model.parameters()):
+        assert torch.allclose(pe, 0.9 * s0 + 0.1 * p, atol=1e-6)
+    assert torch.equal(ema.shadow[1].running_mean, torch.full((4,), 3.0))  # buffers are copied
+
+    def dist():
+        return sum(
+            float((pe - p.detach()).norm())
+            for pe, p in zip(ema.shadow.parameters(), model.parameters())
+        )
+
+    before = dist()
+    ema.update(model, step=101)
+    assert dist() == pytest.approx(0.9 * before, rel=1e-4)
+
+    # early steps use the smaller warm-up decay (1 + step) / (10 + step)
+    fresh = EMA(model, decay=0.999)
+    s0 = [p.detach().clone() for p in fresh.shadow.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    fresh.update(model, step=0)
+    for a, pe, p in zip(s0, fresh.shadow.parameters(), model.parameters()):
+        assert torch.allclose(pe, 0.1 * a + 0.9 * p, atol=1e-6)
+
+
+def test_denoiser_loss_decreases(core_digits8, core_schedule, core_tiny_unet_cfg):
+    train, _ = core_digits8
+    x = train.to_tensor()
+    torch.manual_seed(0)
+    unet = build_unet(core_tiny_unet_cfg)
+
+    def eval_loss():
+        with torch.no_grad():
+            return float(denoiser_loss(unet, core_schedule, x, torch.Generator().manual_seed(99)))
+
+    first = eval_loss()
+    assert first == eval_loss()  # seeded
+    cfg = DenoiserTrainConfig(
+        steps=40, batch_size=32, lr=3e-3, warmup_steps=5, ema_decay=0.9, checkpoint_every=20
+    )
+    ema = EMA(unet, cfg.ema_decay)
+    ema_start = [p.detach().clone() for p in ema.shadow.parameters()]
+    opt = torch.optim.Adam(unet.parameters(), lr=cfg.lr)
+    reports = []
+    fit_denoiser(
+        unet, ema, opt, core_schedule, x, cfg, on_checkpoint=lambda s, m: reports.append((s, m))
+    )
+    last = eval_loss()
+    assert last < 0.7 * first
+    assert [s for s, _ in reports] == [20, 40]
+    assert set(reports[0][1]) == {"step", "loss", "images_per_s"}
+    assert reports[1][1]["loss"] < reports[0][1]["loss"]
+    assert reports[0][1]["images_per_s"] > 0
+    assert opt.param_groups[0]["lr"] == cfg.lr  # warm-up finished
+    # the EMA left its start and tracks the trained weights
+    moved = sum(float((a - b).norm()) for a, b in zip(ema_start, ema.shadow.parameters()))
+    gap = sum(
+        float((a - b.detach()).norm()) for a, b in zip(ema.shadow.parameters(), unet.parameters())
+    )
+    start_gap = sum(float((a - b.detach()).norm()) for a, b in zip(ema_start, unet.parameters()))
+    assert moved > 0
+    assert gap < start_gap
+
+
+def test_lr_schedules():
+    from pipeline.train.loops import lr_at
+
+    assert lr_at(0, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(50, 1.0, 10, "constant", 100) == 1.0
+    assert lr_at(50, 1.0, 10, "cosine", 100) == pytest.approx(0.5)
+    assert lr_at(99, 1.0, 10, "cosine", 100) < 0.01
+    with pytest.raises(Exception, match="lr_schedule"):
+        ClassifierTrainConfig(lr_schedule="linear")
+    assert ClassifierTrainConfig().lr_schedule == "cosine"  # the calibrated demo default
+    assert DenoiserTrainConfig().lr_schedule == "constant"

@@ -12,17 +12,23 @@ sys.path.insert(
 
 from pipeline.core.config import ConfigError
 from pipeline.data.imageset import DataError
+from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.storage import StorageError
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that mean bad input (exit 2). CheckpointError is imported lazily: pipeline.core.models
-    pulls in torch and diffusers, which light jobs such as make_shards do not need."""
-    errors: tuple[type[Exception], ...] = (
-        ConfigError, DataError, StorageError, ValueError, FileNotFoundError,
-    )  # fmt: skip
-    if "pipeline.core.models" in sys.modules:
-        errors += (sys.modules["pipeline.core.models"].CheckpointError,)
+    """The project's own bad-input types (exit 2). Anything else (a bare ValueError, a KeyError) is a bug
+    and keeps its traceback and exit 1. Types from heavy modules are added only when their module is
+    already loaded: a job that never imported torch cannot have raised a CheckpointError."""
+    errors: tuple[type[Exception], ...] = (ConfigError, DataError, StorageError, StaleArtifactError)
+    lazy = {
+        "pipeline.core.models": "CheckpointError",
+        "pipeline.evaluation.fid": "InceptionWeightsError",
+        "pipeline.orchestration.cluster_config": "ClusterConfigError",
+    }
+    for module, name in lazy.items():
+        if module in sys.modules:
+            errors += (getattr(sys.modules[module], name),)
     return errors
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_main
 
-from pipeline.orchestration.cluster_config import check_cluster_file
+from pipeline.orchestration.cluster_config import ClusterConfigError, check_cluster_file
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     args = p.parse_args()
     for path in args.files:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such cluster file")
+            raise ClusterConfigError(f"{path}: no such cluster file")
         print(json.dumps(check_cluster_file(path)))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_store_args, load_sections, override, run_main
 
-from pipeline.core.config import ReplicaConfig
+from pipeline.core.config import ConfigError, ReplicaConfig
 
 
 def main() -> None:
@@ -50,16 +50,15 @@ def main() -> None:
         use_gpu=args.use_gpu,
     )  # fmt: skip
     if args.concurrency < 1:
-        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
+        raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")
+    from pipeline.data.imageset import DataError
     from pipeline.data.storage import open_store
     from pipeline.fanout.ray_init import init_ray
     from pipeline.orchestration.stages import replica_check_report
 
     store = open_store(args.store, args.s3_endpoint)
     if not store.listdir("samples", args.run, args.sampler):
-        raise FileNotFoundError(
-            f"no sample shards under {store.uri_of('samples', args.run, args.sampler)}"
-        )
+        raise DataError(f"no sample shards under {store.uri_of('samples', args.run, args.sampler)}")
     init_ray()
     summary = replica_check_report(
         store, args.run, args.dataset, args.sampler, cfg, args.concurrency, args.s3_endpoint

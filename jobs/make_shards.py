@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_s3_endpoint_arg, run_main
 
+from pipeline.core.config import ConfigError
 from pipeline.data.datasets import (
     cifar10_source,
     digits_source,
@@ -67,13 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_s3_endpoint_arg(p)
     args = p.parse_args(argv)
     if args.image_size is not None and not 1 <= args.image_size <= 4096:
-        raise ValueError(f"--image-size must be in [1, 4096], got {args.image_size}")
+        raise ConfigError(f"--image-size must be in [1, 4096], got {args.image_size}")
     if args.shard_size <= 0:
-        raise ValueError(f"--shard-size must be > 0, got {args.shard_size}")
+        raise ConfigError(f"--shard-size must be > 0, got {args.shard_size}")
     if args.num_train <= 0:
-        raise ValueError(f"--num-train must be > 0, got {args.num_train}")
+        raise ConfigError(f"--num-train must be > 0, got {args.num_train}")
     if args.source in ("folder", "cifar10", "webdataset") and not args.path and not args.verify:
-        raise ValueError(f"--source {args.source} needs --path")
+        raise ConfigError(f"--source {args.source} needs --path")
     return args
 
 
@@ -85,7 +86,7 @@ def load_source(args: argparse.Namespace) -> ImageSet:
     if args.source == "cifar10":
         images = cifar10_source(args.path, args.download, train=args.cifar_split == "train")
         if args.image_size not in (None, 32):
-            raise ValueError("CIFAR-10 images are 32x32: leave --image-size out or set it to 32")
+            raise ConfigError("CIFAR-10 images are 32x32: leave --image-size out or set it to 32")
         return images
     return webdataset_source(args.path, args.image_size, args.s3_endpoint)
 

@@ -12,7 +12,13 @@ from pathlib import Path
 
 from pipeline.core.config import SamplerConfig
 from pipeline.core.guidance import cpsample_guidance
-from pipeline.core.models import load_classifier, load_denoiser, load_schedule, unet_image_shape
+from pipeline.core.models import (
+    CheckpointError,
+    load_classifier,
+    load_denoiser,
+    load_schedule,
+    unet_image_shape,
+)
 from pipeline.data.storage import Store, open_store
 
 
@@ -22,9 +28,7 @@ def resolve_model_dir(store, location: str, tmp: str | Path) -> Path:
         return Path(location)
     parts = tuple(p for p in location.split("/") if p)
     if not store.exists(*parts):
-        raise FileNotFoundError(
-            f"model {location!r} is neither a local folder nor under {store.uri}"
-        )
+        raise CheckpointError(f"model {location!r} is neither a local folder nor under {store.uri}")
     return store.get_dir(Path(tmp) / "/".join(parts), *parts)
 
 
@@ -39,7 +43,7 @@ def load_models(
     guidance = None
     if cfg.sampler == "cpsample":
         if classifier is None:
-            raise ValueError("sampler 'cpsample' needs a classifier checkpoint")
+            raise CheckpointError("sampler 'cpsample' needs a classifier checkpoint (--classifier)")
         clf = load_classifier(resolve_model_dir(store, classifier, tmp), shape, device)
         guidance = cpsample_guidance(clf, cfg.alpha, cfg.scale, cfg.input_mode, cfg.guidance_t_max)
     return unet, schedule, shape, guidance

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.core.config import ReplicaConfig, SamplerConfig, from_dict
+from pipeline.core.config import ConfigError, ReplicaConfig, SamplerConfig, from_dict
 from pipeline.core.sampler import derive_seed, sample, unet_denoiser
 from pipeline.data.checkpoints import load_models, preflight_models
 from pipeline.data.imageset import DataError, ImageSet, images_from_tensor
 from pipeline.data.layout import samples_folder
+from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import build_tar, encode_png, read_tar, shard_name
 from pipeline.data.storage import Store, open_store
 from pipeline.fanout.index import GuardIndex
@@ -238,7 +239,7 @@ def check_existing_run(store, folder: str, plan: list[dict[str, int]], fingerpri
     names = [n for n in store.listdir(folder) if n.endswith(".tar")]
     extra = sorted(set(names) - planned)
     if extra:
-        raise ValueError(
+        raise StaleArtifactError(
             f"{store.uri_of(folder)} holds {extra[0]}, beyond this run's {len(plan)} shards: "
             "num_samples or samples_per_shard changed; use a new --run or remove the folder"
         )
@@ -249,7 +250,7 @@ def check_existing_run(store, folder: str, plan: list[dict[str, int]], fingerpri
             continue  # the actor rewrites it
         found = meta[0].get("run_fingerprint") if meta else None
         if found != fingerprint:
-            raise ValueError(
+            raise StaleArtifactError(
                 f"{store.uri_of(folder, name)} was written with other sampler settings "
                 f"(fingerprint {found} != {fingerprint}); use a new --run or remove the folder"
             )
@@ -263,16 +264,16 @@ def _placement(
     import ray
 
     if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
     if cpus_per_actor <= 0:
-        raise ValueError(f"num_cpus_per_actor must be > 0, got {cpus_per_actor}")
+        raise ConfigError(f"num_cpus_per_actor must be > 0, got {cpus_per_actor}")
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpus_per_actor is None:
         gpus_per_actor = 1.0 if gpus > 0 else 0.0
     if gpus_per_actor < 0:
-        raise ValueError(f"num_gpus_per_actor must be >= 0, got {gpus_per_actor}")
+        raise ConfigError(f"num_gpus_per_actor must be >= 0, got {gpus_per_actor}")
     if gpus_per_actor > 0 and gpus == 0 and _private_local_ray():
-        raise ValueError(
+        raise ConfigError(
             f"num_gpus_per_actor={gpus_per_actor} but the Ray cluster has no GPUs; use 0 for CPU"
         )
     return gpus_per_actor, max(1, int(cpus_per_actor))
@@ -321,7 +322,7 @@ def run_sampling(
     guard_ref = None
     if sampler.guard is not None:
         if not guard_dataset:
-            raise ValueError(
+            raise ConfigError(
                 "guard mode needs the training dataset whose images must not be copied"
             )
         spec, _ = train_index_spec(

@@ -70,7 +70,7 @@ def test_a_store_relative_path_resolves_under_the_store(tiny_models, tmp_path):
 
 def test_a_missing_model_names_the_location_and_the_store(tmp_path):
     store = open_store(str(tmp_path / "store"))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(CheckpointError) as err:
         resolve_model_dir(store, "models/nope/denoiser", tmp_path / "scratch")
     msg = str(err.value)
     assert "'models/nope/denoiser'" in msg and store.uri in msg
@@ -123,7 +123,7 @@ def test_cpsample_builds_guidance_from_the_saved_classifier_and_knobs(tiny_model
 def test_cpsample_without_a_classifier_is_refused(tiny_models, tmp_path):
     store = open_store(str(tmp_path / "store"))
     den = str(tiny_models["root"] / "denoiser")
-    with pytest.raises(ValueError, match="sampler 'cpsample' needs a classifier checkpoint"):
+    with pytest.raises(CheckpointError, match="sampler 'cpsample' needs a classifier checkpoint"):
         load_models(store, den, None, CPS, "cpu", str(tmp_path))
 
 
@@ -146,11 +146,11 @@ def test_preflight_passes_good_models_and_fails_fast_on_bad_ones(tiny_models, tm
     assert preflight_models(str(absent), den, clf, CPS) is None
     assert preflight_models(str(absent), den, None, DDIM) is None
     assert not absent.exists()
-    with pytest.raises(ValueError, match="needs a classifier"):
+    with pytest.raises(CheckpointError, match="needs a classifier"):
         preflight_models(str(absent), den, None, CPS)
     with pytest.raises(CheckpointError, match="classifier was trained on images of shape"):
         preflight_models(str(absent), den, rgb, CPS)
-    with pytest.raises(FileNotFoundError, match="models/x/denoiser"):
+    with pytest.raises(CheckpointError, match="models/x/denoiser"):
         preflight_models(str(absent), "models/x/denoiser", None, DDIM)
     # a folder that is no model at all: the loader's error, not a crash later in the actors
     with pytest.raises(CheckpointError, match="not a diffusers UNet2DModel directory"):
@@ -163,7 +163,7 @@ def test_preflight_reads_models_from_a_local_store(tiny_models, tmp_path):
     store.put_dir(tiny_models["root"] / "classifier", "models", "r", "classifier")
     preflight_models(store.uri, "models/r/denoiser", "models/r/classifier", CPS)
     preflight_models(store, "models/r/denoiser", None, DDIM)  # a Store is accepted as is
-    with pytest.raises(FileNotFoundError, match="models/r/classifier-v2"):
+    with pytest.raises(CheckpointError, match="models/r/classifier-v2"):
         preflight_models(store.uri, "models/r/denoiser", "models/r/classifier-v2", CPS)
 
 
@@ -191,6 +191,6 @@ def test_models_in_an_s3_store_are_fetched_into_the_scratch_folder(
     assert torch.allclose(out.p, p_ref, atol=1e-6)
     # preflight by URI (the driver's check before the actors start), and a miss names the bucket
     preflight_models(store.uri, "models/r/denoiser", "models/r/classifier", CPS)
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(CheckpointError) as err:
         preflight_models(store.uri, "models/other/denoiser", None, DDIM)
     assert f"s3://{s3_bucket}/root" in str(err.value)

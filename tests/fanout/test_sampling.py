@@ -15,10 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core.config import ClassifierArchConfig, ReplicaConfig, SamplerConfig, UNetConfig
+from pipeline.core.config import (
+    ClassifierArchConfig,
+    ConfigError,
+    ReplicaConfig,
+    SamplerConfig,
+    UNetConfig,
+)
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.data.imageset import ImageSet
+from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import read_image_shards, read_tar, write_image_shards
 from pipeline.data.storage import open_store
 from pipeline.fanout.sampling import run_sampling, sample_key, sample_seed
@@ -108,11 +115,11 @@ def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
     out = run_sampling(store.uri, "r", cfg, den, None)
     assert out["skipped_shards"] == 1 and out["num_samples"] == 6
     assert _shards(store, folder) == ref
-    with pytest.raises(ValueError, match="other sampler settings"):
+    with pytest.raises(StaleArtifactError, match="other sampler settings"):
         run_sampling(store.uri, "r", _cfg(sampler="ddim", seed=9), den, None)
-    with pytest.raises(ValueError, match="beyond this run's 2 shards"):
+    with pytest.raises(StaleArtifactError, match="beyond this run's 2 shards"):
         run_sampling(store.uri, "r", _cfg(sampler="ddim", num_samples=4), den, None)
-    with pytest.raises(ValueError, match="has no GPUs"):
+    with pytest.raises(ConfigError, match="has no GPUs"):
         run_sampling(store.uri, "g", cfg, den, None, gpus_per_actor=0.5)
     assert not store.exists("samples", "g")
 
@@ -186,5 +193,5 @@ def test_guard_budget_zero_leaves_slots_empty_and_resumes(ray_local, tmp_path, t
     assert out["num_samples"] == 8 - len(copied)
     again = run_sampling(store.uri, "b0", cfg, den, None, guard_dataset="copies")
     assert again["skipped_shards"] == 2 and again["guard"] == out["guard"]
-    with pytest.raises(ValueError, match="guard mode needs the training dataset"):
+    with pytest.raises(ConfigError, match="guard mode needs the training dataset"):
         run_sampling(store.uri, "b1", cfg, den, None)

@@ -16,7 +16,7 @@ from pipeline.core.config import (
     ClassifierTrainConfig,
 )
 from pipeline.core.labels import random_bits
-from pipeline.core.models import load_classifier
+from pipeline.core.models import CheckpointError, load_classifier
 from pipeline.data.shards import read_image_shards
 from pipeline.orchestration.stages import train_classifier
 
@@ -109,7 +109,7 @@ def test_classifier_rejects_denoiser_of_other_image_shape(digits_store, tmp_path
             denoiser=str(den_dir),
         )  # fmt: skip
     assert not digits_store.exists("models", "rgb")
-    with pytest.raises(FileNotFoundError, match="neither a local folder"):
+    with pytest.raises(CheckpointError, match="neither a local folder"):
         train_classifier(
             digits_store, "rgb", "digits", ClassifierArchConfig(), ClassifierTrainConfig(),
             denoiser=str(tmp_path / "missing"),

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.storage import Store
+from pipeline.evaluation.fragments import read_report, write_fragment
 
 
 def _png_bytes(fig) -> bytes:
@@ -158,6 +159,7 @@ def write_report(store: Store, run: str, report: dict[str, Any], figures: dict[s
     """Write figures, report.json and report.md under ``reports/<run>/``, and report.json at the root."""
     for name, data in figures.items():
         store.write_bytes(data, "reports", run, name)
+    write_fragment(store, run, report, "replace")
     text = json.dumps(report, indent=2, sort_keys=False)
     store.write_bytes(text.encode(), "reports", run, "report.json")
     md = markdown(report, sorted(figures))
@@ -312,17 +314,19 @@ def merge_report(
 
     ``deep=False`` replaces whole top-level sections (a rerun of the sweep or of the attacks replaces
     the old results); ``deep=True`` merges nested dicts key by key (the sample and replica-check jobs
-    add one sampler's entries next to the others'). Every file is written atomically."""
+    add one sampler's entries next to the others'). The update is appended as a fragment and the
+    report is the fold of all fragments (``pipeline.evaluation.fragments``), so jobs that merge into
+    one run at the same time never drop each other's sections; report.json and report.md are
+    materialised copies of that fold. Every file is written atomically."""
     figures = figures or {}
     for name, data in figures.items():
         store.write_bytes(data, "reports", run, name)
-    report: dict[str, Any] = {}
-    if store.exists("reports", run, "report.json"):
-        report = json.loads(store.read_bytes("reports", run, "report.json"))
+    before = read_report(store, run)
     root_is_copy = store.exists("report.json") and (
-        json.loads(store.read_bytes("report.json")) == report
+        json.loads(store.read_bytes("report.json")) == before
     )
-    report = _deep_merge(report, updates) if deep else {**report, **updates}
+    write_fragment(store, run, updates, "deep" if deep else "shallow")
+    report = read_report(store, run)  # every fragment so far, a concurrent job's included
     text = json.dumps(report, indent=2)
     store.write_bytes(text.encode(), "reports", run, "report.json")
     if root_is_copy:
@@ -350,13 +354,3 @@ def job_markdown(report: dict[str, Any]) -> str:
             f"- {k}: {v}" for k, v in {**stats, **out}.items() if not isinstance(v, (dict, list))
         ]
     return "\n".join(lines) + ("\n" if lines else "")
-
-
-def _deep_merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in updates.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -52,8 +52,45 @@ def make_embedding(name: str, train_images: np.ndarray) -> Embedding:
     raise ValueError(f"unknown embedding {name!r}: use 'centred' or 'raw'")
 
 
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
+
+
+def faiss_distributions() -> list[str]:
+    """The installed distributions that provide the ``faiss`` module."""
+    from importlib import metadata
+
+    found = []
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
+def import_faiss():
+    """The ``faiss`` module, from exactly one distribution: the ``cpu`` or the ``gpu`` extra.
+
+    faiss-cpu and faiss-gpu both install a top-level ``faiss``; with both present, which one loads is
+    undefined (the last one unpacked wins), so that case is refused rather than guessed."""
+    found = faiss_distributions()
+    if len(found) > 1:
+        raise ImportError(
+            f"several FAISS builds are installed ({', '.join(found)}): they overwrite each other's "
+            "`faiss` module; keep one (pip uninstall -y faiss-cpu, then reinstall the gpu extra)"
+        )
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError(
+            "FAISS is not installed: pip install 'cpsample-ray[cpu]' (or '[gpu]' on CUDA machines)"
+        ) from exc
+    return faiss
+
+
 def gpu_available() -> bool:
-    import faiss
+    faiss = import_faiss()
 
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -66,7 +103,7 @@ def build_index(
     use_gpu: bool = False,
 ):
     """Exact ``IndexFlatIP`` or approximate ``IndexIVFFlat`` (inner product) over training embeddings."""
-    import faiss
+    faiss = import_faiss()
 
     train_emb = np.ascontiguousarray(train_emb, dtype=np.float32)
     d = train_emb.shape[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,8 @@ from pipeline.fanout.index import (
     build_index,
     centred_pixel_embedding,
     embed_pixels,
+    faiss_distributions,
+    import_faiss,
     index_recall,
     l2_normalise,
     make_embedding,
@@ -17,6 +21,8 @@ from pipeline.fanout.index import (
     raw_pixel_embedding,
     replica_stats,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _random_unit(rng, n, d):
@@ -213,3 +219,29 @@ def test_embed_pixels_matches_training_embedding():
     np.testing.assert_allclose(
         emb, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5
     )
+
+
+# ------------------------------------------------------------------------ one FAISS build at a time
+def test_faiss_comes_from_exactly_one_extra():
+    """Base dependencies name no FAISS; the cpu and gpu extras each name one build; make installs cpu."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if d.startswith("faiss")]
+    extras = project["optional-dependencies"]
+    assert [d.split(">")[0] for d in extras["cpu"] if "faiss" in d] == ["faiss-cpu"]
+    assert [d.split(">")[0] for d in extras["gpu"] if "faiss" in d] == ["faiss-gpu-cu12"]
+    assert "'.[cpu,test]'" in (ROOT / "Makefile").read_text()
+    assert faiss_distributions() == ["faiss-cpu"]  # this environment: the cpu extra only
+    assert import_faiss().IndexFlatIP(4).d == 4
+
+
+def test_two_faiss_builds_are_refused_by_name(monkeypatch):
+    from importlib import metadata
+
+    real = metadata.version
+    monkeypatch.setattr(
+        metadata, "version", lambda name: "1.9.0" if name == "faiss-gpu-cu12" else real(name)
+    )
+    with pytest.raises(ImportError, match=r"faiss-cpu, faiss-gpu-cu12.*pip uninstall -y faiss-cpu"):
+        build_index(np.eye(4, dtype=np.float32))

@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.imageset import DataError, ImageSet, fit_square, safe_key, stack_images
-from pipeline.data.shards import concat, read_tar
+from pipeline.data.shards import check_blobs, check_shards, concat, read_manifest, read_tar
+from pipeline.data.storage import StorageError, Store, open_store
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -103,11 +104,10 @@ def webdataset_source(
     ``spec``: a shard path or ``s3://`` URI, a brace pattern (``shards-{000000..000009}.tar``), or a
     folder/prefix whose ``*.tar`` shards are all read. Keys are made safe (no dots or slashes);
     labels come from ``.json`` ``label`` or ``.cls``. ``image_size`` None keeps the stored size,
-    which must then be the same for every image.
+    which must then be the same for every image. Shards of a project dataset (a split folder with
+    ``manifest.json`` one level up, as make_shards writes) are checked against it: names and sha256.
     """
     from braceexpand import braceexpand
-
-    from pipeline.data.storage import open_store
 
     parts = []
     for item in braceexpand(spec):
@@ -124,9 +124,32 @@ def webdataset_source(
         ]  # fmt: skip
         if not names:
             raise DataError(f"no .tar shards under {store.uri}")
+        entries = _manifest_entries(store, whole=not single, s3_endpoint=s3_endpoint)
         for n in names:
-            parts.append(read_tar(store.read_bytes(n), store.uri_of(n), image_size))
+            data = store.read_bytes(n)
+            if entries is not None:
+                check_blobs(store, "", entries, {n: data})
+            parts.append(read_tar(data, store.uri_of(n), image_size))
     images = concat(parts, spec)
     images.keys = [safe_key(k) for k in images.keys]
     ImageSet.__post_init__(images)  # the safe keys must still be unique
     return images
+
+
+def _manifest_entries(store: Store, whole: bool, s3_endpoint: str | None) -> list[dict] | None:
+    """The manifest's shard entries when ``store`` (a folder of shards) is a split folder of a project
+    dataset, else None (shards made by anyone else have no manifest). ``whole``: the whole folder is
+    read, so its tars must be exactly the manifest's."""
+    parent, _, split_name = store.uri.rstrip("/").rpartition("/")
+    if not parent or parent.endswith(":/"):
+        return None
+    try:
+        dataset = open_store(parent, s3_endpoint, create=False)
+        manifest = read_manifest(dataset, "")
+    except StorageError:  # e.g. read access to this prefix only
+        return None
+    if manifest is None or split_name not in manifest["splits"]:
+        return None
+    if whole:
+        return check_shards(dataset, split_name, manifest, split_name, None)
+    return manifest["splits"][split_name]["shards"]

@@ -1,8 +1,10 @@
 """WebDataset shards (``<key>.png`` + ``<key>.json``): writing, the dataset manifest, and reading.
 
 Shards are plain POSIX tars written in one atomic put, with fixed mtimes so that rewriting the same
-data gives the same bytes; ``manifest.json`` records each shard's count and sha256, and readers check
-them. Readers accept any WebDataset tar (optionally gzipped, ``.cls`` labels) and reject cut ones.
+data gives the same bytes; ``manifest.json`` records each shard's count and sha256, and every reader
+checks them: the whole-shard readers hash the bytes they load, the others stream each object
+(:func:`verify_shards`). Readers accept any WebDataset tar (optionally gzipped, ``.cls`` labels) and
+reject cut ones.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -18,7 +22,9 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.imageset import DataError, ImageSet, fit_square, image_mode, stack_images
 from pipeline.data.layout import data_folder
-from pipeline.data.storage import ObjectNotFound, Store
+from pipeline.data.storage import ObjectNotFound, StorageError, Store
+
+log = logging.getLogger(__name__)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -122,38 +128,132 @@ def read_manifest(store: Store, dataset_folder: str) -> dict[str, Any] | None:
     return manifest
 
 
+def dataset_manifest(store: Store, folder: str) -> tuple[dict[str, Any] | None, str]:
+    """(the ``manifest.json`` beside ``folder``, the split name): ``data/<dataset>/<split>`` ->
+    (``data/<dataset>/manifest.json``, ``<split>``); None when there is none.
+
+    A dataset folder without a manifest holds WebDataset shards put there by hand, not by make_shards:
+    they are read unchecked, with a warning. Other folders (``samples/...``) have no manifest."""
+    parent, _, split = folder.rstrip("/").rpartition("/")
+    manifest = read_manifest(store, parent) if parent else None
+    if manifest is None and folder.strip("/").count("/") == 2 and folder.startswith("data/"):
+        log.warning(
+            "no %s beside %s: its shards are read without checking them (make_shards writes one)",
+            MANIFEST, store.uri_of(folder),
+        )  # fmt: skip
+    return manifest, split
+
+
 def check_shards(
     store: Store, folder: str, manifest: dict[str, Any], split: str, blobs: dict[str, bytes] | None
-) -> None:
-    """The shards under ``folder`` must be exactly the manifest's; with ``blobs`` (name -> bytes)
-    their sha256 must match too. Raises :class:`DataError` naming the offending object."""
+) -> list[dict[str, Any]]:
+    """The tars under ``folder`` must be exactly the manifest's shards of ``split``; with ``blobs``
+    (name -> bytes, all of them) their sha256 must match too. Returns the manifest's shard entries
+    ``{name, count, bytes, sha256}``; raises :class:`DataError` naming the offending object."""
     entry = manifest["splits"].get(split)
     if entry is None:
-        return
-    listed = sorted(sh["name"] for sh in entry["shards"])
-    found = [n for n in store.listdir(folder) if n.startswith("shard-") and n.endswith(".tar")]
-    if listed != found:
         raise DataError(
-            f"{store.uri_of(folder)}: shards {found} do not match the manifest's {listed}"
+            f"{store.uri_of(folder)}: the dataset's manifest has no split {split!r} "
+            f"(it lists {sorted(manifest['splits'])})"
         )
-    for sh in entry["shards"] if blobs is not None else []:
-        digest = hashlib.sha256(blobs[sh["name"]]).hexdigest()
-        if digest != sh["sha256"]:
-            raise DataError(
-                f"checksum mismatch for {store.uri_of(folder, sh['name'])}: the manifest says "
-                f"sha256 {sh['sha256'][:16]}..., the object has {digest[:16]}..."
-            )
+    listed = {sh["name"] for sh in entry["shards"]}
+    found = {n for n in store.listdir(folder) if n.endswith((".tar", ".tar.gz", ".tgz"))}
+    if listed != found:
+        missing, extra = sorted(listed - found), sorted(found - listed)
+        raise DataError(
+            f"{store.uri_of(folder)}: the shards do not match the manifest "
+            f"(missing: {[store.uri_of(folder, n) for n in missing]}, "
+            f"not in the manifest: {[store.uri_of(folder, n) for n in extra]})"
+        )
+    if blobs is not None:
+        check_blobs(store, folder, entry["shards"], blobs)
+    return entry["shards"]
 
 
-def verify_dataset(store: Store, dataset_folder: str) -> dict[str, Any]:
-    """Check every shard of a dataset against its manifest (names and sha256); returns it."""
+def _check_digest(uri: str, sh: dict[str, Any], digest: str, size: int) -> None:
+    if digest != sh["sha256"]:
+        raise DataError(
+            f"checksum mismatch for {uri}: the manifest says sha256 {sh['sha256'][:16]}... "
+            f"({sh.get('bytes')} bytes), the object has {digest[:16]}... ({size} bytes); the shard "
+            "was changed or cut after make_shards wrote it (rerun make_shards to rewrite it)"
+        )
+
+
+def check_blobs(
+    store: Store, folder: str, entries: list[dict[str, Any]], blobs: dict[str, bytes]
+) -> None:
+    """Each of ``blobs`` (name -> bytes read from ``folder``) must be a shard of ``entries`` (the
+    manifest's) with its sha256."""
+    by_name = {sh["name"]: sh for sh in entries}
+    for name, data in blobs.items():
+        uri = store.uri_of(folder, name)
+        if name not in by_name:
+            raise DataError(f"{uri} is not a shard of the dataset's manifest")
+        _check_digest(uri, by_name[name], hashlib.sha256(data).hexdigest(), len(data))
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def stream_sha256(store: Store, folder: str, name: str) -> tuple[str, int]:
+    """(sha256, size) of an object read in 1 MiB chunks through ``store.fs``: memory stays bounded
+    whatever the shard's size, and a Ray worker reaches S3 with the credentials the store carries."""
+    digest, size = hashlib.sha256(), 0
+    try:
+        with store.fs.open_input_stream(store.join(folder, name)) as stream:
+            while chunk := stream.read(CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise DataError(f"{store.uri_of(folder, name)} is in the manifest but missing") from None
+    except OSError as exc:
+        text = store.s3.scrub(str(exc)) if store.s3 else str(exc)
+        raise StorageError(f"cannot read {store.uri_of(folder, name)}: {text}") from None
+    return digest.hexdigest(), size
+
+
+def verify_shards(
+    store: Store, folder: str, entries: list[dict[str, Any]], threads: int = 1
+) -> int:
+    """Stream every shard of ``entries`` (the manifest's) under ``folder`` and check its sha256
+    (``threads`` at a time: hashing and reads release the GIL). Returns the bytes checked; the first
+    mismatch raises :class:`DataError` naming the shard's URI."""
+
+    def one(sh: dict[str, Any]) -> int:
+        digest, size = stream_sha256(store, folder, sh["name"])
+        _check_digest(store.uri_of(folder, sh["name"]), sh, digest, size)
+        return size
+
+    if threads <= 1:
+        return sum(one(sh) for sh in entries)
+    pool = ThreadPoolExecutor(threads)
+    try:
+        return sum(pool.map(one, entries))
+    finally:
+        pool.shutdown(cancel_futures=True)  # the first mismatch stops the rest
+
+
+def shard_groups(entries: list[dict[str, Any]], groups: int) -> list[list[dict[str, Any]]]:
+    """``entries`` dealt, largest first and back and forth, into at most ``groups`` groups of about
+    equal bytes."""
+    ordered = sorted(entries, key=lambda sh: -int(sh.get("bytes", 0)))
+    n = max(1, min(groups, len(ordered)))
+    dealt: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+    for i, sh in enumerate(ordered):
+        turn, g = divmod(i, n)
+        dealt[g if turn % 2 == 0 else n - 1 - g].append(sh)
+    return [group for group in dealt if group]
+
+
+def verify_dataset(store: Store, dataset_folder: str, threads: int = 8) -> dict[str, Any]:
+    """Check every shard of a dataset against its manifest (names, and sha256 streamed in chunks
+    ``threads`` shards at a time); returns the manifest."""
     manifest = read_manifest(store, dataset_folder)
     if manifest is None:
         raise DataError(f"no manifest at {store.uri_of(dataset_folder, MANIFEST)}")
-    for split, entry in manifest["splits"].items():
+    for split in manifest["splits"]:
         folder = f"{dataset_folder}/{split}"
-        blobs = {sh["name"]: store.read_bytes(folder, sh["name"]) for sh in entry["shards"]}
-        check_shards(store, folder, manifest, split, blobs)
+        verify_shards(store, folder, check_shards(store, folder, manifest, split, None), threads)
     return manifest
 
 
@@ -313,14 +413,14 @@ def read_image_shards(store: Store, folder: str) -> ImageSet:
     """Read every ``shard-*.tar`` under ``folder`` into one :class:`ImageSet` (one size required).
 
     When a ``manifest.json`` sits beside the folder (``data/<dataset>/<split>``), the shards must be
-    exactly the manifest's and their sha256 must match it.
+    exactly the manifest's and their sha256 must match it (hashed from the bytes already read, so the
+    check costs no extra I/O); see :func:`dataset_manifest` for a dataset folder without one.
     """
     names = [n for n in store.listdir(folder) if n.startswith("shard-") and n.endswith(".tar")]
     if not names:
         raise DataError(f"no shards under {store.uri_of(folder)}")
     blobs = {n: store.read_bytes(folder, n) for n in names}
-    parent, _, split_name = folder.rstrip("/").rpartition("/")
-    manifest = read_manifest(store, parent) if parent else None
+    manifest, split_name = dataset_manifest(store, folder)
     if manifest is not None:
         check_shards(store, folder, manifest, split_name, blobs)
     parts = [read_tar(blobs[n], store.uri_of(folder, n)) for n in names]

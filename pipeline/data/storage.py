@@ -18,6 +18,7 @@ Credentials never appear in reprs or messages: every error built from a client e
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -306,36 +307,38 @@ class Store:
         self._call("delete", parts, _client(self.s3).delete_object, Bucket=bucket, Key=key)
 
     def put_dir(self, local_dir: str | Path, *parts: str) -> str:
-        """Copy a local folder to ``parts`` under the root, replacing what was there.
-
-        Locally the copy is staged beside the target and renamed in. On S3 each PUT is atomic; the
-        ``.json`` files (configs, which readers open first) are written last and stale objects are
-        removed afterwards, so a reader that finds a config finds the weights it describes.
-        """
+        """Copy a local folder to ``parts`` under the root, replacing what was there. Locally a staged
+        copy is swapped in (:func:`replace_dir_local`). S3 has no rename, only atomic PUTs: the old
+        ``.json`` objects (configs, which readers open first) are deleted, the weights then the ``.json``
+        files (``provenance.json`` last) written, and stale objects removed. A reader meanwhile (or
+        after a crash) finds no config, never a config beside weights it does not describe."""
         local_dir = Path(local_dir)
-        files = sorted(
-            (p for p in local_dir.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".json", p)
-        )
         if self.is_local:
-            target = Path(self.join(*parts))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-            try:
-                shutil.copytree(local_dir, stage, dirs_exist_ok=True)
-                if target.exists():
-                    shutil.rmtree(target)
-                stage.rename(target)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
+            replace_dir_local(local_dir, Path(self.join(*parts)))
             return self.uri_of(*parts)
-        new = {str(f.relative_to(local_dir)) for f in files}
-        for f in files:
-            self.write_bytes(f.read_bytes(), *parts, str(f.relative_to(local_dir)))
+        files = sorted(
+            (f.relative_to(local_dir).as_posix() for f in local_dir.rglob("*") if f.is_file()),
+            key=lambda r: (r.endswith(".json"), r.endswith("provenance.json"), r),
+        )
         prefix = self._bucket_key(*parts)[1].rstrip("/") + "/"
-        for obj in self._list(parts, recursive=True):
-            if obj["Key"][len(prefix) :] not in new:
-                self.delete(*parts, obj["Key"][len(prefix) :])
+        old = [o["Key"][len(prefix) :] for o in self._list(parts, recursive=True)]
+        for rel in [r for r in old if r.endswith(".json")]:
+            self.delete(*parts, rel)
+        for rel in files:
+            self.write_bytes((local_dir / rel).read_bytes(), *parts, rel)
+        for rel in sorted(set(old) - set(files)):
+            self.delete(*parts, rel)
         return self.uri_of(*parts)
+
+    def delete_dir(self, *parts: str) -> None:
+        """Remove a folder and everything under it, S3 folder markers included (none: no error)."""
+        try:
+            self.fs.delete_dir(self.join(*parts))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            msg = f"cannot delete {self.uri_of(*parts)}: {exc}"
+            raise StorageError(self.s3.scrub(msg) if self.s3 else msg) from None
 
     def get_dir(self, local_dir: str | Path, *parts: str) -> Path:
         """Copy a folder under the root to a local folder (a no-op path for local stores)."""
@@ -361,11 +364,6 @@ class Store:
                 sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
             )
         return sorted(o["Key"].rsplit("/", 1)[-1] for o in self._list(parts, recursive=False))
-
-
-def s3_filesystem(endpoint: str | None = None) -> pafs.S3FileSystem:
-    """pyarrow S3 filesystem with the endpoint from the argument or ``AWS_ENDPOINT_URL``."""
-    return resolve_s3_access(endpoint).filesystem()
 
 
 def open_store(uri: str | Store, s3_endpoint: str | None = None, create: bool = True) -> Store:
@@ -417,3 +415,34 @@ def atomic_write_local(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where that fails."""
+    renameat2 = getattr(ctypes.CDLL(None), "renameat2", None)  # -100: AT_FDCWD, 2: RENAME_EXCHANGE
+    return renameat2 is not None and renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0
+
+
+def replace_dir_local(source: Path, target: Path) -> None:
+    """Replace the folder ``target`` by a copy of ``source`` so that a crash never loses both: copy
+    beside it, swap, then remove the old copy. The swap is an atomic exchange where the filesystem has
+    it, else two renames (old -> ``.<name>.old-*``, staged -> target; undone if the second fails)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        shutil.copytree(source, stage, dirs_exist_ok=True)
+        if not target.exists():
+            stage.rename(target)
+        elif not _exchange(stage, target):  # after an exchange the old folder lies at `stage`
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            target.rename(old)
+            try:
+                stage.rename(target)
+            except BaseException:
+                old.rename(target)
+                raise
+            stage = old
+    except OSError as exc:
+        raise StorageError(f"cannot write {target}: {exc}") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

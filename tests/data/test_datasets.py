@@ -125,3 +125,35 @@ def test_folder_source_errors(tmp_path):
     (bad / "broken.png").write_bytes(b"\x00garbage bytes, not an image")
     with pytest.raises(DataError, match=re.escape(f"unreadable image {bad / 'broken.png'}")):
         folder_source(bad, 8)
+
+
+# ----------------------------------------------------------------- WebDataset input and manifests
+def test_webdataset_source_checks_a_project_dataset_against_its_manifest(tmp_path):
+    """Re-sharding make_shards' own output checks it (names and sha256); user shards have no
+    manifest and are read as they are."""
+    from pipeline.data.datasets import webdataset_source
+    from pipeline.data.shards import write_dataset, write_image_shards
+    from pipeline.data.storage import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    images = _random_set(12, seed=3)
+    write_dataset(store, "d", {"train": images, "holdout": _random_set(4, seed=4)}, shard_size=4)
+    train = tmp_path / "store/data/d/train"
+    assert webdataset_source(str(train)).keys == images.keys
+    one = train / "shard-000001.tar"
+    assert len(webdataset_source(str(one))) == 4
+    data = one.read_bytes()
+    one.write_bytes(data[: len(data) // 2] + b"\x00" * (len(data) - len(data) // 2))
+    for spec in (str(train), str(one), f"{train}/shard-{{000000..000002}}.tar"):
+        with pytest.raises(DataError, match=f"checksum mismatch for {re.escape(str(one))}"):
+            webdataset_source(spec)
+    assert len(webdataset_source(str(train / "shard-000000.tar"))) == 4  # an intact one reads
+    one.write_bytes(data)
+    (train / "extra.tar").write_bytes(data)
+    with pytest.raises(DataError, match=r"not in the manifest: \[.*extra\.tar'\]"):
+        webdataset_source(str(train))
+    with pytest.raises(DataError, match=r"extra\.tar is not a shard of the dataset's manifest"):
+        webdataset_source(str(train / "extra.tar"))
+    # shards anyone made, with no manifest beside them
+    write_image_shards(open_store(str(tmp_path / "user")), "mine", images, shard_size=5)
+    assert webdataset_source(str(tmp_path / "user" / "mine")).keys == images.keys

@@ -11,13 +11,37 @@ from dataclasses import dataclass
 
 import torch
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
 
 @dataclass(frozen=True)
 class Schedule:
-    """A discrete variance schedule of ``T`` steps; ``alphas_cumprod[t]`` is ``abar_t``."""
+    """A discrete variance schedule of ``T`` steps; ``alphas_cumprod[t]`` is ``abar_t``.
+
+    It also says how to read the model trained on it and where DDIM steps, as diffusers' scheduler
+    config does: ``prediction_type`` is what the network outputs (``epsilon``; ``v_prediction``,
+    Salimans & Ho 2022; ``sample``, x_0), ``timestep_spacing`` and ``steps_offset`` place the DDIM
+    timesteps (:func:`ddim_timesteps`).
+    """
 
     betas: torch.Tensor  # (T,) float64
     alphas_cumprod: torch.Tensor  # (T,) float64
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}"
+            )
+        if self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -41,11 +65,15 @@ def linear_schedule(
     return schedule_from_betas(betas)
 
 
-def schedule_from_betas(betas: torch.Tensor) -> Schedule:
-    """Build a schedule from any beta sequence (for example one read from a diffusers scheduler)."""
+def schedule_from_betas(betas: torch.Tensor, **reading: str | int) -> Schedule:
+    """Build a schedule from any beta sequence (for example one read from a diffusers scheduler).
+
+    ``abar_t = prod_{s <= t} (1 - beta_s)`` (Ho et al. 2020, eq. 4), a float32 cumprod as in diffusers.
+    ``reading``: the :class:`Schedule` fields ``prediction_type``, ``timestep_spacing``, ``steps_offset``.
+    """
     betas = torch.as_tensor(betas, dtype=torch.float32)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    return Schedule(betas=betas.double(), alphas_cumprod=alphas_cumprod.double())
+    return Schedule(betas=betas.double(), alphas_cumprod=alphas_cumprod.double(), **reading)
 
 
 def _expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -69,12 +97,64 @@ def pred_xstart_from_eps(
     return (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
 
 
-def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """Descending DDIM timesteps with diffusers' "leading" spacing: ``[..., 2k, k, 0]``, k = T // S."""
+def eps_from_model_output(
+    output: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The noise estimate ``eps`` from a network output of any ``prediction_type``; abar_t (B,).
+
+    - ``epsilon``: the output is ``eps``;
+    - ``v_prediction``: ``v = sqrt(abar) eps - sqrt(1 - abar) x_0`` (Salimans & Ho 2022, sec. 4), so
+      with ``x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps`` it is ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``;
+    - ``sample``: the output is ``x_0``, and inverting ``q_sample`` (Ho et al. 2020, eq. 4) gives
+      ``eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)``.
+    """
+    if prediction_type == "epsilon":
+        return output
+    abar = _expand(abar_t, x_t).to(output.dtype)
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * output + (1.0 - abar).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - abar.sqrt() * output) / (1.0 - abar).sqrt()
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def ddim_timesteps(
+    num_steps: int,
+    num_train_timesteps: int = 1000,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> torch.Tensor:
+    """Descending DDIM timesteps, as diffusers' ``DDIMScheduler.set_timesteps`` places them.
+
+    ``leading`` (the default): ``[..., 2k, k, 0] + steps_offset``, k = T // S; ``trailing``:
+    ``round(T - i T / S) - 1``, ending the first step at ``T - 1``; ``linspace``: ``round`` of S
+    points from ``T - 1`` to 0 (Lin et al. 2024, table 2). The sampler steps from each ``t`` to
+    ``t - T // S``, as diffusers does.
+    """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
-    ratio = num_train_timesteps // num_steps
-    return (torch.arange(num_steps) * ratio).flip(0).long()
+    if spacing == "leading":
+        ratio = num_train_timesteps // num_steps
+        steps = (torch.arange(num_steps) * ratio).flip(0) + steps_offset
+    elif spacing == "trailing":
+        ratio = num_train_timesteps / num_steps
+        steps = (
+            num_train_timesteps - torch.arange(num_steps, dtype=torch.float64) * ratio
+        ).round() - 1
+    elif spacing == "linspace":
+        steps = (
+            torch.linspace(0, num_train_timesteps - 1, num_steps, dtype=torch.float64)
+            .round()
+            .flip(0)
+        )
+    else:
+        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+    if int(steps.max()) >= num_train_timesteps:
+        raise ValueError(
+            f"steps_offset {steps_offset} puts a DDIM timestep at {int(steps.max())} >= T = "
+            f"{num_train_timesteps}; use fewer steps"
+        )
+    return steps.long()
 
 
 def ddim_step(

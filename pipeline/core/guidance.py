@@ -6,6 +6,10 @@ guidance in the ``condition_score`` form of Dhariwal & Nichol 2021 (eq. 14):
 
     eps_hat = eps - s * sqrt(1 - abar_t) * grad_{x_t} log p(target | x_t)
 
+``eps`` is always the noise estimate, whatever the network predicts: the sampler's denoiser adapter
+converts a v-prediction or x_0 output first (:class:`pipeline.core.sampler.UNetDenoiser`), so the
+formula above and ``pred_xstart`` (``input_mode="x0"``) hold for every prediction type.
+
 The maths here are pure functions of tensors; :func:`cpsample_guidance` wraps a classifier into the
 guidance callable that :func:`pipeline.core.sampler.sample` accepts.
 """
@@ -30,7 +34,7 @@ class GuidanceOutput:
     p: torch.Tensor  # (B,) classifier probability of label 1 before guidance
 
 
-# (x_t, t, eps, abar_t) -> GuidanceOutput; t and abar_t are (B,) tensors.
+# (x_t, t, eps, abar_t) -> GuidanceOutput; t and abar_t are (B,) tensors, eps the noise estimate.
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], GuidanceOutput]
 
 

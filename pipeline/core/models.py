@@ -2,7 +2,8 @@
 
 Both are saved with their resolved config, so loading needs nothing but the directory:
 - denoiser: ``save_pretrained`` (config.json + safetensors), ``scheduler_config.json`` (a diffusers
-  DDPMScheduler config, the noise schedule) and ``run_config.json`` (the run's resolved config);
+  DDPMScheduler config: the noise schedule, prediction type and timestep spacing) and
+  ``run_config.json`` (the run's resolved config);
 - classifier: ``model.safetensors`` whose metadata carries the architecture, plus ``config.json``.
 """
 
@@ -20,7 +21,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.core.config import ClassifierArchConfig, ConfigError, UNetConfig, from_dict, to_dict
-from pipeline.core.diffusion import Schedule, linear_schedule, schedule_from_betas
+from pipeline.core.diffusion import (
+    PREDICTION_TYPES,
+    TIMESTEP_SPACINGS,
+    Schedule,
+    linear_schedule,
+    schedule_from_betas,
+)
 
 CLASSIFIER_WEIGHTS = "model.safetensors"
 RUN_CONFIG = "run_config.json"
@@ -73,7 +80,11 @@ def save_denoiser(
     try:
         unet.save_pretrained(tmp, safe_serialization=True)
         sched = DDPMScheduler(
-            num_train_timesteps=schedule.num_train_timesteps, trained_betas=schedule.betas.tolist()
+            num_train_timesteps=schedule.num_train_timesteps,
+            trained_betas=schedule.betas.tolist(),
+            prediction_type=schedule.prediction_type,
+            timestep_spacing=schedule.timestep_spacing,
+            steps_offset=schedule.steps_offset,
         )
         sched.save_pretrained(tmp)
         (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=2))
@@ -102,27 +113,90 @@ def load_denoiser(directory: str | Path, device: str | torch.device = "cpu"):
 
 
 def load_schedule(directory: str | Path) -> Schedule:
-    """The noise schedule of a model directory (diffusers scheduler config), default linear T=1000."""
+    """The noise schedule of a model directory (diffusers scheduler config), default linear T=1000.
+
+    Reads ``scheduler_config.json`` (or ``scheduler/scheduler_config.json``) with
+    :func:`schedule_from_config`; a directory without one is an eps-prediction model on the linear
+    schedule of DDPM, T = 1000.
+    """
     directory = Path(directory)
     for cand in (
         directory / "scheduler_config.json",
         directory / "scheduler" / "scheduler_config.json",
     ):
         if cand.exists():
-            cfg = json.loads(cand.read_text())
-            if cfg.get("trained_betas"):
-                return schedule_from_betas(torch.tensor(cfg["trained_betas"]))
-            kind = cfg.get("beta_schedule", "linear")
-            if kind != "linear":
-                raise CheckpointError(
-                    f"{cand}: beta_schedule {kind!r} is not supported (only 'linear')"
-                )
-            return linear_schedule(
-                cfg.get("num_train_timesteps", 1000),
-                cfg.get("beta_start", 1e-4),
-                cfg.get("beta_end", 0.02),
-            )
+            try:
+                cfg = json.loads(cand.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{cand}: not a readable scheduler config: {exc}") from exc
+            if not isinstance(cfg, dict):
+                raise CheckpointError(f"{cand}: a scheduler config must be a JSON object")
+            return schedule_from_config(cfg, str(cand))
     return linear_schedule()
+
+
+def _scheduler_class(name: Any):
+    """diffusers' scheduler class called ``name``, or ``DDPMScheduler`` when diffusers has none."""
+    import diffusers
+    from diffusers import DDPMScheduler, SchedulerMixin
+
+    try:
+        cls = getattr(diffusers, name) if isinstance(name, str) else None
+    except Exception:  # AttributeError, or an optional backend (flax, ...) that is not installed
+        cls = None
+    return cls if isinstance(cls, type) and issubclass(cls, SchedulerMixin) else DDPMScheduler
+
+
+def schedule_from_config(cfg: dict[str, Any], where: str = "scheduler config") -> Schedule:
+    """A :class:`Schedule` from a diffusers scheduler config, with diffusers' own betas.
+
+    The betas are ``SchedulerClass.from_config(cfg).betas`` for the config's ``_class_name`` (or
+    ``DDPMScheduler``), so every ``beta_schedule`` diffusers knows (``linear``, ``scaled_linear``,
+    ``squaredcos_cap_v2``, ``trained_betas``, ...) and any ``num_train_timesteps`` read exactly as
+    diffusers reads them; ``abar_t = prod (1 - beta_s)`` (Ho et al. 2020, eq. 4). ``prediction_type``
+    must be one of :data:`PREDICTION_TYPES` and ``timestep_spacing`` one of
+    :data:`TIMESTEP_SPACINGS`; anything else, a scheduler without discrete betas (a VE/SDE one) or a
+    zero terminal SNR (``abar_T = 0``, where eps cannot give x_0) raises :class:`CheckpointError`.
+    """
+    cls = _scheduler_class(cfg.get("_class_name"))
+    try:
+        sched = cls.from_config(cfg)
+    except Exception as exc:  # NotImplementedError (unknown beta_schedule), ValueError, TypeError
+        raise CheckpointError(f"{where}: diffusers' {cls.__name__} cannot read it: {exc}") from exc
+    betas = getattr(sched, "betas", None)
+    if not isinstance(betas, torch.Tensor) or betas.dim() != 1:
+        raise CheckpointError(
+            f"{where}: {cls.__name__} has no discrete betas, so it is not a DDPM-type model "
+            "that DDIM can sample"
+        )
+
+    def field(key: str, default: Any) -> Any:
+        value = cfg.get(key, sched.config.get(key, default))
+        return default if value is None else value
+
+    prediction = field("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise CheckpointError(
+            f"{where}: prediction_type {prediction!r} is not supported (one of {PREDICTION_TYPES})"
+        )
+    spacing = field("timestep_spacing", "leading")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise CheckpointError(
+            f"{where}: timestep_spacing {spacing!r} is not supported for DDIM timesteps "
+            f"(one of {TIMESTEP_SPACINGS})"
+        )
+    offset = field("steps_offset", 0)
+    if not isinstance(offset, int) or offset < 0:
+        raise CheckpointError(f"{where}: steps_offset must be an integer >= 0, got {offset!r}")
+    schedule = schedule_from_betas(
+        betas, prediction_type=prediction, timestep_spacing=spacing, steps_offset=offset
+    )
+    if not bool((schedule.alphas_cumprod > 0).all()):
+        raise CheckpointError(
+            f"{where}: the schedule reaches abar = 0 (zero terminal SNR), where x_0 cannot be "
+            "recovered from eps; not supported"
+        )
+    return schedule
 
 
 def unet_image_shape(unet) -> tuple[int, int, int]:
@@ -222,6 +296,25 @@ def save_classifier(
         tmp.rename(directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_classifier_config(directory: str | Path) -> dict[str, Any]:
+    """The run config saved beside a classifier's weights (``config.json``), ``{}`` when absent.
+
+    Written by :func:`save_classifier`; ``train_classifier`` records there ``train`` (the resolved
+    ClassifierTrainConfig, with ``t_max``) and ``schedule`` (``num_train_timesteps``, ``beta_first``,
+    ``beta_last`` of the schedule it trained on).
+    """
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable classifier config: {exc}") from exc
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: a classifier config must be a JSON object")
+    return record
 
 
 def load_classifier(

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.core.diffusion import Schedule, ddim_step, ddim_timesteps
+from pipeline.core.diffusion import Schedule, ddim_step, ddim_timesteps, eps_from_model_output
 from pipeline.core.guidance import GuidanceFn
 from pipeline.core.models import channels_last
 
-# (x_t, t) -> eps; t is a (B,) long tensor.
+# (x_t, t) -> eps; t is a (B,) long tensor. Whatever the network predicts, the sampler, the guidance
+# and the attacks work in eps: the adapter (:class:`UNetDenoiser`) converts.
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -70,17 +71,23 @@ def sample(
 ) -> SampleResult:
     """DDIM sampling (Song et al. 2021, eq. 12) with optional guidance on the noise estimate.
 
+    ``denoiser`` returns eps; for a model that predicts v or x_0 build it with
+    ``unet_denoiser(unet, schedule)`` (a denoiser adapted for another prediction type is refused).
+
     ``guidance=None`` is plain DDIM; :func:`pipeline.core.guidance.cpsample_guidance` makes it CPSample. Both
     share seeds, steps and batches, so their outputs are directly comparable.
     """
+    check_denoiser(denoiser, schedule)
     device = torch.device(device)
     noise = _PerSampleNoise(seeds, shape, device)
     x = noise.draw()  # (B, C, H, W) = x_T
     batch = x.shape[0]
     fired_steps = torch.zeros(batch, dtype=torch.long)
     last_p = torch.full((batch,), float("nan"))
-    timesteps = ddim_timesteps(num_steps, schedule.num_train_timesteps)
-    ratio = schedule.num_train_timesteps // num_steps
+    timesteps = ddim_timesteps(
+        num_steps, schedule.num_train_timesteps, schedule.timestep_spacing, schedule.steps_offset
+    )
+    ratio = schedule.num_train_timesteps // num_steps  # t_prev = t - T // S, as diffusers' DDIM
     for t in tqdm(timesteps.tolist(), desc="ddim", disable=not progress, leave=False):
         t_batch = torch.full((batch,), t, dtype=torch.long, device=device)
         with torch.no_grad():
@@ -101,10 +108,45 @@ def sample(
     )
 
 
-def unet_denoiser(unet: torch.nn.Module) -> DenoiserFn:
-    """Adapt a diffusers ``UNet2DModel`` (eps-prediction) to the sampler's ``(x_t, t) -> eps``."""
+class UNetDenoiser:
+    """A diffusers ``UNet2DModel`` as the sampler's ``(x_t, t) -> eps``, for any prediction type.
 
-    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return unet(channels_last(x), t).sample
+    The network's output is read as ``prediction_type`` (the schedule's, or ``epsilon`` without one)
+    and converted to eps with :func:`pipeline.core.diffusion.eps_from_model_output`
+    (v: ``eps = sqrt(abar) v + sqrt(1 - abar) x_t``, Salimans & Ho 2022; x_0:
+    ``eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar)``).
+    """
 
-    return call
+    def __init__(self, unet: torch.nn.Module, schedule: Schedule | None = None):
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction_type = "epsilon" if schedule is None else schedule.prediction_type
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.unet(channels_last(x), t).sample  # (B, C, H, W) in the model's parameterization
+        if self.schedule is None or self.prediction_type == "epsilon":
+            return out
+        return eps_from_model_output(out, x, self.schedule.abar(t), self.prediction_type)
+
+
+def unet_denoiser(unet: torch.nn.Module, schedule: Schedule | None = None) -> UNetDenoiser:
+    """Adapt a diffusers ``UNet2DModel`` to the sampler's ``(x_t, t) -> eps``.
+
+    Pass the model's ``schedule`` (from :func:`pipeline.core.models.load_schedule`) so that a
+    ``v_prediction`` or ``sample`` model is converted to eps; without it the UNet must predict eps.
+    """
+    return UNetDenoiser(unet, schedule)
+
+
+def check_denoiser(denoiser: DenoiserFn, schedule: Schedule) -> None:
+    """Refuse a denoiser adapted for another prediction type than the schedule's model has.
+
+    A plain callable is trusted to return eps; a :class:`UNetDenoiser` records what it converts from,
+    so ``unet_denoiser(unet)`` for a v-prediction model fails here instead of being misread as eps.
+    """
+    made_for = getattr(denoiser, "prediction_type", None)
+    if made_for is not None and made_for != schedule.prediction_type:
+        raise ValueError(
+            f"the denoiser reads the network output as {made_for!r} but the schedule's model predicts "
+            f"{schedule.prediction_type!r}: build it with unet_denoiser(unet, schedule)"
+        )

@@ -12,6 +12,9 @@ Attacks (each returns per-image *errors*; members are expected to have the small
 - :func:`nn_similarity_scores`: the nearest-generated-sample attack: a member's similarity to its
   nearest generated sample is higher than a non-member's when the model copies.
 
+The attacks work in eps whatever the network predicts: the denoiser adapter converts a v-prediction
+or x_0 model's output (:class:`pipeline.core.sampler.UNetDenoiser`).
+
 Metrics (:func:`attack_metrics`): ROC AUC (the Mann-Whitney U statistic, ties counted 1/2), TPR at a
 fixed FPR, and a two-sided permutation-test p-value for the difference of means.
 """
@@ -27,7 +30,7 @@ from scipy.stats import rankdata
 
 from pipeline.core.diffusion import Schedule, pred_xstart_from_eps, q_sample
 from pipeline.core.guidance import GuidanceFn
-from pipeline.core.sampler import DenoiserFn, derive_seed
+from pipeline.core.sampler import DenoiserFn, check_denoiser, derive_seed
 
 DEFAULT_TIMESTEPS = (50, 100, 150, 200, 300)
 
@@ -128,7 +131,13 @@ def _eps(
     t: int,
     guidance: GuidanceFn | None,
 ) -> torch.Tensor:
-    """The model's noise estimate at ``(x_t, t)``; the guided one when ``guidance`` is given."""
+    """The model's noise estimate at ``(x_t, t)``; the guided one when ``guidance`` is given.
+
+    Always eps, whatever the network predicts: ``denoiser`` converts (``unet_denoiser(unet, schedule)``,
+    e.g. ``eps = sqrt(abar) v + sqrt(1 - abar) x_t`` for v-prediction, Salimans & Ho 2022), and one
+    adapted for another prediction type than the schedule's is refused.
+    """
+    check_denoiser(denoiser, schedule)
     t_batch = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
     with torch.no_grad():
         eps = denoiser(x_t, t_batch).float()
@@ -243,7 +252,7 @@ def reconstruction_attack(
     AUC per t (an attacker would pick the best t), and the ROC curve for the figure."""
     from pipeline.core.sampler import unet_denoiser
 
-    den = unet_denoiser(unet)
+    den = unet_denoiser(unet, schedule)
     em = reconstruction_errors(den, schedule, members, timesteps, draws, seed, guidance)
     en = reconstruction_errors(den, schedule, nonmembers, timesteps, draws, seed + 1, guidance)
     out = attack_metrics(em["mean"], en["mean"], num_permutations=num_permutations, seed=seed)
@@ -269,7 +278,7 @@ def secmi_attack(
     """Attack 2 (SecMI t-error) end to end; same keys as :func:`reconstruction_attack`'s metrics."""
     from pipeline.core.sampler import unet_denoiser
 
-    den = unet_denoiser(unet)
+    den = unet_denoiser(unet, schedule)
     em = secmi_errors(den, schedule, members, t_sec, k, guidance)
     en = secmi_errors(den, schedule, nonmembers, t_sec, k, guidance)
     out = attack_metrics(em, en, num_permutations=num_permutations, seed=seed)

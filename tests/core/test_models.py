@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import pickle
 import sys
@@ -20,6 +21,7 @@ from pipeline.core.models import (
     NoiseClassifier,
     build_unet,
     load_classifier,
+    load_classifier_config,
     load_denoiser,
     load_schedule,
     num_parameters,
@@ -118,6 +120,30 @@ def test_save_denoiser_replaces_existing(tmp_path, core_tiny_unet_cfg):
     assert torch.equal(back.betas.float(), betas)
 
 
+def test_save_denoiser_keeps_how_the_model_is_read(tmp_path, core_tiny_unet_cfg):
+    """The prediction type and DDIM timestep placement survive a save/load round trip."""
+    schedule = dataclasses.replace(
+        linear_schedule(200), prediction_type="v_prediction", timestep_spacing="trailing"
+    )
+    save_denoiser(build_unet(core_tiny_unet_cfg), tmp_path / "d", {}, schedule)
+    back = load_schedule(tmp_path / "d")
+    assert (back.prediction_type, back.timestep_spacing, back.steps_offset) == (
+        "v_prediction",
+        "trailing",
+        0,
+    )
+    assert torch.equal(back.alphas_cumprod, schedule.alphas_cumprod)
+
+
+def test_load_classifier_config(tmp_path, core_tiny_clf_cfg):
+    assert load_classifier_config(tmp_path) == {}
+    save_classifier(NoiseClassifier(core_tiny_clf_cfg), tmp_path / "c", {"train": {"t_max": 7}})
+    assert load_classifier_config(tmp_path / "c")["train"] == {"t_max": 7}
+    (tmp_path / "c" / "config.json").write_text("[1, 2")
+    with pytest.raises(CheckpointError, match="not a readable classifier config"):
+        load_classifier_config(tmp_path / "c")
+
+
 def test_load_denoiser_from_unet_subfolder(tmp_path, core_tiny_unet_cfg):
     torch.manual_seed(2)
     unet = build_unet(core_tiny_unet_cfg).eval()
@@ -156,10 +182,9 @@ def test_load_schedule_variants(tmp_path):
     s = load_schedule(tmp_path)
     assert torch.equal(s.alphas_cumprod, linear_schedule(200, 0.001, 0.03).alphas_cumprod)
 
-    (tmp_path / "scheduler_config.json").write_text(
-        json.dumps({"beta_schedule": "squaredcos_cap_v2"})
-    )
-    with pytest.raises(CheckpointError, match="squaredcos_cap_v2"):
+    # a top-level config wins over scheduler/; a beta_schedule diffusers does not know is refused
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({"beta_schedule": "quartic"}))
+    with pytest.raises(CheckpointError, match="quartic"):
         load_schedule(tmp_path)
 
 

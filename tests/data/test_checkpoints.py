@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.core.config import SamplerConfig
+from pipeline.core.config import ClassifierTrainConfig, SamplerConfig, to_dict
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import (
     CheckpointError,
     NoiseClassifier,
     build_unet,
+    load_schedule,
     save_classifier,
     save_denoiser,
 )
+from pipeline.data import checkpoints
 from pipeline.data.checkpoints import load_models, preflight_models, resolve_model_dir
 from pipeline.data.storage import open_store
 
@@ -136,6 +138,74 @@ def test_a_classifier_for_other_images_is_refused(tiny_models, tmp_path):
         )
     msg = str(err.value)
     assert "(3, 8, 8)" in msg and "(1, 8, 8)" in msg and "rgb-classifier" in msg
+
+
+# ------------------------------------------------------------------ classifier vs denoiser records
+def _record(schedule, t_max: int) -> dict:
+    """What ``train_classifier`` writes beside a classifier: its schedule and its training config."""
+    return {
+        "schedule": {
+            "num_train_timesteps": schedule.num_train_timesteps,
+            "beta_first": float(schedule.betas[0]),
+            "beta_last": float(schedule.betas[-1]),
+        },
+        "train": to_dict(ClassifierTrainConfig(t_max=t_max)),
+    }
+
+
+def _classifier_with(tiny_models, name: str, record: dict) -> str:
+    save_classifier(tiny_models["clf"], tiny_models["root"] / name, record)
+    return str(tiny_models["root"] / name)
+
+
+def test_a_classifier_with_a_matching_record_is_accepted(tiny_models, tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    den = str(tiny_models["root"] / "denoiser")
+    # t_max = guidance_t_max (60): guidance queries t < 60, the classifier was trained on t < 60
+    clf = _classifier_with(tiny_models, "fits", _record(load_schedule(den), 60))
+    assert callable(load_models(store, den, clf, CPS, "cpu", str(tmp_path))[3])
+
+
+def test_a_classifier_trained_on_another_schedule_is_refused_before_loading(
+    tiny_models, tmp_path, monkeypatch
+):
+    store = open_store(str(tmp_path / "store"))
+    den = str(tiny_models["root"] / "denoiser")  # T = 100, betas 1e-4 .. 0.05
+    for other in (linear_schedule(), linear_schedule(100, 1e-4, 0.02)):
+        clf = _classifier_with(tiny_models, "other-schedule", _record(other, 60))
+        # nothing is loaded before the refusal
+        monkeypatch.setattr(checkpoints, "load_denoiser", _must_not_run)
+        with pytest.raises(CheckpointError) as err:
+            load_models(store, den, clf, CPS, "cpu", str(tmp_path))
+        msg = str(err.value)
+        assert "\n" not in msg and "other-schedule" in msg and den in msg
+        theirs = f"T={other.num_train_timesteps}, betas 0.0001..{float(other.betas[-1]):.6g}"
+        assert (
+            f"trained on the schedule {theirs} but the denoiser {den} has T=100, betas 0.0001..0.05"
+            in msg
+        )
+        assert f"--denoiser {den}" in msg
+
+
+def test_guidance_beyond_the_classifier_t_max_is_refused(tiny_models, tmp_path, monkeypatch):
+    store = open_store(str(tmp_path / "store"))
+    den = str(tiny_models["root"] / "denoiser")
+    clf = _classifier_with(tiny_models, "short", _record(load_schedule(den), 40))
+    monkeypatch.setattr(checkpoints, "load_denoiser", _must_not_run)
+    with pytest.raises(CheckpointError) as err:
+        load_models(store, den, clf, CPS, "cpu", str(tmp_path))  # guidance_t_max 60
+    msg = str(err.value)
+    assert "guidance_t_max 60 exceeds the t_max 40" in msg and "short" in msg and "\n" not in msg
+    # the same refusal reaches the driver's preflight
+    with pytest.raises(CheckpointError, match="guidance_t_max 60 exceeds the t_max 40"):
+        preflight_models(str(tmp_path / "no-store"), den, clf, CPS)
+    # plain DDIM uses no classifier and checks none
+    monkeypatch.undo()
+    assert load_models(store, den, clf, DDIM, "cpu", str(tmp_path))[3] is None
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("a model was loaded before the configs were checked")
 
 
 # ------------------------------------------------------------------------------ preflight_models

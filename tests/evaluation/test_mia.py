@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +151,39 @@ def test_secmi_identity_model_and_attack(tiny_models):
     assert {"auc", "tpr_at_fpr", "p_value", "roc"} <= set(out)
     with pytest.raises(ValueError, match="divisible"):
         secmi_errors(exact, schedule, x0, t_sec=45, k=10)
+
+
+class _Oracle(torch.nn.Module):
+    """A "UNet" that knows the clean images x_0 (B, C, H, W): at ``(x_t, t)`` it outputs the exact
+    eps, v (``sqrt(abar) eps - sqrt(1 - abar) x_0``, Salimans & Ho 2022) or x_0 that produced x_t."""
+
+    def __init__(self, x0: torch.Tensor, schedule, kind: str):
+        super().__init__()
+        self.x0, self.schedule, self.kind = x0, schedule, kind
+
+    def forward(self, x, t):
+        a = self.schedule.abar(t).reshape(-1, 1, 1, 1)
+        eps = (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        v = a.sqrt() * eps - (1 - a).sqrt() * self.x0
+        out = {"epsilon": eps, "v_prediction": v, "sample": self.x0}[self.kind]
+        return types.SimpleNamespace(sample=out)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_attacks_read_every_prediction_type_as_eps(kind):
+    """An exact model has zero loss-attack and SecMI error whatever it predicts; read as eps, a v or
+    x_0 model would not."""
+    schedule = dataclasses.replace(linear_schedule(), prediction_type=kind)
+    x0 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    oracle = _Oracle(x0, schedule, kind)
+    den = unet_denoiser(oracle, schedule)
+    rec = reconstruction_errors(den, schedule, x0, (50, 200), draws=1, seed=1)
+    assert np.all(rec["mean"] < 1e-8)
+    assert np.all(secmi_errors(den, schedule, x0, t_sec=40, k=10) < 1e-8)
+    if kind != "epsilon":
+        misread = dataclasses.replace(schedule, prediction_type="epsilon")
+        wrong = reconstruction_errors(unet_denoiser(oracle, misread), misread, x0, (50,), 1, 1)
+        assert np.all(wrong["mean"] > 1e-3)
+        # an adapter built without the schedule reads eps, and the attacks refuse it for this model
+        with pytest.raises(ValueError, match="unet_denoiser\\(unet, schedule\\)"):
+            reconstruction_errors(unet_denoiser(oracle), schedule, x0, (50,), 1, 1)

@@ -7,7 +7,10 @@
 
 Each shard is one task with seeds derived from (seed, shard, index): the images do not depend on the
 number of actors. Shards are written atomically to samples/<run>/<sampler>/; a rerun skips complete ones
-(checked: the tar parses, its members carry this run's settings and their recorded count).
+(checked: the tar parses, its members carry this run's settings and their recorded count). Every sample
+records the digests of the denoiser and classifier directories and of the sampler settings: a rerun
+into a folder whose shards (any of them) were drawn from other models or settings exits 2 naming what
+changed; --overwrite discards them instead.
 
 Guard mode (--guard T): every sample is compared with the training images of --dataset (exact FAISS
 search, mean-centred pixels by default); one at or above T is discarded and redrawn with a fresh derived
@@ -63,6 +66,17 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="GPUs per actor, fractions allowed (default: 1 if the cluster has GPUs, else 0)",
     )
+    p.add_argument(
+        "--use-gpu",
+        action="store_true",
+        help="one GPU per actor unless --num-gpus-per-actor says otherwise, requested even while "
+        "the cluster has no GPU node yet (the autoscaler starts one)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard samples/<run>/<sampler> when it was drawn from other models or settings",
+    )
     add_s3_endpoint_arg(p)
     return p.parse_args()
 
@@ -85,6 +99,7 @@ def main() -> None:
         store, args.run, cfg, args.denoiser or f"models/{args.run}/denoiser",
         args.classifier or f"models/{args.run}/classifier", args.concurrency,
         args.num_cpus_per_actor, args.num_gpus_per_actor, args.s3_endpoint, args.dataset,
+        overwrite=args.overwrite, use_gpu=args.use_gpu,
     )  # fmt: skip
     updates: dict = {"sampling": {cfg.sampler: out}}
     if "guard" in out:

@@ -55,7 +55,14 @@ def main() -> None:
     store = open_store(args.store, args.s3_endpoint)
     init_ray(num_cpus=args.ray_cpus)  # joins the cluster of `ray job submit` through RAY_ADDRESS
     out = train_classifier(
-        store, args.run, args.dataset, arch, train, args.threads, denoiser=args.denoiser
+        store,
+        args.run,
+        args.dataset,
+        arch,
+        train,
+        args.threads,
+        denoiser=args.denoiser,
+        overwrite=args.overwrite,
     )
     print(f"classifier: {out['uri']}  metrics: {out['metrics']}")
 

@@ -42,7 +42,9 @@ def main() -> None:
 
     store = open_store(args.store, args.s3_endpoint)
     init_ray(num_cpus=args.ray_cpus)  # joins the cluster of `ray job submit` through RAY_ADDRESS
-    out = train_denoiser(store, args.run, args.dataset, cfg["unet"], train, args.threads)
+    out = train_denoiser(
+        store, args.run, args.dataset, cfg["unet"], train, args.threads, overwrite=args.overwrite
+    )
     print(f"denoiser: {out['uri']}  metrics: {out['metrics']}")
 
 

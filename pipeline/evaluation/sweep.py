@@ -90,7 +90,7 @@ def evaluate_point(
     images, fired = [], []
     for lo in range(0, num_samples, sampler.batch_size):
         out = sample(
-            unet_denoiser(unet), schedule, seeds[lo : lo + sampler.batch_size], shape,
+            unet_denoiser(unet, schedule), schedule, seeds[lo : lo + sampler.batch_size], shape,
             sampler.steps, sampler.eta, guidance, sampler.clip_sample,
         )  # fmt: skip
         images.append(out.images)
@@ -252,6 +252,7 @@ def run_sweep(
     """
     from ray import tune
 
+    from pipeline.data.checkpoints import preflight_models
     from pipeline.data.layout import data_folder
     from pipeline.data.shards import read_image_shards
     from pipeline.evaluation.report import pareto_figure
@@ -261,13 +262,21 @@ def run_sweep(
     sampler = sampler or SamplerConfig()
     replicas = replicas or ReplicaConfig()
     grid = make_points(points, include_ddim)
+    denoiser = denoiser or f"models/{run}/denoiser"
+    classifier = classifier or f"models/{run}/classifier"
+    # the trials load the models themselves: mismatches (schedule, t range, shape) fail here first
+    if any(p["sampler"] == "cpsample" for p in grid):
+        preflight_models(
+            store, denoiser, classifier, dataclasses.replace(sampler, sampler="cpsample")
+        )
+    else:
+        preflight_models(store, denoiser, None, dataclasses.replace(sampler, sampler="ddim"))
     spec, _ = train_index_spec(store, dataset, replicas)
     reference = None
     if evaluator is None:
         reference = read_image_shards(store, data_folder(dataset, "holdout")).to_tensor()
     context = {
-        "store_uri": store.uri, "denoiser": denoiser or f"models/{run}/denoiser",
-        "classifier": classifier or f"models/{run}/classifier", "sampler": sampler,
+        "store_uri": store.uri, "denoiser": denoiser, "classifier": classifier, "sampler": sampler,
         "num_samples": num_samples, "seed": seed, "train_embeddings": spec.embeddings,
         "train_mean": spec.mean, "threshold": replicas.threshold, "evaluator": evaluator,
         "reference": reference, "threads": max(1, int(cpus_per_trial)),

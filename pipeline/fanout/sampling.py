@@ -13,11 +13,13 @@ The replica check's actor pool is in :mod:`pipeline.fanout.scoring`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
+import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,11 +27,17 @@ import torch
 
 from pipeline.core.config import ConfigError, ReplicaConfig, SamplerConfig, from_dict
 from pipeline.core.sampler import derive_seed, sample, unet_denoiser
-from pipeline.data.checkpoints import load_models, preflight_models
+from pipeline.data.checkpoints import load_models, resolve_model_dir
 from pipeline.data.imageset import DataError, ImageSet, images_from_tensor
-from pipeline.data.layout import samples_folder
-from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import build_tar, encode_png, read_tar, shard_name
+from pipeline.data.layout import data_folder, samples_folder
+from pipeline.data.provenance import (
+    StaleArtifactError,
+    changed_inputs,
+    dir_digest,
+    manifest_digest,
+    value_digest,
+)
+from pipeline.data.shards import build_tar, encode_png, read_manifest, read_tar, shard_name
 from pipeline.data.storage import Store, open_store
 from pipeline.fanout.index import GuardIndex
 from pipeline.fanout.scoring import resolve_ref, train_index_spec
@@ -64,12 +72,30 @@ def sample_key(sampler: str, shard: int, index: int) -> str:
     return f"{sampler}-{shard:06d}-{index:05d}"
 
 
-def run_fingerprint(cfg: SamplerConfig) -> str:
-    """A short hash of the settings that determine a shard's contents (not batch size or count)."""
+def sampler_settings(cfg: SamplerConfig) -> dict[str, Any]:
+    """The settings that determine a shard's contents (not batch size or sample count)."""
     names = _FINGERPRINT + (_GUIDED if cfg.sampler == "cpsample" else ())
     names += _GUARDED if cfg.guard is not None else ()
-    settings = json.dumps({n: getattr(cfg, n) for n in names}, sort_keys=True)
-    return hashlib.blake2b(settings.encode(), digest_size=8).hexdigest()
+    return {n: getattr(cfg, n) for n in names}
+
+
+def sampling_provenance(
+    cfg: SamplerConfig, denoiser: str, classifier: str | None, guard_data: str | None = None
+) -> dict[str, str]:
+    """A shard's inputs as digests: the sampler settings, the denoiser's and (CPSample) the
+    classifier's model directories (:func:`pipeline.data.provenance.dir_digest`: weights and configs),
+    and in guard mode the manifest of the training data it guards."""
+    out = {"sampler": value_digest(sampler_settings(cfg)), "denoiser": denoiser}
+    if cfg.sampler == "cpsample" and classifier is not None:
+        out["classifier"] = classifier
+    if cfg.guard is not None and guard_data is not None:
+        out["guard_data"] = guard_data
+    return out
+
+
+def run_fingerprint(provenance: dict[str, str]) -> str:
+    """A short hash of a shard's inputs (:func:`sampling_provenance`), recorded in every sample."""
+    return value_digest(provenance).split(":")[1][:16]
 
 
 def shard_is_complete(
@@ -103,19 +129,27 @@ class ShardSampler:
         threads: int = 1,
         s3_endpoint: str | None = None,
         guard_spec: Any = None,
+        provenance: dict[str, str] | None = None,
     ):
         if threads > 0:
             torch.set_num_threads(threads)
         self.cfg = from_dict(SamplerConfig, sampler)
-        self.fingerprint = run_fingerprint(self.cfg)
         self.store = open_store(store_uri, s3_endpoint, create=False)
         self.out_folder = out_folder
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # the models are copied from the store into a scratch folder only while they load
         with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
-            self.unet, self.schedule, self.shape, self.guidance = load_models(
+            self.unet, self.schedule, self.shape, self.guidance, models = open_models(
                 self.store, denoiser, classifier, self.cfg, self.device, tmp
             )
+        # the driver digested the models it checked; these are the ones this actor samples with
+        self.provenance = {**(provenance or {}), **models}
+        if provenance is not None and changed_inputs(provenance, self.provenance):
+            raise StaleArtifactError(
+                f"the models changed while sampling started "
+                f"({', '.join(changed_inputs(provenance, self.provenance))}); rerun the job"
+            )
+        self.fingerprint = run_fingerprint(self.provenance)
         self.guard: GuardIndex | None = None
         if self.cfg.guard is not None:
             spec = resolve_ref(guard_spec)
@@ -132,7 +166,7 @@ class ShardSampler:
         seeds = [sample_seed(cfg.seed, shard, i, attempts[i]) for i in slots]
         for lo in range(0, len(slots), cfg.batch_size):
             out = sample(
-                unet_denoiser(self.unet), self.schedule, seeds[lo : lo + cfg.batch_size], self.shape,
+                unet_denoiser(self.unet, self.schedule), self.schedule, seeds[lo : lo + cfg.batch_size], self.shape,
                 cfg.steps, cfg.eta, self.guidance, cfg.clip_sample, self.device,
             )  # fmt: skip
             images = images_from_tensor(out.images)
@@ -150,7 +184,7 @@ class ShardSampler:
             "seed": d["seed"], "shard": shard, "index": d["index"], "attempt": attempt,
             "sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
             "guidance_steps_fired": d["fired"], "final_p": d["final_p"],
-            "run_fingerprint": self.fingerprint,
+            "run_fingerprint": self.fingerprint, "provenance": self.provenance,
         }  # fmt: skip
         if cfg.sampler == "cpsample":
             meta.update(alpha=cfg.alpha, scale=cfg.scale, input_mode=cfg.input_mode,
@@ -233,34 +267,82 @@ def _nanmax(values) -> float:
     return max(finite) if finite else float("nan")
 
 
-def check_existing_run(store, folder: str, plan: list[dict[str, int]], fingerprint: str) -> None:
-    """Refuse to resume into a folder written with other settings or another shard plan."""
+def first_meta(store: Store, folder: str, name: str) -> dict[str, Any] | None:
+    """The JSON record of a sample shard's first member, streamed: only the tar's head is read. None
+    for a shard that cannot be read as a tar with a JSON member (the sampling actor rewrites it)."""
+    try:
+        with (
+            store.fs.open_input_stream(store.join(folder, name)) as stream,
+            tarfile.open(fileobj=stream, mode="r|*") as tar,
+        ):
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    return json.loads(tar.extractfile(member).read())
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return None
+    return None
+
+
+def check_existing_run(
+    store: Store,
+    folder: str,
+    plan: list[dict[str, int]],
+    provenance: dict[str, str],
+    threads: int = 8,
+) -> int:
+    """Refuse to resume into a folder written from other inputs or with another shard plan.
+
+    Every shard is checked (its first member's record, streamed ``threads`` at a time): one made
+    from other models, settings or guard data raises :class:`StaleArtifactError` naming the inputs
+    that changed. Unreadable shards pass (the actors rewrite them). Returns the shards checked."""
     planned = {shard_name(r["shard"]) for r in plan}
     names = [n for n in store.listdir(folder) if n.endswith(".tar")]
     extra = sorted(set(names) - planned)
     if extra:
         raise StaleArtifactError(
             f"{store.uri_of(folder)} holds {extra[0]}, beyond this run's {len(plan)} shards: "
-            "num_samples or samples_per_shard changed; use a new --run or remove the folder"
+            "num_samples or samples_per_shard changed; use a new --run, or pass --overwrite "
+            "to discard the old samples"
         )
-    for name in names:
-        try:
-            meta = read_tar(store.read_bytes(folder, name), name).meta
-        except DataError:
-            continue  # the actor rewrites it
-        found = meta[0].get("run_fingerprint") if meta else None
-        if found != fingerprint:
+    fingerprint = run_fingerprint(provenance)
+    with ThreadPoolExecutor(threads) as pool:
+        metas = pool.map(lambda n: first_meta(store, folder, n), names)
+        for name, meta in zip(names, metas):
+            if meta is None or meta.get("run_fingerprint") == fingerprint:
+                continue
+            changed = changed_inputs(meta.get("provenance"), provenance)
             raise StaleArtifactError(
-                f"{store.uri_of(folder, name)} was written with other sampler settings "
-                f"(fingerprint {found} != {fingerprint}); use a new --run or remove the folder"
+                f"{store.uri_of(folder, name)} was sampled from other inputs (changed: "
+                f"{', '.join(changed) or 'fingerprint'}); use a new --run, or pass --overwrite "
+                "to discard the old samples"
             )
-        return
+    return len(names)
+
+
+def open_models(
+    store: Store, denoiser: str, classifier: str | None, cfg: SamplerConfig, device: str, tmp: str
+):
+    """:func:`pipeline.data.checkpoints.load_models` plus the digests of the model directories it
+    loaded (``{"denoiser": ..., "classifier": ...}``, the classifier for CPSample only): (unet,
+    schedule, shape, guidance, digests)."""
+    den_dir = resolve_model_dir(store, denoiser, Path(tmp) / "denoiser")
+    digests = {"denoiser": dir_digest(den_dir)}
+    clf = None
+    if cfg.sampler == "cpsample" and classifier is not None:
+        clf_dir = resolve_model_dir(store, classifier, Path(tmp) / "classifier")
+        digests["classifier"] = dir_digest(clf_dir)
+        clf = str(clf_dir)
+    unet, schedule, shape, guidance = load_models(store, str(den_dir), clf, cfg, device, tmp)
+    return unet, schedule, shape, guidance, digests
 
 
 def _placement(
-    gpus_per_actor: float | None, concurrency: int, cpus_per_actor: float
+    gpus_per_actor: float | None, concurrency: int, cpus_per_actor: float, use_gpu: bool = False
 ) -> tuple[float, int]:
-    """GPUs per actor (None: 1 when the cluster has GPUs) and torch threads per actor; checks them."""
+    """GPUs per actor and torch threads per actor; checks them.
+
+    ``gpus_per_actor`` None: 1 with ``use_gpu`` (a request the autoscaler sees even while a
+    scale-from-zero cluster has no GPU node yet), else 1 when the cluster has GPUs now, else 0."""
     import ray
 
     if concurrency < 1:
@@ -269,7 +351,9 @@ def _placement(
         raise ConfigError(f"num_cpus_per_actor must be > 0, got {cpus_per_actor}")
     gpus = float(ray.cluster_resources().get("GPU", 0))
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if gpus > 0 else 0.0
+        gpus_per_actor = 1.0 if use_gpu or gpus > 0 else 0.0
+    if use_gpu and gpus_per_actor == 0:
+        raise ConfigError("--use-gpu with num_gpus_per_actor=0: give a GPU share > 0, or drop one")
     if gpus_per_actor < 0:
         raise ConfigError(f"num_gpus_per_actor must be >= 0, got {gpus_per_actor}")
     if gpus_per_actor > 0 and gpus == 0 and _private_local_ray():
@@ -300,31 +384,44 @@ def run_sampling(
     gpus_per_actor: float | None = 0.0,
     s3_endpoint: str | None = None,
     guard_dataset: str | None = None,
+    overwrite: bool = False,
+    use_gpu: bool = False,
 ) -> dict[str, Any]:
-    """Fan ``sampler.num_samples`` out over an actor pool; returns counts, fired fraction, guard stats.
+    """Fan ``sampler.num_samples`` out over an actor pool; returns counts, fired fraction, guard stats
+    and the samples' ``provenance`` (:func:`sampling_provenance`).
 
-    The models are loaded once in the driver first, so a missing or mismatched checkpoint fails before
-    any actor starts. ``gpus_per_actor=None`` means 1 when the cluster has GPUs, else 0; fractions
-    (0.25) pack several actors on one GPU. Guard mode needs ``guard_dataset``: the training shards under
-    ``data/<guard_dataset>/train`` that no shipped sample may copy.
+    The models are loaded and digested once in the driver first, so a missing or mismatched checkpoint
+    fails before any actor starts. Existing shards are resumed only when every one was made from the
+    same models, settings and guard data (:func:`check_existing_run`); ``overwrite`` deletes them
+    first. ``gpus_per_actor=None`` means 1 with ``use_gpu`` or when the cluster has GPUs, else 0;
+    fractions (0.25) pack several actors on one GPU. Guard mode needs ``guard_dataset``: the training
+    shards under ``data/<guard_dataset>/train`` that no shipped sample may copy.
     """
     import ray
 
     from pipeline.fanout.ray_init import init_ray
 
     folder = samples_folder(run, sampler.sampler)
-    preflight_models(store_uri, denoiser, classifier, sampler, s3_endpoint)
-    plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
     store = open_store(store_uri, s3_endpoint, create=False)
-    check_existing_run(store, folder, plan, run_fingerprint(sampler))
+    if sampler.guard is not None and not guard_dataset:
+        raise ConfigError("guard mode needs the training dataset whose images must not be copied")
+    with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
+        *_, models = open_models(store, denoiser, classifier, sampler, "cpu", tmp)
+    guard_data = None
+    if sampler.guard is not None:
+        guard_data = manifest_digest(read_manifest(store, data_folder(guard_dataset)))
+    provenance = sampling_provenance(
+        sampler, models["denoiser"], models.get("classifier"), guard_data
+    )
+    plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
+    if overwrite:
+        store.delete_dir(folder)
+    else:
+        check_existing_run(store, folder, plan, provenance)
     init_ray()
-    gpus_per_actor, threads = _placement(gpus_per_actor, concurrency, cpus_per_actor)
+    gpus_per_actor, threads = _placement(gpus_per_actor, concurrency, cpus_per_actor, use_gpu)
     guard_ref = None
     if sampler.guard is not None:
-        if not guard_dataset:
-            raise ConfigError(
-                "guard mode needs the training dataset whose images must not be copied"
-            )
         spec, _ = train_index_spec(
             store, guard_dataset, ReplicaConfig(embedding=sampler.guard_embedding)
         )
@@ -334,7 +431,7 @@ def run_sampling(
         fn_constructor_kwargs={
             "store_uri": store_uri, "denoiser": denoiser, "classifier": classifier,
             "sampler": dataclasses.asdict(sampler), "out_folder": folder, "threads": threads,
-            "s3_endpoint": s3_endpoint, "guard_spec": guard_ref,
+            "s3_endpoint": s3_endpoint, "guard_spec": guard_ref, "provenance": provenance,
         },
         # one shard in flight per actor: shards are long, so they go to whichever actor is free
         batch_size=1,
@@ -342,7 +439,7 @@ def run_sampling(
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
     )  # fmt: skip
     rows = sorted(ds.take_all(), key=lambda r: int(r["shard"]))
-    return _sampling_summary(rows, sampler, folder)
+    return {**_sampling_summary(rows, sampler, folder), "provenance": provenance}
 
 
 def _sampling_summary(

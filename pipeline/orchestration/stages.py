@@ -6,6 +6,7 @@ actor pool) -> check_replicas (Ray Data + FAISS). Every stage works on a local f
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,14 @@ from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.data.imageset import DataError, ImageSet
 from pipeline.data.layout import data_folder, samples_folder
+from pipeline.data.provenance import (
+    PROVENANCE,
+    dir_digest,
+    manifest_digest,
+    require_same,
+    value_digest,
+    write_provenance,
+)
 from pipeline.data.shards import check_shards, images_of, read_manifest, write_dataset
 from pipeline.data.storage import Store
 from pipeline.evaluation.report import histogram_figure, merge_report, pairs_figure
@@ -124,6 +133,46 @@ def quiet_unsplit(datasets: dict, split: list[str] | None) -> dict:
     return datasets
 
 
+# Train-config fields that say how a run executes, not what it learns: a resume may change them.
+EXECUTION_FIELDS = ("num_workers", "use_gpu", "max_failures", "num_to_keep", "checkpoint_every")
+
+
+def training_provenance(
+    store: Store, dataset: str, config: dict[str, Any], **inputs: str | None
+) -> dict[str, str | None]:
+    """The inputs of a training run as digests (:mod:`pipeline.data.provenance`): ``config`` (the
+    resolved loop config less :data:`EXECUTION_FIELDS`), ``data`` (the dataset's manifest: every
+    shard's sha256; None for shards without one) and any further ``inputs`` (the classifier's
+    ``denoiser``)."""
+    learned = {
+        **config,
+        "train": {k: v for k, v in config["train"].items() if k not in EXECUTION_FIELDS},
+    }
+    manifest = read_manifest(store, data_folder(dataset))
+    return {"config": value_digest(learned), "data": manifest_digest(manifest), **inputs}
+
+
+def claim_checkpoints(
+    store: Store, name: str, provenance: dict[str, Any], overwrite: bool = False
+) -> None:
+    """Make ``checkpoints/<name>`` this run's before Ray Train resumes from it.
+
+    Existing checkpoints are resumed only when the ``provenance.json`` beside them records the same
+    inputs; otherwise :class:`pipeline.data.provenance.StaleArtifactError` names what changed (a run
+    from before provenance existed has no record and is refused too). ``overwrite`` deletes them
+    first. Then the record is written, so the checkpoints that follow are known to be this run's."""
+    folder = ("checkpoints", name)
+    if overwrite:
+        store.delete_dir(*folder)
+    elif store.exists(*folder):
+        recorded = None
+        if store.exists(*folder, PROVENANCE):
+            recorded = json.loads(store.read_bytes(*folder, PROVENANCE)).get("provenance")
+        require_same(f"the checkpoints under {store.uri_of(*folder)}", recorded, provenance)
+    record = json.dumps({"provenance": provenance}, indent=2, sort_keys=True)
+    store.write_bytes(record.encode(), *folder, PROVENANCE)
+
+
 def _fit(
     worker,
     config: dict,
@@ -161,17 +210,22 @@ def train_denoiser(
     train: DenoiserTrainConfig,
     threads: int = 1,
     loop_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Ray Train the denoiser on ``data/<dataset>/train``; export the EMA weights to the store layout.
 
     A run with the same ``run`` and store continues from its latest checkpoint (Ray Train V2 restores
-    ``checkpoints/<run>-denoiser``). ``loop_config``: extra worker-loop keys (``step_delay_s`` for
-    fault-injection tests)."""
+    ``checkpoints/<run>-denoiser``) when its config and data are the same (:func:`claim_checkpoints`;
+    ``overwrite`` starts afresh). The checkpoints and the exported model record those inputs
+    (``state.json``, ``provenance.json``). ``loop_config``: extra worker-loop keys (``step_delay_s``
+    for fault-injection tests)."""
     schedule = linear_schedule()
     config = {"unet": to_dict(unet), "train": to_dict(train)}
     datasets = {"train": webdataset(store, data_folder(dataset, "train"))}
+    provenance = training_provenance(store, dataset, config)
+    claim_checkpoints(store, f"{run}-denoiser", provenance, overwrite)
     result = _fit(
-        denoiser_worker, {**config, **(loop_config or {})}, datasets, train,
+        denoiser_worker, {**config, **(loop_config or {}), "provenance": provenance}, datasets, train,
         _run_config(store, f"{run}-denoiser", train.num_to_keep, train.max_failures), threads,
     )  # fmt: skip
     with result.checkpoint.as_directory() as d:
@@ -187,6 +241,7 @@ def train_denoiser(
     }
     with tempfile.TemporaryDirectory() as tmp:
         save_denoiser(model, Path(tmp) / "denoiser", run_config, schedule)
+        write_provenance(Path(tmp) / "denoiser", provenance)
         store.put_dir(Path(tmp) / "denoiser", "models", run, "denoiser")
     return {"uri": store.uri_of("models", run, "denoiser"), "metrics": dict(result.metrics or {})}
 
@@ -201,6 +256,7 @@ def train_classifier(
     schedule_betas: list[float] | None = None,
     denoiser: str | None = None,
     loop_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Ray Train the random-label classifier on the training images plus ``holdout_images`` held-out
     images with their own bits; the remaining held-out images are never seen and measure calibration.
@@ -208,9 +264,12 @@ def train_classifier(
     ``denoiser``: any diffusers UNet2DModel directory (a local folder or a store path such as
     ``models/<run>/denoiser``), for example a saved google/ddpm-cifar10-32. The model to protect is not
     trained: its noise schedule and image shape (C, H, W) define the classifier's inputs.
+
+    Resume and provenance as in :func:`train_denoiser`; the inputs also name the denoiser's digest.
     """
+    den_digest = None
     if denoiser is not None:
-        arch, schedule_betas = _protect(store, dataset, arch, denoiser)
+        arch, schedule_betas, den_digest = _protect(store, dataset, arch, denoiser)
     datasets = {
         "train": webdataset(store, data_folder(dataset, "train")),
         # every worker reads the whole held-out set once and splits it by sorted key (see
@@ -223,8 +282,12 @@ def train_classifier(
         "betas": schedule_betas,
         "betas_from": denoiser,
     }
+    provenance = training_provenance(
+        store, dataset, {**config, "betas_from": None}, denoiser=den_digest
+    )
+    claim_checkpoints(store, f"{run}-classifier", provenance, overwrite)
     result = _fit(
-        classifier_worker, {**config, **(loop_config or {})}, datasets, train,
+        classifier_worker, {**config, **(loop_config or {}), "provenance": provenance}, datasets, train,
         _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
         split=["train"],
     )  # fmt: skip
@@ -244,14 +307,16 @@ def train_classifier(
     }
     with tempfile.TemporaryDirectory() as tmp:
         save_classifier(model, Path(tmp) / "classifier", run_config)
+        write_provenance(Path(tmp) / "classifier", provenance)
         store.put_dir(Path(tmp) / "classifier", "models", run, "classifier")
     return {"uri": store.uri_of("models", run, "classifier"), "metrics": state.get("metrics", {})}
 
 
 def _protect(
     store: Store, dataset: str, arch: ClassifierArchConfig, denoiser: str
-) -> tuple[ClassifierArchConfig, list[float]]:
-    """(arch with the denoiser's image shape, the denoiser's betas); checks the dataset's shape."""
+) -> tuple[ClassifierArchConfig, list[float], str]:
+    """(arch with the denoiser's image shape, the denoiser's betas, the denoiser directory's digest);
+    checks the dataset's shape."""
     from pipeline.core.config import ConfigError, from_dict
     from pipeline.core.models import load_denoiser, load_schedule, unet_image_shape
     from pipeline.data.checkpoints import resolve_model_dir
@@ -260,6 +325,7 @@ def _protect(
         den_dir = resolve_model_dir(store, denoiser, tmp)
         channels, size, _ = unet_image_shape(load_denoiser(den_dir))
         betas = load_schedule(den_dir).betas.tolist()
+        digest = dir_digest(den_dir)
     manifest = read_manifest(store, data_folder(dataset)) or {}
     h, w = manifest.get("image_size", (size, size))
     c = manifest.get("channels", channels)
@@ -268,9 +334,13 @@ def _protect(
             f"dataset {dataset!r} has images (C, H, W) = {(c, h, w)} but the denoiser {denoiser!r} "
             f"denoises {(channels, size, size)}"
         )
-    return from_dict(
-        ClassifierArchConfig, {**to_dict(arch), "sample_size": size, "channels": channels}
-    ), betas
+    return (
+        from_dict(
+            ClassifierArchConfig, {**to_dict(arch), "sample_size": size, "channels": channels}
+        ),
+        betas,
+        digest,
+    )
 
 
 def check_replicas(

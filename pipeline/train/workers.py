@@ -28,6 +28,7 @@ from pipeline.core.diffusion import linear_schedule, schedule_from_betas
 from pipeline.core.labels import random_bits
 from pipeline.core.models import NoiseClassifier, build_unet
 from pipeline.data.imageset import images_to_tensor
+from pipeline.data.provenance import require_same
 from pipeline.train.loops import EMA, classifier_metrics, fit_classifier, fit_denoiser, train_log
 
 STATE = "state.json"
@@ -110,7 +111,13 @@ def read_checkpoint(directory: str | Path) -> tuple[dict[str, dict[str, torch.Te
     return tensors, json.loads((directory / STATE).read_text()), directory
 
 
-def _resume(optimizer) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
+def _resume(
+    optimizer, provenance: dict | None
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
+    """(tensors, state with the optimizer's state) of the checkpoint Ray Train restores, None when it
+    restores none. A checkpoint made from other inputs than ``provenance`` (the loop config's: the
+    driver checked the run's record, :func:`pipeline.orchestration.stages.claim_checkpoints`; this
+    checks the checkpoint itself) raises :class:`StaleArtifactError`."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
@@ -118,6 +125,8 @@ def _resume(optimizer) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None
         return None
     with ckpt.as_directory() as d:
         tensors, state, path = read_checkpoint(d)
+        if provenance is not None:
+            require_same(f"checkpoint {ckpt.path}", state.get("provenance"), provenance)
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
     return tensors, {**state, "optimizer": optimizer_state}
 
@@ -186,7 +195,7 @@ def denoiser_worker(config: dict[str, Any]) -> None:
     ema = EMA(unet, tcfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=tcfg.lr, weight_decay=0.0)
     start, history = 0, []
-    resumed = _resume(opt)
+    resumed = _resume(opt, config.get("provenance"))
     if resumed is not None:
         tensors, state = resumed
         unet.load_state_dict(tensors["model"])
@@ -201,6 +210,7 @@ def denoiser_worker(config: dict[str, Any]) -> None:
         "kind": "denoiser",
         "unet": config["unet"],
         "train": config["train"],
+        "provenance": config.get("provenance"),
         "resumed_from": history,
     }
 
@@ -243,7 +253,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
     clf = NoiseClassifier(acfg).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     start, history = 0, []
-    resumed = _resume(opt)
+    resumed = _resume(opt, config.get("provenance"))
     if resumed is not None:
         tensors, state = resumed
         clf.load_state_dict(tensors["model"])
@@ -265,6 +275,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
         "arch": config["arch"],
         "train": config["train"],
         "betas_from": config.get("betas_from"),
+        "provenance": config.get("provenance"),
         "schedule": {
             "num_train_timesteps": schedule.num_train_timesteps,
             "beta_first": float(schedule.betas[0]),
@@ -331,6 +342,12 @@ def add_train_flags(p) -> None:
     g.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     g.add_argument("--ray-cpus", type=int, help="CPUs of a local Ray (ignored under RAY_ADDRESS)")
     g.add_argument("--s3-endpoint", help="S3 endpoint URL (else AWS_ENDPOINT_URL)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard this run's checkpoints when they were made from another config or data "
+        "(without it such a rerun exits 2 naming what changed)",
+    )
 
 
 def train_overrides(args) -> dict[str, Any]:

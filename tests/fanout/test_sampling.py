@@ -115,13 +115,65 @@ def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
     out = run_sampling(store.uri, "r", cfg, den, None)
     assert out["skipped_shards"] == 1 and out["num_samples"] == 6
     assert _shards(store, folder) == ref
-    with pytest.raises(StaleArtifactError, match="other sampler settings"):
+    with pytest.raises(StaleArtifactError, match=r"other inputs \(changed: sampler\)"):
         run_sampling(store.uri, "r", _cfg(sampler="ddim", seed=9), den, None)
     with pytest.raises(StaleArtifactError, match="beyond this run's 2 shards"):
         run_sampling(store.uri, "r", _cfg(sampler="ddim", num_samples=4), den, None)
     with pytest.raises(ConfigError, match="has no GPUs"):
         run_sampling(store.uri, "g", cfg, den, None, gpus_per_actor=0.5)
+    # --use-gpu asks for a GPU even where the cluster has none yet (an autoscaler would add one);
+    # a private local Ray never gets one, so it is refused before any actor waits forever
+    with pytest.raises(
+        ConfigError, match=r"num_gpus_per_actor=1\.0 but the Ray cluster has no GPUs"
+    ):
+        run_sampling(store.uri, "g", cfg, den, None, gpus_per_actor=None, use_gpu=True)
     assert not store.exists("samples", "g")
+
+
+def _retrained(path: Path, seed: int) -> str:
+    torch.manual_seed(seed)
+    save_denoiser(build_unet(TINY_UNET), path, {"unet": {}}, linear_schedule())
+    return str(path)
+
+
+def test_resume_refuses_samples_of_other_models_in_any_shard(ray_local, tmp_path, tiny_models):
+    """Retraining either model under the same run makes a rerun refuse (naming the model) instead of
+    reporting the old shards as complete; --overwrite resamples; every shard is checked, not only
+    the first; each sample records the digests of the models that drew it."""
+    den, clf = tiny_models
+    store = open_store(str(tmp_path / "s"))
+    cfg = _cfg()
+    first = run_sampling(store.uri, "r", cfg, den, clf)
+    folder = "samples/r/cpsample"
+    ref = _shards(store, folder)
+    prov = first["provenance"]
+    assert set(prov) == {"sampler", "denoiser", "classifier"}
+    assert all(v.startswith("sha256:") for v in prov.values())
+    meta = read_tar(ref["shard-000000.tar"], "x").meta[0]
+    assert meta["provenance"] == prov
+    # the same models and settings resume: everything skipped
+    assert run_sampling(store.uri, "r", cfg, den, clf)["skipped_shards"] == 3
+
+    other_den = _retrained(tmp_path / "den2", seed=5)
+    with pytest.raises(StaleArtifactError, match=r"changed: denoiser\); use a new --run"):
+        run_sampling(store.uri, "r", cfg, other_den, clf)
+    torch.manual_seed(6)
+    save_classifier(NoiseClassifier(TINY_CLF), tmp_path / "clf2", {})
+    with pytest.raises(StaleArtifactError, match=r"changed: classifier\)"):
+        run_sampling(store.uri, "r", cfg, den, str(tmp_path / "clf2"))
+    assert _shards(store, folder) == ref  # refusals write nothing
+
+    # a foreign shard in the middle of the folder (the old check read only the first one)
+    run_sampling(store.uri, "o", cfg, other_den, clf)
+    store.write_bytes(store.read_bytes("samples/o/cpsample", "shard-000002.tar"), folder,
+                      "shard-000002.tar")  # fmt: skip
+    with pytest.raises(StaleArtifactError, match=r"shard-000002.tar was sampled from other inputs"):
+        run_sampling(store.uri, "r", cfg, den, clf)
+
+    # --overwrite discards the old samples and draws every shard with the new denoiser
+    out = run_sampling(store.uri, "r", cfg, other_den, clf, overwrite=True)
+    assert out["skipped_shards"] == 0 and out["provenance"]["denoiser"] != prov["denoiser"]
+    assert _shards(store, folder) == _shards(store, "samples/o/cpsample")
 
 
 def _copy_store(tmp_path, den, n_copies: int = 3):

@@ -1,0 +1,110 @@
+"""Ray Train resume continues only a run made from the same config and data (real local Ray).
+
+Before provenance, a rerun with another learning rate, label seed or dataset under the same ``--run``
+continued from the old weights and then wrote the new config into ``state.json`` and the exported
+model: the saved config described a model it did not make.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.core.config import (
+    ClassifierArchConfig,
+    ClassifierTrainConfig,
+    DenoiserTrainConfig,
+    UNetConfig,
+)
+from pipeline.data.datasets import digits_source, split
+from pipeline.data.provenance import StaleArtifactError, dir_digest, read_provenance
+from pipeline.data.storage import open_store
+from pipeline.orchestration.stages import make_shards, train_classifier, train_denoiser
+
+TINY_UNET = UNetConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=8)
+TINY_ARCH = ClassifierArchConfig(base_channels=8, channel_mults=(1, 2), num_groups=4)
+STALE = r"\); use a new --run, or pass --overwrite to discard the old results"
+
+
+def _store(tmp_path: Path, split_seed: int = 0):
+    store = open_store(str(tmp_path / "store"))
+    train, holdout = split(digits_source(16), 32, split_seed)
+    make_shards(store, "digits", train, holdout.subset(range(40)), shard_size=100)
+    return store
+
+
+def _run_config(store, run: str, kind: str) -> dict:
+    return json.loads(Path(store.join("models", run, kind, "run_config.json")).read_text())
+
+
+def _checkpoints(store, name: str) -> list[Path]:
+    folder = Path(store.join("checkpoints", name))
+    return sorted(p for p in folder.glob("checkpoint_*") if p.is_dir())
+
+
+def _last_state(store, name: str) -> dict:
+    return json.loads((_checkpoints(store, name)[-1] / "state.json").read_text())
+
+
+def _weights(model_dir: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in Path(model_dir).rglob("*.safetensors")}
+
+
+def test_denoiser_resumes_only_from_the_same_config_and_data(ray_local, tmp_path):
+    store = _store(tmp_path)
+    train = DenoiserTrainConfig(steps=4, batch_size=8, checkpoint_every=4, warmup_steps=0)
+    train_denoiser(store, "p", "digits", TINY_UNET, train)
+    record = json.loads(
+        Path(store.join("checkpoints", "p-denoiser", "provenance.json")).read_text()
+    )
+    inputs = record["provenance"]
+    assert set(inputs) == {"config", "data"} and inputs["data"].startswith("sha256:")
+    # the checkpoint and the exported model record the same inputs; the model its own digest too
+    assert _last_state(store, "p-denoiser")["provenance"] == inputs
+    model_dir = store.join("models", "p", "denoiser")
+    exported = read_provenance(model_dir)
+    assert exported["provenance"] == inputs and exported["digest"] == dir_digest(model_dir)
+
+    # how the run executes may change on resume (here: checkpoints kept): it continues from step 4
+    # of 4, so no step is taken and no checkpoint added, and the same weights are exported again
+    ckpts, weights = _checkpoints(store, "p-denoiser"), _weights(model_dir)
+    train_denoiser(store, "p", "digits", TINY_UNET, dataclasses.replace(train, num_to_keep=3))
+    assert _checkpoints(store, "p-denoiser") == ckpts and _weights(model_dir) == weights
+
+    # what it learns may not: another learning rate, then other data, each refused before any work
+    model_before = dir_digest(model_dir)
+    with pytest.raises(StaleArtifactError, match="changed: config" + STALE):
+        train_denoiser(store, "p", "digits", TINY_UNET, dataclasses.replace(train, lr=5e-4))
+    other = _store(tmp_path, split_seed=1)  # the same store root, other training images
+    with pytest.raises(StaleArtifactError, match="changed: data" + STALE):
+        train_denoiser(other, "p", "digits", TINY_UNET, train)
+    assert dir_digest(model_dir) == model_before
+
+    # --overwrite discards the old checkpoints: a fresh run on the new data from step 0
+    train_denoiser(other, "p", "digits", TINY_UNET, train, overwrite=True)
+    assert _run_config(store, "p", "denoiser")["resumed_from"] == []
+    assert read_provenance(model_dir)["provenance"]["data"] != inputs["data"]
+
+
+def test_classifier_refuses_another_label_seed_and_runs_without_a_record(ray_local, tmp_path):
+    store = _store(tmp_path)
+    train = ClassifierTrainConfig(
+        steps=4, batch_size=16, holdout_images=8, t_max=100, checkpoint_every=4, warmup_steps=0
+    )
+    train_classifier(store, "c", "digits", TINY_ARCH, train)
+    inputs = read_provenance(store.join("models", "c", "classifier"))["provenance"]
+    assert set(inputs) == {"config", "data", "denoiser"} and inputs["denoiser"] is None
+    # the random bits are the run's identity: a new label seed is a new classifier
+    with pytest.raises(StaleArtifactError, match="changed: config" + STALE):
+        train_classifier(store, "c", "digits", TINY_ARCH, dataclasses.replace(train, label_seed=7))
+    assert _last_state(store, "c-classifier")["train"]["label_seed"] == train.label_seed
+
+    # checkpoints from before provenance existed cannot be shown to match: refused
+    legacy = Path(store.join("checkpoints", "old-classifier", "checkpoint_000000"))
+    legacy.mkdir(parents=True)
+    (legacy / "state.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(StaleArtifactError, match="changed: config, data, denoiser" + STALE):
+        train_classifier(store, "old", "digits", TINY_ARCH, train)

@@ -10,7 +10,6 @@ Writes data/, models/, samples/, reports/ and report.json under --out (DESIGN.md
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -33,7 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="tiny configuration for tests")
     p.add_argument(
-        "--seed", type=int, default=0, help="split, training and sampling seed (default 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="offset to every seed: the split, both models' training, the classifier's random "
+        "labels and sampling (default 0: the configured seeds)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard what an earlier demo with other settings left in --out (without it: exit 2)",
     )
     p.add_argument("--config", help="YAML file with DemoConfig fields (unknown keys are rejected)")
     p.add_argument("--alpha", type=float, help="CPSample confidence threshold, in (0, 0.5]")
@@ -44,16 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> DemoConfig:
-    from pipeline.orchestration.demo import quick_config
+    from pipeline.orchestration.demo import quick_config, with_seed
 
     cfg = (
         load_yaml(DemoConfig, args.config)
         if args.config
         else (quick_config() if args.quick else DemoConfig())
     )
-    cfg.seed = args.seed
-    for sub in ("denoiser", "classifier"):
-        setattr(cfg, sub, dataclasses.replace(getattr(cfg, sub), seed=args.seed))
+    cfg = with_seed(cfg, args.seed)
     overrides = {
         k: v
         for k, v in (
@@ -73,7 +79,9 @@ def main() -> None:
     cfg = build_config(args)
     from pipeline.orchestration.demo import run_demo
 
-    report = run_demo(cfg, args.out, args.data, progress=not args.no_progress)
+    report = run_demo(
+        cfg, args.out, args.data, progress=not args.no_progress, overwrite=args.overwrite
+    )
     for name, r in report["samplers"].items():
         q = r.get("quality", {})
         print(

@@ -76,13 +76,16 @@ def changed_inputs(recorded: dict[str, Any] | None, current: dict[str, Any]) -> 
     return sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
 
 
-def require_same(what: str, recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """Raise :class:`StaleArtifactError` unless ``recorded`` equals ``current`` input by input."""
+def require_same(
+    what: str, recorded: dict[str, Any] | None, current: dict[str, Any], fresh: str = "a new --run"
+) -> None:
+    """Raise :class:`StaleArtifactError` unless ``recorded`` equals ``current`` input by input; the
+    message names the changed inputs and the two ways on (``fresh``, or ``--overwrite``)."""
     changed = changed_inputs(recorded, current)
     if changed:
         raise StaleArtifactError(
             f"{what} was made from other inputs (changed: {', '.join(changed)}); "
-            "use a new --run, or pass --overwrite to discard the old results"
+            f"use {fresh}, or pass --overwrite to discard the old results"
         )
 
 

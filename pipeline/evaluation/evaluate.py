@@ -6,26 +6,58 @@ Reads the run's data and sample shards from the store, loads its models, and ret
 from __future__ import annotations
 
 import dataclasses
+import json
+from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.core.labels import holdout_roles
+from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder, samples_folder
 from pipeline.data.shards import read_image_shards
 from pipeline.evaluation.domain import DomainEvaluator
 
 
-def attack_sets(store, dataset: str, num_members: int, num_nonmembers: int, seed: int = 0):
-    """(members, non-members, all training images): a seeded subset of the denoiser's training images
-    and of the held-out images (:class:`pipeline.data.imageset.ImageSet`), and the (N, H, W, C) uint8
-    training images."""
+class AttackSets(NamedTuple):
+    """The images a membership attack scores: ``members`` and ``nonmembers`` (ImageSets), all the
+    ``train_images`` ((N, H, W, C) uint8) and where the non-members come from (``nonmember_pool``)."""
 
+    members: ImageSet
+    nonmembers: ImageSet
+    train_images: np.ndarray
+    nonmember_pool: dict[str, Any]
+
+
+def classifier_bits(store, run: str) -> int:
+    """How many held-out images the run's classifier trained on (``train.holdout_images`` in
+    ``models/<run>/classifier/config.json``); 0 without a classifier."""
+    if not store.exists("models", run, "classifier", "config.json"):
+        return 0
+    record = json.loads(store.read_bytes("models", run, "classifier", "config.json"))
+    return int((record.get("train") or {}).get("holdout_images", 0))
+
+
+def attack_sets(
+    store, dataset: str, num_members: int, num_nonmembers: int, seed: int = 0, bits: int = 0
+) -> AttackSets:
+    """A seeded subset of the denoiser's training images (members) and of the held-out images that
+    no model has seen (non-members): the classifier trained on the ``bits`` held-out images whose keys
+    sort first (:func:`pipeline.core.labels.holdout_roles`), so those are never non-members."""
     train = read_image_shards(store, data_folder(dataset, "train"))
     holdout = read_image_shards(store, data_folder(dataset, "holdout"))
+    trained, never = holdout_roles(holdout.keys, bits)
     rng = np.random.default_rng(seed)
     m = rng.permutation(len(train))[: min(num_members, len(train))]
-    n = rng.permutation(len(holdout))[: min(num_nonmembers, len(holdout))]
-    return train.subset(np.sort(m)), holdout.subset(np.sort(n)), train.images
+    n = np.asarray(never)[rng.permutation(len(never))[: min(num_nonmembers, len(never))]]
+    pool = {
+        "source": "held-out images no model has seen",
+        "num_holdout": len(holdout),
+        "num_classifier_trained": len(trained),
+        "num_never_seen": len(never),
+        "num_nonmembers": len(n),
+    }
+    return AttackSets(train.subset(np.sort(m)), holdout.subset(np.sort(n)), train.images, pool)
 
 
 def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> dict:
@@ -114,43 +146,57 @@ def evaluate_run(
     CPSample's knobs default to those recorded in ``reports/<run>/report.json`` (``samplers.cpsample``
     and ``config.sampler``), else to :class:`pipeline.core.config.SamplerConfig`'s defaults.
     """
-    import json
-    import tempfile
-
     from pipeline.core.config import SamplerConfig, from_dict
-    from pipeline.data.checkpoints import load_models
-    from pipeline.evaluation.report import roc_figure
+    from pipeline.evaluation.fragments import read_report
 
     fid = fid_section(store, run, dataset, inception_weights, cfg.fid_batch_size)
-    recorded = {}
-    if store.exists("reports", run, "report.json"):
-        report = json.loads(store.read_bytes("reports", run, "report.json"))
-        recorded = dict(report.get("config", {}).get("sampler", {}))
-        cps = report.get("samplers", {}).get("cpsample", {})
-        recorded.update({k: cps[k] for k in ("alpha", "scale") if k in cps})
+    report = read_report(store, run)
+    recorded = dict(report.get("config", {}).get("sampler", {}))
+    cps = report.get("samplers", {}).get("cpsample", {})
+    recorded.update({k: cps[k] for k in ("alpha", "scale") if k in cps})
     known = {f.name for f in dataclasses.fields(SamplerConfig)}
     sampler = from_dict(SamplerConfig, {k: v for k, v in recorded.items() if k in known})
     sampler = dataclasses.replace(
         sampler, sampler="cpsample", alpha=alpha if alpha is not None else sampler.alpha,
         scale=scale if scale is not None else sampler.scale,
     )  # fmt: skip
-    members, nonmembers, train_images = attack_sets(
-        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed
+    mi = run_attacks(store, run, dataset, sampler, cfg)
+    mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale,
+                            "input_mode": sampler.input_mode, "guidance_t_max": sampler.guidance_t_max}  # fmt: skip
+    return {"fid": fid, "membership_inference": mi}, attack_figures(mi)
+
+
+def run_attacks(store, run: str, dataset: str, sampler, cfg) -> dict[str, Any]:
+    """The three membership attacks on a run (``cfg``: an ``EvalConfig``), each against plain DDIM
+    and CPSample (``sampler``: the CPSample knobs): reconstruction loss and SecMI on the run's models,
+    the nearest generated sample on its sample shards. Non-members are never-seen held-out images
+    (:func:`attack_sets`); the section says how many."""
+    import tempfile
+
+    from pipeline.data.checkpoints import load_models
+
+    sets = attack_sets(
+        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, classifier_bits(store, run)
     )
     with tempfile.TemporaryDirectory() as tmp:
         unet, schedule, _, guidance = load_models(
             store, f"models/{run}/denoiser", f"models/{run}/classifier", sampler, "cpu", tmp
         )
-    mi = membership_inference(unet, schedule, guidance, members, nonmembers, cfg)
-    mi["nn_distance"] = nn_attack(store, run, members, nonmembers, train_images, cfg)
-    mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale,
-                            "input_mode": sampler.input_mode, "guidance_t_max": sampler.guidance_t_max}  # fmt: skip
-    figures = {
+    mi = membership_inference(unet, schedule, guidance, sets.members, sets.nonmembers, cfg)
+    mi["nn_distance"] = nn_attack(store, run, sets.members, sets.nonmembers, sets.train_images, cfg)
+    mi["nonmembers"] = sets.nonmember_pool
+    return mi
+
+
+def attack_figures(mi: dict[str, Any]) -> dict[str, bytes]:
+    """One ROC figure per attack that ran (``roc_<attack>.png``)."""
+    from pipeline.evaluation.report import roc_figure
+
+    return {
         f"roc_{attack}.png": roc_figure(mi[attack], f"membership inference: {attack}")
         for attack in ("reconstruction", "secmi", "nn_distance")
-        if mi[attack]
+        if mi.get(attack)
     }
-    return {"fid": fid, "membership_inference": mi}, figures
 
 
 def sweep_and_attack(
@@ -169,20 +215,18 @@ def sweep_and_attack(
     include_ddim: bool = True,
     extra_rows: list[dict] | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
-    """The demo's privacy block: the (alpha, s) sweep (Ray Tune) and attack 1 for DDIM and CPSample.
+    """The demo's privacy block: the (alpha, s) sweep (Ray Tune) and the three membership attacks
+    (:func:`run_attacks`) for DDIM and CPSample on this run.
 
     ``extra_rows``: sweep rows scored elsewhere (:func:`pipeline.evaluation.sweep.score_point`), added to the
     sweep's own points; the demo passes its main DDIM and CPSample runs so Tune samples only the rest.
 
     ``sampler``/``replicas`` are the run's ``SamplerConfig``/``ReplicaConfig``; returns the report keys
-    ``sweep`` and ``membership_inference`` and the figures ``pareto.png`` and ``roc_reconstruction.png``
+    ``sweep`` and ``membership_inference`` and the figures ``pareto.png`` and ``roc_<attack>.png``
     (pass both to :func:`pipeline.evaluation.report.merge_report`, or into the report and ``write_report``).
     """
-    import tempfile
-
-    from pipeline.data.checkpoints import load_models
-    from pipeline.evaluation.mia import reconstruction_attack
-    from pipeline.evaluation.report import pareto_figure, roc_figure
+    from pipeline.core.config import EvalConfig
+    from pipeline.evaluation.report import pareto_figure
     from pipeline.evaluation.sweep import merge_points, run_sweep
 
     sweep = run_sweep(
@@ -191,20 +235,8 @@ def sweep_and_attack(
     )  # fmt: skip
     if extra_rows:
         sweep = merge_points(sweep, extra_rows, target_rate)
-    members, nonmembers, _ = attack_sets(store, dataset, num_members, num_nonmembers, seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        cps = dataclasses.replace(sampler, sampler="cpsample")
-        unet, schedule, _, guidance = load_models(
-            store, f"models/{run}/denoiser", f"models/{run}/classifier", cps, "cpu", tmp
-        )
-    xm, xn = members.to_tensor(), nonmembers.to_tensor()
-    rec = {
-        name: reconstruction_attack(unet, schedule, xm, xn, g, seed=seed)
-        for name, g in (("ddim", None), ("cpsample", guidance))
-    }
-    rec["cpsample"].update(alpha=sampler.alpha, scale=sampler.scale)
-    figures = {
-        "pareto.png": pareto_figure(sweep),
-        "roc_reconstruction.png": roc_figure(rec, "membership inference: reconstruction loss"),
-    }
-    return {"sweep": sweep, "membership_inference": {"reconstruction": rec}}, figures
+    cfg = EvalConfig(num_members=num_members, num_nonmembers=num_nonmembers, seed=seed)
+    mi = run_attacks(store, run, dataset, dataclasses.replace(sampler, sampler="cpsample"), cfg)
+    mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale}
+    figures = {"pareto.png": pareto_figure(sweep), **attack_figures(mi)}
+    return {"sweep": sweep, "membership_inference": mi}, figures

@@ -139,6 +139,21 @@ def markdown(report: dict[str, Any], figures: list[str]) -> str:
         lines.append(
             f"CPSample knobs: alpha = {s['cpsample'].get('alpha')}, scale s = {s['cpsample'].get('scale')}."
         )
+    d = report.get("displacement")
+    if d:
+        lines += ["", "## How far CPSample moves a sample", "",
+                  "Mean pixel change between the CPSample and the DDIM sample of the same seed, "
+                  f"relative to unrelated DDIM pairs ({d['unrelated_pairs']['mean']:.3f}): "
+                  "0 = untouched, 1 = as different as another sample.", "",
+                  "| DDIM samples | pairs | mean change | relative |", "|---|---|---|---|"]  # fmt: skip
+        parts = {
+            "all": "all", "near": f"copies (similarity >= {d['threshold']})",
+            "far": f"novel (similarity < {d['far_below']:.3f}, the held-out median)",
+        }  # fmt: skip
+        for part, label in parts.items():
+            r = d[part]
+            if r["count"]:
+                lines.append(f"| {label} | {r['count']} | {r['mean']:.3f} | {r['relative']:.2f} |")
     if "classifier" in report:
         lines += [
             "",
@@ -277,20 +292,29 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Membership inference", "",
                   "Score = minus the attack's error (members are expected to have smaller errors). "
                   "p-value: two-sided permutation test on the difference of means.", ""]  # fmt: skip
+        pool = mi.get("nonmembers")
+        if pool:
+            lines += [f"Non-members: {pool['num_nonmembers']} of the {pool['num_never_seen']} "
+                      f"held-out images that no model has seen (the classifier trained on "
+                      f"{pool['num_classifier_trained']} of the {pool['num_holdout']} held-out "
+                      "images, which are never non-members).", ""]  # fmt: skip
         lines += _attack_rows({k: v for k, v in mi.items() if isinstance(v, dict)})
     if "sweep" in report:
         s = report["sweep"]
         key = s.get("quality_metric")
         lines += ["", "## (alpha, s) trade-off sweep", "",
-                  f"{s.get('num_samples')} samples per point, same seeds; target replication rate "
+                  f"{s.get('num_samples')} samples per point. The sweep's own points share one "
+                  "set of seeds; rows marked * are the main runs' first samples, which share "
+                  "another (DDIM and CPSample the same ones). Target replication rate "
                   f"<= {s['target_rate']:.1%}; quality = {key} (lower is better).", "",
                   "| point | replication rate | mean NN similarity | quality | guidance fired | Pareto |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         front = set(s.get("pareto_front", []))
         for p in s["points"]:
             q = p["quality"].get(key, float("nan")) if key else float("nan")
+            mark = " *" if p.get("source") else ""
             lines.append(
-                f"| {p['label']} | {p['replication_rate']:.2%} | {p['mean_nn_similarity']:.4f} | "
+                f"| {p['label']}{mark} | {p['replication_rate']:.2%} | {p['mean_nn_similarity']:.4f} | "
                 f"{q:.4g} | {p['guidance_fired_fraction']:.3f} | {'yes' if p['label'] in front else ''} |"
             )
         rec = s.get("recommended") or {}

@@ -6,6 +6,7 @@ Layout and report.json follow DESIGN.md sections 4 and 5.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +18,12 @@ import torch
 from pipeline.core.config import DemoConfig, SamplerConfig
 from pipeline.core.guidance import validate_knobs
 from pipeline.data.datasets import digits_source, folder_source, split
-from pipeline.data.imageset import DataError, images_to_tensor
+from pipeline.data.imageset import DataError, ImageSet, images_to_tensor
 from pipeline.data.layout import data_folder
+from pipeline.data.provenance import PROVENANCE, StaleArtifactError, require_same, value_digest
 from pipeline.data.shards import images_of
 from pipeline.data.storage import Store, open_store
+from pipeline.evaluation.displacement import displacement, pair_by_seed
 from pipeline.evaluation.domain import train_domain_evaluator
 from pipeline.evaluation.evaluate import sweep_and_attack
 from pipeline.evaluation.report import grid_figure, histogram_figure, pairs_figure, write_report
@@ -36,6 +39,62 @@ from pipeline.orchestration.stages import (
 )
 
 RUN = "demo"
+OUTPUTS = ("data", "models", "samples", "reports", "checkpoints")
+EXECUTION_FIELDS = ("ray_cpus", "sample_concurrency")  # how the demo runs, not what it makes
+
+
+def with_seed(cfg: DemoConfig, seed: int) -> DemoConfig:
+    """``cfg`` with every seed offset by ``seed``: the train/held-out split, both models' training
+    (initialisation and batches), the classifier's random labels and the sampling seeds. Seed 0 keeps
+    the configured seeds; seed 1 is an independent replicate (other training images, other bits)."""
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + seed, split_seed=cfg.split_seed + seed)
+    cfg.denoiser = dataclasses.replace(cfg.denoiser, seed=cfg.denoiser.seed + seed)
+    cfg.classifier = dataclasses.replace(
+        cfg.classifier,
+        seed=cfg.classifier.seed + seed,
+        label_seed=cfg.classifier.label_seed + seed,
+    )
+    return cfg
+
+
+def demo_inputs(cfg: DemoConfig, data: str | None) -> dict[str, str]:
+    """The demo's inputs as digests, one per top-level config field (less :data:`EXECUTION_FIELDS`),
+    plus the image source."""
+    inputs = {
+        name: value_digest(value)
+        for name, value in dataclasses.asdict(cfg).items()
+        if name not in EXECUTION_FIELDS
+    }
+    inputs["data"] = value_digest(str(Path(data).resolve()) if data else "digits")
+    return inputs
+
+
+def claim_output(store: Store, cfg: DemoConfig, data: str | None, overwrite: bool) -> None:
+    """Make the output store this demo's before anything is written to it.
+
+    An output folder made by a demo with other settings (its ``provenance.json`` names them), or
+    holding outputs of unknown origin, is refused with :class:`StaleArtifactError` naming what
+    changed: its checkpoints, samples and report would otherwise mix with this run's. ``overwrite``
+    deletes the previous outputs first. The same settings rerun: every stage resumes or skips."""
+    inputs = demo_inputs(cfg, data)
+    if overwrite:
+        for folder in OUTPUTS:
+            store.delete_dir(folder)
+        for name in ("report.json", PROVENANCE):
+            if store.exists(name):
+                store.delete(name)
+    elif store.exists(PROVENANCE):
+        recorded = json.loads(store.read_bytes(PROVENANCE)).get("provenance")
+        require_same(f"the demo output {store.uri}", recorded, inputs, fresh="another --out")
+    elif any(store.exists(name) for name in (*OUTPUTS, "report.json")):
+        raise StaleArtifactError(
+            f"{store.uri} holds outputs that no demo recorded (no {PROVENANCE}); use another --out, "
+            "or pass --overwrite to discard them"
+        )
+    record = {"provenance": inputs, "config": dataclasses.asdict(cfg), "data": data}
+    store.write_bytes(
+        json.dumps(record, indent=2, sort_keys=True, default=str).encode(), PROVENANCE
+    )
 
 
 def quick_config(seed: int = 0) -> DemoConfig:
@@ -93,9 +152,16 @@ def _sampler_report(stats, run_info: dict, quality: dict, cfg: SamplerConfig) ->
 
 
 def run_demo(
-    cfg: DemoConfig, out: str, data: str | None = None, progress: bool = True
+    cfg: DemoConfig,
+    out: str,
+    data: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run all stages into the store at ``out``; returns the report dict (also written to out)."""
+    """Run all stages into the store at ``out``; returns the report dict (also written to out).
+
+    ``out`` must be new, or a previous demo's output with the same settings (it resumes), or
+    ``overwrite`` discards it (:func:`claim_output`)."""
     import ray
 
     validate_knobs(cfg.sampler.alpha, cfg.sampler.scale)
@@ -103,6 +169,7 @@ def run_demo(
     t_start = time.perf_counter()
     dataset, images = _source(cfg, data)  # bad input fails here, before anything is written
     store = open_store(out)
+    claim_output(store, cfg, data, overwrite)
     with timer.stage("make_shards"):
         channels = images.images.shape[-1]
         if channels != cfg.unet.channels:
@@ -151,6 +218,7 @@ def run_demo(
         quality, figures, evaluator, images = _quality_and_figures(
             store, runs, checked, base_rows, holdout, train_set, cfg
         )
+    moved = _displacement(checked, images, base_rows, cfg.replicas.threshold)
     with timer.stage("sweep_and_attack"):
         sw = cfg.sweep
         main = (cfg.sampler.alpha, cfg.sampler.scale)
@@ -180,6 +248,7 @@ def run_demo(
             for name in runs
         },
         "holdout_baseline": base_stats.to_dict(),
+        "displacement": moved,
         "classifier": clf["metrics"],
         "denoiser": {"steps": cfg.denoiser.steps, "final_loss": den["metrics"].get("loss")},
         "quality_metric": quality["_name"],
@@ -193,6 +262,20 @@ def run_demo(
         flush=True,
     )
     return report
+
+
+def _displacement(checked, images, base_rows, threshold: float) -> dict[str, Any]:
+    """How far CPSample moved each DDIM sample of the same seed (:mod:`pipeline.evaluation.displacement`):
+    near = DDIM copies (similarity >= threshold), far = DDIM samples less similar to the training set
+    than the median never-seen real image."""
+    sets = {
+        name: ImageSet(keys=[str(r["key"]) for r in checked[name][1]], images=images[name])
+        for name in ("ddim", "cpsample")
+    }
+    ddim, guided, common = pair_by_seed(sets["ddim"], sets["cpsample"])
+    sim_of = {str(r["key"]).split("-", 1)[1]: float(r["nn_similarity"]) for r in checked["ddim"][1]}
+    far_below = float(np.median([float(r["nn_similarity"]) for r in base_rows]))
+    return displacement(ddim, guided, np.asarray([sim_of[k] for k in common]), threshold, far_below)
 
 
 def _main_rows(cfg: DemoConfig, runs, images, spec, evaluator) -> list[dict[str, Any]]:

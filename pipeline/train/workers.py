@@ -25,7 +25,7 @@ from pipeline.core.config import (
     from_dict,
 )
 from pipeline.core.diffusion import linear_schedule, schedule_from_betas
-from pipeline.core.labels import random_bits
+from pipeline.core.labels import holdout_roles, random_bits
 from pipeline.core.models import NoiseClassifier, build_unet
 from pipeline.data.imageset import images_to_tensor
 from pipeline.data.provenance import require_same
@@ -67,9 +67,8 @@ def split_holdout(
     rank ``r`` of ``world`` takes every ``world``-th of them from ``r``; the rest are never seen and
     measure calibration. Returns ``((x_bits, keys_bits), (x_never, keys_never))``.
     """
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    n_bits = min(n_bits, max(0, len(keys) - 1))
-    mine, never = order[:n_bits][rank::world], order[n_bits:]
+    trained, never = holdout_roles(keys, n_bits)
+    mine = trained[rank::world]
 
     def take(idx: list[int]) -> tuple[torch.Tensor, list[str]]:
         if not idx:

@@ -144,11 +144,14 @@ def headline() -> dict:
         embed = centred_pixel_embedding(train.images)
         index = build_index(embed(train.images), replicas.index)
 
-        def nn_similarity(images: torch.Tensor) -> np.ndarray:
-            sims, _ = nearest(index, embed_pixels(images_from_tensor(images), embed.mean))
-            return sims[:, 0]
+        def nn_similarity(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            sims, idx = nearest(index, embed_pixels(images_from_tensor(images), embed.mean))
+            return sims[:, 0], idx[:, 0]
 
-        sim_ddim, sim_cps = nn_similarity(ddim.images), nn_similarity(cps.images)
+        (sim_ddim, nn_ddim), (sim_cps, _) = nn_similarity(ddim.images), nn_similarity(cps.images)
+        copied_bit = y_train[torch.from_numpy(nn_ddim.astype(np.int64))]
+        p_ddim = _confidence(clf, schedule, ddim.images, copied_bit, gen)
+        p_cps = _confidence(clf, schedule, cps.images, copied_bit, gen)
         return {
             "threshold": replicas.threshold,
             "y_train": y_train,
@@ -157,6 +160,10 @@ def headline() -> dict:
             "ddim_mean_sim": float(sim_ddim.mean()),
             "cps_mean_sim": float(sim_cps.mean()),
             "fired_fraction": float(cps.fired_fraction.mean()),
+            "ddim_p_copied_bit": p_ddim[1],
+            "cps_p_copied_bit": p_cps[1],
+            "ddim_margin": p_ddim[0],
+            "cps_margin": p_cps[0],
             "train_margin": conf_train[0],
             "train_p_own_bit": conf_train[1],
             "never_margin": conf_never[0],

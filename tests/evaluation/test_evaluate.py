@@ -26,6 +26,7 @@ from pipeline.evaluation.evaluate import (
     nn_attack,
 )
 from pipeline.evaluation.fid import InceptionWeightsError
+from pipeline.evaluation.fragments import write_fragment
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FAST = EvalConfig(
@@ -78,7 +79,11 @@ def test_attack_sets_are_seeded_capped_subsets_of_train_and_holdout(digits_store
     train = read_image_shards(digits_store, "data/digits/train")
     holdout = read_image_shards(digits_store, "data/digits/holdout")
     assert (len(train), len(holdout)) == (32, 300)
-    members, nonmembers, train_images = attack_sets(digits_store, "digits", 10, 20, seed=3)
+    members, nonmembers, train_images, pool = attack_sets(digits_store, "digits", 10, 20, seed=3)
+    assert pool == {
+        "source": "held-out images no model has seen", "num_holdout": 300,
+        "num_classifier_trained": 0, "num_never_seen": 300, "num_nonmembers": 20,
+    }  # fmt: skip
     assert (len(members), len(nonmembers)) == (10, 20)
     np.testing.assert_array_equal(train_images, train.images)
     assert train_images.shape == (32, 16, 16, 1) and train_images.dtype == np.uint8
@@ -97,13 +102,25 @@ def test_attack_sets_are_seeded_capped_subsets_of_train_and_holdout(digits_store
     other = attack_sets(digits_store, "digits", 10, 20, seed=4)
     assert other[0].keys != members.keys and other[1].keys != nonmembers.keys
     # sizes are capped at what the splits hold
-    m, n, _ = attack_sets(digits_store, "digits", 1000, 1000, seed=3)
+    m, n, *_ = attack_sets(digits_store, "digits", 1000, 1000, seed=3)
     assert m.keys == train.keys and n.keys == holdout.keys
+
+
+def test_attack_sets_never_take_a_non_member_the_classifier_trained_on(digits_store):
+    """The classifier trains on the held-out images whose keys sort first (``holdout_images`` of
+    them): those are not non-members. Before, ~58% of the demo's non-members were such images."""
+    holdout = read_image_shards(digits_store, "data/digits/holdout")
+    seen = set(sorted(holdout.keys)[:250])
+    _, nonmembers, _, pool = attack_sets(digits_store, "digits", 4, 1000, seed=0, bits=250)
+    assert len(nonmembers) == 50 and not set(nonmembers.keys) & seen
+    assert (pool["num_classifier_trained"], pool["num_never_seen"]) == (250, 50)
+    _, some, _, _ = attack_sets(digits_store, "digits", 4, 20, seed=0, bits=250)
+    assert len(some) == 20 and not set(some.keys) & seen
 
 
 # -------------------------------------------------------------------------------------- nn_attack
 def test_nn_attack_finds_members_copied_into_the_samples(digits_store, tmp_path):
-    members, nonmembers, train_images = attack_sets(digits_store, "digits", 8, 40, seed=0)
+    members, nonmembers, train_images, _ = attack_sets(digits_store, "digits", 8, 40, seed=0)
     store = open_store(str(tmp_path / "s"))
     # ddim "memorised" every member; cpsample made noise; no samples at all for another run
     _samples(store, "r", "ddim", members.images.copy())
@@ -142,7 +159,7 @@ def test_fid_section_rejects_a_missing_weights_file_before_reading_data(tmp_path
 def test_membership_inference_attacks_ddim_and_the_guided_model(digits_store, tiny_models16):
     from pipeline.core.models import load_classifier, load_denoiser, load_schedule
 
-    members, nonmembers, _ = attack_sets(digits_store, "digits", 4, 6, seed=0)
+    members, nonmembers, *_ = attack_sets(digits_store, "digits", 4, 6, seed=0)
     unet = load_denoiser(tiny_models16 / "denoiser")
     schedule = load_schedule(tiny_models16 / "denoiser")
     clf = load_classifier(tiny_models16 / "classifier", (1, 16, 16))
@@ -168,6 +185,8 @@ def test_membership_inference_attacks_ddim_and_the_guided_model(digits_store, ti
 
 
 # ----------------------------------------------------------------------------------- evaluate_run
+
+
 @pytest.fixture
 def run_store(digits_store, tiny_models16, tmp_path):
     """A store with digits_store's data, run "e"'s models and its ddim samples (copies of training
@@ -186,7 +205,8 @@ def test_evaluate_run_reports_attacks_and_roc_figures(run_store):
     assert set(report) == {"fid", "membership_inference"}
     assert "skipped" in report["fid"]
     mi = report["membership_inference"]
-    assert set(mi) == {"reconstruction", "secmi", "nn_distance", "cpsample_knobs"}
+    assert set(mi) == {"reconstruction", "secmi", "nn_distance", "cpsample_knobs", "nonmembers"}
+    assert mi["nonmembers"]["num_nonmembers"] == 6
     assert set(mi["reconstruction"]) == set(mi["secmi"]) == {"ddim", "cpsample"}
     assert set(mi["nn_distance"]) == {"ddim"}  # no cpsample samples in this run
     assert mi["nn_distance"]["ddim"]["num_generated"] == 8
@@ -211,7 +231,7 @@ def test_evaluate_run_takes_the_knobs_recorded_in_the_report(run_store):
         "config": {"sampler": {"alpha": 0.4, "scale": 9.0, "guidance_t_max": 300, "bogus": 1}},
         "samplers": {"cpsample": {"alpha": 0.25, "num_samples": 8}},
     }
-    run_store.write_bytes(json.dumps(recorded).encode(), "reports", "e", "report.json")
+    write_fragment(run_store, "e", recorded, "replace")
     report, _ = evaluate_run(run_store, "e", "digits", FAST)
     knobs = report["membership_inference"]["cpsample_knobs"]
     # samplers.cpsample wins over config.sampler; unknown keys are ignored

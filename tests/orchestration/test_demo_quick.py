@@ -131,11 +131,29 @@ def test_quick_demo_report_has_every_key(quick_demo):
         assert 0.0 <= p["replication_rate"] <= 1.0 and p["num_samples"] == 32
         assert p["quality"]["fd"] >= 0
     assert set(sweep["pareto_front"]) <= set(labels)
-    rec = report["membership_inference"]["reconstruction"]
-    for name in ("ddim", "cpsample"):
-        assert 0.0 <= rec[name]["auc"] <= 1.0 and 0.0 < rec[name]["p_value"] <= 1.0
+    # the three membership attacks ran on this run, for both samplers, against never-seen images
+    mi = report["membership_inference"]
+    for attack in ("reconstruction", "secmi", "nn_distance"):
+        for name in ("ddim", "cpsample"):
+            r = mi[attack][name]
+            assert 0.0 <= r["auc"] <= 1.0 and 0.0 < r["p_value"] <= 1.0, (attack, name)
+            assert r["num_members"] == 16 and r["num_nonmembers"] == 32
+    assert mi["nonmembers"] == {
+        "source": "held-out images no model has seen", "num_holdout": 500,
+        "num_classifier_trained": 200, "num_never_seen": 300, "num_nonmembers": 32,
+    }  # fmt: skip
+    assert mi["nn_distance"]["cpsample"]["num_generated"] == 64
+    # how far CPSample moved each same-seed DDIM sample, scaled by unrelated pairs
+    moved = report["displacement"]
+    assert moved["all"]["count"] == 64 and moved["unrelated_pairs"]["mean"] > 0
+    assert 0.0 <= moved["all"]["relative"] < 2.0
+    assert moved["near"]["count"] + moved["far"]["count"] <= 64
     md = (out / "reports/demo/report.md").read_text()
     assert "## Membership inference" in md and "## (alpha, s) trade-off sweep" in md
+    assert "Non-members: 32 of the 300 held-out images that no model has seen" in md
+    assert "## How far CPSample moves a sample" in md
+    for fig in ("roc_secmi.png", "roc_nn_distance.png"):
+        assert (out / "reports/demo" / fig).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_quick_demo_train_shards_hold_exactly_the_training_images(quick_demo):
@@ -233,3 +251,25 @@ def test_s3_demo_leaks_no_credentials(s3_quick_demo):
         if key.endswith((".json", ".md", ".jsonl", ".txt", ".yaml")):
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
             assert not any(s in body for s in secrets), key
+
+
+def test_s3_demo_rerun_with_another_seed_is_refused_before_writing(s3_quick_demo):
+    """--seed 1 into the seed-0 output: exit 2 naming the changed settings, nothing written (before
+    provenance, it reused the seed-0 checkpoints and failed only later)."""
+    import os
+
+    client, bucket, keys, env = (s3_quick_demo[k] for k in ("client", "bucket", "keys", "env"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "demo.py"), "--quick", "--no-progress", "--seed", "1",
+         "--out", f"s3://{bucket}/run"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **env},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "was made from other inputs (changed: classifier, denoiser, seed, split_seed); use another "
+        "--out, or pass --overwrite" in proc.stderr
+    )
+    after = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        after += [o["Key"] for o in page.get("Contents", [])]
+    assert sorted(after) == keys

@@ -9,7 +9,8 @@ or a store path such as models/<run>/denoiser; without it the schedule is DDPM's
         --denoiser models/demo/denoiser --num-workers 2 --use-gpu --max-failures 2
 
 Checkpoints go to <store>/checkpoints/<run>-classifier (rerunning the same command continues from the
-latest one); the final model to <store>/models/<run>/classifier (model.safetensors with the architecture
+latest one; with another config, data or denoiser it exits 2 naming what changed, or --overwrite starts
+afresh); the final model to <store>/models/<run>/classifier (model.safetensors with the architecture
 in its metadata, plus config.json with the fit metrics: accuracy by t-range, held-out-bit accuracy,
 Lipschitz proxy). Scale to large N with --steps, the width (arch.base_channels, arch.channel_mults) and
 --lr-schedule/--warmup-steps.

@@ -6,7 +6,9 @@
 
 Checkpoints (safetensors model + EMA, optimizer, state.json with the resolved config) go to
 <store>/checkpoints/<run>-denoiser; a run killed mid-way continues from its latest checkpoint when the
-same command (same --run and --store) is run again. The EMA model is exported to
+same command (same --run and --store) is run again. A rerun with another config (beyond --num-workers,
+--use-gpu, --max-failures, --num-to-keep, --checkpoint-every) or other data exits 2 naming what changed;
+--overwrite discards the old checkpoints instead. The EMA model is exported to
 <store>/models/<run>/denoiser (save_pretrained + scheduler_config.json + run_config.json). On CUDA the
 step runs under bf16 autocast (config key train.mixed_precision).
 """

@@ -130,3 +130,59 @@ def test_store_pickles_and_local_repr(tmp_path):
     assert back.uri == store.uri and back.is_local
     back.write_bytes(b"1", "f")
     assert store.read_bytes("f") == b"1"
+
+
+# ------------------------------------------------------------------------ model directory replacement
+def _model(path, text: str):
+    path.mkdir(parents=True)
+    (path / "weights.bin").write_text(text)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_replace_dir_local_swaps_then_removes_the_old_copy(tmp_path, monkeypatch, exchange):
+    from pipeline.data import storage
+
+    if not exchange:  # a filesystem without RENAME_EXCHANGE
+        monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    target = _model(tmp_path / "models" / "denoiser", "old")
+    storage.replace_dir_local(_model(tmp_path / "new", "new"), target)
+    assert (target / "weights.bin").read_text() == "new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["denoiser"]  # no stage, no old copy
+
+
+def test_replace_dir_local_keeps_the_old_model_when_the_copy_fails(tmp_path, monkeypatch):
+    from pipeline.data import storage
+
+    target = _model(tmp_path / "models" / "denoiser", "old")
+
+    def full_disk(src, dst, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage.shutil, "copytree", full_disk)
+    with pytest.raises(StorageError, match="No space left"):
+        storage.replace_dir_local(_model(tmp_path / "new", "new"), target)
+    assert (target / "weights.bin").read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["denoiser"]
+
+
+def test_replace_dir_local_undoes_the_first_rename_when_the_second_fails(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pipeline.data import storage
+
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    target = _model(tmp_path / "models" / "denoiser", "old")
+    real_rename = Path.rename
+
+    def rename(self, dest):
+        if self.name.startswith(".denoiser.tmp-"):  # the staged copy moving into place
+            raise OSError(5, "I/O error")
+        return real_rename(self, dest)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(StorageError, match="I/O error"):
+        storage.replace_dir_local(_model(tmp_path / "new", "new"), target)
+    assert (target / "weights.bin").read_text() == "old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["denoiser"]

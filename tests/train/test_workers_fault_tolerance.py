@@ -182,14 +182,18 @@ def test_killed_driver_rerun_continues_from_checkpoint(digits_store, tmp_path):
     assert every <= saved < steps
     assert not _pids_with(ray_tmp), "leftover Ray processes of the killed driver"
 
-    second = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = second.communicate(timeout=900)
-    finally:
-        _kill_tree(second, ray_tmp)
+    for _ in range(2):
+        second = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            output, _ = second.communicate(timeout=900)
+        finally:
+            _kill_tree(second, ray_tmp)
+        # Ray gives its raylet a fixed 30 s to start; a heavily loaded shared machine can miss it
+        if second.returncode == 0 or "timed out during startup" not in output:
+            break
     assert second.returncode == 0, output[-3000:]
     assert not _pids_with(ray_tmp)
     shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -249,6 +249,10 @@ def run_demo(
         },
         "holdout_baseline": base_stats.to_dict(),
         "displacement": moved,
+        "provenance": {
+            **{m: _model_provenance(store, m) for m in ("denoiser", "classifier")},
+            "samples": {name: runs[name]["provenance"] for name in runs},
+        },
         "classifier": clf["metrics"],
         "denoiser": {"steps": cfg.denoiser.steps, "final_loss": den["metrics"].get("loss")},
         "quality_metric": quality["_name"],
@@ -262,6 +266,13 @@ def run_demo(
         flush=True,
     )
     return report
+
+
+def _model_provenance(store: Store, model: str) -> dict[str, Any] | None:
+    """``models/<run>/<model>/provenance.json``: the inputs it was trained from and its own digest."""
+    if not store.exists("models", RUN, model, PROVENANCE):
+        return None
+    return json.loads(store.read_bytes("models", RUN, model, PROVENANCE))
 
 
 def _displacement(checked, images, base_rows, threshold: float) -> dict[str, Any]:

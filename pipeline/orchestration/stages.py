@@ -152,6 +152,23 @@ def training_provenance(
     return {"config": value_digest(learned), "data": manifest_digest(manifest), **inputs}
 
 
+def check_image_shape(store: Store, dataset: str, channels: int, size: int, model: str) -> None:
+    """The dataset's images (its manifest's ``channels`` and ``image_size``) must be the model's
+    (C, H, W): a UNet runs on any size its downsampling divides, so a mismatch would train silently."""
+    from pipeline.core.config import ConfigError
+
+    manifest = read_manifest(store, data_folder(dataset))
+    if manifest is None:
+        return
+    h, w = manifest.get("image_size", (size, size))
+    c = manifest.get("channels", channels)
+    if (c, h, w) != (channels, size, size):
+        raise ConfigError(
+            f"dataset {dataset!r} has images (C, H, W) = {(c, h, w)} but the {model} is configured "
+            f"for {(channels, size, size)}; set its sample_size and channels to the data's"
+        )
+
+
 def claim_checkpoints(
     store: Store, name: str, provenance: dict[str, Any], overwrite: bool = False
 ) -> None:
@@ -219,6 +236,7 @@ def train_denoiser(
     ``overwrite`` starts afresh). The checkpoints and the exported model record those inputs
     (``state.json``, ``provenance.json``). ``loop_config``: extra worker-loop keys (``step_delay_s``
     for fault-injection tests)."""
+    check_image_shape(store, dataset, unet.channels, unet.sample_size, "denoiser (unet)")
     schedule = linear_schedule()
     config = {"unet": to_dict(unet), "train": to_dict(train)}
     datasets = {"train": webdataset(store, data_folder(dataset, "train"))}
@@ -270,6 +288,8 @@ def train_classifier(
     den_digest = None
     if denoiser is not None:
         arch, schedule_betas, den_digest = _protect(store, dataset, arch, denoiser)
+    else:
+        check_image_shape(store, dataset, arch.channels, arch.sample_size, "classifier (arch)")
     datasets = {
         "train": webdataset(store, data_folder(dataset, "train")),
         # every worker reads the whole held-out set once and splits it by sorted key (see
@@ -317,7 +337,7 @@ def _protect(
 ) -> tuple[ClassifierArchConfig, list[float], str]:
     """(arch with the denoiser's image shape, the denoiser's betas, the denoiser directory's digest);
     checks the dataset's shape."""
-    from pipeline.core.config import ConfigError, from_dict
+    from pipeline.core.config import from_dict
     from pipeline.core.models import load_denoiser, load_schedule, unet_image_shape
     from pipeline.data.checkpoints import resolve_model_dir
 
@@ -326,14 +346,7 @@ def _protect(
         channels, size, _ = unet_image_shape(load_denoiser(den_dir))
         betas = load_schedule(den_dir).betas.tolist()
         digest = dir_digest(den_dir)
-    manifest = read_manifest(store, data_folder(dataset)) or {}
-    h, w = manifest.get("image_size", (size, size))
-    c = manifest.get("channels", channels)
-    if (c, h, w) != (channels, size, size):
-        raise ConfigError(
-            f"dataset {dataset!r} has images (C, H, W) = {(c, h, w)} but the denoiser {denoiser!r} "
-            f"denoises {(channels, size, size)}"
-        )
+    check_image_shape(store, dataset, channels, size, f"denoiser {denoiser!r}")
     return (
         from_dict(
             ClassifierArchConfig, {**to_dict(arch), "sample_size": size, "channels": channels}

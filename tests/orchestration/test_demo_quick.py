@@ -143,6 +143,13 @@ def test_quick_demo_report_has_every_key(quick_demo):
         "num_classifier_trained": 200, "num_never_seen": 300, "num_nonmembers": 32,
     }  # fmt: skip
     assert mi["nn_distance"]["cpsample"]["num_generated"] == 64
+    # provenance: the samples name the very model directories the training exported
+    prov = report["provenance"]
+    for name in ("ddim", "cpsample"):
+        assert prov["samples"][name]["denoiser"] == prov["denoiser"]["digest"]
+    assert prov["samples"]["cpsample"]["classifier"] == prov["classifier"]["digest"]
+    assert "classifier" not in prov["samples"]["ddim"]
+    assert prov["denoiser"]["provenance"]["data"] == prov["classifier"]["provenance"]["data"]
     # how far CPSample moved each same-seed DDIM sample, scaled by unrelated pairs
     moved = report["displacement"]
     assert moved["all"]["count"] == 64 and moved["unrelated_pairs"]["mean"] > 0

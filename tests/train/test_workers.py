@@ -103,7 +103,7 @@ def test_classifier_rejects_denoiser_of_other_image_shape(digits_store, tmp_path
     from pipeline.core.config import ConfigError
 
     den_dir, _ = _foreign_unet_dir(tmp_path / "rgb", channels=3)
-    with pytest.raises(ConfigError, match=r"denoises \(3, 16, 16\)"):
+    with pytest.raises(ConfigError, match=r"denoiser '.*rgb' is configured for \(3, 16, 16\)"):
         train_classifier(
             digits_store, "rgb", "digits", ClassifierArchConfig(), ClassifierTrainConfig(),
             denoiser=str(den_dir),
@@ -114,6 +114,29 @@ def test_classifier_rejects_denoiser_of_other_image_shape(digits_store, tmp_path
             digits_store, "rgb", "digits", ClassifierArchConfig(), ClassifierTrainConfig(),
             denoiser=str(tmp_path / "missing"),
         )  # fmt: skip
+
+
+def test_training_refuses_a_model_shape_that_is_not_the_data(digits_store):
+    """A UNet runs on any size its downsampling divides: without the check, a 32x32 denoiser would
+    train on the 16x16 digits without a word."""
+    from pipeline.core.config import ConfigError, DenoiserTrainConfig, UNetConfig
+    from pipeline.orchestration.stages import train_denoiser
+
+    with pytest.raises(ConfigError, match=r"\(C, H, W\) = \(1, 16, 16\) but the denoiser \(unet\) "
+                       r"is configured for \(1, 32, 32\)"):  # fmt: skip
+        train_denoiser(
+            digits_store, "wide", "digits", UNetConfig(sample_size=32), DenoiserTrainConfig()
+        )
+    with pytest.raises(ConfigError, match=r"classifier \(arch\) is configured for \(3, 16, 16\)"):
+        train_classifier(
+            digits_store,
+            "wide",
+            "digits",
+            ClassifierArchConfig(channels=3),
+            ClassifierTrainConfig(),
+        )
+    assert not digits_store.exists("checkpoints", "wide-denoiser")
+    assert not digits_store.exists("models", "wide")
 
 
 def test_split_holdout_by_sorted_key_across_ranks():

@@ -52,3 +52,22 @@ def test_ivf_replica_check_reports_recall(ray_local, tmp_path):
     assert out1["replication_rate"] == pytest.approx(10 / 40)
     report = json.loads(store.read_bytes("reports", "q", "report.json"))
     assert report["replica_check"]["ddim"]["ivf"]["nprobe"] == 1
+
+
+def test_shards_without_a_manifest_are_read_unchecked_with_a_warning(ray_local, tmp_path, caplog):
+    """Shards put under data/<dataset>/<split> by hand (no make_shards, no manifest) are user data:
+    the training reader takes them all, without a check, and says so."""
+    import logging
+
+    from pipeline.data.datasets import digits_source, split
+    from pipeline.data.storage import open_store
+    from pipeline.orchestration.stages import make_shards, webdataset
+
+    store = open_store(str(tmp_path / "store"))
+    train, holdout = split(digits_source(8), 24, 0)
+    make_shards(store, "hand", train, holdout.subset(range(10)), shard_size=10)
+    (tmp_path / "store" / "data" / "hand" / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.shards"):
+        ds = webdataset(store, "data/hand/train")
+    assert "its shards are read without checking them" in caplog.text
+    assert sorted(r["__key__"] for r in ds.take_all()) == sorted(train.keys)

@@ -182,9 +182,11 @@ def test_killed_driver_rerun_continues_from_checkpoint(digits_store, tmp_path):
     assert every <= saved < steps
     assert not _pids_with(ray_tmp), "leftover Ray processes of the killed driver"
 
+    # the rerun may change how the run executes (checkpoints kept), not what it learns: it resumes
+    rerun = [*cmd, "--num-to-keep", "3"]
     for _ in range(2):
         second = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            rerun, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
         )  # fmt: skip
         try:

@@ -162,26 +162,6 @@ def test_sigkilled_job_on_loopback_s3_resumes_to_exactly_n_samples(
     assert "## Sampling: ddim" in md and f"- num_samples: {N}" in md
 
 
-def test_sigtermed_job_in_a_local_folder_resumes_to_exactly_n_samples(
-    tmp_path, job_denoiser, ray_tmp
-):
-    """SIGTERM to the job's process group (Ray's own shutdown runs) after the first shard lands in a
-    local store, rerun: exactly N samples, nothing partial or stray left beside the shards (the local
-    path writes each shard to a temporary file and renames it into place)."""
-    folder = tmp_path / "store" / "samples" / "r" / "ddim"
-    cmd, env = _job(str(tmp_path / "store"), job_denoiser, ray_tmp)
-
-    def shards() -> list[str]:
-        return sorted(p.name for p in folder.glob("shard-*.tar")) if folder.is_dir() else []
-
-    seen = _kill_after_first_shard(cmd, env, shards, signal.SIGTERM)
-    assert 1 <= seen <= N // PER_SHARD
-    out = _resume(cmd, env)
-    assert out["num_samples"] == N and out["skipped_shards"] >= seen
-    assert sorted(p.name for p in folder.iterdir()) == shards()  # no temporary files left
-    _check_complete({name: (folder / name).read_bytes() for name in shards()})
-
-
 @pytest.mark.parametrize(
     "script, args, message",
     [

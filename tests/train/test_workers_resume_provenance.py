@@ -18,11 +18,18 @@ from pipeline.core.config import (
     ClassifierTrainConfig,
     DenoiserTrainConfig,
     UNetConfig,
+    to_dict,
 )
 from pipeline.data.datasets import digits_source, split
 from pipeline.data.provenance import StaleArtifactError, dir_digest, read_provenance
 from pipeline.data.storage import open_store
-from pipeline.orchestration.stages import make_shards, train_classifier, train_denoiser
+from pipeline.orchestration.stages import (
+    claim_checkpoints,
+    make_shards,
+    train_classifier,
+    train_denoiser,
+    training_provenance,
+)
 
 TINY_UNET = UNetConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=8)
 TINY_ARCH = ClassifierArchConfig(base_channels=8, channel_mults=(1, 2), num_groups=4)
@@ -76,10 +83,16 @@ def test_denoiser_resumes_only_from_the_same_config_and_data(ray_local, tmp_path
         train_denoiser(other, "p", "digits", TINY_UNET, train)
     assert dir_digest(model_dir) == model_before and _checkpoints(store, "p-denoiser") == ckpts
 
-    # --overwrite discards the old checkpoints: a fresh run on the new data from step 0
-    train_denoiser(other, "p", "digits", TINY_UNET, train, overwrite=True)
-    assert _run_config(store, "p", "denoiser")["resumed_from"] == []
-    assert read_provenance(model_dir)["provenance"]["data"] != inputs["data"]
+    # --overwrite discards the old checkpoints (Ray Train then starts from step 0) and claims the
+    # folder for the new inputs
+    new_inputs = training_provenance(
+        other, "digits", {"unet": to_dict(TINY_UNET), "train": to_dict(train)}
+    )
+    assert new_inputs["data"] != inputs["data"] and new_inputs["config"] == inputs["config"]
+    claim_checkpoints(other, "p-denoiser", new_inputs, overwrite=True)
+    folder = Path(store.join("checkpoints", "p-denoiser"))
+    assert [p.name for p in folder.iterdir()] == ["provenance.json"]
+    assert json.loads((folder / "provenance.json").read_text())["provenance"] == new_inputs
 
 
 def test_classifier_refuses_another_label_seed_and_runs_without_a_record(ray_local, tmp_path):

@@ -125,13 +125,7 @@ def load_schedule(directory: str | Path) -> Schedule:
         directory / "scheduler" / "scheduler_config.json",
     ):
         if cand.exists():
-            try:
-                cfg = json.loads(cand.read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{cand}: not a readable scheduler config: {exc}") from exc
-            if not isinstance(cfg, dict):
-                raise CheckpointError(f"{cand}: a scheduler config must be a JSON object")
-            return schedule_from_config(cfg, str(cand))
+            return schedule_from_config(_json_object(cand, "scheduler config"), str(cand))
     return linear_schedule()
 
 
@@ -308,12 +302,18 @@ def load_classifier_config(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.exists():
         return {}
+    return _json_object(path, "classifier config")
+
+
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`CheckpointError` naming ``what`` when it is unreadable,
+    not JSON, or not an object."""
     try:
         record = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable classifier config: {exc}") from exc
+        raise CheckpointError(f"{path}: not a readable {what}: {exc}") from exc
     if not isinstance(record, dict):
-        raise CheckpointError(f"{path}: a classifier config must be a JSON object")
+        raise CheckpointError(f"{path}: a {what} must be a JSON object")
     return record
 
 

@@ -28,6 +28,7 @@ def main() -> None:
     import p5_train_throughput
     import p6_sampling_scaleout
     import p7_cuda
+    import p8_scale
 
     benches = {
         "P1": lambda a: p1_guidance_overhead.run(a.model_dir),
@@ -38,6 +39,7 @@ def main() -> None:
         "P4": lambda a: p4_s3_input.run(),
         "P6": lambda a: p6_sampling_scaleout.run(),
         "P7": lambda a: p7_cuda.run(),
+        "P8": lambda a: p8_scale.run(),
     }
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -3,9 +3,12 @@
     python jobs/check_replicas.py --store demo-out --run demo --dataset digits --sampler cpsample
     python jobs/check_replicas.py --store s3://bucket/batch-42 --run batch-42 --index ivf --nprobe 64
 
-Embeds data/<dataset>/train, builds a FAISS index (exact IndexFlatIP by default; --index ivf for large
-training sets, with its recall@1 measured against exact search on --recall-queries samples; on the GPU
-when faiss-gpu and a GPU are present), scores samples/<run>/<sampler>/ in parallel with Ray Data, and
+Loads the stored replica index of data/<dataset>/train (indexes/<dataset>/<embedding>/<kind>/, built
+once by jobs/build_index.py, or here when missing or stale): exact IndexFlatIP up to
+--exact-max-images training images, else PCA + IVF whose top --rerank-k candidates are re-ranked by
+the exact similarity (--index flat|ivf forces a kind), its recall@1 and decision agreement measured
+against exact brute force on --recall-queries samples; on the GPU when faiss-gpu and a GPU are present.
+Scores samples/<run>/<sampler>/ in parallel with Ray Data (the actors load the index), and
 writes under reports/<run>/: replicas-<sampler>.jsonl (key, nn_key, nn_similarity, is_replicate), the
 similarity histogram, a grid of the --pairs-k closest pairs, and the statistics merged into report.json.
 Each sample's <key>.json in the shards gains nn_key and nn_similarity.
@@ -33,7 +36,10 @@ def main() -> None:
     p.add_argument("--config", help="YAML with a 'replicas' section")
     p.add_argument("--threshold", type=float)
     p.add_argument("--embedding", choices=["centred", "raw"])
-    p.add_argument("--index", choices=["flat", "ivf"])
+    p.add_argument("--index", choices=["auto", "flat", "ivf"])
+    p.add_argument("--exact-max-images", type=int)
+    p.add_argument("--pca-dims", type=int)
+    p.add_argument("--rerank-k", type=int)
     p.add_argument("--nlist", type=int)
     p.add_argument("--nprobe", type=int)
     p.add_argument("--recall-queries", type=int)
@@ -47,7 +53,8 @@ def main() -> None:
         load_sections(args.config, {"replicas": ReplicaConfig})["replicas"],
         threshold=args.threshold, embedding=args.embedding, index=args.index, nlist=args.nlist,
         nprobe=args.nprobe, recall_queries=args.recall_queries, pairs_k=args.pairs_k,
-        use_gpu=args.use_gpu,
+        use_gpu=args.use_gpu, exact_max_images=args.exact_max_images, pca_dims=args.pca_dims,
+        rerank_k=args.rerank_k,
     )  # fmt: skip
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")

@@ -52,8 +52,8 @@ def main() -> None:
     import torch
 
     from pipeline.data.layout import data_folder
-    from pipeline.data.shards import read_image_shards
     from pipeline.data.storage import open_store
+    from pipeline.data.subsets import pick_images
     from pipeline.evaluation.domain import train_domain_evaluator
     from pipeline.evaluation.report import merge_report
     from pipeline.evaluation.sweep import make_points, run_sweep
@@ -62,7 +62,8 @@ def main() -> None:
     pairs = [(a, s) for a in cfg.alphas for s in cfg.scales]
     make_points(pairs)  # bad knobs fail before anything starts
     store = open_store(args.store, args.s3_endpoint, create=False)
-    holdout = read_image_shards(store, data_folder(args.dataset, "holdout"))
+    # the domain CNN trains on a seeded subset of the held-out images, never the whole split
+    holdout, _ = pick_images(store, data_folder(args.dataset, "holdout"), 20_000, cfg.seed)
     evaluator = None
     if holdout.labels is not None and len(set(holdout.labels)) > 1:
         evaluator = train_domain_evaluator(

@@ -118,6 +118,15 @@ class UNetConfig:
         )
 
 
+def _check_input(cfg) -> None:
+    """The streaming-input fields shared by the train configs."""
+    _check(
+        cfg.cache_max_bytes >= 0,
+        f"cache_max_bytes must be >= 0 (0: always stream), got {cfg.cache_max_bytes}",
+    )
+    _positive("shuffle_buffer", cfg.shuffle_buffer)
+
+
 @dataclass
 class DenoiserTrainConfig:
     """Training of the denoiser: eps-prediction MSE at uniform t (Ho et al. 2020, eq. 14), with EMA."""
@@ -136,10 +145,15 @@ class DenoiserTrainConfig:
     max_failures: int = 0
     lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (to 0 at `steps`)
     mixed_precision: bool = True  # bf16 autocast when the worker's device is CUDA; ignored on CPU
+    # input: a worker whose share of the decoded images (uint8) is at most this many bytes reads it
+    # once and keeps it in memory; a larger one streams every epoch (0: always stream)
+    cache_max_bytes: int = 256 * 2**20
+    shuffle_buffer: int = 1024  # rows in a streaming worker's seeded shuffle buffer
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr", "num_workers", "checkpoint_every", "num_to_keep"):
             _positive(name, getattr(self, name))
+        _check_input(self)
         _check(0.0 <= self.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.max_failures >= -1, f"max_failures must be >= -1, got {self.max_failures}")
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -209,10 +223,21 @@ class ClassifierTrainConfig:
     lr_schedule: str = "cosine"
     warmup_steps: int = 100
     mixed_precision: bool = True  # bf16 autocast when the worker's device is CUDA; ignored on CPU
+    # input, as in DenoiserTrainConfig: cache a worker's decoded share up to this many bytes (0:
+    # always stream); the rows of a streaming worker's seeded shuffle buffer
+    cache_max_bytes: int = 256 * 2**20
+    shuffle_buffer: int = 1024
+    # fit metrics (rank 0, at checkpoints): on at most this many training and never-seen images,
+    # in forward passes of at most metrics_batch images
+    metrics_samples: int = 2048
+    metrics_batch: int = 256
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr", "num_workers", "checkpoint_every", "num_to_keep"):
             _positive(name, getattr(self, name))
+        _check_input(self)
+        _positive("metrics_samples", self.metrics_samples)
+        _positive("metrics_batch", self.metrics_batch)
         _check(self.max_failures >= -1, f"max_failures must be >= -1, got {self.max_failures}")
         _check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(
@@ -288,9 +313,18 @@ class ReplicaConfig:
 
     embedding: str = "centred"
     threshold: float = 0.97
-    index: str = "flat"
-    nlist: int = 1024
-    nprobe: int = 32
+    # the stored index (fanout.replica_index): "auto" = exact IndexFlatIP up to exact_max_images
+    # training images, else PCA + IVF re-ranked exactly; "flat" / "ivf" force a kind
+    index: str = "auto"
+    exact_max_images: int = 50_000
+    nlist: int = 0  # IVF lists; 0: about 4 * sqrt(N) (at most N / 39)
+    nprobe: int = 256  # IVF lists probed per query (a search setting: changing it rebuilds nothing)
+    pca_dims: int = 256  # IVF: PCA to this many dims first (none when the embedding is smaller)
+    ivf_codec: str = "sq8"  # IVF list codes: "sq8" (8-bit scalar quantiser) or "flat" (float32)
+    rerank_k: int = 32  # IVF: candidates re-ranked by the exact full-dimensional similarity
+    train_samples: int = 0  # IVF: training rows (k-means, PCA); 0: min(N, max(39 * nlist, 20000))
+    rows_per_task: int = 20_000  # build: training rows per Ray task (bounds each task's memory)
+    measure_queries: int = 512  # build: queries (perturbed training + held-out) for recall@1
     use_gpu: bool = False
     recall_queries: int = 1000  # samples whose IVF neighbour is checked against exact search
     pairs_k: int = 16  # the k closest sample/training pairs drawn in the report
@@ -301,11 +335,17 @@ class ReplicaConfig:
             f"embedding must be 'centred' or 'raw', got {self.embedding!r}",
         )
         _check(-1.0 <= self.threshold <= 1.0, f"threshold must be in [-1, 1], got {self.threshold}")
-        _check(self.index in ("flat", "ivf"), f"index must be 'flat' or 'ivf', got {self.index!r}")
-        _positive("nlist", self.nlist)
-        _positive("nprobe", self.nprobe)
-        _positive("recall_queries", self.recall_queries)
-        _positive("pairs_k", self.pairs_k)
+        _check(
+            self.index in ("auto", "flat", "ivf"),
+            f"index must be 'flat' or 'ivf' (or 'auto', the default), got {self.index!r}",
+        )
+        codecs = ("flat", "sq8")
+        _check(self.ivf_codec in codecs, f"ivf_codec must be in {codecs}, got {self.ivf_codec!r}")
+        for name in ("nlist", "train_samples"):  # 0: automatic
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("exact_max_images", "nprobe", "pca_dims", "rerank_k", "rows_per_task",
+                     "measure_queries", "recall_queries", "pairs_k"):  # fmt: skip
+            _positive(name, getattr(self, name))
 
 
 @dataclass

@@ -21,12 +21,39 @@ def random_bits(keys: Iterable[str], label_seed: int) -> torch.Tensor:
     return torch.tensor([float(random_bit(k, label_seed)) for k in keys])
 
 
-def holdout_roles(keys: list[str], n_bits: int) -> tuple[list[int], list[int]]:
-    """(trained, never seen): indices of held-out images by role in the classifier's training.
+def is_trained_holdout(key: str, label_seed: int, fraction: float) -> bool:
+    """Whether the classifier trains on held-out image ``key`` (with its own random bit).
 
-    The classifier trains on the held-out images whose keys sort first, ``n_bits`` of them (at most
-    all but one), each with its own random bit; the rest are never seen by any model, so they alone
-    measure calibration and serve as membership-inference non-members."""
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    n_bits = min(max(0, n_bits), max(0, len(keys) - 1))
-    return order[:n_bits], order[n_bits:]
+    A keyed hash of the key alone, so any worker decides any row without a global sort or count:
+    ``u_k = BLAKE2b_64(key) / 2**64`` keyed with ``f"holdout:{label_seed}"`` (domain-separated from
+    :func:`random_bit`'s key, so the role says nothing about the bit), trained iff ``u_k < fraction``.
+    ``fraction`` is ``min(1, holdout_images / number of held-out images)``."""
+    digest = hashlib.blake2b(
+        key.encode(), key=f"holdout:{int(label_seed)}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big") < min(1.0, max(0.0, fraction)) * 2.0**64
+
+
+def holdout_fraction(holdout_images: int, num_holdout: int) -> float:
+    """The share of held-out images trained on: ``min(holdout_images, N - 1) / N`` for ``N`` held-out
+    images (at most all but one in expectation, so the never-seen set is rarely empty; 0 if none).
+    Training (from the manifest's count) and evaluation (from the keys) compute the same value."""
+    if num_holdout <= 0:
+        return 0.0
+    return min(max(0, holdout_images), num_holdout - 1) / num_holdout
+
+
+def holdout_roles(keys: list[str], n_bits: int, label_seed: int) -> tuple[list[int], list[int]]:
+    """(trained, never seen): indices (in ``keys`` order) of held-out images by role in the
+    classifier's training.
+
+    A pure per-key rule, :func:`is_trained_holdout` at ``fraction = holdout_fraction(n_bits,
+    len(keys))``: about ``n_bits`` images (at most ``len(keys) - 1`` in expectation) are trained on,
+    each with its own random bit; the rest are never seen by any model, so they alone measure
+    calibration and serve as membership-inference non-members. ``keys`` must be the whole held-out
+    split (its size sets the fraction), in any order."""
+    fraction = holdout_fraction(n_bits, len(keys))
+    trained, never = [], []
+    for i, k in enumerate(keys):
+        (trained if is_trained_holdout(k, label_seed, fraction) else never).append(i)
+    return trained, never

@@ -1,5 +1,6 @@
 """Data: store URIs and filesystems (local, S3), the storage layout, WebDataset shards and manifests,
-image sources, the in-memory image set, and model directories in a store.
+image sources (streamed and in memory), bounded subsets of a split, the in-memory image set, and model directories in a store.
 
-May import: ``pipeline.core`` and ``pipeline.data``. Ray-free.
+May import: ``pipeline.core`` and ``pipeline.data``. Ray-free at import time; only the streamed
+sources' parallel writer (:func:`pipeline.data.sources.write_sharded`) starts Ray tasks.
 """

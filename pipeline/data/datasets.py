@@ -107,9 +107,27 @@ def webdataset_source(
     which must then be the same for every image. Shards of a project dataset (a split folder with
     ``manifest.json`` one level up, as make_shards writes) are checked against it: names and sha256.
     """
+    parts = []
+    for store, name, entries in webdataset_inputs(spec, s3_endpoint):
+        data = store.read_bytes(name)
+        if entries is not None:
+            check_blobs(store, "", entries, {name: data})
+        parts.append(read_tar(data, store.uri_of(name), image_size))
+    images = concat(parts, spec)
+    images.keys = [safe_key(k) for k in images.keys]
+    ImageSet.__post_init__(images)  # the safe keys must still be unique
+    return images
+
+
+def webdataset_inputs(
+    spec: str, s3_endpoint: str | None = None
+) -> list[tuple[Store, str, list[dict] | None]]:
+    """The input tars of a WebDataset ``spec`` (see :func:`webdataset_source`), as ``(store, name,
+    entries)``: the tar is ``name`` under ``store``; ``entries`` is None, or the manifest's shard
+    entries it must match when it belongs to a project dataset. Lists, reads no tar."""
     from braceexpand import braceexpand
 
-    parts = []
+    inputs = []
     for item in braceexpand(spec):
         is_s3 = item.startswith("s3://")
         parent, _, base = item.rstrip("/").rpartition("/")
@@ -125,15 +143,8 @@ def webdataset_source(
         if not names:
             raise DataError(f"no .tar shards under {store.uri}")
         entries = _manifest_entries(store, whole=not single, s3_endpoint=s3_endpoint)
-        for n in names:
-            data = store.read_bytes(n)
-            if entries is not None:
-                check_blobs(store, "", entries, {n: data})
-            parts.append(read_tar(data, store.uri_of(n), image_size))
-    images = concat(parts, spec)
-    images.keys = [safe_key(k) for k in images.keys]
-    ImageSet.__post_init__(images)  # the safe keys must still be unique
-    return images
+        inputs += [(store, n, entries) for n in names]
+    return inputs
 
 
 def _manifest_entries(store: Store, whole: bool, s3_endpoint: str | None) -> list[dict] | None:

@@ -68,8 +68,7 @@ def shard_records(images: ImageSet, start: int, stop: int) -> list[tuple[str, by
 def write_image_shards(
     store: Store, folder: str, images: ImageSet, shard_size: int = 1000
 ) -> list[str]:
-    """Write ``images`` as WebDataset shards under ``folder``; returns the shard URIs (see
-    :func:`put_image_shards`)."""
+    """Write ``images`` as shards under ``folder`` (:func:`put_image_shards`); the shard URIs."""
     return [sh["uri"] for sh in put_image_shards(store, folder, images, shard_size)]
 
 
@@ -78,33 +77,39 @@ def put_image_shards(
 ) -> list[dict[str, Any]]:
     """Write ``images`` as WebDataset shards under ``folder``, resumably and idempotently.
 
-    Shard bytes are a function of the images, so a shard whose stored sha256 equals the new one is
-    complete and skipped. Each shard is put atomically; ``shard-*.tar`` objects beyond the new
-    shard count (from an earlier, larger run) are removed. Returns, per shard, ``{"name", "uri",
-    "count", "bytes", "sha256", "written"}``.
-    """
+    Shard bytes are a function of the images: a shard stored with the same sha256 is skipped. Each
+    is put atomically (:func:`put_shard`); stale ``shard-*.tar`` are removed. Returns, per shard,
+    ``{"name", "uri", "count", "bytes", "sha256", "written"}``."""
     if shard_size <= 0:
         raise DataError(f"shard_size must be > 0, got {shard_size}")
     if len(images):
         image_mode(images.images)
     shards = []
     for s, start in enumerate(range(0, len(images), shard_size)):
-        data = build_tar(shard_records(images, start, start + shard_size))
-        digest, name = hashlib.sha256(data).hexdigest(), shard_name(s)
-        written = store.sha256(folder, name) != digest
-        uri = store.write_bytes(data, folder, name) if written else store.uri_of(folder, name)
-        shards.append(
-            {"name": name, "uri": uri, "count": min(shard_size, len(images) - start),
-             "bytes": len(data), "sha256": digest, "written": written}
-        )  # fmt: skip
+        records = shard_records(images, start, start + shard_size)
+        shards.append(put_shard(store, folder, shard_name(s), build_tar(records), len(records)))
         if progress is not None:
             progress.update(shards[-1]["count"])
-    keep = {sh["name"] for sh in shards}
+    remove_stale_shards(store, folder, {sh["name"] for sh in shards})
+    return shards
+
+
+def put_shard(store: Store, folder: str, name: str, data: bytes, count: int) -> dict[str, Any]:
+    """Put a shard atomically unless stored with this sha256: ``{name, uri, count, bytes, sha256,
+    written}``."""
+    digest = hashlib.sha256(data).hexdigest()
+    written = store.sha256(folder, name) != digest
+    uri = store.write_bytes(data, folder, name) if written else store.uri_of(folder, name)
+    return {"name": name, "uri": uri, "count": count, "bytes": len(data), "sha256": digest,
+            "written": written}  # fmt: skip
+
+
+def remove_stale_shards(store: Store, folder: str, keep: set[str]) -> None:
+    """Delete ``shard-*.tar`` not in ``keep`` (an earlier, larger run's) and crashed local writes."""
     for name in store.listdir(folder):
         stale_shard = name.startswith("shard-") and name.endswith(".tar") and name not in keep
         if stale_shard or (name.startswith(".shard-") and name.endswith(".tmp")):
-            store.delete(folder, name)  # from an earlier, larger run, or a crashed local write
-    return shards
+            store.delete(folder, name)
 
 
 # ----------------------------------------------------------------------------------------- manifest
@@ -122,9 +127,8 @@ def read_manifest(store: Store, dataset_folder: str) -> dict[str, Any] | None:
         if not isinstance(manifest.get("splits"), dict):
             raise ValueError("no splits")
     except (ValueError, AttributeError):
-        raise DataError(
-            f"{store.uri_of(dataset_folder, MANIFEST)} is not a valid manifest"
-        ) from None
+        uri = store.uri_of(dataset_folder, MANIFEST)
+        raise DataError(f"{uri} is not a valid manifest") from None
     return manifest
 
 
@@ -264,13 +268,15 @@ def write_dataset(
     shard_size: int = 1000,
     source: dict[str, Any] | None = None,
     progress: bool = False,
+    split: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write each split's shards under ``data/<dataset>/<split>``, then ``manifest.json`` (last).
 
     The manifest holds the counts, the shard list with count, size and sha256 per shard, the image
-    size and mode, and ``source`` (how the data was made). It has no timestamps: a rerun on the same
-    input rewrites nothing and gives the same objects. The returned dict adds ``"written"`` (the
-    names of the shards this call wrote), which the stored manifest leaves out.
+    size and mode, ``source`` (how the data was made) and, when given, ``split`` (the rule that made
+    the splits, e.g. ``{"rule": "permutation", "seed": 0, "num_train": 64}``). No timestamps: a
+    rerun on the same input rewrites nothing. The returned dict adds ``"written"`` (the names of the
+    shards this call wrote), which the stored manifest leaves out.
     """
     from tqdm import tqdm
 
@@ -285,6 +291,7 @@ def write_dataset(
         "dataset": dataset, "format": "webdataset", "members": ["png", "json"],
         "image_size": [shape[0], shape[1]], "channels": shape[2], "mode": mode,
         "shard_size": shard_size, "source": source or {}, "splits": {},
+        **({"split": split} if split is not None else {}),
     }  # fmt: skip
     written = []
     total = sum(len(s) for s in splits.values())
@@ -294,16 +301,22 @@ def write_dataset(
                 store, data_folder(dataset, split_name), images, shard_size, bar
             )
             written += [f"{split_name}/{sh['name']}" for sh in shards if sh["written"]]
-            manifest["splits"][split_name] = {
-                "count": len(images),
-                "shards": [
-                    {k: sh[k] for k in ("name", "count", "bytes", "sha256")} for sh in shards
-                ],
-            }
+            manifest["splits"][split_name] = split_entry(shards)
+    write_manifest(store, dataset, manifest)
+    return {**manifest, "written": written}
+
+
+def split_entry(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """A split's manifest entry from its shards' ``{name, count, bytes, sha256, ...}``."""
+    keep, count = ("name", "count", "bytes", "sha256"), sum(sh["count"] for sh in shards)
+    return {"count": count, "shards": [{k: sh[k] for k in keep} for sh in shards]}
+
+
+def write_manifest(store: Store, dataset: str, manifest: dict[str, Any]) -> None:
+    """Put ``data/<dataset>/manifest.json`` (sorted keys, no timestamps) unless it is unchanged."""
     data = json.dumps(manifest, indent=2, sort_keys=True).encode()
     if store.sha256(data_folder(dataset), MANIFEST) != hashlib.sha256(data).hexdigest():
         store.write_bytes(data, data_folder(dataset), MANIFEST)
-    return {**manifest, "written": written}
 
 
 # ------------------------------------------------------------------------------------------ readers

@@ -12,52 +12,70 @@ from typing import Any, NamedTuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.core.labels import holdout_roles
+from pipeline.core.labels import holdout_fraction, is_trained_holdout
 from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder, samples_folder
 from pipeline.data.shards import read_image_shards
+from pipeline.data.subsets import pick_images, shard_counts, split_mean
 from pipeline.evaluation.domain import DomainEvaluator
 
 
 class AttackSets(NamedTuple):
-    """The images a membership attack scores: ``members`` and ``nonmembers`` (ImageSets), all the
-    ``train_images`` ((N, H, W, C) uint8) and where the non-members come from (``nonmember_pool``)."""
+    """The images a membership attack scores: ``members`` and ``nonmembers`` (ImageSets), the training
+    split's mean image (``train_mean``: flattened, in [0, 1], the centring of the nearest-sample
+    attack) and where the non-members come from (``nonmember_pool``)."""
 
     members: ImageSet
     nonmembers: ImageSet
-    train_images: np.ndarray
+    train_mean: np.ndarray
     nonmember_pool: dict[str, Any]
 
 
-def classifier_bits(store, run: str) -> int:
-    """How many held-out images the run's classifier trained on (``train.holdout_images`` in
-    ``models/<run>/classifier/config.json``); 0 without a classifier."""
+def classifier_bits(store, run: str) -> tuple[int, int]:
+    """``(holdout_images, label_seed)`` of the run's classifier (``train`` in
+    ``models/<run>/classifier/config.json``): how many held-out images it trained on, and the seed of
+    their roles; ``(0, 0)`` without a classifier."""
     if not store.exists("models", run, "classifier", "config.json"):
-        return 0
+        return 0, 0
     record = json.loads(store.read_bytes("models", run, "classifier", "config.json"))
-    return int((record.get("train") or {}).get("holdout_images", 0))
+    train = record.get("train") or {}
+    return int(train.get("holdout_images", 0)), int(train.get("label_seed", 0))
 
 
 def attack_sets(
-    store, dataset: str, num_members: int, num_nonmembers: int, seed: int = 0, bits: int = 0
+    store,
+    dataset: str,
+    num_members: int,
+    num_nonmembers: int,
+    seed: int = 0,
+    bits: int = 0,
+    label_seed: int = 0,
 ) -> AttackSets:
-    """A seeded subset of the denoiser's training images (members) and of the held-out images that
-    no model has seen (non-members): the classifier trained on the ``bits`` held-out images whose keys
-    sort first (:func:`pipeline.core.labels.holdout_roles`), so those are never non-members."""
-    train = read_image_shards(store, data_folder(dataset, "train"))
-    holdout = read_image_shards(store, data_folder(dataset, "holdout"))
-    trained, never = holdout_roles(holdout.keys, bits)
-    rng = np.random.default_rng(seed)
-    m = rng.permutation(len(train))[: min(num_members, len(train))]
-    n = np.asarray(never)[rng.permutation(len(never))[: min(num_nonmembers, len(never))]]
+    """A seeded uniform subset of the denoiser's training images (members) and of the held-out images
+    that no model has seen (non-members), read shard by shard (:func:`pipeline.data.subsets.pick_images`:
+    only the shards holding picked rows, never a whole split).
+
+    The classifier trained on about ``bits`` held-out images, chosen by a keyed hash of their keys
+    (:func:`pipeline.core.labels.is_trained_holdout` with ``label_seed``), so those are never
+    non-members."""
+    train_folder, holdout_folder = data_folder(dataset, "train"), data_folder(dataset, "holdout")
+    num_holdout = sum(c or 0 for _, c in shard_counts(store, holdout_folder))
+    fraction = holdout_fraction(bits, num_holdout)  # as the classifier's workers computed it
+
+    def never_seen(key: str) -> bool:
+        return not is_trained_holdout(key, label_seed, fraction)
+
+    members, _ = pick_images(store, train_folder, num_members, seed)
+    nonmembers, info = pick_images(store, holdout_folder, num_nonmembers, seed + 1, never_seen)
     pool = {
         "source": "held-out images no model has seen",
-        "num_holdout": len(holdout),
-        "num_classifier_trained": len(trained),
-        "num_never_seen": len(never),
-        "num_nonmembers": len(n),
+        "num_holdout": info["num_images"],
+        "classifier_trained_fraction": fraction,
+        "num_candidates": info["num_candidates"],
+        "num_never_seen_candidates": info["num_kept_candidates"],
+        "num_nonmembers": len(nonmembers),
     }
-    return AttackSets(train.subset(np.sort(m)), holdout.subset(np.sort(n)), train.images, pool)
+    return AttackSets(members, nonmembers, split_mean(store, train_folder), pool)
 
 
 def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> dict:
@@ -80,9 +98,10 @@ def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> 
     return {"reconstruction": rec, "secmi": sec}
 
 
-def nn_attack(store, run: str, members, nonmembers, train_images: np.ndarray, cfg) -> dict:
-    """Attack 3: similarity to the nearest generated sample (mean-centred pixels), per sampler whose
-    shards exist under ``samples/<run>/``; score = similarity (higher = member)."""
+def nn_attack(store, run: str, members, nonmembers, train_mean: np.ndarray, cfg) -> dict:
+    """Attack 3: similarity to the nearest generated sample (pixels centred on ``train_mean``, the
+    training split's flattened mean image in [0, 1]), per sampler whose shards exist under
+    ``samples/<run>/``; score = similarity (higher = member)."""
     from pipeline.evaluation.mia import (
         nn_similarity_scores,
         permutation_test,
@@ -91,7 +110,7 @@ def nn_attack(store, run: str, members, nonmembers, train_images: np.ndarray, cf
         tpr_at_fpr,
     )
 
-    mean = train_images.reshape(len(train_images), -1).astype(np.float32).mean(0) / 255.0
+    mean = np.asarray(train_mean, dtype=np.float32)
     out = {}
     for name in ("ddim", "cpsample"):
         folder = samples_folder(run, name)
@@ -111,8 +130,16 @@ def nn_attack(store, run: str, members, nonmembers, train_images: np.ndarray, cf
     return out
 
 
-def fid_section(store, run: str, dataset: str, weights: str | None, batch_size: int = 32) -> dict:
-    """FID of each sampler's samples against the held-out real images, or why it was skipped."""
+def fid_section(
+    store,
+    run: str,
+    dataset: str,
+    weights: str | None,
+    batch_size: int = 32,
+    max_reference: int = 10_000,
+) -> dict:
+    """FID of each sampler's samples against the held-out real images (a seeded subset of at most
+    ``max_reference`` of them, read shard by shard), or why it was skipped."""
     from pipeline.evaluation.fid import InceptionFeatures, frechet_distance_features
 
     if weights is None:
@@ -120,7 +147,7 @@ def fid_section(store, run: str, dataset: str, weights: str | None, batch_size: 
             "skipped": "no --inception-weights file given (the domain FD is the offline metric)"
         }
     features = InceptionFeatures.from_file(weights, batch_size)  # a clear error before any work
-    reference = read_image_shards(store, data_folder(dataset, "holdout"))
+    reference, _ = pick_images(store, data_folder(dataset, "holdout"), max_reference, seed=0)
     ref = features(reference.to_tensor())
     values = {}
     for name in ("ddim", "cpsample"):
@@ -175,15 +202,16 @@ def run_attacks(store, run: str, dataset: str, sampler, cfg) -> dict[str, Any]:
 
     from pipeline.data.checkpoints import load_models
 
+    bits, label_seed = classifier_bits(store, run)
     sets = attack_sets(
-        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, classifier_bits(store, run)
+        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, bits, label_seed
     )
     with tempfile.TemporaryDirectory() as tmp:
         unet, schedule, _, guidance = load_models(
             store, f"models/{run}/denoiser", f"models/{run}/classifier", sampler, "cpu", tmp
         )
     mi = membership_inference(unet, schedule, guidance, sets.members, sets.nonmembers, cfg)
-    mi["nn_distance"] = nn_attack(store, run, sets.members, sets.nonmembers, sets.train_images, cfg)
+    mi["nn_distance"] = nn_attack(store, run, sets.members, sets.nonmembers, sets.train_mean, cfg)
     mi["nonmembers"] = sets.nonmember_pool
     return mi
 

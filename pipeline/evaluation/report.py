@@ -294,10 +294,10 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
                   "p-value: two-sided permutation test on the difference of means.", ""]  # fmt: skip
         pool = mi.get("nonmembers")
         if pool:
-            lines += [f"Non-members: {pool['num_nonmembers']} of the {pool['num_never_seen']} "
-                      f"held-out images that no model has seen (the classifier trained on "
-                      f"{pool['num_classifier_trained']} of the {pool['num_holdout']} held-out "
-                      "images, which are never non-members).", ""]  # fmt: skip
+            lines += [f"Non-members: {pool['num_nonmembers']} held-out images that no model has "
+                      f"seen, drawn at random from the {pool['num_holdout']} held-out images (the "
+                      f"classifier trained on a keyed-hash {pool['classifier_trained_fraction']:.0%} "
+                      "of them, which are never non-members).", ""]  # fmt: skip
         lines += _attack_rows({k: v for k, v in mi.items() if isinstance(v, dict)})
     if "sweep" in report:
         s = report["sweep"]

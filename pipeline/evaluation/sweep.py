@@ -115,10 +115,14 @@ def score_point(
 ) -> dict[str, Any]:
     """A sweep row for images already drawn at ``point``: ``pixels`` (N, H, W, C) uint8 as stored;
     replication rate against the training embeddings (exact inner-product search) and quality."""
-    flat = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
-    emb = l2_normalise(flat - train_mean if train_mean is not None else flat)
-    sims, _ = nearest(build_index(train_embeddings), emb, k=1)
-    stats = replica_stats(sims[:, 0], threshold)
+    if hasattr(train_embeddings, "search"):  # the stored replica index (loaded by the trial)
+        nn_sims, _ = train_embeddings.search(pixels)
+    else:
+        flat = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
+        emb = l2_normalise(flat - train_mean if train_mean is not None else flat)
+        sims, _ = nearest(build_index(train_embeddings), emb, k=1)
+        nn_sims = sims[:, 0]
+    stats = replica_stats(nn_sims, threshold)
     quantised = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return {
         **{k: point[k] for k in ("index", "label", "sampler", "alpha", "scale")},
@@ -257,7 +261,7 @@ def run_sweep(
     from pipeline.data.shards import read_image_shards
     from pipeline.evaluation.report import pareto_figure
     from pipeline.fanout.ray_init import init_ray
-    from pipeline.fanout.scoring import train_index_spec
+    from pipeline.fanout.replica_index import LazyReplicaIndex, ensure_replica_index
 
     sampler = sampler or SamplerConfig()
     replicas = replicas or ReplicaConfig()
@@ -271,14 +275,15 @@ def run_sweep(
         )
     else:
         preflight_models(store, denoiser, None, dataclasses.replace(sampler, sampler="ddim"))
-    spec, _ = train_index_spec(store, dataset, replicas)
+    # the stored replica index (built once when missing or stale), loaded by each trial
+    train_index = LazyReplicaIndex(store, ensure_replica_index(store, dataset, replicas), replicas)
     reference = None
     if evaluator is None:
         reference = read_image_shards(store, data_folder(dataset, "holdout")).to_tensor()
     context = {
         "store_uri": store.uri, "denoiser": denoiser, "classifier": classifier, "sampler": sampler,
-        "num_samples": num_samples, "seed": seed, "train_embeddings": spec.embeddings,
-        "train_mean": spec.mean, "threshold": replicas.threshold, "evaluator": evaluator,
+        "num_samples": num_samples, "seed": seed, "train_embeddings": train_index,
+        "train_mean": None, "threshold": replicas.threshold, "evaluator": evaluator,
         "reference": reference, "threads": max(1, int(cpus_per_trial)),
     }  # fmt: skip
     init_ray()

@@ -107,7 +107,7 @@ def build_index(
 
     train_emb = np.ascontiguousarray(train_emb, dtype=np.float32)
     d = train_emb.shape[1]
-    if kind == "flat":
+    if kind in ("flat", "auto"):  # in memory, "auto" is the exact index
         index = faiss.IndexFlatIP(d)
     elif kind == "ivf":
         nlist = max(1, min(nlist, len(train_emb) // 39 or 1))  # FAISS wants >= 39 points per list
@@ -165,20 +165,29 @@ def index_recall(approx_sims: np.ndarray, exact_sims: np.ndarray, tol: float = 1
 
 
 class GuardIndex:
-    """Exact nearest-training-image search for guard mode (never IVF: a missed neighbour would let a
-    copy through). ``check`` gives each image's similarity and the index of its nearest image."""
+    """Nearest-training-image search for guard mode over the stored replica index
+    (:class:`pipeline.fanout.replica_index.ReplicaIndex`, loaded, never built here). ``check`` gives
+    each image's similarity and the row of its nearest image.
 
-    def __init__(
-        self, embeddings: np.ndarray, mean: np.ndarray | None, threshold: float, use_gpu: bool
-    ):
-        self.index = build_index(embeddings, "flat", use_gpu=use_gpu)
-        self.mean = mean
+    With the exact (flat) index the guarantee is exact: no image at or above the threshold passes.
+    With the IVF index (large training sets) similarities are exact for every candidate found (the top
+    ``rerank_k`` re-ranked in full dimension) and the replicate-decision agreement with exact search
+    is measured at build time and recorded in the index's sidecar."""
+
+    def __init__(self, index, threshold: float):
+        self.index = index
         self.threshold = threshold
 
+    @property
+    def exact(self) -> bool:
+        return getattr(self.index, "kind", "flat") == "flat"
+
     def check(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W, C) uint8 -> nearest similarity (N,) float32 and training index (N,) int64."""
-        sims, idx = nearest(self.index, embed_pixels(images, self.mean), k=1)
-        return sims[:, 0], idx[:, 0]
+        """(N, H, W, C) uint8 -> nearest similarity (N,) float32 and training row (N,) int64."""
+        return self.index.search(images, k=1)
+
+    def keys_of(self, rows) -> list[str]:
+        return self.index.keys_of(rows)
 
     def rejects(self, sims: np.ndarray) -> np.ndarray:
         """True where a sample is at or above the threshold (the replica rule, inclusive)."""

@@ -4,8 +4,10 @@ Sampling: one row per output shard; an actor generates the shard's samples (seed
 (run seed, shard, index), so the images do not depend on the number of actors) and writes the
 WebDataset tar atomically. A rerun skips shards that are complete: the tar parses, every member
 carries this run's settings fingerprint, and the member count matches the shard's record. Guard mode
-(``SamplerConfig.guard``) checks every sample against an exact FAISS index of the training images held
-by the actor and regenerates those at or above the threshold with fresh derived seeds.
+(``SamplerConfig.guard``) checks every sample against the stored replica index of the training images
+(:mod:`pipeline.fanout.replica_index`: built once, loaded by each actor; exact below
+``ReplicaConfig.exact_max_images``, else IVF re-ranked exactly, with measured decision agreement) and
+regenerates those at or above the threshold with fresh derived seeds.
 
 The replica check's actor pool is in :mod:`pipeline.fanout.scoring`.
 """
@@ -33,13 +35,14 @@ from pipeline.data.provenance import (
 from pipeline.data.shards import build_tar, encode_png, read_manifest, read_tar, shard_name
 from pipeline.data.storage import Store, open_store
 from pipeline.fanout.index import GuardIndex
+from pipeline.fanout.replica_index import ensure_replica_index, index_spec, open_replica_index
 from pipeline.fanout.resume import (
     check_existing_run,
     open_models,
     run_fingerprint,
     sampling_provenance,
 )
-from pipeline.fanout.scoring import resolve_ref, train_index_spec
+from pipeline.fanout.scoring import resolve_ref
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +125,13 @@ class ShardSampler:
         if self.cfg.guard is not None:
             spec = resolve_ref(guard_spec)
             if spec is None:
-                raise ValueError("guard mode needs the training index (guard_spec)")
-            self.guard = GuardIndex(
-                spec.embeddings, spec.mean, self.cfg.guard, self.device == "cuda"
-            )
-            self.guard_keys = spec.keys
+                raise ValueError("guard mode needs the stored training index (guard_spec)")
+            # the stored replica index, loaded (never built) by every actor
+            rcfg = from_dict(ReplicaConfig, spec["replicas"])
+            rcfg.use_gpu = rcfg.use_gpu or self.device == "cuda"
+            index = open_replica_index(self.store, spec["sidecar"], rcfg)
+            self.guard = GuardIndex(index, self.cfg.guard)
+            self.guard_keys = _LazyKeys(index)
 
     def _draw(self, shard: int, slots: list[int], attempts: list[int]) -> list[dict[str, Any]]:
         """Sample the given slots (each with its current attempt's seed), in batches."""
@@ -319,12 +324,11 @@ def run_sampling(
         check_existing_run(store, folder, plan, provenance)
     init_ray()
     gpus_per_actor, threads = _placement(gpus_per_actor, concurrency, cpus_per_actor, use_gpu)
-    guard_ref = None
-    if sampler.guard is not None:
-        spec, _ = train_index_spec(
-            store, guard_dataset, ReplicaConfig(embedding=sampler.guard_embedding)
-        )
-        guard_ref = ray.put(spec)
+    guard_ref, guard_sidecar = None, None
+    if sampler.guard is not None:  # the stored index: built here only when missing or stale
+        rcfg = ReplicaConfig(embedding=sampler.guard_embedding, use_gpu=use_gpu)
+        guard_sidecar = ensure_replica_index(store, guard_dataset, rcfg, s3_endpoint)
+        guard_ref = index_spec(store, guard_dataset, rcfg, guard_sidecar)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
         ShardSampler,
         fn_constructor_kwargs={
@@ -338,7 +342,35 @@ def run_sampling(
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
     )  # fmt: skip
     rows = sorted(ds.take_all(), key=lambda r: int(r["shard"]))
-    return {**_sampling_summary(rows, sampler, folder), "provenance": provenance}
+    summary = _sampling_summary(rows, sampler, folder)
+    if guard_sidecar is not None:
+        summary["guard"].update(_guard_index_summary(guard_sidecar, sampler))
+    return {**summary, "provenance": provenance}
+
+
+def _guard_index_summary(sidecar: dict[str, Any], cfg: SamplerConfig) -> dict[str, Any]:
+    """The guard's stored index, and its guarantee: exact for the flat index; for IVF, exact for every
+    candidate found, with the decision agreement measured at build time."""
+    out: dict[str, Any] = {"index": sidecar["kind"], "index_build": sidecar["build_id"]}
+    if sidecar["kind"] == "ivf":
+        m = sidecar.get("measurement", {})
+        out["guarantee"] = (
+            f"no shipped sample has cosine similarity >= {cfg.guard} to any training image found "
+            f"among the IVF index's top candidates (exact similarity for every candidate found, "
+            f"{cfg.guard_embedding} pixels); measured recall@1 {m.get('recall_at_1')} and "
+            f"replicate-decision agreement {m.get('decision_agreement')} against exact search"
+        )
+    return out
+
+
+class _LazyKeys:
+    """``keys[i]`` of the stored index (the key list is read on first use)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __getitem__(self, i: int) -> str:
+        return self.index.keys_of([i])[0]
 
 
 def _sampling_summary(

@@ -1,8 +1,8 @@
 """Ray Data edge: the replica check's actor pool.
 
-``read_webdataset`` over sample (or held-out) shards; an actor builds a FAISS index of the training
-embeddings once, then embeds each batch and searches it. Results go back into the shards' ``<key>.json``
-and into a JSON-lines report.
+``read_webdataset`` over sample (or held-out) shards; an actor loads the stored replica index
+(:mod:`pipeline.fanout.replica_index`, built once per dataset and embedding) and searches each batch.
+Results go back into the shards' ``<key>.json`` and into a JSON-lines report.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
 from pipeline.data.shards import build_tar, encode_png, read_image_shards, read_tar
 from pipeline.data.storage import Store, open_store
-from pipeline.fanout.index import build_index, embed_pixels, make_embedding, nearest
+from pipeline.fanout.index import make_embedding
 
 
 def resolve_ref(ref: Any) -> Any:
@@ -42,7 +42,9 @@ class TrainIndexSpec:
 def train_index_spec(
     store: Store, dataset: str, replicas: ReplicaConfig
 ) -> tuple[TrainIndexSpec, ImageSet]:
-    """Training embeddings for the replica index (the mean image is kept for centring queries)."""
+    """Training embeddings in memory (the mean image is kept for centring queries). Only for small
+    training sets (the demo's figures and sweep); the replica check and guard mode load the stored
+    index instead (:func:`pipeline.fanout.replica_index.ensure_replica_index`)."""
     train = read_image_shards(store, data_folder(dataset, "train"))
     embed = make_embedding(replicas.embedding, train.images)
     mean = getattr(embed, "mean", None)
@@ -50,26 +52,28 @@ def train_index_spec(
 
 
 class ReplicaScorer:
-    """Ray Data actor: builds the FAISS index once, then scores batches of decoded WebDataset rows."""
+    """Ray Data actor: loads the stored replica index once (never builds it), then scores batches of
+    decoded WebDataset rows. ``nn_row`` is the neighbour's row in the stored index, ``index_build``
+    the index build each row was scored with (neither goes into the JSON-lines report)."""
 
     def __init__(self, spec: Any, replicas: dict[str, Any]):
+        from pipeline.fanout.replica_index import open_replica_index
+
         spec = resolve_ref(spec)
         self.cfg = from_dict(ReplicaConfig, replicas)
-        self.keys = spec.keys
-        self.mean = spec.mean
-        self.index = build_index(
-            spec.embeddings, self.cfg.index, self.cfg.nlist, self.cfg.nprobe, self.cfg.use_gpu
-        )
+        self.index = open_replica_index(spec["store"], spec["sidecar"], self.cfg)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = np.stack([np.asarray(a) for a in batch["png"]])
-        sims, idx = nearest(self.index, embed_pixels(images, self.mean), k=1)
+        sims, idx = self.index.search(images, k=1)
         return {
             "key": np.asarray([str(k) for k in batch["__key__"]]),
             "path": np.asarray([str(p) for p in batch["path"]]),
-            "nn_key": np.asarray([self.keys[i] for i in idx[:, 0]]),
-            "nn_similarity": sims[:, 0].astype(np.float32),
-            "is_replicate": sims[:, 0] >= self.cfg.threshold,
+            "nn_key": np.asarray(self.index.keys_of(idx)),
+            "nn_row": np.asarray(idx, dtype=np.int64),
+            "nn_similarity": sims.astype(np.float32),
+            "is_replicate": sims >= self.cfg.threshold,
+            "index_build": np.asarray([self.index.build_id] * len(images)),
         }
 
 
@@ -81,11 +85,20 @@ def score_shards(
     concurrency: int = 1,
     s3_endpoint: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Nearest training image of every sample in the shards under ``folder`` (Ray Data + FAISS)."""
+    """Nearest training image of every sample in the shards under ``folder`` (Ray Data + FAISS).
+
+    ``spec_ref``: :func:`pipeline.fanout.replica_index.index_spec` (or its ObjectRef), naming the
+    stored index the actors load; or a dataset name, whose index is built first if it has no valid
+    one (:func:`pipeline.fanout.replica_index.ensure_replica_index`)."""
 
     import ray
 
+    from pipeline.fanout.replica_index import ensure_replica_index, index_spec
+
     store = open_store(store_uri, s3_endpoint, create=False)
+    if isinstance(spec_ref, str):
+        sidecar = ensure_replica_index(store, spec_ref, replicas, s3_endpoint)
+        spec_ref = index_spec(store, spec_ref, replicas, sidecar)
     paths = [store.join(folder, n) for n in store.listdir(folder) if n.endswith(".tar")]
     ds = ray.data.read_webdataset(
         paths,

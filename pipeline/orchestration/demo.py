@@ -29,6 +29,7 @@ from pipeline.evaluation.evaluate import sweep_and_attack
 from pipeline.evaluation.report import grid_figure, histogram_figure, pairs_figure, write_report
 from pipeline.evaluation.sweep import point_label, score_point
 from pipeline.fanout.ray_init import init_ray
+from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.sampling import run_sampling
 from pipeline.fanout.scoring import train_index_spec
 from pipeline.orchestration.stages import (
@@ -197,11 +198,15 @@ def run_demo(
                 concurrency=cfg.sample_concurrency, cpus_per_actor=max(1, cfg.ray_cpus // cfg.sample_concurrency),
             )  # fmt: skip
     with timer.stage("check_replicas"):
+        # the stored replica index (built once, loaded by the scorers); the 64 training images' own
+        # embeddings stay in memory only for the figures and the sweep's main rows
         spec, train_set = train_index_spec(store, dataset, cfg.replicas)
-        spec_ref = ray.put(spec)
+        index_ref = index_spec(
+            store, dataset, cfg.replicas, ensure_replica_index(store, dataset, cfg.replicas)
+        )
         checked = {
             name: check_replicas(
-                store, RUN, runs[name]["folder"], spec_ref, cfg.replicas, cfg.sample_concurrency
+                store, RUN, runs[name]["folder"], index_ref, cfg.replicas, cfg.sample_concurrency
             )
             for name in runs
         }
@@ -209,7 +214,7 @@ def run_demo(
             store,
             RUN,
             data_folder(dataset, "holdout"),
-            spec_ref,
+            index_ref,
             cfg.replicas,
             annotate=False,
             name="holdout",

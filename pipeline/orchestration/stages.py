@@ -23,7 +23,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
-from pipeline.data.imageset import DataError, ImageSet
+from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder, samples_folder
 from pipeline.data.provenance import (
     PROVENANCE,
@@ -33,11 +33,12 @@ from pipeline.data.provenance import (
     value_digest,
     write_provenance,
 )
-from pipeline.data.shards import check_shards, images_of, read_manifest, write_dataset
+from pipeline.data.shards import images_of, read_manifest, write_dataset
 from pipeline.data.storage import Store
 from pipeline.evaluation.report import histogram_figure, merge_report, pairs_figure
 from pipeline.fanout.index import ReplicaStats, replica_stats
-from pipeline.fanout.scoring import annotate_shards, score_shards, train_index_spec, write_jsonl
+from pipeline.fanout.scoring import annotate_shards, score_shards, write_jsonl
+from pipeline.train.ingest import holdout_datasets, split_info, training_dataset
 from pipeline.train.workers import classifier_worker, denoiser_worker, read_checkpoint
 
 
@@ -59,40 +60,22 @@ def make_shards(
 
 
 def webdataset(store: Store, folder: str):
-    """``ray.data.read_webdataset`` over the shards under ``folder``, on the store's filesystem.
+    """``ray.data.read_webdataset`` over the shards under ``folder``, on the store's filesystem, with
+    WebDataset's default decoders (rows ``__key__``, ``png`` as an array, ``json``).
 
     The filesystem carries the endpoint, region and static credentials, so read tasks reach S3 even
     in workers started without the driver's environment.
 
     With a manifest beside ``folder`` (``data/<dataset>/<split>``) the shards are checked before this
-    returns, so before any training step or checkpoint: the names must be the manifest's and every
-    object's sha256, streamed in 1 MiB chunks, must match it, in parallel Ray tasks (about four per
-    cluster CPU, each hashing a group of shards of equal total size). The first mismatch cancels the
-    rest and raises :class:`DataError` naming the shard's URI. Cost: one extra read of the split, no
-    decoding. Without a manifest the shards are read unchecked, with a warning."""
+    returns (names and sha256, in parallel Ray tasks; the first mismatch raises :class:`DataError`
+    naming the shard's URI): :func:`pipeline.train.ingest.shard_paths`. The training stages read
+    :func:`pipeline.train.ingest.training_dataset` instead (the same checks, rows decoded to uint8
+    in Ray Data tasks)."""
     import ray
 
-    from pipeline.data.shards import dataset_manifest, shard_groups, verify_shards
-    from pipeline.data.storage import StorageError
+    from pipeline.train.ingest import shard_paths
 
-    names = [n for n in store.listdir(folder) if n.endswith(".tar")]
-    if not names:
-        raise DataError(f"no shards under {store.uri_of(folder)}")
-    manifest, split = dataset_manifest(store, folder)
-    if manifest is not None:
-        entries = check_shards(store, folder, manifest, split, None)
-        groups = shard_groups(entries, 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
-        verify = ray.remote(num_cpus=1, max_retries=1)(verify_shards)
-        pending = [verify.remote(store, folder, group) for group in groups]
-        try:
-            while pending:
-                done, pending = ray.wait(pending)
-                ray.get(done)
-        except ray.exceptions.RayTaskError as exc:
-            for ref in pending:
-                ray.cancel(ref)
-            raise exc.cause if isinstance(exc.cause, DataError | StorageError) else exc from None
-    paths = [store.join(folder, n) for n in names]
+    paths, _, _ = shard_paths(store, folder)
     return ray.data.read_webdataset(paths, filesystem=store.fs, override_num_blocks=len(paths))
 
 
@@ -111,8 +94,8 @@ def _run_config(store: Store, name: str, num_to_keep: int, max_failures: int):
 
 def worker_cpus(num_workers: int) -> float:
     """Logical CPUs per training worker: 1, or less on a small cluster, so that at least one CPU stays
-    free for the Ray Data read tasks that feed the workers (otherwise ingest waits forever). Workers
-    still run their own number of torch threads."""
+    free for the Ray Data read and decode tasks that stream to the workers every epoch (otherwise
+    ingest waits forever). Workers still run their own number of torch threads."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1.0))
@@ -239,11 +222,14 @@ def train_denoiser(
     check_image_shape(store, dataset, unet.channels, unet.sample_size, "denoiser (unet)")
     schedule = linear_schedule()
     config = {"unet": to_dict(unet), "train": to_dict(train)}
-    datasets = {"train": webdataset(store, data_folder(dataset, "train"))}
+    folder = data_folder(dataset, "train")
+    datasets = {"train": training_dataset(store, folder, train.seed)}
+    inputs = {"train": split_info(read_manifest(store, data_folder(dataset)), "train")}
     provenance = training_provenance(store, dataset, config)
     claim_checkpoints(store, f"{run}-denoiser", provenance, overwrite)
+    loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
     result = _fit(
-        denoiser_worker, {**config, **(loop_config or {}), "provenance": provenance}, datasets, train,
+        denoiser_worker, loop, datasets, train,
         _run_config(store, f"{run}-denoiser", train.num_to_keep, train.max_failures), threads,
     )  # fmt: skip
     with result.checkpoint.as_directory() as d:
@@ -290,11 +276,21 @@ def train_classifier(
         arch, schedule_betas, den_digest = _protect(store, dataset, arch, denoiser)
     else:
         check_image_shape(store, dataset, arch.channels, arch.sample_size, "classifier (arch)")
+    # the held-out roles are a keyed hash of each key (``is_trained_holdout``), applied in Ray Data
+    # before the split: "holdout" holds the rows trained on with their bits, "never" at most
+    # metrics_samples never-seen rows for rank 0's fit metrics
+    bits, never, held = holdout_datasets(
+        store, data_folder(dataset, "holdout"), train.label_seed, train.holdout_images,
+        train.metrics_samples, train.seed,
+    )  # fmt: skip
     datasets = {
-        "train": webdataset(store, data_folder(dataset, "train")),
-        # every worker reads the whole held-out set once and splits it by sorted key (see
-        # ``classifier_worker``): no driver-side count/filter passes over the shards
-        "holdout": webdataset(store, data_folder(dataset, "holdout")),
+        "train": training_dataset(store, data_folder(dataset, "train"), train.seed),
+        "holdout": bits,
+        "never": never,
+    }
+    inputs = {
+        "train": split_info(read_manifest(store, data_folder(dataset)), "train"),
+        "holdout": held,
     }
     config = {
         "arch": to_dict(arch),
@@ -306,10 +302,11 @@ def train_classifier(
         store, dataset, {**config, "betas_from": None}, denoiser=den_digest
     )
     claim_checkpoints(store, f"{run}-classifier", provenance, overwrite)
+    loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
     result = _fit(
-        classifier_worker, {**config, **(loop_config or {}), "provenance": provenance}, datasets, train,
+        classifier_worker, loop, datasets, train,
         _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
-        split=["train"],
+        split=["train", "holdout"],
     )  # fmt: skip
     with result.checkpoint.as_directory() as d:
         tensors, state, _ = read_checkpoint(d)
@@ -360,21 +357,26 @@ def check_replicas(
     store: Store,
     run: str,
     folder: str,
-    spec_ref: Any,
+    dataset: Any,
     replicas: ReplicaConfig,
     concurrency: int = 1,
     annotate: bool = True,
     name: str | None = None,
     s3_endpoint: str | None = None,
 ) -> tuple[ReplicaStats, list[dict[str, Any]]]:
-    """Score every image under ``folder``; write per-sample results and (optionally) annotate shards."""
-    rows = score_shards(store, folder, spec_ref, replicas, concurrency, s3_endpoint)
+    """Score every image under ``folder``; write per-sample results and (optionally) annotate shards.
+
+    ``dataset``: the training dataset, whose stored replica index is built first when it has no valid
+    one (:func:`pipeline.fanout.replica_index.ensure_replica_index`), or an ``index_spec`` naming an
+    index already ensured. The scoring actors load the stored index; nothing is built per actor."""
+    rows = score_shards(store, folder, dataset, replicas, concurrency, s3_endpoint)
     if annotate:
         annotate_shards(store, folder, rows, s3_endpoint)
     name = name or folder.rstrip("/").rsplit("/", 1)[-1]
+    internal = ("path", "nn_row", "index_build")
     write_jsonl(
         store,
-        [{k: v for k, v in r.items() if k != "path"} for r in rows],
+        [{k: v for k, v in r.items() if k not in internal} for r in rows],
         "reports",
         run,
         f"replicas-{name}.jsonl",
@@ -395,37 +397,39 @@ def replica_check_report(
 
     Writes ``reports/<run>/replicas-<sampler>.jsonl`` (key, nn_key, nn_similarity, is_replicate), the
     similarity histogram, a grid of the ``cfg.pairs_k`` closest sample/training pairs, and merges the
-    replication statistics into report.json. With an IVF index, recall@1 is measured on up to
-    ``cfg.recall_queries`` samples against exact search (:func:`pipeline.fanout.index.index_recall`).
+    replication statistics into report.json. The stored replica index is built when missing or stale
+    (:mod:`pipeline.fanout.replica_index`). With an IVF index, recall@1 and replicate-decision
+    agreement are measured on up to ``cfg.recall_queries`` samples against exact brute force (Ray
+    tasks streaming the stored rows in chunks; the driver never holds training embeddings), beside
+    the build's own measurement (perturbed training and held-out images).
     """
-    import ray
-
-    from pipeline.fanout.index import build_index, embed_pixels, index_recall, nearest
+    from pipeline.fanout.replica_index import (
+        TrainingRows,
+        ensure_replica_index,
+        index_spec,
+        ivf_report,
+        local_index_dir,
+    )
 
     folder = samples_folder(run, sampler)
-    spec, train = train_index_spec(store, dataset, cfg)
+    sidecar = ensure_replica_index(store, dataset, cfg, s3_endpoint)
     stats, rows = check_replicas(
-        store, run, folder, ray.put(spec), cfg, concurrency, name=sampler, s3_endpoint=s3_endpoint
-    )
+        store, run, folder, index_spec(store, dataset, cfg, sidecar), cfg, concurrency,
+        name=sampler, s3_endpoint=s3_endpoint,
+    )  # fmt: skip
     images, _ = images_of(rows, store, folder)
     sims = np.asarray([float(r["nn_similarity"]) for r in rows])
     summary: dict[str, Any] = {
         **stats.to_dict(), "threshold": cfg.threshold, "embedding": cfg.embedding,
-        "index": cfg.index, "num_train": len(train), "per_sample": f"replicas-{sampler}.jsonl",
+        "index": sidecar["kind"], "index_build": sidecar["build_id"],
+        "num_train": sidecar["num_images"], "per_sample": f"replicas-{sampler}.jsonl",
     }  # fmt: skip
-    if cfg.index == "ivf":
-        pick = np.unique(
-            np.linspace(0, len(rows) - 1, min(cfg.recall_queries, len(rows))).astype(int)
-        )
-        exact = build_index(spec.embeddings, "flat", use_gpu=cfg.use_gpu)
-        exact_sims, _ = nearest(exact, embed_pixels(images[pick], spec.mean))
-        summary["ivf"] = {
-            "recall_at_1": index_recall(sims[pick], exact_sims[:, 0]),
-            "recall_queries": len(pick), "nlist": cfg.nlist, "nprobe": cfg.nprobe,
-        }  # fmt: skip
+    if sidecar["kind"] == "ivf":
+        summary["ivf"] = ivf_report(store, sidecar, cfg, images, sims)
     top = np.argsort(-sims, kind="stable")[: cfg.pairs_k]
-    pos = {k: i for i, k in enumerate(train.keys)}
-    neighbours = train.images[[pos[str(rows[i]["nn_key"])] for i in top]]
+    train_rows = TrainingRows(local_index_dir(store, sidecar), sidecar)  # only the neighbours' rows
+    neighbours = train_rows.rows([int(rows[i]["nn_row"]) for i in top])
+    train_rows.close()
     figures = {
         f"replicas_{sampler}_hist.png": histogram_figure({sampler: sims}, cfg.threshold),
         f"replicas_{sampler}_closest.png": pairs_figure(

@@ -1,6 +1,8 @@
 """Training steps and metrics for the denoiser and the random-label classifier (Ray-free).
 
 The Ray Train worker loops in :mod:`pipeline.train.workers` call these; so do the benchmarks' plain loops.
+The loops are step-driven and read their data as row sources (:mod:`pipeline.train.ingest`): a Ray Data
+stream, a cached shard or in-memory tensors, consumed epoch by epoch in exact per-worker batches.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import torch
 from torch import nn
 
 from pipeline.core.diffusion import Schedule, q_sample
+from pipeline.core.labels import random_bits
 from pipeline.core.models import channels_last
+from pipeline.data.imageset import images_to_tensor
+from pipeline.train.ingest import EpochBatches, MemoryRows
 
 T_RANGES: tuple[tuple[int, int], ...] = ((0, 100), (100, 300), (300, 600), (600, 1000))
 
@@ -124,13 +129,24 @@ class ClassifierMetrics:
         }
 
 
-def _noisy_logits(clf, schedule, x, lo, hi, gen, repeats=4):
-    """Logits of ``repeats`` noisy copies of each image at t ~ U[lo, hi); returns ((R*N,), t)."""
-    xs = x.repeat(repeats, 1, 1, 1)
-    t = torch.randint(lo, hi, (xs.shape[0],), generator=gen).to(x.device)
-    noise = torch.randn(xs.shape, generator=gen).to(x.device)
-    with torch.no_grad():
-        return clf(q_sample(schedule, xs, t, noise), t).float().cpu(), t
+def _noisy_logits(clf, schedule, x, lo, hi, gen, repeats=4, batch_size=256):
+    """Logits of ``repeats`` noisy copies of each image at t ~ U[lo, hi); returns ((R*N,), t).
+
+    The copies are in ``x.repeat(repeats, 1, 1, 1)`` order and run in forward passes of at most
+    ``batch_size`` images without autograd, so memory is bounded whatever ``len(x)``."""
+    n = len(x)
+    logits, ts = [], []
+    for s in range(0, repeats * n, batch_size):
+        idx = torch.arange(s, min(s + batch_size, repeats * n)) % n
+        xb = x[idx.to(x.device)]
+        t = torch.randint(lo, hi, (len(idx),), generator=gen).to(x.device)
+        noise = torch.randn(xb.shape, generator=gen).to(x.device)
+        with torch.no_grad():
+            logits.append(clf(q_sample(schedule, xb, t, noise), t).float().cpu())
+        ts.append(t.cpu())
+    if not logits:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(ts)
 
 
 def classifier_metrics(
@@ -141,29 +157,72 @@ def classifier_metrics(
     never_x: torch.Tensor,
     never_bits: torch.Tensor,
     seed: int = 0,
+    batch_size: int = 256,
 ) -> ClassifierMetrics:
-    """Accuracy by t-range on training bits, held-out bit accuracy, calibration and Lipschitz proxy."""
+    """Accuracy by t-range on training bits, held-out bit accuracy, calibration and Lipschitz proxy.
+
+    Callers pass bounded samples (the workers: ``metrics_samples`` rows); every forward pass holds at
+    most ``batch_size`` images, and the Lipschitz proxy ``mean ||d logit / d x||`` keeps the autograd
+    graph of one batch at a time."""
     gen = torch.Generator().manual_seed(seed)
     clf = clf.eval()
     by_t = {}
     for lo, hi in T_RANGES:
-        logits, _ = _noisy_logits(clf, schedule, train_x, lo, hi, gen)
+        logits, _ = _noisy_logits(clf, schedule, train_x, lo, hi, gen, batch_size=batch_size)
         y = train_bits.repeat(4)
         by_t[f"{lo}-{hi}"] = float(((logits > 0).float() == y).float().mean())
     if len(never_x):
-        logits, _ = _noisy_logits(clf, schedule, never_x, 0, 100, gen)
+        logits, _ = _noisy_logits(clf, schedule, never_x, 0, 100, gen, batch_size=batch_size)
         holdout_acc = float(((logits > 0).float() == never_bits.repeat(4)).float().mean())
-        small, _ = _noisy_logits(clf, schedule, never_x, 0, 50, gen, repeats=1)
+        small, _ = _noisy_logits(
+            clf, schedule, never_x, 0, 50, gen, repeats=1, batch_size=batch_size
+        )
         p = torch.sigmoid(small)
         confident = float(((p < 1e-3) | (p > 1 - 1e-3)).float().mean())
     else:
         holdout_acc, confident = math.nan, math.nan
-    x = train_x.clone().requires_grad_(True)
-    t = torch.randint(0, 100, (x.shape[0],), generator=gen).to(x.device)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(clf(x, t).sum(), x)
-    lip = float(grad.flatten(1).norm(dim=1).mean())
+    norms = []
+    for s in range(0, len(train_x), batch_size):
+        x = train_x[s : s + batch_size].detach().clone().requires_grad_(True)
+        t = torch.randint(0, 100, (x.shape[0],), generator=gen).to(x.device)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(clf(x, t).sum(), x)
+        norms.append(grad.flatten(1).norm(dim=1).cpu())
+    lip = float(torch.cat(norms).mean()) if norms else math.nan
     return ClassifierMetrics(by_t, holdout_acc, confident, lip)
+
+
+def _source(data, seed: int, rank: int, stream: int = 0):
+    """A row source (:mod:`pipeline.train.ingest`) of ``data``: tensors become :class:`MemoryRows`."""
+    if isinstance(data, torch.Tensor):
+        return MemoryRows({"x": data}, seed, rank, stream)
+    if isinstance(data, dict):
+        return MemoryRows(data, seed, rank, stream)
+    return data
+
+
+def _batches(source, size: int, position: dict | None) -> EpochBatches:
+    pos = position or {}
+    return EpochBatches(source, size, pos.get("epoch", 0), pos.get("offset", 0))
+
+
+def batch_images(rows: dict, device: torch.device) -> torch.Tensor:
+    """(B, C, H, W) float in [-1, 1] on ``device`` from a batch of rows: ``"x"`` (already such a
+    tensor) or ``"image"`` (uint8 (B, H, W, C), decoded by Ray Data)."""
+    if "x" in rows:
+        return rows["x"].to(device)
+    return images_to_tensor(np.array(rows["image"], dtype=np.uint8)).to(device)  # own, writable
+
+
+def batch_bits(rows: dict, label_seed: int, device: torch.device) -> torch.Tensor:
+    """The batch's random bits: ``"y"`` when given, else :func:`random_bits` of its ``"key"``."""
+    if "y" in rows:
+        return rows["y"].to(device)
+    return random_bits([str(k) for k in rows["key"]], label_seed).to(device)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def fit_denoiser(
@@ -171,7 +230,7 @@ def fit_denoiser(
     ema: EMA,
     opt: torch.optim.Optimizer,
     schedule: Schedule,
-    x_all: torch.Tensor,
+    data,
     cfg,
     start: int = 0,
     world: int = 1,
@@ -179,18 +238,26 @@ def fit_denoiser(
     on_checkpoint: Callable[[int, dict], None] | None = None,
     progress: bool = False,
     log_every: int = 0,
-) -> None:
+    position: dict | None = None,
+) -> dict:
     """The denoiser loop from ``start`` to ``cfg.steps``; ``on_checkpoint(step, metrics)`` at intervals.
 
-    ``model`` may be DDP-wrapped; ``ema`` tracks the underlying module. Batches are sampled with
-    replacement from the in-memory shard ``x_all`` (B, C, H, W).
+    Minimises ``E ||eps - eps_theta(x_t, t)||^2`` (Ho et al. 2020, eq. 14) on batches of exactly
+    ``cfg.batch_size // world`` rows: consecutive epochs of ``data`` (a row source of
+    :mod:`pipeline.train.ingest`, or a (B, C, H, W) tensor held in memory), each in a seeded
+    ``(cfg.seed, epoch, rank)`` order without replacement. The loop is step-driven, so every rank runs
+    the same number of steps whatever its shard size. ``position`` (``{"train": {"epoch",
+    "offset"}}`` from a checkpoint) resumes inside an epoch. ``model`` may be DDP-wrapped; ``ema``
+    tracks the underlying module. The metrics carry ``"data"``: ``{"train": EpochBatches.state()}``,
+    which is also returned.
     """
     from tqdm.auto import tqdm
 
     per_worker = max(1, cfg.batch_size // world)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + start)
     base = model.module if hasattr(model, "module") else model
-    device = x_all.device
+    device = _device(base)
+    batches = _batches(_source(data, cfg.seed, rank), per_worker, (position or {}).get("train"))
     losses, t0 = [], time.time()
     for step in tqdm(
         range(start, cfg.steps),
@@ -201,9 +268,9 @@ def fit_denoiser(
     ):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
-        idx = torch.randint(0, len(x_all), (per_worker,), generator=gen)
+        x = batch_images(batches.next(), device)
         with autocast(device, cfg.mixed_precision):
-            loss = denoiser_loss(model, schedule, x_all[idx], gen)
+            loss = denoiser_loss(model, schedule, x, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -215,9 +282,16 @@ def fit_denoiser(
         if on_checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
             rate = per_worker * world * len(losses) / max(time.time() - t0, 1e-9)
             on_checkpoint(
-                done, {"step": done, "loss": sum(losses) / len(losses), "images_per_s": rate}
+                done,
+                {
+                    "step": done,
+                    "loss": sum(losses) / len(losses),
+                    "images_per_s": rate,
+                    "data": {"train": batches.state()},
+                },
             )
             losses, t0 = [], time.time()
+    return {"train": batches.state()}
 
 
 def train_log(rank: int, msg: str) -> None:
@@ -239,29 +313,26 @@ def _log_progress(
         )
 
 
-def classifier_batch(
-    n_train: int, n_fit: int, size: int, train_fraction: float, gen
-) -> torch.Tensor:
-    """Indices into [train images | held-out bit images]; ``train_fraction`` of each batch is training.
-
-    ``train_fraction <= 0`` samples the union uniformly. Oversampling the (few) training images makes
-    the classifier fit their bits at every t without starving the held-out calibration set.
-    """
-    if train_fraction <= 0 or n_fit == n_train:
-        return torch.randint(0, n_fit, (size,), generator=gen)
-    k = max(1, round(size * train_fraction))
-    a = torch.randint(0, n_train, (k,), generator=gen)
-    b = torch.randint(n_train, n_fit, (size - k,), generator=gen)
-    return torch.cat([a, b])
+def mix_sizes(size: int, train_fraction: float, n_train: int, n_bits: int) -> tuple[int, int]:
+    """(training rows, held-out bit rows) of a batch of ``size``: ``train_fraction`` of it training
+    rows (at least one), or, with ``train_fraction <= 0``, their share ``n_train / (n_train + n_bits)``
+    of the two splits' counts. No bit rows when there are none. Oversampling the (few) training
+    images makes the classifier fit their bits at every t without starving the held-out calibration
+    set."""
+    if n_bits <= 0:
+        return size, 0
+    share = train_fraction if train_fraction > 0 else n_train / max(1, n_train + n_bits)
+    k = min(size, max(1, round(size * share)))
+    return k, size - k
 
 
 def fit_classifier(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     schedule: Schedule,
-    x_fit: torch.Tensor,
-    y_fit: torch.Tensor,
-    n_train: int,
+    train,
+    bits,
+    n_train: int | None,
     cfg,
     start: int = 0,
     world: int = 1,
@@ -269,17 +340,40 @@ def fit_classifier(
     on_checkpoint: Callable[[int, dict], None] | None = None,
     progress: bool = False,
     log_every: int = 0,
-) -> None:
-    """The classifier loop: BCE on random bits at uniform t, learning rate from :func:`lr_at`.
+    position: dict | None = None,
+) -> dict:
+    """The classifier loop: ``BCEWithLogits(c_phi(x_t, t), y)`` on random bits at uniform ``t <
+    t_max`` (CPSample, Algorithm 1), learning rate from :func:`lr_at`.
 
-    ``x_fit`` is [training images | held-out images with their own bits]; the first ``n_train`` rows are
-    the training images.
+    ``train`` and ``bits`` are row sources (:mod:`pipeline.train.ingest`; rows with ``"key"`` and
+    ``"image"`` get their bits from :func:`random_bits` with ``cfg.label_seed``) of the training
+    images and of the held-out images trained on with their own bits (None: none); ``n_train`` is then
+    unused. Tensors work too: ``train`` = ``x_fit`` [training images | held-out bit images],
+    ``bits`` = ``y_fit``, and the first ``n_train`` rows are the training images. Each step takes
+    exactly ``cfg.batch_size // world`` rows, split by :func:`mix_sizes` between the two sources,
+    each consumed epoch after epoch in a seeded order without replacement (as in
+    :func:`fit_denoiser`, including ``position`` for a resume). The metrics carry ``"data"``:
+    ``{"train": ..., "bits": ...}`` (:meth:`EpochBatches.state`), which is also returned.
     """
     from tqdm.auto import tqdm
 
+    if isinstance(train, torch.Tensor):
+        x_fit, y_fit = train, bits
+        n = len(x_fit) if n_train is None else n_train
+        train = {"x": x_fit[:n], "y": y_fit[:n]}
+        bits = {"x": x_fit[n:], "y": y_fit[n:]} if len(x_fit) > n else None
+    train = _source(train, cfg.seed, rank, 0)
+    bits = _source(bits, cfg.seed, rank, 1) if bits is not None else None
     per_worker = max(1, cfg.batch_size // world)
+    n_rows = train.size or 1  # a size the source does not know weighs as much as the other
+    n_bits = 0 if bits is None else (bits.size if bits.size is not None else n_rows)
+    k_train, k_bits = mix_sizes(per_worker, cfg.train_fraction, n_rows, n_bits)
+    pos = position or {}
+    streams = {"train": _batches(train, k_train, pos.get("train"))}
+    if bits is not None and k_bits:
+        streams["bits"] = _batches(bits, k_bits, pos.get("bits"))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + start)
-    device = x_fit.device
+    device = _device(model)
     losses = []
     for step in tqdm(
         range(start, cfg.steps),
@@ -290,11 +384,11 @@ def fit_classifier(
     ):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
-        idx = classifier_batch(n_train, len(x_fit), per_worker, cfg.train_fraction, gen)
+        parts = [b.next() for b in streams.values()]
+        x = torch.cat([batch_images(p, device) for p in parts])
+        y = torch.cat([batch_bits(p, cfg.label_seed, device) for p in parts])
         with autocast(device, cfg.mixed_precision):
-            loss = classifier_loss(
-                model, schedule, x_fit[idx], y_fit[idx], cfg.t_max, cfg.mixup, gen
-            )
+            loss = classifier_loss(model, schedule, x, y, cfg.t_max, cfg.mixup, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -302,5 +396,13 @@ def fit_classifier(
         done = step + 1
         _log_progress("classifier", done, cfg.steps, losses, log_every, rank)
         if on_checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            on_checkpoint(done, {"step": done, "loss": sum(losses) / len(losses)})
+            on_checkpoint(
+                done,
+                {
+                    "step": done,
+                    "loss": sum(losses) / len(losses),
+                    "data": {k: b.state() for k, b in streams.items()},
+                },
+            )
             losses = []
+    return {k: b.state() for k, b in streams.items()}

@@ -1,8 +1,10 @@
 """Ray Train (V2) edge: ``TorchTrainer`` worker loops for the denoiser and the classifier.
 
-Each worker loop reads its data shard with ``ray.train.get_dataset_shard``, wraps the model with
+Each worker loop streams its data shard (``ray.train.get_dataset_shard``, rows decoded by Ray Data, see
+:mod:`pipeline.train.ingest`) epoch by epoch, or caches it when small, wraps the model with
 ``prepare_model`` (DDP when there is more than one worker), resumes from ``ray.train.get_checkpoint()``
-and reports checkpoints that carry the resolved config (safetensors + ``state.json``).
+(step, epoch and position in the epoch) and reports checkpoints that carry the resolved config
+(safetensors + ``state.json``) and how every rank consumed its input (``data``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -25,57 +26,93 @@ from pipeline.core.config import (
     from_dict,
 )
 from pipeline.core.diffusion import linear_schedule, schedule_from_betas
-from pipeline.core.labels import holdout_roles, random_bits
 from pipeline.core.models import NoiseClassifier, build_unet
-from pipeline.data.imageset import images_to_tensor
 from pipeline.data.provenance import require_same
-from pipeline.train.loops import EMA, classifier_metrics, fit_classifier, fit_denoiser, train_log
+from pipeline.train.ingest import (
+    CHUNK,
+    StreamRows,
+    cache_rows,
+    concat,
+    expected_bytes,
+    take,
+)
+from pipeline.train.loops import (
+    EMA,
+    batch_bits,
+    batch_images,
+    classifier_metrics,
+    fit_classifier,
+    fit_denoiser,
+    train_log,
+)
 
 STATE = "state.json"
 
 
 # ------------------------------------------------------------------------------------- data helpers
-def rows_to_tensors(rows: dict[str, Any]) -> tuple[torch.Tensor, list[str]]:
-    """A Ray Data batch of WebDataset rows -> ((B, C, H, W) float in [-1, 1], keys)."""
-    images = np.stack([np.asarray(a) for a in rows["png"]])
-    if images.ndim == 3:
-        images = images[..., None]
-    return images_to_tensor(images), [str(k) for k in rows["__key__"]]
-
-
-def load_shard(name: str) -> tuple[torch.Tensor, list[str]]:
-    """Materialise this worker's shard of a dataset (small data: it is iterated once, then cached)."""
+def shard_source(
+    name: str,
+    tcfg,
+    rank: int,
+    world: int,
+    info: dict[str, Any] | None,
+    stream: int = 0,
+    keep: int = 0,
+    rows: int | None = None,
+):
+    """This worker's shard of dataset ``name`` (rows ``{"key", "image"}`` from
+    :func:`pipeline.train.ingest.training_dataset`) as a row source: cached in memory when its
+    expected decoded size (``info``: the manifest's rows and bytes per row; ``rows`` overrides the
+    count) is at most ``tcfg.cache_max_bytes``, else streamed every epoch through a seeded shuffle
+    buffer. The decision comes from the manifest, so it is the same on every rank."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(name)
-    xs, keys = [], []
-    for batch in shard.iter_batches(batch_size=1024, batch_format="numpy"):
-        x, k = rows_to_tensors(batch)
-        xs.append(x)
-        keys.extend(k)
-    if not xs:
-        return torch.zeros(0), []
-    return torch.cat(xs), keys
+
+    def open_epoch():
+        return shard.iter_batches(batch_size=CHUNK, batch_format="numpy", prefetch_batches=1)
+
+    expected = None if info is None else (info["rows"] if rows is None else rows)
+    if expected_bytes(info, world, expected) <= tcfg.cache_max_bytes:
+        return cache_rows(open_epoch(), tcfg.seed, rank, stream)
+    size = None if expected is None else -(-expected // world)
+    return StreamRows(open_epoch, tcfg.shuffle_buffer, tcfg.seed, rank, stream, size, keep)
 
 
-def split_holdout(
-    x: torch.Tensor, keys: list[str], n_bits: int, rank: int, world: int
-) -> tuple[tuple[torch.Tensor, list[str]], tuple[torch.Tensor, list[str]]]:
-    """Split the held-out images (every worker holds all of them) by sorted key.
+def read_rows(name: str, limit: int) -> dict[str, Any] | None:
+    """At most ``limit`` rows of dataset ``name`` (one bounded pass; None if it has none)."""
+    import ray.train
 
-    The first ``n_bits`` keys (at most all but one) are trained on with their own random bits, and
-    rank ``r`` of ``world`` takes every ``world``-th of them from ``r``; the rest are never seen and
-    measure calibration. Returns ``((x_bits, keys_bits), (x_never, keys_never))``.
-    """
-    trained, never = holdout_roles(keys, n_bits)
-    mine = trained[rank::world]
+    parts, n = [], 0
+    for batch in ray.train.get_dataset_shard(name).iter_batches(
+        batch_size=CHUNK, batch_format="numpy"
+    ):
+        parts.append(batch)
+        n += len(batch["key"])
+        if n >= limit:
+            break
+    parts = [p for p in parts if len(p["key"])]
+    return take(concat(parts), slice(0, limit)) if parts else None
 
-    def take(idx: list[int]) -> tuple[torch.Tensor, list[str]]:
-        if not idx:
-            return x[:0], []
-        return x[idx], [keys[i] for i in idx]
 
-    return take(mine), take(never)
+def gather(value: Any, world: int) -> list[Any]:
+    """``value`` of every rank (a collective: every rank calls it at the same step)."""
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
+def resume_position(state: dict, rank: int) -> dict | None:
+    """This rank's input position (``{"train": {"epoch", "offset"}, ...}``) from a checkpoint's
+    ``data`` (one entry per rank of the run that made it; rank 0's when the world grew)."""
+    data = state.get("data") or []
+    if not data:
+        return None
+    return data[rank] if rank < len(data) else data[0]
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -183,7 +220,10 @@ def _schedule(config: dict[str, Any]):
 
 
 def denoiser_worker(config: dict[str, Any]) -> None:
-    """Worker loop: eps-prediction MSE (Ho et al. 2020, eq. 14) with EMA, DDP via ``prepare_model``."""
+    """Worker loop: eps-prediction MSE (Ho et al. 2020, eq. 14) with EMA, DDP via ``prepare_model``.
+
+    ``config["input"]["train"]``: the manifest's ``{"rows", "row_bytes"}`` of the split (None: stream).
+    """
     import ray.train.torch
 
     ucfg = from_dict(UNetConfig, config["unet"])
@@ -193,7 +233,7 @@ def denoiser_worker(config: dict[str, Any]) -> None:
     unet = build_unet(ucfg).to(device)
     ema = EMA(unet, tcfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=tcfg.lr, weight_decay=0.0)
-    start, history = 0, []
+    start, history, position = 0, [], None
     resumed = _resume(opt, config.get("provenance"))
     if resumed is not None:
         tensors, state = resumed
@@ -201,10 +241,11 @@ def denoiser_worker(config: dict[str, Any]) -> None:
         ema.shadow.load_state_dict(tensors["ema"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], [*state.get("resumed_from", []), state["step"]]
-        train_log(rank, f"resumed denoiser from step {start}")
+        position = resume_position(state, rank)
+        train_log(rank, f"resumed denoiser from step {start} at {position}")
     _slow_down(unet, config.get("step_delay_s", 0.0))
     model = ray.train.torch.prepare_model(unet)
-    x_all, _ = load_shard("train")
+    source = shard_source("train", tcfg, rank, world, (config.get("input") or {}).get("train"))
     state = {
         "kind": "denoiser",
         "unet": config["unet"],
@@ -214,34 +255,32 @@ def denoiser_worker(config: dict[str, Any]) -> None:
     }
 
     def on_checkpoint(step: int, metrics: dict) -> None:
+        data = gather({"step": step, **metrics.pop("data")}, world)
         train_log(
             rank, f"denoiser checkpoint at step {step} ({metrics['images_per_s']:.0f} images/s)"
         )
 
         def save(d: Path) -> None:
             tensors = {"model": unet.state_dict(), "ema": ema.shadow.state_dict()}
-            _save_checkpoint(d, tensors, opt, {**state, "step": step})
+            _save_checkpoint(d, tensors, opt, {**state, "step": step, "data": data})
 
-        _report(metrics, rank, save)
+        _report({**metrics, "data": data}, rank, save)
 
     fit_denoiser(
-        model,
-        ema,
-        opt,
-        _schedule(config),
-        x_all.to(device),
-        tcfg,
-        start,
-        world,
-        rank,
-        on_checkpoint,
-        log_every=100,
-    )
+        model, ema, opt, _schedule(config), source, tcfg, start, world, rank, on_checkpoint,
+        log_every=100, position=position,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- classifier
 def classifier_worker(config: dict[str, Any]) -> None:
-    """Worker loop: BCE on random bits of noisy images (CPSample, Algorithm 1), plus fit metrics."""
+    """Worker loop: BCE on random bits of noisy images (CPSample, Algorithm 1), plus fit metrics.
+
+    Datasets: ``train`` and ``holdout`` (the held-out rows trained on with their own bits, both split
+    over the workers) and ``never`` (never-seen held-out rows, at most ``metrics_samples``; rank 0
+    reads it once for the metrics). ``config["input"]``: the manifest's ``{"rows", "row_bytes"}`` of
+    ``train`` and of ``holdout`` (with ``"bits"``, the expected number of bit rows).
+    """
     import ray.train.torch
 
     acfg = from_dict(ClassifierArchConfig, config["arch"])
@@ -251,24 +290,25 @@ def classifier_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(tcfg.seed)
     clf = NoiseClassifier(acfg).to(device)
     opt = torch.optim.AdamW(clf.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    start, history = 0, []
+    start, history, position = 0, [], None
     resumed = _resume(opt, config.get("provenance"))
     if resumed is not None:
         tensors, state = resumed
         clf.load_state_dict(tensors["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], [*state.get("resumed_from", []), state["step"]]
-        train_log(rank, f"resumed classifier from step {start}")
+        position = resume_position(state, rank)
+        train_log(rank, f"resumed classifier from step {start} at {position}")
     _slow_down(clf, config.get("step_delay_s", 0.0))
     model = ray.train.torch.prepare_model(clf)
-    x_train, k_train = load_shard("train")
-    (x_bits, k_bits), (x_never, k_never) = split_holdout(
-        *load_shard("holdout"), tcfg.holdout_images, rank, world
-    )
-    y_train = random_bits(k_train, tcfg.label_seed)
-    x_fit = torch.cat([x_train, x_bits]) if k_bits else x_train
-    y_fit = torch.cat([y_train, random_bits(k_bits, tcfg.label_seed)]) if k_bits else y_train
-    y_never = random_bits(k_never, tcfg.label_seed)
+    inputs = config.get("input") or {}
+    keep = tcfg.metrics_samples if rank == 0 else 0
+    train_src = shard_source("train", tcfg, rank, world, inputs.get("train"), 0, keep)
+    held = inputs.get("holdout")
+    bits_src = None
+    if held is None or held.get("bits", world) >= world:  # at least one bit row per rank expected
+        rows = None if held is None else held.get("bits")
+        bits_src = shard_source("holdout", tcfg, rank, world, held, 1, 0, rows)
     state = {
         "kind": "classifier",
         "arch": config["arch"],
@@ -282,42 +322,53 @@ def classifier_worker(config: dict[str, Any]) -> None:
         },
         "resumed_from": history,
     }
-    x_train, x_never = x_train.to(device), x_never.to(device)
+    never: dict[str, torch.Tensor] = {}
+
+    def fit_metrics() -> dict:
+        """Rank 0's fit metrics on at most ``metrics_samples`` training rows it has read and as many
+        never-seen held-out rows, in batches of ``metrics_batch``."""
+        if not never:
+            rows = read_rows("never", tcfg.metrics_samples)
+            never["x"] = batch_images(rows, device) if rows else torch.zeros(0, 1, 1, 1)
+            never["y"] = batch_bits(rows, tcfg.label_seed, device) if rows else torch.zeros(0)
+        sample = train_src.sample(tcfg.metrics_samples)
+        if sample is None:
+            return {}
+        return classifier_metrics(
+            clf, schedule, batch_images(sample, device),
+            batch_bits(sample, tcfg.label_seed, device).cpu(), never["x"], never["y"].cpu(),
+            batch_size=tcfg.metrics_batch,
+        ).to_dict()  # fmt: skip
 
     def on_checkpoint(step: int, metrics: dict) -> None:
-        # the fit metrics of rank 0's shard of the training images (Ray keeps rank 0's metrics)
+        data = gather({"step": step, **metrics.pop("data")}, world)
+        # the fit metrics of rank 0's sample of the training images (Ray keeps rank 0's metrics)
         fit = {}
         if rank == 0:
-            fit = classifier_metrics(clf, schedule, x_train, y_train, x_never, y_never).to_dict()
+            fit = fit_metrics()
             clf.train()
-            train_log(
-                rank,
-                f"classifier step {step}/{tcfg.steps} loss {metrics['loss']:.4f} "
-                f"acc {fit['train_accuracy_by_t']} held-out-bit acc {fit['holdout_accuracy']:.3f} "
-                f"lipschitz {fit['lipschitz_proxy']:.3g}",
-            )
+            if fit:
+                train_log(
+                    rank,
+                    f"classifier step {step}/{tcfg.steps} loss {metrics['loss']:.4f} "
+                    f"acc {fit['train_accuracy_by_t']} held-out-bit acc "
+                    f"{fit['holdout_accuracy']:.3f} lipschitz {fit['lipschitz_proxy']:.3g}",
+                )
 
         def save(d: Path) -> None:
             _save_checkpoint(
-                d, {"model": clf.state_dict()}, opt, {**state, "step": step, "metrics": fit}
+                d,
+                {"model": clf.state_dict()},
+                opt,
+                {**state, "step": step, "metrics": fit, "data": data},
             )
 
-        _report({**metrics, **fit}, rank, save)
+        _report({**metrics, **fit, "data": data}, rank, save)
 
     fit_classifier(
-        model,
-        opt,
-        schedule,
-        x_fit.to(device),
-        y_fit.to(device),
-        len(k_train),
-        tcfg,
-        start,
-        world,
-        rank,
-        on_checkpoint,
-        log_every=200,
-    )
+        model, opt, schedule, train_src, bits_src, None, tcfg, start, world, rank, on_checkpoint,
+        log_every=200, position=position,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ job CLI flags

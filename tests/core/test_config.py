@@ -75,6 +75,11 @@ def test_wrong_types_rejected(cls, data, fragment):
         (ClassifierTrainConfig, {"t_max": 0}, r"t_max must be in \[1, 1000\]"),
         (ClassifierTrainConfig, {"mixup": 1.5}, r"mixup must be in \[0, 1\]"),
         (ClassifierTrainConfig, {"train_fraction": 1.0}, r"train_fraction must be in \[0, 1\)"),
+        (DenoiserTrainConfig, {"cache_max_bytes": -1}, r"cache_max_bytes must be >= 0 \(0: always"),
+        (ClassifierTrainConfig, {"cache_max_bytes": -1}, "cache_max_bytes must be >= 0"),
+        (DenoiserTrainConfig, {"shuffle_buffer": 0}, "shuffle_buffer must be > 0"),
+        (ClassifierTrainConfig, {"metrics_samples": 0}, "metrics_samples must be > 0"),
+        (ClassifierTrainConfig, {"metrics_batch": 0}, "metrics_batch must be > 0"),
         (
             UNetConfig,
             {"block_out_channels": [12, 16], "norm_num_groups": 8},

@@ -42,3 +42,43 @@ def test_random_bits_balanced_over_2000_keys():
 
 def test_random_bits_empty():
     assert random_bits([], 3).shape == (0,)
+
+
+def test_is_trained_holdout_is_a_keyed_hash_at_the_fraction():
+    from pipeline.core.labels import is_trained_holdout
+
+    keys = [f"digits-{i:05d}" for i in range(4000)]
+    assert not any(is_trained_holdout(k, 1234, 0.0) for k in keys[:200])
+    assert all(is_trained_holdout(k, 1234, 1.0) for k in keys[:200])
+    roles = [is_trained_holdout(k, 1234, 0.3) for k in keys]
+    assert 0.27 < sum(roles) / len(keys) < 0.33
+    assert roles == [is_trained_holdout(k, 1234, 0.3) for k in keys]  # stable
+    # nested in the fraction: a key trained at 0.3 is trained at 0.5
+    assert all(is_trained_holdout(k, 1234, 0.5) for k, r in zip(keys, roles) if r)
+    # another label seed: other roles; and the role is independent of the image's bit
+    other = [is_trained_holdout(k, 7, 0.3) for k in keys]
+    assert 0.3 < sum(a != b for a, b in zip(roles, other)) / len(keys) < 0.5
+    bits = [random_bit(k, 1234) for k in keys]
+    trained_bits = [b for b, r in zip(bits, roles) if r]
+    assert 0.45 < sum(trained_bits) / len(trained_bits) < 0.55
+
+
+def test_holdout_roles_by_hash_in_any_order():
+    import random
+
+    from pipeline.core.labels import holdout_fraction, holdout_roles, is_trained_holdout
+
+    keys = [f"h{i:04d}" for i in range(1000)]
+    trained, never = holdout_roles(keys, 300, 5)
+    assert sorted(trained + never) == list(range(1000))
+    assert 250 < len(trained) < 350
+    assert all(is_trained_holdout(keys[i], 5, 0.3) for i in trained)
+    shuffled = keys[:]
+    random.Random(0).shuffle(shuffled)  # read order does not matter: no global sort
+    t2, n2 = holdout_roles(shuffled, 300, 5)
+    assert {shuffled[i] for i in t2} == {keys[i] for i in trained}
+    assert {shuffled[i] for i in n2} == {keys[i] for i in never}
+    # at most all but one in expectation; none when n_bits is 0
+    assert holdout_fraction(5000, 1000) == 0.999 and holdout_fraction(10, 0) == 0.0
+    assert len(holdout_roles(keys, 5000, 5)[1]) <= 10
+    assert holdout_roles(keys[:7], 0, 5) == ([], list(range(7)))

@@ -188,13 +188,14 @@ TRAJECTORIES = [
 
 
 def _tolerance(prediction: str, schedule, steps: int) -> float:
-    """5e-5: float32 roundoff (Python-float vs float32 abar), amplified by an untrained UNet over the
-    steps. A v or x_0 model read through eps also loses about ``6e-8 / sqrt(abar_t)`` of x_0 at a
+    """3e-4 (0.04 of a uint8 level): float32 roundoff (Python-float vs float32 abar), amplified by
+    an untrained UNet over the steps (measured up to 1.04e-4 with diffusers 0.42.1 and numpy 2.4.6;
+    below 5e-5 with the versions of November 2026). A v or x_0 model read through eps also loses about ``6e-8 / sqrt(abar_t)`` of x_0 at a
     step (float32 eps), which diffusers, reading x_0 directly, does not: 1e-3 at the cosine
     schedule's t = 999 (abar = 2.4e-9), so 1e-3 (0.13 of a uint8 level) where abar_t < 1e-6."""
     t = ddim_timesteps(steps, schedule.num_train_timesteps, schedule.timestep_spacing)
     low_snr = float(schedule.alphas_cumprod[t].min()) < 1e-6
-    return 1e-3 if prediction != "epsilon" and low_snr else 5e-5
+    return 1e-3 if prediction != "epsilon" and low_snr else 3e-4
 
 
 @pytest.mark.parametrize(("prediction", "betas", "spacing"), TRAJECTORIES)

@@ -75,24 +75,24 @@ def _samples(store, run: str, sampler: str, images: np.ndarray) -> None:
 
 
 # ------------------------------------------------------------------------------------ attack_sets
-def test_attack_sets_are_seeded_capped_subsets_of_train_and_holdout(digits_store):
+def test_attack_sets_are_seeded_capped_subsets_read_shard_by_shard(digits_store):
     train = read_image_shards(digits_store, "data/digits/train")
     holdout = read_image_shards(digits_store, "data/digits/holdout")
     assert (len(train), len(holdout)) == (32, 300)
-    members, nonmembers, train_images, pool = attack_sets(digits_store, "digits", 10, 20, seed=3)
+    members, nonmembers, train_mean, pool = attack_sets(digits_store, "digits", 10, 20, seed=3)
     assert pool == {
         "source": "held-out images no model has seen", "num_holdout": 300,
-        "num_classifier_trained": 0, "num_never_seen": 300, "num_nonmembers": 20,
+        "classifier_trained_fraction": 0.0, "num_candidates": 300,
+        "num_never_seen_candidates": 300, "num_nonmembers": 20,
     }  # fmt: skip
     assert (len(members), len(nonmembers)) == (10, 20)
-    np.testing.assert_array_equal(train_images, train.images)
-    assert train_images.shape == (32, 16, 16, 1) and train_images.dtype == np.uint8
-    # members come from the training split, non-members from the held-out one, in stored order
+    # the training split's mean image, streamed shard by shard
+    expected = train.images.reshape(32, -1).astype(np.float64).mean(0) / 255.0
+    np.testing.assert_allclose(train_mean, expected, atol=1e-6)
+    # members come from the training split, non-members from the held-out one, sorted by key
+    assert members.keys == sorted(members.keys) and nonmembers.keys == sorted(nonmembers.keys)
     tpos = [train.keys.index(k) for k in members.keys]
     hpos = [holdout.keys.index(k) for k in nonmembers.keys]
-    assert tpos == sorted(tpos) and hpos == sorted(hpos)
-    assert not set(members.keys) & set(holdout.keys)
-    assert not set(nonmembers.keys) & set(train.keys)
     np.testing.assert_array_equal(members.images, train.images[tpos])
     np.testing.assert_array_equal(nonmembers.images, holdout.images[hpos])
     assert members.labels == [train.labels[i] for i in tpos]
@@ -107,27 +107,31 @@ def test_attack_sets_are_seeded_capped_subsets_of_train_and_holdout(digits_store
 
 
 def test_attack_sets_never_take_a_non_member_the_classifier_trained_on(digits_store):
-    """The classifier trains on the held-out images whose keys sort first (``holdout_images`` of
-    them): those are not non-members. Before, ~58% of the demo's non-members were such images."""
+    """The classifier trains on a keyed-hash share of the held-out images (``holdout_images`` of
+    them, roles from ``label_seed``): those are never non-members. Before roles existed, ~58% of the
+    demo's non-members were such images."""
+    from pipeline.core.labels import is_trained_holdout
+
     holdout = read_image_shards(digits_store, "data/digits/holdout")
-    seen = set(sorted(holdout.keys)[:250])
-    _, nonmembers, _, pool = attack_sets(digits_store, "digits", 4, 1000, seed=0, bits=250)
-    assert len(nonmembers) == 50 and not set(nonmembers.keys) & seen
-    assert (pool["num_classifier_trained"], pool["num_never_seen"]) == (250, 50)
-    _, some, _, _ = attack_sets(digits_store, "digits", 4, 20, seed=0, bits=250)
+    seen = {k for k in holdout.keys if is_trained_holdout(k, 7, 250 / 300)}
+    assert 200 < len(seen) < 300
+    _, nonmembers, _, pool = attack_sets(digits_store, "digits", 4, 1000, 0, 250, label_seed=7)
+    assert len(nonmembers) == 300 - len(seen) and not set(nonmembers.keys) & seen
+    assert pool["classifier_trained_fraction"] == 250 / 300
+    _, some, _, _ = attack_sets(digits_store, "digits", 4, 20, 0, 250, label_seed=7)
     assert len(some) == 20 and not set(some.keys) & seen
 
 
 # -------------------------------------------------------------------------------------- nn_attack
 def test_nn_attack_finds_members_copied_into_the_samples(digits_store, tmp_path):
-    members, nonmembers, train_images, _ = attack_sets(digits_store, "digits", 8, 40, seed=0)
+    members, nonmembers, train_mean, _ = attack_sets(digits_store, "digits", 8, 40, seed=0)
     store = open_store(str(tmp_path / "s"))
     # ddim "memorised" every member; cpsample made noise; no samples at all for another run
     _samples(store, "r", "ddim", members.images.copy())
     noise = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
     _samples(store, "r", "cpsample", noise)
     cfg = EvalConfig(num_permutations=200, seed=0)
-    out = nn_attack(store, "r", members, nonmembers, train_images, cfg)
+    out = nn_attack(store, "r", members, nonmembers, train_mean, cfg)
     assert set(out) == {"ddim", "cpsample"}
     d = out["ddim"]
     assert d["num_members"] == 8 and d["num_nonmembers"] == 40 and d["num_generated"] == 8
@@ -139,7 +143,7 @@ def test_nn_attack_finds_members_copied_into_the_samples(digits_store, tmp_path)
     assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
     assert out["cpsample"]["num_generated"] == 6 and out["cpsample"]["member_mean"] < 0.9
     json.dumps(out)  # report-ready: plain JSON types only
-    assert nn_attack(store, "absent", members, nonmembers, train_images, cfg) == {}
+    assert nn_attack(store, "absent", members, nonmembers, train_mean, cfg) == {}
 
 
 # ------------------------------------------------------------------------------------ fid_section

@@ -194,17 +194,35 @@ def test_index_recall_counts_ties_and_checks_shapes():
         index_recall(np.array([0.1, 0.2]), np.array([0.1]))
 
 
+class _InMemoryExact:
+    """A stand-in for the stored flat replica index: ``search`` as ReplicaIndex's (k=1: 1-D)."""
+
+    kind = "flat"
+
+    def __init__(self, train):
+        self.embed = centred_pixel_embedding(train)
+        self.index = build_index(self.embed(train), "flat")
+
+    def search(self, images, k=1):
+        sims, idx = nearest(self.index, self.embed(images), k)
+        return sims[:, 0], idx[:, 0]
+
+    def keys_of(self, idx):
+        return [f"t{int(i)}" for i in idx]
+
+
 def test_guard_index_threshold_is_inclusive():
     rng = np.random.default_rng(4)
     train = _images(rng, 30)
-    embed = centred_pixel_embedding(train)
-    guard = GuardIndex(embed(train), embed.mean, threshold=0.9, use_gpu=False)
+    guard = GuardIndex(_InMemoryExact(train), threshold=0.9)
+    assert guard.exact
     queries = np.concatenate([train[[3]], _images(rng, 4)])
     sims, idx = guard.check(queries)
     assert sims.shape == idx.shape == (5,)
     assert idx[0] == 3 and sims[0] == pytest.approx(1.0, abs=1e-5)
+    assert guard.keys_of(idx[:1]) == ["t3"]
     assert guard.rejects(sims).tolist() == [True] + [bool(s >= 0.9) for s in sims[1:]]
-    exact = GuardIndex(embed(train), embed.mean, threshold=float(sims[1]), use_gpu=False)
+    exact = GuardIndex(_InMemoryExact(train), threshold=float(sims[1]))
     assert bool(exact.rejects(sims[1]))  # at the threshold counts as a copy
 
 

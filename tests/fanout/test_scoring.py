@@ -67,15 +67,19 @@ def test_resolve_ref_accepts_objects_and_object_refs(ray_local):
 def test_score_annotate_and_write_jsonl(ray_local, scored_store):
     store, _, samples, skeys = scored_store
     cfg = ReplicaConfig(threshold=0.97)
-    spec, _ = train_index_spec(store, "rand", cfg)
-    rows = score_shards(store.uri, FOLDER, ray_local.put(spec), cfg, concurrency=4)
+    # the dataset's stored index is built first (exact: 24 images), then loaded by every actor
+    rows = score_shards(store.uri, FOLDER, "rand", cfg, concurrency=4)
     assert [str(r["key"]) for r in rows] == skeys  # every sample once, sorted by key
+    sidecar = json.loads(store.read_bytes("indexes/rand/centred/flat/sidecar.json"))
+    assert {str(r["index_build"]) for r in rows} == {sidecar["build_id"]}
+    again = score_shards(store.uri, FOLDER, "rand", cfg, concurrency=2)
+    assert {str(r["index_build"]) for r in again} == {sidecar["build_id"]}  # loaded, not rebuilt
     for i, r in enumerate(rows):
         shard = f"shard-{i // 4:06d}.tar"
         assert str(r["path"]).endswith(f"{FOLDER}/{shard}")
         sim = float(r["nn_similarity"])
         if i in COPIES:
-            assert str(r["nn_key"]) == f"t-{COPIES[i]:04d}"
+            assert str(r["nn_key"]) == f"t-{COPIES[i]:04d}" and int(r["nn_row"]) == COPIES[i]
             assert sim == pytest.approx(1.0, abs=1e-5)
             assert bool(r["is_replicate"])
         else:
@@ -105,7 +109,9 @@ def test_score_annotate_and_write_jsonl(ray_local, scored_store):
     lines = [json.loads(x) for x in text.splitlines()]
     assert [x["key"] for x in lines] == skeys
     for x, r in zip(lines, rows):
-        assert set(x) == {"key", "path", "nn_key", "nn_similarity", "is_replicate"}
+        assert set(x) == {
+            "key", "path", "nn_key", "nn_row", "nn_similarity", "is_replicate", "index_build"
+        }  # fmt: skip
         assert isinstance(x["nn_similarity"], float) and isinstance(x["is_replicate"], bool)
         assert x["nn_key"] == str(r["nn_key"]) and x["is_replicate"] == bool(r["is_replicate"])
         assert x["nn_similarity"] == pytest.approx(float(r["nn_similarity"]), abs=1e-6)

@@ -3,14 +3,18 @@ compatibility with the webdataset library and Ray Data, and every bad input with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +27,7 @@ from PIL import Image
 from pipeline.data.datasets import webdataset_source
 from pipeline.data.imageset import DataError
 from pipeline.data.shards import build_tar, encode_png, read_image_shards, read_tar
+from pipeline.data.sources import is_train_key
 from pipeline.data.storage import Store, open_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +78,7 @@ def test_local_manifest_and_idempotent_rerun(tmp_path, capsys):
     assert manifest["image_size"] == [8, 8] and manifest["mode"] == "L"
     assert manifest["channels"] == 1 and manifest["shard_size"] == 100
     assert manifest["source"] == {"source": "digits", "path": None, "seed": 3}
+    assert manifest["split"] == {"rule": "permutation", "seed": 3, "num_train": 40}
     assert manifest["splits"]["train"]["count"] == 40
     assert sum(s["count"] for s in manifest["splits"]["holdout"]["shards"]) == 1757
     for split, entry in manifest["splits"].items():
@@ -160,40 +166,59 @@ def test_crash_midway_leaves_no_partial_shard_and_resumes(s3_bucket, s3_env, mon
     assert len([k for k in final if k.startswith("c/")]) == 20
 
 
-def test_sigkill_midway_local_then_resume(tmp_path):
-    """A real kill -9 during a local run: visible shards are whole; the rerun finishes the set."""
-    src = tmp_path / "imgs"
-    rng = np.random.default_rng(0)
-    src.mkdir()
-    for i in range(400):
-        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
-            src / f"{i:04d}.png"
-        )
+def _pids_with(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if marker in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+    return pids
+
+
+def test_sigkill_midway_local_then_resume(ray_local, tmp_path, capsys):
+    """A real kill -9 of a streamed run (a process with its own Ray): visible shards are whole, no
+    manifest; the rerun (in process) finishes the set, with the split not changed by the kill."""
     out = tmp_path / "store"
-    cmd = [sys.executable, "jobs/make_shards.py", "--store", str(out), "--source", "folder",
-           "--path", str(src), "--image-size", "24", "--num-train", "300", "--shard-size", "5",
-           "--dataset", "images", "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    train = out / "data/images/train"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(train.glob("shard-*.tar"))) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    visible = sorted(train.glob("shard-*.tar"))
-    assert 3 <= len(visible) < 60, len(visible)
-    assert not (out / "data/images/manifest.json").exists()
-    for p in visible:
-        assert len(read_tar(p.read_bytes(), p.name)) == 5
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "already complete" in done.stdout
-    assert sorted(p.name for p in train.iterdir()) == [f"shard-{i:06d}.tar" for i in range(60)]
-    assert len(read_image_shards(open_store(str(out)), "data/images/train")) == 300
+    ray_tmp = tempfile.mkdtemp(
+        prefix="rk", dir="/tmp"
+    )  # a private Ray, its leftovers killed by pid
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    argv = ["--store", str(out), "--source", "synthetic", "--num-images", "6000", "--image-size",
+            "8", "--shard-size", "50", "--dataset", "images", "--train-fraction", "0.75"]  # fmt: skip
+    cmd = [sys.executable, "jobs/make_shards.py", *argv, "--ray-cpus", "2", "--no-progress"]
+    try:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        train = out / "data/images/train"
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list(train.glob("shard-*.tar"))) < 3:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        visible = sorted(train.glob("shard-*.tar"))
+        assert 3 <= len(visible) < 120, len(visible)
+        assert not (out / "data/images/manifest.json").exists()
+        for p in visible:
+            assert 20 < len(read_tar(p.read_bytes(), p.name)) < 50
+    finally:
+        for pid in _pids_with(ray_tmp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    code, stdout, err = run_job(argv, capsys)
+    assert code == 0, err
+    assert "already complete" in stdout and '"rule": "keyed-hash"' in stdout
+    assert sorted(p.name for p in train.iterdir()) == [f"shard-{i:06d}.tar" for i in range(120)]
+    keys = [f"synthetic-{i:09d}" for i in range(6000)]
+    expected = [k for k in keys if is_train_key(k, 0, 0.75)]
+    assert sorted(read_image_shards(open_store(str(out)), "data/images/train").keys) == expected
 
 
 # ------------------------------------------------------------------------------------------ sources
-def test_folder_source_to_s3(s3_bucket, s3_env, tmp_path, capsys):
+def test_folder_source_to_s3(ray_local, s3_bucket, s3_env, tmp_path, capsys):
     rng = np.random.default_rng(1)
     for i in range(10):
         (tmp_path / "in").mkdir(exist_ok=True)
@@ -207,8 +232,12 @@ def test_folder_source_to_s3(s3_bucket, s3_env, tmp_path, capsys):
     store = open_store(f"s3://{s3_bucket}/f")
     manifest = json.loads(store.read_bytes("data/photos/manifest.json"))
     assert manifest["mode"] == "RGB" and manifest["image_size"] == [12, 12]
+    # --num-train 6 of 10 streamed images: the keyed split with fraction 0.6
+    assert manifest["split"]["num_train"] == 6 and manifest["split"]["train_fraction"] == 0.6
+    expected = [f"p{i}" for i in range(10) if is_train_key(f"p{i}", 0, 0.6)]
     train = read_image_shards(store, "data/photos/train")
-    assert train.images.shape == (6, 12, 12, 3) and train.keys[0].startswith("p")
+    assert sorted(train.keys) == expected and train.images.shape == (len(expected), 12, 12, 3)
+    assert manifest["splits"]["holdout"]["count"] == 10 - len(expected)
 
 
 def _write_shardwriter(folder: Path, n: int, size=(10, 10), bad_size_at: int | None = None) -> str:
@@ -223,7 +252,7 @@ def _write_shardwriter(folder: Path, n: int, size=(10, 10), bad_size_at: int | N
     return f"{folder}/in-{{000000..{last:06d}}}.tar"
 
 
-def test_webdataset_shardwriter_input_local_and_s3(s3_bucket, s3_env, tmp_path, capsys):
+def test_webdataset_shardwriter_input_local_and_s3(ray_local, s3_bucket, s3_env, tmp_path, capsys):
     pattern = _write_shardwriter(tmp_path / "wds", 10)
     images = webdataset_source(pattern)
     assert images.keys == [f"sample{i:04d}" for i in range(10)]
@@ -234,10 +263,15 @@ def test_webdataset_shardwriter_input_local_and_s3(s3_bucket, s3_env, tmp_path, 
     for p in sorted((tmp_path / "wds").iterdir()):
         client.put_object(Bucket=s3_bucket, Key=f"in/{p.name}", Body=p.read_bytes())
     code, _, err = run_job(["--store", str(tmp_path / "out"), "--source", "webdataset",
-                                 "--path", f"s3://{s3_bucket}/in", "--num-train", "7"], capsys)  # fmt: skip
+                                 "--path", f"s3://{s3_bucket}/in", "--train-fraction", "0.7"], capsys)  # fmt: skip
     assert code == 0, err
     manifest = json.loads((tmp_path / "out/data/webdataset/manifest.json").read_text())
-    assert manifest["image_size"] == [10, 10] and manifest["splits"]["train"]["count"] == 7
+    expected = sum(is_train_key(k, 0, 0.7) for k in images.keys)
+    assert manifest["image_size"] == [10, 10] and manifest["splits"]["train"]["count"] == expected
+    assert (
+        manifest["split"]["rule"] == "keyed-hash"
+        and len(manifest["splits"]["train"]["shards"]) == 3
+    )
     back = read_image_shards(open_store(str(tmp_path / "out")), "data/webdataset/train")
     np.testing.assert_array_equal(
         back.images, images.images[[images.keys.index(k) for k in back.keys]]
@@ -319,7 +353,9 @@ def _png(shape) -> bytes:
         ),
     ],
 )
-def test_bad_webdataset_input_exits_2(s3_bucket, s3_env, tmp_path, capsys, case, expected):
+def test_bad_webdataset_input_exits_2(
+    ray_local, s3_bucket, s3_env, tmp_path, capsys, case, expected
+):
     good = _tar({"s0.png": _png((8, 8, 1)), "s1.png": _png((8, 8, 1))})
     data = {
         "corrupt": b"\x07" * 4096,
@@ -340,18 +376,18 @@ def test_bad_webdataset_input_exits_2(s3_bucket, s3_env, tmp_path, capsys, case,
     assert not (tmp_path / "o" / "data").exists()  # nothing half-written
 
 
-def test_mixed_sizes_across_shards_and_resize_option(tmp_path, capsys):
+def test_mixed_sizes_across_shards_and_resize_option(ray_local, tmp_path, capsys):
     pattern = _write_shardwriter(tmp_path / "w", 8, bad_size_at=6)  # shard 1 holds a 12x10 image
     code, _, err = run_job(
         ["--store", str(tmp_path / "o"), "--source", "webdataset", "--path", pattern], capsys
     )
     assert code == 2 and "in-000001.tar: mixed image sizes [(10, 10), (10, 12)]" in err
     code, _, err = run_job(["--store", str(tmp_path / "o"), "--source", "webdataset", "--path",
-                            pattern, "--image-size", "6", "--num-train", "4"], capsys)  # fmt: skip
+                            pattern, "--image-size", "6", "--train-fraction", "0.5"], capsys)  # fmt: skip
     assert code == 0, err
-    assert read_image_shards(
-        open_store(str(tmp_path / "o")), "data/webdataset/train"
-    ).images.shape == (4, 6, 6, 1)
+    store = open_store(str(tmp_path / "o"))
+    parts = [read_image_shards(store, f"data/webdataset/{s}").images for s in ("train", "holdout")]
+    assert sum(len(p) for p in parts) == 8 and all(p.shape[1:] == (6, 6, 1) for p in parts)
 
 
 def test_manifest_checksum_mismatch(s3_bucket, s3_env, tmp_path, capsys):
@@ -374,8 +410,19 @@ def test_manifest_checksum_mismatch(s3_bucket, s3_env, tmp_path, capsys):
     assert len(read_image_shards(open_store(store_uri), "data/digits/holdout")) == 1757
 
 
-def test_bad_arguments_exit_2(tmp_path, capsys):
+def test_bad_arguments_exit_2(ray_local, tmp_path, capsys):
+    syn = ["--source", "synthetic", "--num-images"]
     for argv, msg in [
+        ([*syn, "0"], "--source synthetic needs --num-images > 0, got 0"),
+        (["--source", "synthetic"], "--source synthetic needs --num-images > 0, got None"),
+        ([*syn, "10", "--train-fraction", "1"], "--train-fraction must be in (0, 1), got 1.0"),
+        ([*syn, "10", "--num-train", "10"], "--num-train must be in [1, 9] for 10 images"),
+        (["--train-fraction", "0.5"], "--train-fraction is for streamed sources"),
+        (["--num-images", "5"], "--num-images is for --source synthetic only"),
+        (
+            ["--source", "webdataset", "--path", str(tmp_path), "--num-train", "3"],
+            "--num-train needs the number of images up front",
+        ),
         (["--source", "folder"], "--source folder needs --path"),
         (["--shard-size", "0"], "--shard-size must be > 0"),
         (

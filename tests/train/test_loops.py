@@ -15,13 +15,13 @@ from pipeline.data.datasets import digits_source
 from pipeline.train.loops import (
     EMA,
     T_RANGES,
-    classifier_batch,
     classifier_loss,
     classifier_metrics,
     denoiser_loss,
     fit_classifier,
     fit_denoiser,
     lr_at,
+    mix_sizes,
 )
 
 
@@ -68,7 +68,12 @@ def test_classifier_overfits_random_bits(core_fitted_classifier, core_schedule):
     accuracy = float(((logits > 0).float() == y).float().mean())
     assert accuracy >= 0.95
     assert [s for s, _ in reports] == [50, 100, 150, 200]
-    assert all(set(m) == {"step", "loss"} for _, m in reports)
+    assert all(set(m) == {"step", "loss", "data"} for _, m in reports)
+    # 64 training images, no held-out bits, batch 64: one epoch a step, from memory
+    assert reports[-1][1]["data"] == {
+        "train": {"input": "memory", "epoch": 199, "offset": 64, "epochs": 200, "rows": 12800,
+                  "rows_read": 64},
+    }  # fmt: skip
     assert reports[-1][1]["loss"] < reports[0][1]["loss"] * 0.5
 
 
@@ -135,16 +140,10 @@ def test_classifier_loss_with_mixup_is_reproducible_from_generator(
 
 
 def test_classifier_batch_composition():
-    gen = torch.Generator().manual_seed(0)
-    idx = classifier_batch(n_train=10, n_fit=100, size=40, train_fraction=0.25, gen=gen)
-    assert idx.shape == (40,)
-    assert bool((idx[:10] < 10).all())
-    assert bool(((idx[10:] >= 10) & (idx[10:] < 100)).all())
-    uniform = classifier_batch(10, 100, 500, 0.0, gen)
-    assert int(uniform.min()) >= 0 and int(uniform.max()) < 100
-    assert int((uniform < 10).sum()) < 150  # about a tenth, not a quarter
-    only_train = classifier_batch(10, 10, 20, 0.5, gen)
-    assert int(only_train.max()) < 10
+    assert mix_sizes(40, 0.25, 10, 90) == (10, 30)
+    assert mix_sizes(500, 0.0, 10, 90) == (50, 450)  # by the splits' counts: a tenth
+    assert mix_sizes(20, 0.5, 10, 0) == (20, 0)  # no held-out bits
+    assert mix_sizes(8, 0.01, 10, 90) == (1, 7)  # at least one training row
 
 
 def test_lr_at_warmup():
@@ -218,7 +217,8 @@ def test_denoiser_loss_decreases(core_digits8, core_schedule, core_tiny_unet_cfg
     last = eval_loss()
     assert last < 0.7 * first
     assert [s for s, _ in reports] == [20, 40]
-    assert set(reports[0][1]) == {"step", "loss", "images_per_s"}
+    assert set(reports[0][1]) == {"step", "loss", "images_per_s", "data"}
+    assert reports[1][1]["data"]["train"]["rows"] == 40 * 32
     assert reports[1][1]["loss"] < reports[0][1]["loss"]
     assert reports[0][1]["images_per_s"] > 0
     assert opt.param_groups[0]["lr"] == cfg.lr  # warm-up finished

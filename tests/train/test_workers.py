@@ -38,6 +38,14 @@ def test_two_worker_classifier_overfits_training_bits(ray_local, digits_store):
     # t_max=100 concentrates training on small t: the 32 training bits must be fit there
     assert metrics["train_accuracy_by_t"]["0-100"] >= 0.9
     assert 0.0 <= metrics["holdout_accuracy"] <= 1.0 and metrics["lipschitz_proxy"] > 0
+    # 32 training images and ~100 held-out bit images are small: each rank cached its share
+    # (equal shares from Ray's split) and both ranks ran every step
+    run_dir = Path(digits_store.join("checkpoints", "rt2-classifier"))
+    state = json.loads(max(run_dir.glob("checkpoint_*/state.json")).read_text())
+    assert [r["step"] for r in state["data"]] == [150, 150]
+    for rank in state["data"]:
+        assert rank["train"]["input"] == rank["bits"]["input"] == "cache"
+        assert rank["train"]["rows_read"] == 16 and rank["train"]["rows"] == 150 * 16
     clf = load_classifier(out["uri"], (1, 16, 16))
     train_set = read_image_shards(digits_store, "data/digits/train")
     with torch.no_grad():
@@ -139,20 +147,51 @@ def test_training_refuses_a_model_shape_that_is_not_the_data(digits_store):
     assert not digits_store.exists("models", "wide")
 
 
-def test_split_holdout_by_sorted_key_across_ranks():
-    from pipeline.train.workers import split_holdout
+# ---------------------------------------------------------------------------- streamed input
+def test_ranks_with_unequal_streamed_shards_run_the_same_steps(ray_local, digits_store):
+    """The loops are step-driven on exact per-worker batches: ranks whose shards differ in size (here
+    9 and 14 of the training images, streamed every epoch: cache_max_bytes=0) run the same steps over
+    different numbers of epochs; DDP would hang otherwise. Each rank's consumption is in the report."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
-    keys = [f"h{i:03d}" for i in (5, 1, 4, 0, 3, 2, 6)]  # read order is not key order
-    x = torch.tensor([float(k[1:]) for k in keys]).reshape(-1, 1, 1, 1)
-    parts = [split_holdout(x, keys, 4, rank, 2) for rank in (0, 1)]
-    (bits0, k0), never0 = parts[0]
-    (bits1, k1), never1 = parts[1]
-    assert k0 == ["h000", "h002"] and k1 == ["h001", "h003"]  # the 4 smallest keys, dealt out
-    assert bits0.flatten().tolist() == [0.0, 2.0] and bits1.flatten().tolist() == [1.0, 3.0]
-    assert never0[1] == never1[1] == ["h004", "h005", "h006"]  # every rank sees all never-seen
-    assert never0[0].flatten().tolist() == [4.0, 5.0, 6.0]
-    # at most all but one image is trained on, so the calibration set is never empty
-    (_, k_all), (_, k_left) = split_holdout(x, keys, 100, 0, 1)
-    assert len(k_all) == 6 and k_left == ["h006"]
-    (x_none, k_none), (_, k_rest) = split_holdout(x, keys, 0, 0, 1)
-    assert x_none.shape == (0, 1, 1, 1) and k_none == [] and len(k_rest) == 7
+    from pipeline.core.config import DenoiserTrainConfig, UNetConfig, to_dict
+    from pipeline.train.ingest import training_dataset
+    from pipeline.train.workers import denoiser_worker
+
+    class UnequalShards(ray.train.DataConfig):
+        """Rank r reads the first sizes[r] rows of each dataset (no split: unequal shards)."""
+
+        def __init__(self, sizes: list[int]):
+            super().__init__()
+            self.sizes = sizes
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            return [
+                {name: ds.limit(self.sizes[r]).iterator() for name, ds in datasets.items()}
+                for r in range(world_size)
+            ]
+
+    unet = UNetConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=8)
+    cfg = DenoiserTrainConfig(
+        steps=4, batch_size=8, checkpoint_every=2, num_workers=2, warmup_steps=0,
+        cache_max_bytes=0, shuffle_buffer=4,
+    )  # fmt: skip
+    trainer = TorchTrainer(
+        denoiser_worker,
+        train_loop_config={"unet": to_dict(unet), "train": to_dict(cfg), "threads": 1},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(
+            name="unequal", storage_path=digits_store.join("checkpoints")
+        ),
+        datasets={"train": training_dataset(digits_store, "data/digits/train")},
+        dataset_config=UnequalShards([9, 14]),
+    )
+    data = trainer.fit().metrics["data"]
+    assert [d["step"] for d in data] == [4, 4]
+    train = [d["train"] for d in data]
+    assert [t["input"] for t in train] == ["stream", "stream"]
+    assert [t["rows"] for t in train] == [16, 16]  # 4 steps of 4 rows on each rank
+    # 16 rows: a pass over 9 rows and 7 of the next; a pass over 14 and 2 of the next
+    assert [(t["epoch"], t["offset"], t["epochs"]) for t in train] == [(1, 7, 2), (1, 2, 2)]
+    assert [t["rows_read"] for t in train] == [18, 28]  # read from the stream, pass by pass

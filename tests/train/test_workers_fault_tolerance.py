@@ -110,6 +110,11 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, digits_store):
     # the final checkpoint loads, and so does the exported model
     tensors, state, _ = read_checkpoint(_checkpoints(run_dir)[-1])
     assert state["step"] == steps and state["resumed_from"] == [resumed]
+    # the restarted workers continued the data order at the recorded epoch and position: 24 steps of
+    # 8 rows over each rank's 16 cached rows end at the end of epoch 11, as without the kill
+    data = [d["train"] for d in state["data"]]
+    assert [(d["input"], d["epoch"], d["offset"]) for d in data] == [("cache", 11, 16)] * 2
+    assert [d["rows"] for d in data] == [(steps - resumed) * 8] * 2  # rows since the restart
     assert {"model", "ema"} <= set(tensors)
     assert run_cfg["train"]["num_workers"] == 2 and out["metrics"]["loss"] > 0
     # Ray Train keeps num_to_keep=2 checkpoints under the store's checkpoints/

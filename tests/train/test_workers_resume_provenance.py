@@ -97,10 +97,17 @@ def test_denoiser_resumes_only_from_the_same_config_and_data(ray_local, tmp_path
 
 def test_classifier_refuses_another_label_seed_and_runs_without_a_record(ray_local, tmp_path):
     store = _store(tmp_path)
+    # cache_max_bytes=0: the training and held-out bit images stream through the loop every epoch
     train = ClassifierTrainConfig(
-        steps=4, batch_size=16, holdout_images=8, t_max=100, checkpoint_every=4, warmup_steps=0
-    )
+        steps=4, batch_size=8, holdout_images=30, t_max=100, checkpoint_every=4, warmup_steps=0,
+        cache_max_bytes=0,
+    )  # fmt: skip
     train_classifier(store, "c", "digits", TINY_ARCH, train)
+    (data,) = _last_state(store, "c-classifier")["data"]  # one rank
+    assert data["step"] == 4
+    assert data["train"]["input"] == data["bits"]["input"] == "stream"
+    assert data["train"]["rows"] == data["bits"]["rows"] == 4 * 4  # train_fraction 0.5 of 8
+    assert data["train"]["rows_read"] == 32  # half an epoch of one pass over the 32 images
     inputs = read_provenance(store.join("models", "c", "classifier"))["provenance"]
     assert set(inputs) == {"config", "data", "denoiser"} and inputs["denoiser"] is None
     # the random bits are the run's identity: a new label seed is a new classifier

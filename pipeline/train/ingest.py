@@ -1,0 +1,380 @@
+"""Streaming training input: WebDataset shards -> decoded uint8 rows (Ray Data) -> exact batches.
+
+Driver side (Ray): :func:`training_dataset` reads a split's checked shards with
+``ray.data.read_webdataset`` (the file order shuffled anew for each execution, that is each epoch)
+and decodes the PNGs to ``uint8 (H, W, C)`` arrays in ``map_batches`` tasks, never in the training
+loop. :func:`holdout_datasets` adds the classifier's held-out roles (:func:`pipeline.core.labels.
+is_trained_holdout`, a keyed hash of the key: no global sort or count).
+
+Worker side (Ray-free, so the loops stay unit-testable): a *row source* yields one epoch of a
+worker's rows at a time, in an order seeded by ``(seed, epoch, rank)``, without replacement:
+
+* :class:`MemoryRows` (``input: "cache"``/``"memory"``): rows held in memory (a shard read once when
+  its decoded size is at most ``cache_max_bytes``, or tensors), a seeded permutation per epoch;
+* :class:`StreamRows` (``input: "stream"``): each epoch is a fresh pass over the Ray Data shard
+  through a bounded seeded shuffle buffer (``shuffle_buffer`` rows; Ray's own
+  ``local_shuffle_buffer_size`` is not used: it emits short batches mid-stream, and DDP ranks that run
+  different step counts hang).
+
+:class:`EpochBatches` re-batches consecutive epochs of a source into batches of exactly the
+per-worker size, so the step-driven loops run the same number of steps on every rank whatever its
+shard size, and records the position (epoch, rows consumed in it) that a resume skips to.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.imageset import DataError
+
+CHUNK = 256  # rows per Ray Data batch that a worker pulls from its shard
+Rows = dict[str, Any]  # column -> array (numpy or torch), all with the same number of rows
+
+
+# ------------------------------------------------------------------------------- driver side (Ray)
+def shard_paths(store, folder: str) -> tuple[list[str], dict[str, Any] | None, str]:
+    """(the shard paths under ``folder``, the dataset's manifest or None, the split name).
+
+    With a manifest beside ``folder`` (``data/<dataset>/<split>``) the shards are checked before this
+    returns, so before any training step or checkpoint: the names must be the manifest's and every
+    object's sha256, streamed in 1 MiB chunks, must match it, in parallel Ray tasks (about four per
+    cluster CPU, each hashing a group of shards of equal total size). The first mismatch cancels the
+    rest and raises :class:`DataError` naming the shard's URI. Cost: one extra read of the split, no
+    decoding. Without a manifest the shards are read unchecked, with a warning."""
+    import ray
+
+    from pipeline.data.shards import check_shards, dataset_manifest, shard_groups, verify_shards
+    from pipeline.data.storage import StorageError
+
+    names = [n for n in store.listdir(folder) if n.endswith(".tar")]
+    if not names:
+        raise DataError(f"no shards under {store.uri_of(folder)}")
+    manifest, split = dataset_manifest(store, folder)
+    if manifest is not None:
+        entries = check_shards(store, folder, manifest, split, None)
+        groups = shard_groups(entries, 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+        verify = ray.remote(num_cpus=1, max_retries=1)(verify_shards)
+        pending = [verify.remote(store, folder, group) for group in groups]
+        try:
+            while pending:
+                done, pending = ray.wait(pending)
+                ray.get(done)
+        except ray.exceptions.RayTaskError as exc:
+            for ref in pending:
+                ray.cancel(ref)
+            raise exc.cause if isinstance(exc.cause, DataError | StorageError) else exc from None
+    return [store.join(folder, n) for n in names], manifest, split
+
+
+def split_info(manifest: dict[str, Any] | None, split: str) -> dict[str, int] | None:
+    """``{"rows", "row_bytes"}`` of a split from its manifest (decoded uint8 bytes per image); None
+    without a manifest."""
+    if manifest is None or split not in manifest.get("splits", {}):
+        return None
+    h, w = manifest.get("image_size", (0, 0))
+    return {
+        "rows": int(manifest["splits"][split]["count"]),
+        "row_bytes": int(h) * int(w) * int(manifest.get("channels", 1)),
+    }
+
+
+def decode_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch of raw WebDataset rows -> ``{"key": str (N,), "image": uint8 (N, H, W, C)}``."""
+    from PIL import Image
+
+    images = []
+    for data in batch["png"]:
+        a = np.asarray(Image.open(io.BytesIO(bytes(data))))
+        images.append(a[..., None] if a.ndim == 2 else a)
+    keys = np.asarray([str(k) for k in batch["__key__"]], dtype=object)
+    if not images:
+        return {"key": keys, "image": np.zeros((0, 1, 1, 1), np.uint8)}
+    return {"key": keys, "image": np.stack(images).astype(np.uint8, copy=False)}
+
+
+def _read(store, paths: list[str], seed: int):
+    import ray
+    from ray.data import FileShuffleConfig
+
+    # the file order is shuffled anew for each execution of the dataset (each epoch): Ray seeds it
+    # with (seed, execution index)
+    ds = ray.data.read_webdataset(
+        paths, filesystem=store.fs, override_num_blocks=len(paths), decoder=None,
+        fileselect=["*.png"], shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
+    )  # fmt: skip
+    return ds.map_batches(decode_rows, batch_format="numpy", batch_size=CHUNK)
+
+
+def training_dataset(store, folder: str, seed: int = 0):
+    """The shards under ``folder`` (checked against the manifest, see :func:`shard_paths`) as a
+    ``ray.data.Dataset`` of rows ``{"key": str, "image": uint8 (H, W, C)}``, decoded in Ray Data
+    ``map_batches`` tasks. Each execution (epoch) reads the files in another order seeded by
+    ``seed``. A stable entry point: the input benchmark iterates its ``iter_batches``."""
+    paths, _, _ = shard_paths(store, folder)
+    return _read(store, paths, seed)
+
+
+class _RoleFilter:
+    """``map_batches`` function keeping the held-out rows of one role (trained on with their bits, or
+    never seen), by :func:`pipeline.core.labels.is_trained_holdout`."""
+
+    def __init__(self, label_seed: int, fraction: float, trained: bool):
+        self.label_seed, self.fraction, self.trained = label_seed, fraction, trained
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipeline.core.labels import is_trained_holdout
+
+        keep = np.asarray(
+            [
+                is_trained_holdout(str(k), self.label_seed, self.fraction) == self.trained
+                for k in batch["key"]
+            ],
+            dtype=bool,
+        )
+        return {name: col[keep] for name, col in batch.items()}
+
+
+def holdout_datasets(
+    store, folder: str, label_seed: int, holdout_images: int, never_limit: int, seed: int = 0
+):
+    """(bits, never, info) for the classifier's held-out split under ``folder`` (checked as in
+    :func:`training_dataset`): ``bits`` the rows it trains on with their own random bits, ``never``
+    at most ``never_limit`` never-seen rows (for fit metrics only), ``info`` ``{"rows", "row_bytes",
+    "fraction", "bits"}``: the split's count from the manifest, the role fraction
+    ``holdout_fraction(holdout_images, rows)`` and the expected number of bit rows. Shards without a
+    manifest are counted in one extra pass (the fraction needs the count)."""
+    from pipeline.core.labels import holdout_fraction
+
+    paths, manifest, split = shard_paths(store, folder)
+    info = split_info(manifest, split)
+    if info is None:  # hand-made shards: one counting pass (no decoding)
+        import ray
+
+        count = ray.data.read_webdataset(paths, filesystem=store.fs, decoder=None).count()
+        info = {"rows": int(count), "row_bytes": None}
+    fraction = holdout_fraction(holdout_images, info["rows"])
+    info = {**info, "fraction": fraction, "bits": round(info["rows"] * fraction)}
+    bits = _read(store, paths, seed).map_batches(
+        _RoleFilter(label_seed, fraction, True), batch_format="numpy"
+    )
+    never = _read(store, paths, seed).map_batches(
+        _RoleFilter(label_seed, fraction, False), batch_format="numpy"
+    )
+    return bits, never.limit(max(1, never_limit)), info
+
+
+# ------------------------------------------------------------------------ worker side (Ray-free)
+def num_rows(rows: Rows) -> int:
+    return len(next(iter(rows.values())))
+
+
+def take(rows: Rows, idx) -> Rows:
+    """Rows at ``idx`` (an index array or a slice)."""
+    return {k: v[idx] for k, v in rows.items()}
+
+
+def concat(parts: list[Rows]) -> Rows:
+    """Rows of several parts, in order (numpy or torch columns)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for k in parts[0]:
+        cols = [p[k] for p in parts]
+        if isinstance(cols[0], np.ndarray):
+            out[k] = np.concatenate(cols)
+        else:
+            import torch
+
+            out[k] = torch.cat(cols)
+    return out
+
+
+def epoch_rng(seed: int, epoch: int, rank: int, stream: int = 0) -> np.random.Generator:
+    """The generator of one epoch's order of one worker's rows of one source."""
+    return np.random.default_rng([int(seed), int(epoch), int(rank), int(stream)])
+
+
+class MemoryRows:
+    """Rows held in memory; epoch ``e`` is the permutation ``epoch_rng(seed, e, rank, stream)``."""
+
+    def __init__(
+        self, rows: Rows, seed: int = 0, rank: int = 0, stream: int = 0, input: str = "memory"
+    ):
+        self.rows, self.seed, self.rank, self.stream, self.input = rows, seed, rank, stream, input
+        self.size = num_rows(rows)
+        self.rows_read = self.size  # read once
+
+    def epoch(self, epoch: int) -> Iterator[Rows]:
+        order = epoch_rng(self.seed, epoch, self.rank, self.stream).permutation(self.size)
+        for s in range(0, self.size, CHUNK):
+            yield take(self.rows, order[s : s + CHUNK])
+
+    def sample(self, n: int) -> Rows:
+        """The first ``n`` rows (by key when the rows were cached from a shard)."""
+        return take(self.rows, slice(0, n))
+
+
+def cache_rows(
+    batches: Iterable[Rows], seed: int = 0, rank: int = 0, stream: int = 0
+) -> MemoryRows:
+    """A shard read once (``batches``: one pass), sorted by key so that the epochs' permutations do not
+    depend on the order Ray Data delivered the rows in."""
+    parts = [b for b in batches if num_rows(b)]
+    if not parts:
+        raise DataError("this worker's shard of the dataset is empty")
+    rows = concat(parts)
+    order = np.argsort(np.asarray(rows["key"], dtype=str), kind="stable")
+    return MemoryRows(take(rows, order), seed, rank, stream, input="cache")
+
+
+class StreamRows:
+    """Each epoch a fresh pass ``open_epoch()`` over a shard (Ray Data batches of rows), through a
+    bounded shuffle buffer seeded by ``(seed, epoch, rank, stream)``: when it holds more than
+    ``buffer`` rows it is permuted and all but ``buffer`` rows are emitted; at the end of the pass the
+    rest. Memory: at most ``buffer + CHUNK`` rows. ``keep``: the first ``keep`` distinct rows emitted
+    are kept for :meth:`sample` (rank 0's fit metrics)."""
+
+    input = "stream"
+
+    def __init__(
+        self,
+        open_epoch: Callable[[], Iterable[Rows]],
+        buffer: int = 1024,
+        seed: int = 0,
+        rank: int = 0,
+        stream: int = 0,
+        size: int | None = None,
+        keep: int = 0,
+    ):
+        self.open_epoch, self.buffer = open_epoch, buffer
+        self.seed, self.rank, self.stream, self.size = seed, rank, stream, size
+        self.rows_read, self.keep = 0, keep
+        self._kept: list[Rows] = []
+        self._kept_keys: set[str] = set()
+
+    def epoch(self, epoch: int) -> Iterator[Rows]:
+        rng = epoch_rng(self.seed, epoch, self.rank, self.stream)
+        pool: list[Rows] = []
+        held = 0
+        for batch in self.open_epoch():
+            n = num_rows(batch)
+            if not n:
+                continue
+            self.rows_read += n
+            pool.append(batch)
+            held += n
+            if held > self.buffer:
+                rows = take(concat(pool), rng.permutation(held))
+                out, rest = (
+                    take(rows, slice(0, held - self.buffer)),
+                    take(rows, slice(held - self.buffer, None)),
+                )
+                pool, held = [rest], self.buffer
+                yield self._note(out)
+        if held:
+            yield self._note(take(concat(pool), rng.permutation(held)))
+
+    def _note(self, rows: Rows) -> Rows:
+        if self.keep and len(self._kept_keys) < self.keep and "key" in rows:
+            fresh = [i for i, k in enumerate(rows["key"]) if k not in self._kept_keys][
+                : self.keep - len(self._kept_keys)
+            ]
+            if fresh:
+                self._kept.append(take(rows, np.asarray(fresh)))
+                self._kept_keys.update(str(rows["key"][i]) for i in fresh)
+        return rows
+
+    def sample(self, n: int) -> Rows | None:
+        """Up to ``n`` of the first distinct rows this source emitted (None before any)."""
+        if not self._kept:
+            return None
+        rows = concat(self._kept)
+        return take(rows, slice(0, n))
+
+
+class EpochBatches:
+    """Batches of exactly ``size`` rows from consecutive epochs of ``source`` (a batch may span two
+    epochs), starting at row ``offset`` of epoch ``epoch`` (a resume skips the rows consumed before).
+
+    :meth:`state` is the position to resume from plus how the input was consumed: ``input``
+    ("stream", "cache" or "memory"), ``epoch`` and ``offset`` (rows of it consumed), ``epochs``
+    (epochs started by this process), ``rows`` (rows put into batches) and ``rows_read`` (rows the
+    source read, skipped ones included)."""
+
+    def __init__(self, source, size: int, epoch: int = 0, offset: int = 0):
+        if size < 1:
+            raise ValueError(f"batch size must be >= 1, got {size}")
+        self.source, self.size = source, size
+        self.epoch, self.offset = int(epoch), int(offset)
+        self.epochs = self.rows = 0
+        self._it: Iterator[Rows] | None = None
+        self._pending: list[Rows] = []
+
+    def _start(self) -> None:
+        self._it, self._pending, self._seen = iter(self.source.epoch(self.epoch)), [], 0
+        self.epochs += 1
+        skip = self.offset
+        while skip > 0:
+            chunk = next(self._it, None)
+            if chunk is None:
+                break
+            n = num_rows(chunk)
+            self._seen += n
+            if n > skip:
+                self._pending = [take(chunk, slice(skip, None))]
+            skip -= n
+
+    def next(self) -> Rows:
+        """The next batch of exactly ``size`` rows."""
+        if self._it is None:
+            self._start()
+        parts, need = [], self.size
+        while need:
+            if not self._pending:
+                chunk = next(self._it, None)
+                if chunk is None:
+                    if not self._seen:
+                        raise DataError("this worker's shard of the dataset has no rows")
+                    self.epoch, self.offset = self.epoch + 1, 0
+                    self._start()
+                    continue
+                self._seen += num_rows(chunk)
+                self._pending = [chunk]
+            chunk = self._pending.pop()
+            n = num_rows(chunk)
+            if n > need:
+                self._pending = [take(chunk, slice(need, None))]
+                chunk = take(chunk, slice(0, need))
+                n = need
+            parts.append(chunk)
+            need -= n
+            self.offset += n
+        self.rows += self.size
+        return concat(parts)
+
+    def __iter__(self) -> Iterator[Rows]:
+        while True:
+            yield self.next()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "input": self.source.input,
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "epochs": self.epochs,
+            "rows": self.rows,
+            "rows_read": int(self.source.rows_read),
+        }
+
+
+def expected_bytes(info: dict[str, Any] | None, world: int, rows: int | None = None) -> float:
+    """Decoded uint8 bytes of one worker's share of a split (inf when unknown)."""
+    if info is None or not info.get("row_bytes"):
+        return math.inf
+    n = info["rows"] if rows is None else rows
+    return math.ceil(n / max(1, world)) * info["row_bytes"]

@@ -97,7 +97,9 @@ def decode_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"key": keys, "image": np.stack(images).astype(np.uint8, copy=False)}
 
 
-def _read(store, paths: list[str], seed: int):
+def _read(store, paths: list[str], seed: int, keep=None):
+    """The shards as decoded rows; ``keep`` (a ``map_batches`` function on raw rows, by
+    ``__key__``) drops rows before they are decoded, so a role filter decodes only what it keeps."""
     import ray
     from ray.data import FileShuffleConfig
 
@@ -107,6 +109,8 @@ def _read(store, paths: list[str], seed: int):
         paths, filesystem=store.fs, override_num_blocks=len(paths), decoder=None,
         fileselect=["*.png"], shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
     )  # fmt: skip
+    if keep is not None:
+        ds = ds.map_batches(keep, batch_format="numpy", batch_size=CHUNK)
     return ds.map_batches(decode_rows, batch_format="numpy", batch_size=CHUNK)
 
 
@@ -129,10 +133,11 @@ class _RoleFilter:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipeline.core.labels import is_trained_holdout
 
+        keys = batch["__key__"] if "__key__" in batch else batch["key"]  # raw or decoded rows
         keep = np.asarray(
             [
                 is_trained_holdout(str(k), self.label_seed, self.fraction) == self.trained
-                for k in batch["key"]
+                for k in keys
             ],
             dtype=bool,
         )
@@ -159,12 +164,9 @@ def holdout_datasets(
         info = {"rows": int(count), "row_bytes": None}
     fraction = holdout_fraction(holdout_images, info["rows"])
     info = {**info, "fraction": fraction, "bits": round(info["rows"] * fraction)}
-    bits = _read(store, paths, seed).map_batches(
-        _RoleFilter(label_seed, fraction, True), batch_format="numpy"
-    )
-    never = _read(store, paths, seed).map_batches(
-        _RoleFilter(label_seed, fraction, False), batch_format="numpy"
-    )
+    # the role filter runs on the raw rows: only the kept images are decoded
+    bits = _read(store, paths, seed, _RoleFilter(label_seed, fraction, True))
+    never = _read(store, paths, seed, _RoleFilter(label_seed, fraction, False))
     return bits, never.limit(max(1, never_limit)), info
 
 

@@ -258,7 +258,7 @@ def run_sweep(
 
     from pipeline.data.checkpoints import preflight_models
     from pipeline.data.layout import data_folder
-    from pipeline.data.shards import read_image_shards
+    from pipeline.data.subsets import pick_images
     from pipeline.evaluation.report import pareto_figure
     from pipeline.fanout.ray_init import init_ray
     from pipeline.fanout.replica_index import LazyReplicaIndex, ensure_replica_index
@@ -279,7 +279,8 @@ def run_sweep(
     train_index = LazyReplicaIndex(store, ensure_replica_index(store, dataset, replicas), replicas)
     reference = None
     if evaluator is None:
-        reference = read_image_shards(store, data_folder(dataset, "holdout")).to_tensor()
+        # a seeded subset of the held-out images (all of them up to 10,000), read shard by shard
+        reference = pick_images(store, data_folder(dataset, "holdout"), 10_000, seed)[0].to_tensor()
     context = {
         "store_uri": store.uri, "denoiser": denoiser, "classifier": classifier, "sampler": sampler,
         "num_samples": num_samples, "seed": seed, "train_embeddings": train_index,

@@ -6,85 +6,18 @@ allowed range, round-trips through plain dicts (YAML/JSON), and is saved inside 
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
 
-import yaml
+from pipeline.core.config_base import (
+    ConfigError,
+    _check,
+    _positive,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
 
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or out of range."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _positive(name: str, value: float) -> None:
-    _check(value > 0, f"{name} must be > 0, got {value!r}")
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    """Convert a plain value (from YAML/JSON/CLI) to the annotated field type."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        _check(
-            isinstance(value, dict),
-            f"{where} must be a mapping of {tp.__name__} fields, got {value!r}",
-        )
-        return from_dict(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(args[0], value, where)
-    if origin is tuple:
-        (inner, *_) = typing.get_args(tp)
-        _check(isinstance(value, (list, tuple)), f"{where} must be a list, got {value!r}")
-        return tuple(_coerce(inner, v, where) for v in value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        _check(
-            isinstance(value, tp) and not (tp is int and isinstance(value, bool)),
-            f"{where} must be of type {tp.__name__}, got {value!r}",
-        )
-    return value
-
-
-def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
-    """Build a config dataclass from a dict, rejecting unknown keys (with the allowed ones)."""
-    data = dict(data or {})
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    prefix = f"{where}." if where else ""
-    _check(not unknown, f"unknown config key(s) {[prefix + u for u in unknown]}; allowed: {names}")
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of a config (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Load a config from a YAML file."""
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
-    _check(
-        isinstance(data, dict), f"{path}: top level must be a mapping, got {type(data).__name__}"
-    )
-    return from_dict(cls, data)
+__all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict"]
 
 
 @dataclass
@@ -231,11 +164,25 @@ class ClassifierTrainConfig:
     # in forward passes of at most metrics_batch images
     metrics_samples: int = 2048
     metrics_batch: int = 256
+    # the random bits' source: "key" (the paper: a bit per training key), "cluster" (a bit per
+    # near-duplicate cluster of clusters/<dataset>/<clusters_embedding>, made by
+    # jobs/cluster_duplicates.py: every copy of a picture carries the same bit) or "auto" (cluster
+    # bits wherever those clusters exist, else key bits); the choice is recorded in the model
+    labels: str = "auto"
+    clusters_embedding: str = "centred"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "lr", "num_workers", "checkpoint_every", "num_to_keep"):
             _positive(name, getattr(self, name))
         _check_input(self)
+        _check(
+            self.labels in ("auto", "key", "cluster"),
+            f"labels must be 'auto', 'key' or 'cluster', got {self.labels!r}",
+        )
+        _check(
+            self.clusters_embedding in ("centred", "raw"),
+            f"clusters_embedding must be 'centred' or 'raw', got {self.clusters_embedding!r}",
+        )
         _positive("metrics_samples", self.metrics_samples)
         _positive("metrics_batch", self.metrics_batch)
         _check(self.max_failures >= -1, f"max_failures must be >= -1, got {self.max_failures}")
@@ -349,6 +296,34 @@ class ReplicaConfig:
 
 
 @dataclass
+class DuplicatesConfig:
+    """The duplicated-data scenario (``jobs/demo.py --scenario duplicates``): ``k`` training images
+    each get ``m`` near-duplicate copies under new keys (:mod:`pipeline.data.duplicates`), and the
+    near-duplicate clusters (:mod:`pipeline.fanout.clusters`) are found at ``cluster_threshold``."""
+
+    k: int = 16
+    m: int = 100
+    shift: int = 0  # pixels; 1 px on the 16x16 digits already drops the copies' similarity to ~0.72
+    brightness: float = 0.06
+    contrast: float = 0.1
+    noise: float = 0.02
+    cluster_threshold: float = 0.97
+    cluster_k: int = 32  # neighbours per image searched when the index is IVF
+
+    def __post_init__(self) -> None:
+        _positive("k", self.k)
+        _positive("m", self.m)
+        _positive("cluster_k", self.cluster_k)
+        _check(self.shift >= 0, f"shift must be >= 0, got {self.shift}")
+        for name in ("brightness", "contrast", "noise"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(
+            0.0 < self.cluster_threshold <= 1.0,
+            f"cluster_threshold must be in (0, 1], got {self.cluster_threshold}",
+        )
+
+
+@dataclass
 class DemoConfig:
     """Every stage of the demo; defaults are the documented, calibrated ones (see README)."""
 
@@ -373,6 +348,8 @@ class DemoConfig:
     )
     mia_members: int = 64
     mia_nonmembers: int = 256
+    # the duplicated-data scenario (None: the plain demo); see DuplicatesConfig
+    duplicates: DuplicatesConfig | None = None
 
     def __post_init__(self) -> None:
         _check(self.num_train >= 2, f"num_train must be >= 2, got {self.num_train}")
@@ -432,6 +409,10 @@ class SweepConfig:
     include_ddim: bool = True
     cpus_per_trial: float = 1.0
     quality_epochs: int = 30
+    # the choice also needs share of samples above the held-out p99 NN similarity <= this (where
+    # measured; held-out real images: 1% by construction)
+    target_above_p99: float = 0.05
+    max_holdout: int = 2000  # held-out images whose NN similarities set the p95 / p99 reference
 
     def __post_init__(self) -> None:
         _check(
@@ -444,5 +425,9 @@ class SweepConfig:
         _check(
             0.0 <= self.target_rate <= 1.0, f"target_rate must be in [0, 1], got {self.target_rate}"
         )
-        for name in ("num_samples", "cpus_per_trial", "quality_epochs"):
+        _check(
+            0.0 <= self.target_above_p99 <= 1.0,
+            f"target_above_p99 must be in [0, 1], got {self.target_above_p99}",
+        )
+        for name in ("num_samples", "cpus_per_trial", "quality_epochs", "max_holdout"):
             _positive(name, getattr(self, name))

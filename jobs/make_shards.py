@@ -6,6 +6,7 @@ python jobs/make_shards.py --store s3://bucket/prefix --source folder --path s3:
 python jobs/make_shards.py --store out --source webdataset --path 'in/shard-{000000..000009}.tar'
 python jobs/make_shards.py --store out --source synthetic --num-images 1000000 --image-size 32
 python jobs/make_shards.py --store s3://bucket/prefix --dataset digits --verify
+python jobs/make_shards.py --store out --source digits --num-train 1438 --duplicates 32:25
 
 Shards go to data/<dataset>/{train,holdout}/shard-NNNNNN.tar, then data/<dataset>/manifest.json.
 A rerun skips shards that are already complete (same sha256) and gives the same objects.
@@ -18,6 +19,11 @@ the split is a keyed hash of each key (--train-fraction, default 0.9; see
 pipeline.data.sources.is_train_key). --num-train N there means a fraction N / (number of images)
 (folder, synthetic), so about N training images; a WebDataset input refuses it. Ray: a private
 local instance with --ray-cpus CPUs, or the cluster of $RAY_ADDRESS.
+
+--duplicates K:M (digits, cifar10) adds M jittered near-duplicate copies of K training images to the
+train split, after the split (held-out images are untouched), under new keys <key>-dupNNN: the
+duplicated-data scenario of pipeline.data.duplicates. The manifest's source record keeps the truth
+(copy key -> source key) under "duplicates". jobs/cluster_duplicates.py finds them again.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from _common import add_s3_endpoint_arg, run_main
 
 from pipeline.core.config import ConfigError
 from pipeline.data.datasets import cifar10_source, digits_source, split
+from pipeline.data.duplicates import DuplicateSpec, add_near_duplicates
 from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
 from pipeline.data.shards import verify_dataset, write_dataset
@@ -87,6 +94,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=0, help="seed of the train/holdout split (and synthetic images)"
     )
     p.add_argument(
+        "--duplicates",
+        metavar="K:M",
+        help="digits, cifar10: add M near-duplicate copies of each of K training images to the train "
+        "split (the truth goes into the manifest)",
+    )
+    p.add_argument(
+        "--duplicates-seed",
+        type=int,
+        help="seed of the duplicated images' pick and jitter (default: --seed)",
+    )
+    p.add_argument(
         "--ray-cpus",
         type=int,
         help="CPUs of the local Ray (default: all; ignored under RAY_ADDRESS)",
@@ -106,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.source in ("folder", "cifar10", "webdataset") and not args.path and not args.verify:
         raise ConfigError(f"--source {args.source} needs --path")
     if args.verify:
+        if args.duplicates is not None:
+            raise ConfigError("--duplicates writes a dataset: leave it out with --verify")
         return args
     if args.source == "synthetic":
         if args.num_images is None or args.num_images <= 0:
@@ -124,7 +144,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.ray_cpus is not None and args.ray_cpus <= 0:
         raise ConfigError(f"--ray-cpus must be > 0, got {args.ray_cpus}")
+    check_duplicates(args)
     return args
+
+
+def check_duplicates(args: argparse.Namespace) -> None:
+    """``args.duplicates`` parsed into a :class:`DuplicateSpec` (None without --duplicates)."""
+    if args.duplicates is None:
+        if args.duplicates_seed is not None:
+            raise ConfigError("--duplicates-seed needs --duplicates K:M")
+        return
+    if args.source in STREAMED:
+        raise ConfigError(
+            f"--duplicates needs an in-memory source (digits, cifar10): --source {args.source} is "
+            "streamed chunk by chunk, so no step sees the whole train split to copy images from"
+        )
+    args.duplicates = DuplicateSpec.parse(args.duplicates)
 
 
 def load_source(args: argparse.Namespace) -> ImageSet:
@@ -178,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.source == "cifar10":
             source["cifar_split"] = args.cifar_split
         rule = {"rule": "permutation", "seed": args.seed, "num_train": len(train)}
+        if args.duplicates is not None:  # after the split: the held-out images stay untouched
+            seed = args.seed if args.duplicates_seed is None else args.duplicates_seed
+            train, truth = add_near_duplicates(train, args.duplicates, seed)
+            source["duplicates"] = {**args.duplicates.to_dict(), "seed": seed, "copies": truth}
         manifest = write_dataset(
             store, dataset, {"train": train, "holdout": holdout}, args.shard_size, source,
             progress=not args.no_progress, split=rule,

@@ -461,3 +461,63 @@ def test_project_shards_read_by_webdataset_and_ray_from_s3(ray_local, s3_bucket,
     assert [s["__key__"] for s in samples] == train.keys
     np.testing.assert_array_equal(np.stack([s["png"] for s in samples]), train.images[..., 0])
     assert [s["json"]["label"] for s in samples] == train.labels
+
+
+# ------------------------------------------------------------------------- --duplicates K:M
+def test_duplicates_extend_train_only_and_record_the_truth(tmp_path, capsys):
+    code, stdout, err = run_job(
+        ["--store", str(tmp_path / "d"), *DIGITS, "--duplicates", "3:4"], capsys
+    )
+    assert code == 0, err
+    assert "train: 52 images" in stdout  # 40 + 3 * 4
+    store = open_store(str(tmp_path / "d"))
+    manifest = json.loads(store.read_bytes("data/digits/manifest.json"))
+    dup = manifest["source"]["duplicates"]
+    assert {k: dup[k] for k in ("k", "m", "shift", "seed")} == {
+        "k": 3,
+        "m": 4,
+        "shift": 0,
+        "seed": 0,
+    }
+    copies = dup["copies"]
+    assert len(copies) == 12 and len(set(copies.values())) == 3
+    assert manifest["splits"]["train"]["count"] == 52
+    train = read_image_shards(store, "data/digits/train")
+    pos = {k: i for i, k in enumerate(train.keys)}
+    assert set(copies) | set(copies.values()) <= set(train.keys)
+    for copy, src in copies.items():  # jittered copies, labelled like their source
+        assert copy.startswith(f"{src}-dup") and train.labels[pos[copy]] == train.labels[pos[src]]
+        assert not np.array_equal(train.images[pos[copy]], train.images[pos[src]])
+    # the held-out split is the one without duplicates, byte for byte
+    assert run_job(["--store", str(tmp_path / "plain"), *DIGITS], capsys)[0] == 0
+    plain = json.loads((tmp_path / "plain/data/digits/manifest.json").read_text())
+    assert manifest["splits"]["holdout"] == plain["splits"]["holdout"]
+    assert "duplicates" not in plain["source"]
+    # --duplicates-seed picks other sources
+    code, _, _ = run_job(
+        ["--store", str(tmp_path / "s"), *DIGITS, "--duplicates", "3:4", "--duplicates-seed", "9"],
+        capsys,
+    )
+    other = json.loads((tmp_path / "s/data/digits/manifest.json").read_text())["source"]
+    assert (
+        code == 0 and other["duplicates"]["seed"] == 9 and other["duplicates"]["copies"] != copies
+    )
+
+
+def test_bad_duplicates_exit_2(tmp_path, capsys):
+    store = ["--store", str(tmp_path / "o")]
+    for argv, msg in [
+        ([*DIGITS, "--duplicates", "3"], "--duplicates must be K:M"),
+        ([*DIGITS, "--duplicates", "0:2"], "K >= 1 and M >= 1"),
+        ([*DIGITS, "--duplicates", "41:2"], "exceeds the 40 training images"),
+        ([*DIGITS, "--duplicates-seed", "2"], "--duplicates-seed needs --duplicates"),
+        (
+            ["--source", "synthetic", "--num-images", "20", "--duplicates", "2:2"],
+            "in-memory source",
+        ),
+        (["--source", "webdataset", "--path", "x.tar", "--duplicates", "2:2"], "is streamed"),
+        (["--verify", "--duplicates", "2:2"], "leave it out with --verify"),
+    ]:
+        code, _, err = run_job([*store, *argv], capsys)
+        assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "o" / "data").exists()  # nothing written

@@ -12,7 +12,9 @@ Checkpoints go to <store>/checkpoints/<run>-classifier (rerunning the same comma
 latest one; with another config, data or denoiser it exits 2 naming what changed, or --overwrite starts
 afresh); the final model to <store>/models/<run>/classifier (model.safetensors with the architecture
 in its metadata, plus config.json with the fit metrics: accuracy by t-range, held-out-bit accuracy,
-Lipschitz proxy). Scale to large N with --steps, the width (arch.base_channels, arch.channel_mults) and
+Lipschitz proxy, and which bits it trained on). With near-duplicate clusters in the store
+(jobs/cluster_duplicates.py), every copy of a picture gets its cluster's bit (--labels cluster, the
+default wherever clusters exist); --labels key keeps the paper's bit per key. Scale to large N with --steps, the width (arch.base_channels, arch.channel_mults) and
 --lr-schedule/--warmup-steps.
 """
 
@@ -44,10 +46,21 @@ def main() -> None:
     p.add_argument("--config", help="YAML with 'arch' and 'train' sections")
     p.add_argument("--holdout-images", type=int, help="held-out images given their own random bits")
     p.add_argument("--base-channels", type=int, help="classifier width (arch.base_channels)")
+    p.add_argument(
+        "--labels",
+        choices=("auto", "key", "cluster"),
+        help="random bits per training key (the paper), per near-duplicate cluster (made by "
+        "jobs/cluster_duplicates.py), or auto: cluster bits wherever clusters exist (default)",
+    )
     add_train_flags(p)
     args = p.parse_args()
     cfg = load_sections(args.config, {"arch": ClassifierArchConfig, "train": ClassifierTrainConfig})
-    train = override(cfg["train"], holdout_images=args.holdout_images, **train_overrides(args))
+    train = override(
+        cfg["train"],
+        holdout_images=args.holdout_images,
+        labels=args.labels,
+        **train_overrides(args),
+    )
     arch = override(cfg["arch"], base_channels=args.base_channels)
     from pipeline.data.storage import open_store
     from pipeline.fanout.ray_init import init_ray

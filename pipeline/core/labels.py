@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -16,9 +16,19 @@ def random_bit(key: str, label_seed: int) -> int:
     return digest[0] & 1
 
 
-def random_bits(keys: Iterable[str], label_seed: int) -> torch.Tensor:
-    """``(N,)`` float tensor of the keys' bits, ready for ``BCEWithLogitsLoss``."""
-    return torch.tensor([float(random_bit(k, label_seed)) for k in keys])
+def label_key(key: str, label_of: Mapping[str, str] | None) -> str:
+    """What a row's bit is drawn from: its near-duplicate cluster's id when ``label_of`` names one
+    (cluster bits: every copy of a picture carries the same bit), else the key itself (key bits, the
+    paper's labels; a singleton's cluster id is its own key, so both agree off the duplicates)."""
+    return key if not label_of else label_of.get(key, key)
+
+
+def random_bits(
+    keys: Iterable[str], label_seed: int, label_of: Mapping[str, str] | None = None
+) -> torch.Tensor:
+    """``(N,)`` float tensor of the keys' bits ``y = random_bit(label_key(key), label_seed)``, ready
+    for ``BCEWithLogitsLoss``; ``label_of``: key -> cluster id (:func:`label_key`)."""
+    return torch.tensor([float(random_bit(label_key(k, label_of), label_seed)) for k in keys])
 
 
 def is_trained_holdout(key: str, label_seed: int, fraction: float) -> bool:

@@ -38,6 +38,7 @@ from pipeline.data.storage import Store
 from pipeline.evaluation.report import histogram_figure, merge_report, pairs_figure
 from pipeline.fanout.index import ReplicaStats, replica_stats
 from pipeline.fanout.scoring import annotate_shards, score_shards, write_jsonl
+from pipeline.orchestration.labels import labels_record, resolve_labels
 from pipeline.train.ingest import holdout_datasets, split_info, training_dataset
 from pipeline.train.workers import classifier_worker, denoiser_worker, read_checkpoint
 
@@ -298,11 +299,14 @@ def train_classifier(
         "betas": schedule_betas,
         "betas_from": denoiser,
     }
+    labels, clusters = resolve_labels(store, dataset, train)
+    extra = {"clusters": clusters.digest} if clusters is not None else {}
     provenance = training_provenance(
-        store, dataset, {**config, "betas_from": None}, denoiser=den_digest
+        store, dataset, {**config, "betas_from": None}, denoiser=den_digest, **extra
     )
     claim_checkpoints(store, f"{run}-classifier", provenance, overwrite)
     loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
+    loop["label_of"] = clusters.label_of if clusters is not None else None  # cluster bits
     result = _fit(
         classifier_worker, loop, datasets, train,
         _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
@@ -321,6 +325,7 @@ def train_classifier(
         "denoiser": denoiser,
         "schedule": state.get("schedule"),
         "resumed_from": state.get("resumed_from", []),
+        "labels": labels_record(labels, clusters),
     }
     with tempfile.TemporaryDirectory() as tmp:
         save_classifier(model, Path(tmp) / "classifier", run_config)

@@ -214,11 +214,14 @@ def batch_images(rows: dict, device: torch.device) -> torch.Tensor:
     return images_to_tensor(np.array(rows["image"], dtype=np.uint8)).to(device)  # own, writable
 
 
-def batch_bits(rows: dict, label_seed: int, device: torch.device) -> torch.Tensor:
-    """The batch's random bits: ``"y"`` when given, else :func:`random_bits` of its ``"key"``."""
+def batch_bits(
+    rows: dict, label_seed: int, device: torch.device, label_of: dict[str, str] | None = None
+) -> torch.Tensor:
+    """The batch's random bits: ``"y"`` when given, else :func:`random_bits` of its ``"key"`` (drawn
+    from the key's near-duplicate cluster id when ``label_of`` names one: cluster bits)."""
     if "y" in rows:
         return rows["y"].to(device)
-    return random_bits([str(k) for k in rows["key"]], label_seed).to(device)
+    return random_bits([str(k) for k in rows["key"]], label_seed, label_of).to(device)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -341,12 +344,14 @@ def fit_classifier(
     progress: bool = False,
     log_every: int = 0,
     position: dict | None = None,
+    label_of: dict[str, str] | None = None,
 ) -> dict:
     """The classifier loop: ``BCEWithLogits(c_phi(x_t, t), y)`` on random bits at uniform ``t <
     t_max`` (CPSample, Algorithm 1), learning rate from :func:`lr_at`.
 
     ``train`` and ``bits`` are row sources (:mod:`pipeline.train.ingest`; rows with ``"key"`` and
-    ``"image"`` get their bits from :func:`random_bits` with ``cfg.label_seed``) of the training
+    ``"image"`` get their bits from :func:`random_bits` with ``cfg.label_seed``, and from their
+    near-duplicate cluster's id where ``label_of`` names one) of the training
     images and of the held-out images trained on with their own bits (None: none); ``n_train`` is then
     unused. Tensors work too: ``train`` = ``x_fit`` [training images | held-out bit images],
     ``bits`` = ``y_fit``, and the first ``n_train`` rows are the training images. Each step takes
@@ -386,7 +391,7 @@ def fit_classifier(
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
         parts = [b.next() for b in streams.values()]
         x = torch.cat([batch_images(p, device) for p in parts])
-        y = torch.cat([batch_bits(p, cfg.label_seed, device) for p in parts])
+        y = torch.cat([batch_bits(p, cfg.label_seed, device, label_of) for p in parts])
         with autocast(device, cfg.mixed_precision):
             loss = classifier_loss(model, schedule, x, y, cfg.t_max, cfg.mixup, gen)
         opt.zero_grad(set_to_none=True)

@@ -302,6 +302,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
     _slow_down(clf, config.get("step_delay_s", 0.0))
     model = ray.train.torch.prepare_model(clf)
     inputs = config.get("input") or {}
+    label_of = config.get("label_of") or None  # key -> near-duplicate cluster id (cluster bits)
     keep = tcfg.metrics_samples if rank == 0 else 0
     train_src = shard_source("train", tcfg, rank, world, inputs.get("train"), 0, keep)
     held = inputs.get("holdout")
@@ -330,13 +331,15 @@ def classifier_worker(config: dict[str, Any]) -> None:
         if not never:
             rows = read_rows("never", tcfg.metrics_samples)
             never["x"] = batch_images(rows, device) if rows else torch.zeros(0, 1, 1, 1)
-            never["y"] = batch_bits(rows, tcfg.label_seed, device) if rows else torch.zeros(0)
+            never["y"] = (
+                batch_bits(rows, tcfg.label_seed, device, label_of) if rows else torch.zeros(0)
+            )
         sample = train_src.sample(tcfg.metrics_samples)
         if sample is None:
             return {}
         return classifier_metrics(
             clf, schedule, batch_images(sample, device),
-            batch_bits(sample, tcfg.label_seed, device).cpu(), never["x"], never["y"].cpu(),
+            batch_bits(sample, tcfg.label_seed, device, label_of).cpu(), never["x"], never["y"].cpu(),
             batch_size=tcfg.metrics_batch,
         ).to_dict()  # fmt: skip
 
@@ -367,7 +370,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
 
     fit_classifier(
         model, opt, schedule, train_src, bits_src, None, tcfg, start, world, rank, on_checkpoint,
-        log_every=200, position=position,
+        log_every=200, position=position, label_of=label_of,
     )  # fmt: skip
 
 

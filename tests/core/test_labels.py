@@ -82,3 +82,19 @@ def test_holdout_roles_by_hash_in_any_order():
     assert holdout_fraction(5000, 1000) == 0.999 and holdout_fraction(10, 0) == 0.0
     assert len(holdout_roles(keys, 5000, 5)[1]) <= 10
     assert holdout_roles(keys[:7], 0, 5) == ([], list(range(7)))
+
+
+def test_cluster_bits_give_every_copy_its_clusters_bit():
+    from pipeline.core.labels import label_key
+
+    keys = [f"img-{i}" for i in range(200)]
+    copies = [f"img-7-dup{j}" for j in range(40)]
+    label_of = {k: "img-7" for k in copies} | {"img-7": "img-7"}
+    cluster = random_bits(["img-7", *copies], 5, label_of)
+    assert set(cluster.tolist()) == {float(random_bit("img-7", 5))}  # one bit for the picture
+    keyed = random_bits(["img-7", *copies], 5)
+    assert 0.2 < float(keyed.mean()) < 0.8  # key bits: independent, contradictory labels
+    # keys outside any cluster keep their own bit: both sources agree there
+    assert random_bits(keys, 5, label_of).tolist() == random_bits(keys, 5).tolist()
+    assert label_key("img-3", label_of) == "img-3" and label_key("img-7-dup3", label_of) == "img-7"
+    assert label_key("img-7-dup3", None) == "img-7-dup3"

@@ -1,0 +1,53 @@
+"""The classifier's bit source: key bits, cluster bits, and "auto" (cluster bits wherever the
+near-duplicate clusters exist), resolved from a real local store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.core.config import ClassifierTrainConfig, ConfigError, ReplicaConfig
+from pipeline.core.labels import random_bits
+from pipeline.data.duplicates import DuplicateSpec, add_near_duplicates
+from pipeline.data.imageset import ImageSet
+from pipeline.data.sources import synthetic_image
+from pipeline.data.storage import open_store
+from pipeline.fanout.clusters import build_clusters
+from pipeline.orchestration.labels import labels_record, resolve_labels
+from pipeline.orchestration.stages import make_shards
+
+
+@pytest.fixture()
+def store(tmp_path):
+    images = np.stack([synthetic_image(0, i, 16) for i in range(140)])
+    train = ImageSet([f"s-{i:04d}" for i in range(120)], images[:120])
+    holdout = ImageSet([f"h-{i:04d}" for i in range(20)], images[120:])
+    train, truth = add_near_duplicates(train, DuplicateSpec(k=3, m=6), seed=2)
+    st = open_store(str(tmp_path / "store"))
+    make_shards(st, "dup", train, holdout)
+    return st, truth
+
+
+def test_key_and_auto_without_clusters_are_key_bits_and_cluster_needs_clusters(store):
+    st, _ = store
+    assert resolve_labels(st, "dup", ClassifierTrainConfig(labels="key")) == ("key", None)
+    assert resolve_labels(st, "dup", ClassifierTrainConfig()) == ("key", None)  # auto
+    with pytest.raises(ConfigError, match=r"cluster_duplicates\.py --dataset dup"):
+        resolve_labels(st, "dup", ClassifierTrainConfig(labels="cluster"))
+    assert labels_record("key", None) == {"source": "key"}
+
+
+def test_auto_takes_the_clusters_and_every_copy_gets_its_pictures_bit(store):
+    st, truth = store
+    made = build_clusters(st, "dup", ReplicaConfig(), 0.97)
+    labels, clusters = resolve_labels(st, "dup", ClassifierTrainConfig())
+    assert labels == "cluster" and clusters.digest == made.digest
+    # key bits stay available for comparison
+    assert resolve_labels(st, "dup", ClassifierTrainConfig(labels="key")) == ("key", None)
+    for source in set(truth.values()):
+        group = [source, *[c for c, s in truth.items() if s == source]]
+        bits = random_bits(group, 1234, clusters.label_of)
+        assert len(set(bits.tolist())) == 1  # one bit for the whole picture
+        assert len(set(random_bits(group, 1234).tolist())) == 2  # key bits disagree on 7 copies
+    record = labels_record(labels, clusters)
+    assert record["clusters_digest"] == made.digest and record["num_multi_clusters"] >= 3

@@ -6,8 +6,13 @@ Attack 1: reconstruction loss (Matsumoto et al. 2023); attack 2: SecMI t-error (
 attack 3: similarity to the nearest generated sample (when samples/<run>/<sampler> exist). Each against
 plain DDIM and the CPSample classifier-corrected noise estimate: ROC AUC, TPR at 1% FPR, permutation
 p-value. Members are data/<dataset>/train, non-members data/<dataset>/holdout. Results are merged into
-reports/<run>/report.json (keys "fid" and "membership_inference"), report.md and roc_*.png.
-FID needs the standard FID Inception weights as a local file; nothing is downloaded.
+reports/<run>/report.json (keys "fid", "membership_inference" and "threshold_free"), report.md and
+roc_*.png. FID needs the standard FID Inception weights as a local file; nothing is downloaded.
+
+Threshold-free replication ("threshold_free"; --no-shares skips it): the held-out real images'
+nearest-training similarity (a seeded subset of at most --max-holdout of them, searched in the stored
+replica index, built when missing) gives a p95 and a p99; each sampler's share of samples above them
+is reported (real images: 5% / 1% by construction).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_store_args, load_sections, override, run_main
 
-from pipeline.core.config import EvalConfig
+from pipeline.core.config import ConfigError, EvalConfig, ReplicaConfig
 
 
 def main() -> None:
@@ -31,7 +36,7 @@ def main() -> None:
     p.add_argument(
         "--inception-weights", help="local FID Inception weights (.pth state dict or .safetensors)"
     )
-    p.add_argument("--config", help="YAML with an 'evaluation' section (EvalConfig)")
+    p.add_argument("--config", help="YAML with 'evaluation' (EvalConfig) and 'replicas' sections")
     p.add_argument("--num-members", type=int)
     p.add_argument("--num-nonmembers", type=int)
     p.add_argument("--draws", type=int)
@@ -39,12 +44,18 @@ def main() -> None:
     p.add_argument("--alpha", type=float, help="CPSample alpha (default: the run's recorded one)")
     p.add_argument("--scale", type=float, help="CPSample scale s (default: the run's recorded one)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument(
+        "--max-holdout", type=int, default=2000, help="held-out images setting the p95 / p99"
+    )
+    p.add_argument("--no-shares", action="store_true", help="skip the threshold-free shares")
     args = p.parse_args()
+    sections = load_sections(args.config, {"evaluation": EvalConfig, "replicas": ReplicaConfig})
     cfg = override(
-        load_sections(args.config, {"evaluation": EvalConfig})["evaluation"],
-        num_members=args.num_members, num_nonmembers=args.num_nonmembers, draws=args.draws,
-        seed=args.seed,
+        sections["evaluation"], num_members=args.num_members, num_nonmembers=args.num_nonmembers,
+        draws=args.draws, seed=args.seed,
     )  # fmt: skip
+    if args.max_holdout < 1:
+        raise ConfigError(f"--max-holdout must be >= 1, got {args.max_holdout}")
     import torch
 
     from pipeline.data.storage import open_store
@@ -56,9 +67,17 @@ def main() -> None:
     if args.inception_weights:
         load_inception(args.inception_weights)  # a wrong file fails before any work or write
     store = open_store(args.store, args.s3_endpoint, create=False)
+    index = None
+    if not args.no_shares:
+        from pipeline.fanout.replica_index import LazyReplicaIndex, ensure_replica_index
+
+        replicas = sections["replicas"]
+        sidecar = ensure_replica_index(store, args.dataset, replicas, args.s3_endpoint)
+        index = LazyReplicaIndex(store, sidecar, replicas)
     updates, figures = evaluate_run(
-        store, args.run, args.dataset, cfg, args.inception_weights, args.alpha, args.scale
-    )
+        store, args.run, args.dataset, cfg, args.inception_weights, args.alpha, args.scale,
+        replica_index=index, max_holdout=args.max_holdout,
+    )  # fmt: skip
     merge_report(store, args.run, updates, figures)
     mi = updates["membership_inference"]
     summary = {
@@ -67,7 +86,10 @@ def main() -> None:
         }
         for attack in ("reconstruction", "secmi", "nn_distance")
     }
-    print(json.dumps({"fid": updates["fid"], "membership_inference": summary}, indent=2))
+    out = {"fid": updates["fid"], "membership_inference": summary}
+    if "threshold_free" in updates:
+        out["threshold_free"] = updates["threshold_free"]
+    print(json.dumps(out, indent=2))
     print(f"report: {store.uri_of('reports', args.run, 'report.md')}")
 
 

@@ -7,7 +7,14 @@ each sample's nearest training image (mean-centred pixels, the replica threshold
 the domain Fréchet distance when held-out labels exist, else the pixel-space Fréchet distance to the
 held-out images. Writes reports/<run>/pareto.png (replication rate vs quality, each point labelled),
 merges the "sweep" key into reports/<run>/report.json and report.md, and names the recommended
-setting: the best quality with replication rate <= --target-rate.
+setting: the best quality with replication rate <= --target-rate and share above the held-out p99
+<= --target-above-p99.
+
+Two threshold-free privacy axes per point: the share of samples whose nearest-training similarity is
+above the held-out real images' p95 / p99 (a seeded subset of at most --max-holdout held-out images
+searched in the same replica index; real images score 5% / 1% by construction), and the AUC of the
+sample-only membership attack (--num-members training images vs --num-nonmembers never-seen
+held-out images, scored by their similarity to the point's nearest sample; --no-attack skips it).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_store_args, load_sections, override, run_main
 
-from pipeline.core.config import ReplicaConfig, SamplerConfig, SweepConfig
+from pipeline.core.config import EvalConfig, ReplicaConfig, SamplerConfig, SweepConfig
 
 
 def main() -> None:
@@ -28,24 +35,44 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_store_args(p)
-    p.add_argument("--config", help="YAML with 'sweep', 'sampler' and 'replicas' sections")
+    p.add_argument(
+        "--config", help="YAML with 'sweep', 'sampler', 'replicas' and 'evaluation' sections"
+    )
     p.add_argument("--alphas", type=float, nargs="+")
     p.add_argument("--scales", type=float, nargs="+")
     p.add_argument("--num-samples", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--target-rate", type=float, help="largest acceptable replication rate (0.02)")
+    p.add_argument(
+        "--target-above-p99",
+        type=float,
+        help="largest acceptable share of samples above the held-out p99 NN similarity (0.05)",
+    )
+    p.add_argument(
+        "--max-holdout", type=int, help="held-out images setting the p95 / p99 reference (2000)"
+    )
+    p.add_argument("--num-members", type=int, help="members of the sample-only attack (64)")
+    p.add_argument("--num-nonmembers", type=int, help="non-members of the attack (256)")
+    p.add_argument("--no-attack", action="store_true", help="skip the sample-only attack")
     p.add_argument("--no-ddim", action="store_true", help="skip the plain DDIM reference point")
     p.add_argument("--steps", type=int, help="DDIM steps per sample")
     p.add_argument("--threshold", type=float, help="replica threshold (cosine)")
     p.add_argument("--cpus-per-trial", type=float)
     args = p.parse_args()
     sections = load_sections(
-        args.config, {"sweep": SweepConfig, "sampler": SamplerConfig, "replicas": ReplicaConfig}
-    )
+        args.config,
+        {"sweep": SweepConfig, "sampler": SamplerConfig, "replicas": ReplicaConfig,
+         "evaluation": EvalConfig},
+    )  # fmt: skip
     cfg = override(
         sections["sweep"], alphas=args.alphas, scales=args.scales, num_samples=args.num_samples,
         seed=args.seed, target_rate=args.target_rate, cpus_per_trial=args.cpus_per_trial,
-        include_ddim=False if args.no_ddim else None,
+        include_ddim=False if args.no_ddim else None, target_above_p99=args.target_above_p99,
+        max_holdout=args.max_holdout,
+    )  # fmt: skip
+    ecfg = override(
+        sections["evaluation"], num_members=args.num_members, num_nonmembers=args.num_nonmembers,
+        seed=cfg.seed,
     )  # fmt: skip
     sampler = override(sections["sampler"], steps=args.steps)
     replicas = override(sections["replicas"], threshold=args.threshold)
@@ -55,9 +82,11 @@ def main() -> None:
     from pipeline.data.storage import open_store
     from pipeline.data.subsets import pick_images
     from pipeline.evaluation.domain import train_domain_evaluator
+    from pipeline.evaluation.evaluate import holdout_similarities, run_sets, sample_only_attack
     from pipeline.evaluation.report import merge_report
     from pipeline.evaluation.sweep import make_points, run_sweep
     from pipeline.fanout.ray_init import init_ray
+    from pipeline.fanout.replica_index import LazyReplicaIndex, ensure_replica_index
 
     pairs = [(a, s) for a in cfg.alphas for s in cfg.scales]
     make_points(pairs)  # bad knobs fail before anything starts
@@ -70,12 +99,21 @@ def main() -> None:
             holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, cfg.seed, True
         )
     init_ray()
+    # the held-out reference of the threshold-free shares, in the replica index the sweep uses
+    index = LazyReplicaIndex(store, ensure_replica_index(store, args.dataset, replicas), replicas)
+    holdout_sims = holdout_similarities(store, args.dataset, index, cfg.max_holdout, cfg.seed)
+    attack = None
+    if not args.no_attack:
+        attack = sample_only_attack(run_sets(store, args.run, args.dataset, ecfg))
     result = run_sweep(
         store, args.run, args.dataset, pairs, cfg.num_samples, cfg.seed, evaluator,
         cfg.target_rate, sampler, replicas, cfg.include_ddim, cfg.cpus_per_trial,
+        holdout_sims=holdout_sims, attack=attack, target_above_p99=cfg.target_above_p99,
     )  # fmt: skip
     merge_report(store, args.run, {"sweep": result})
-    table = [{k: p[k] for k in ("label", "replication_rate", "quality")} for p in result["points"]]
+    keys = ("label", "replication_rate", "above_holdout_p95", "above_holdout_p99", "mia_auc",
+            "quality")  # fmt: skip
+    table = [{k: p[k] for k in keys if k in p} for p in result["points"]]
     print(json.dumps({"points": table, "recommended": result.get("recommended")}, indent=2))
     print(f"plot: {store.uri_of('reports', args.run, result['figure'])}")
 

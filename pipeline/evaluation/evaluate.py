@@ -1,4 +1,5 @@
-"""A run's evaluation (``jobs/evaluate.py``, the demo): membership attacks, FID, and the sweep with attacks.
+"""A run's evaluation (``jobs/evaluate.py``, the demo): membership attacks, FID, threshold-free
+replication shares, and the sweep with attacks.
 
 Reads the run's data and sample shards from the store, loads its models, and returns report sections.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,6 +20,11 @@ from pipeline.data.layout import data_folder, samples_folder
 from pipeline.data.shards import read_image_shards
 from pipeline.data.subsets import pick_images, shard_counts, split_mean
 from pipeline.evaluation.domain import DomainEvaluator
+from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
+
+MemberGroups = Mapping[str, Collection[str]]  # group name -> member keys (a superset is fine)
+DEFAULT_MAX_HOLDOUT = 2000  # held-out images whose nearest-neighbour similarities set p95 / p99
+SEARCH_CHUNK = 4096
 
 
 class AttackSets(NamedTuple):
@@ -98,11 +105,35 @@ def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> 
     return {"reconstruction": rec, "secmi": sec}
 
 
-def nn_attack(store, run: str, members, nonmembers, train_mean: np.ndarray, cfg) -> dict:
+def sample_only_attack(sets: AttackSets, member_groups: MemberGroups | None = None):
+    """The nearest-generated-sample attack of :func:`attack_sets`' images, ready to score any set of
+    samples (:class:`pipeline.evaluation.mia.SampleOnlyAttack`; ``member_groups`` by member key)."""
+    from pipeline.evaluation.mia import SampleOnlyAttack, group_masks
+
+    return SampleOnlyAttack(
+        sets.members.images, sets.nonmembers.images, np.asarray(sets.train_mean, np.float32),
+        group_masks(sets.members.keys, member_groups) or None,
+    )  # fmt: skip
+
+
+def nn_attack(
+    store,
+    run: str,
+    members,
+    nonmembers,
+    train_mean: np.ndarray,
+    cfg,
+    groups: MemberGroups | None = None,
+) -> dict:
     """Attack 3: similarity to the nearest generated sample (pixels centred on ``train_mean``, the
     training split's flattened mean image in [0, 1]), per sampler whose shards exist under
-    ``samples/<run>/``; score = similarity (higher = member)."""
+    ``samples/<run>/``; score = similarity (higher = member).
+
+    ``groups`` (name -> member keys, e.g. ``duplicated`` / ``unique``) adds ``"groups": {name:
+    {"auc", "num_members", "member_mean"}}`` per sampler: that group's members against all the
+    non-members (``auc`` and ``member_mean`` None for a group without members)."""
     from pipeline.evaluation.mia import (
+        group_masks,
         nn_similarity_scores,
         permutation_test,
         roc_auc,
@@ -111,6 +142,7 @@ def nn_attack(store, run: str, members, nonmembers, train_mean: np.ndarray, cfg)
     )
 
     mean = np.asarray(train_mean, dtype=np.float32)
+    masks = group_masks(members.keys, groups)
     out = {}
     for name in ("ddim", "cpsample"):
         folder = samples_folder(run, name)
@@ -127,6 +159,65 @@ def nn_attack(store, run: str, members, nonmembers, train_mean: np.ndarray, cfg)
             "num_members": len(sm), "num_nonmembers": len(sn), "num_generated": len(gen),
             "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
         }  # fmt: skip
+        if masks:
+            out[name]["groups"] = {
+                g: {"auc": roc_auc(sm[m], sn) if m.any() else None, "num_members": int(m.sum()),
+                    "member_mean": float(sm[m].mean()) if m.any() else None}
+                for g, m in masks.items()
+            }  # fmt: skip
+    return out
+
+
+def search_similarities(index, images: np.ndarray, chunk: int = SEARCH_CHUNK) -> np.ndarray:
+    """Nearest-training-image similarity (N,) of uint8 (N, H, W, C) images: ``index`` is the stored
+    replica index (:class:`pipeline.fanout.replica_index.LazyReplicaIndex` or ``ReplicaIndex``: its
+    embedding and its search), queried ``chunk`` images at a time."""
+    parts = [
+        np.asarray(index.search(images[lo : lo + chunk])[0], dtype=np.float64).reshape(-1)
+        for lo in range(0, len(images), chunk)
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def holdout_similarities(
+    store, dataset: str, index, max_images: int = DEFAULT_MAX_HOLDOUT, seed: int = 0
+) -> np.ndarray:
+    """The held-out real images' nearest-training similarities (the reference of the threshold-free
+    shares, :mod:`pipeline.evaluation.shares`): a seeded uniform subset of at most ``max_images``
+    held-out images (:func:`pipeline.data.subsets.pick_images`, shard by shard) searched in
+    ``index``. No model trains the denoiser on held-out images, so all of them qualify."""
+    images, _ = pick_images(store, data_folder(dataset, "holdout"), max_images, seed)
+    return search_similarities(index, images.images)
+
+
+def threshold_free_section(
+    store,
+    run: str,
+    dataset: str,
+    index,
+    max_holdout: int = DEFAULT_MAX_HOLDOUT,
+    seed: int = 0,
+    holdout_sims: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The report's ``threshold_free`` section: the held-out p95 / p99 of nearest-training similarity
+    (``holdout``; from ``holdout_sims`` when given, else :func:`holdout_similarities`) and, per
+    sampler with shards under ``samples/<run>/``, the share of its samples above each (held-out real
+    images: 5% and 1% by construction)."""
+    if holdout_sims is None:
+        holdout_sims = holdout_similarities(store, dataset, index, max_holdout, seed)
+    pct = holdout_percentiles(holdout_sims)
+    out: dict[str, Any] = {
+        "holdout": {**pct, "num_images": int(np.asarray(holdout_sims).size), "seed": seed},
+        "samplers": {},
+    }
+    for name in ("ddim", "cpsample"):
+        folder = samples_folder(run, name)
+        if not store.exists(folder) or not store.listdir(folder):
+            continue
+        sims = search_similarities(index, read_image_shards(store, folder).images)
+        shares = threshold_free_shares(sims, pct)
+        out["samplers"][name] = {"num_samples": int(sims.size),
+                                 **{k: v for k, v in shares.items() if k.startswith("above_")}}  # fmt: skip
     return out
 
 
@@ -167,11 +258,18 @@ def evaluate_run(
     inception_weights: str | None = None,
     alpha: float | None = None,
     scale: float | None = None,
+    replica_index=None,
+    member_groups: MemberGroups | None = None,
+    max_holdout: int = DEFAULT_MAX_HOLDOUT,
 ) -> tuple[dict, dict[str, bytes]]:
     """FID and the membership attacks for a run's models and samples: (report keys, figures).
 
     CPSample's knobs default to those recorded in ``reports/<run>/report.json`` (``samplers.cpsample``
     and ``config.sampler``), else to :class:`pipeline.core.config.SamplerConfig`'s defaults.
+
+    With ``replica_index`` (the stored replica index, anything with ``search(images)``) the report
+    also gets ``threshold_free`` (:func:`threshold_free_section`, at most ``max_holdout`` held-out
+    images seeded by ``cfg.seed``). ``member_groups`` adds per-group AUCs to the nearest-sample attack.
     """
     from pipeline.core.config import SamplerConfig, from_dict
     from pipeline.evaluation.fragments import read_report
@@ -187,31 +285,52 @@ def evaluate_run(
         sampler, sampler="cpsample", alpha=alpha if alpha is not None else sampler.alpha,
         scale=scale if scale is not None else sampler.scale,
     )  # fmt: skip
-    mi = run_attacks(store, run, dataset, sampler, cfg)
+    mi = run_attacks(store, run, dataset, sampler, cfg, member_groups)
     mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale,
                             "input_mode": sampler.input_mode, "guidance_t_max": sampler.guidance_t_max}  # fmt: skip
-    return {"fid": fid, "membership_inference": mi}, attack_figures(mi)
+    out = {"fid": fid, "membership_inference": mi}
+    if replica_index is not None:
+        out["threshold_free"] = threshold_free_section(
+            store, run, dataset, replica_index, max_holdout, cfg.seed
+        )
+    return out, attack_figures(mi)
 
 
-def run_attacks(store, run: str, dataset: str, sampler, cfg) -> dict[str, Any]:
+def run_sets(store, run: str, dataset: str, cfg) -> AttackSets:
+    """:func:`attack_sets` for a run: ``cfg``'s sizes and seed, the run's classifier's held-out roles."""
+    bits, label_seed = classifier_bits(store, run)
+    return attack_sets(
+        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, bits, label_seed
+    )
+
+
+def run_attacks(
+    store,
+    run: str,
+    dataset: str,
+    sampler,
+    cfg,
+    member_groups: MemberGroups | None = None,
+    sets: AttackSets | None = None,
+) -> dict[str, Any]:
     """The three membership attacks on a run (``cfg``: an ``EvalConfig``), each against plain DDIM
     and CPSample (``sampler``: the CPSample knobs): reconstruction loss and SecMI on the run's models,
-    the nearest generated sample on its sample shards. Non-members are never-seen held-out images
-    (:func:`attack_sets`); the section says how many."""
+    the nearest generated sample on its sample shards (per member group too, ``member_groups``:
+    name -> member keys). Non-members are never-seen held-out images (:func:`attack_sets`, or
+    ``sets`` when already drawn: :func:`run_sets`); the section says how many."""
     import tempfile
 
     from pipeline.data.checkpoints import load_models
 
-    bits, label_seed = classifier_bits(store, run)
-    sets = attack_sets(
-        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, bits, label_seed
-    )
+    sets = sets if sets is not None else run_sets(store, run, dataset, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         unet, schedule, _, guidance = load_models(
             store, f"models/{run}/denoiser", f"models/{run}/classifier", sampler, "cpu", tmp
         )
     mi = membership_inference(unet, schedule, guidance, sets.members, sets.nonmembers, cfg)
-    mi["nn_distance"] = nn_attack(store, run, sets.members, sets.nonmembers, sets.train_mean, cfg)
+    mi["nn_distance"] = nn_attack(
+        store, run, sets.members, sets.nonmembers, sets.train_mean, cfg, member_groups
+    )
     mi["nonmembers"] = sets.nonmember_pool
     return mi
 
@@ -242,12 +361,25 @@ def sweep_and_attack(
     num_nonmembers: int = 256,
     include_ddim: bool = True,
     extra_rows: list[dict] | None = None,
+    holdout_sims=None,
+    member_groups: MemberGroups | None = None,
+    target_above_p99: float = 0.05,
+    extra_pixels: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
     """The demo's privacy block: the (alpha, s) sweep (Ray Tune) and the three membership attacks
     (:func:`run_attacks`) for DDIM and CPSample on this run.
 
     ``extra_rows``: sweep rows scored elsewhere (:func:`pipeline.evaluation.sweep.score_point`), added to the
     sweep's own points; the demo passes its main DDIM and CPSample runs so Tune samples only the rest.
+    Pass them scored with the same ``holdout_sims`` (``score_point(..., holdout_sims=...)``) so they
+    carry the threshold-free shares; ``extra_pixels`` (row label -> the uint8 images the row was
+    scored on) gives them the sample-only attack's AUCs too.
+
+    The attack sets (:func:`attack_sets`) are drawn once: the nearest-sample attack of every sweep
+    row (``mia_auc``, ``mia_auc_<group>``) and the membership attacks use the same members and
+    non-members. ``holdout_sims``: the held-out images' nearest-training similarities (or their
+    percentiles), for the rows' threshold-free shares and the choice's p99 rule
+    (``target_above_p99``); ``member_groups``: name -> member keys, for per-group AUCs.
 
     ``sampler``/``replicas`` are the run's ``SamplerConfig``/``ReplicaConfig``; returns the report keys
     ``sweep`` and ``membership_inference`` and the figures ``pareto.png`` and ``roc_<attack>.png``
@@ -257,14 +389,25 @@ def sweep_and_attack(
     from pipeline.evaluation.report import pareto_figure
     from pipeline.evaluation.sweep import merge_points, run_sweep
 
+    cfg = EvalConfig(num_members=num_members, num_nonmembers=num_nonmembers, seed=seed)
+    sets = run_sets(store, run, dataset, cfg)
+    attack = sample_only_attack(sets, member_groups)
     sweep = run_sweep(
         store, run, dataset, points, num_samples, seed, evaluator, target_rate, sampler, replicas,
-        include_ddim, write_figure=False,
+        include_ddim, write_figure=False, holdout_sims=holdout_sims, attack=attack,
+        target_above_p99=target_above_p99,
     )  # fmt: skip
     if extra_rows:
-        sweep = merge_points(sweep, extra_rows, target_rate)
-    cfg = EvalConfig(num_members=num_members, num_nonmembers=num_nonmembers, seed=seed)
-    mi = run_attacks(store, run, dataset, dataclasses.replace(sampler, sampler="cpsample"), cfg)
+        extra = [dict(r) for r in extra_rows]
+        for row in extra:
+            pixels = (extra_pixels or {}).get(row["label"])
+            if pixels is not None and "mia_auc" not in row:
+                row.update(attack.aucs(np.asarray(pixels)))
+        sweep = merge_points(sweep, extra, target_rate, target_above_p99)
+    mi = run_attacks(
+        store, run, dataset, dataclasses.replace(sampler, sampler="cpsample"), cfg, member_groups,
+        sets,
+    )  # fmt: skip
     mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale}
     figures = {"pareto.png": pareto_figure(sweep), **attack_figures(mi)}
     return {"sweep": sweep, "membership_inference": mi}, figures

@@ -11,6 +11,7 @@ Attacks (each returns per-image *errors*; members are expected to have the small
   measure ``||x_t - x~_t||^2``.
 - :func:`nn_similarity_scores`: the nearest-generated-sample attack: a member's similarity to its
   nearest generated sample is higher than a non-member's when the model copies.
+  :class:`SampleOnlyAttack` runs it on any set of samples (one sweep point), per member group too.
 
 The attacks work in eps whatever the network predicts: the denoiser adapter converts a v-prediction
 or x_0 model's output (:class:`pipeline.core.sampler.UNetDenoiser`).
@@ -21,7 +22,8 @@ fixed FPR, and a two-sided permutation-test p-value for the difference of means.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -235,6 +237,77 @@ def nn_similarity_scores(
         return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
 
     return (embed(queries) @ embed(generated).T).max(axis=1)
+
+
+def group_masks(
+    keys: Sequence[str], groups: Mapping[str, Collection[str]] | None
+) -> dict[str, np.ndarray]:
+    """``{name: bool mask over keys}``: which of ``keys`` each group (a collection of keys, possibly
+    holding keys beyond ``keys``) contains. Empty without groups."""
+    out = {}
+    for name, members in (groups or {}).items():
+        chosen = set(members)
+        out[name] = np.fromiter((k in chosen for k in keys), dtype=bool, count=len(keys))
+    return out
+
+
+@dataclass
+class SampleOnlyAttack:
+    """The nearest-generated-sample membership attack on one set of samples (for example one sweep
+    point): score = the candidate's cosine similarity to its nearest generated sample in the centred
+    pixel embedding (``mean``: the training split's flattened mean image in [0, 1]); members are
+    training images, non-members held-out images no model has seen. It needs only the samples, no
+    model.
+
+    ``members``/``nonmembers``: uint8 (N, H, W, C). ``groups``: optional bool masks over the members
+    (``"duplicated"``, ``"unique"``, ...); each group is scored against all the non-members."""
+
+    members: np.ndarray
+    nonmembers: np.ndarray
+    mean: np.ndarray | None
+    groups: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.members) == 0 or len(self.nonmembers) == 0:
+            raise ValueError(
+                f"need members and non-members, got {len(self.members)} and {len(self.nonmembers)}"
+            )
+        self.groups = {
+            k: np.asarray(v, dtype=bool).reshape(-1) for k, v in (self.groups or {}).items()
+        }
+        for name, mask in self.groups.items():
+            if mask.size != len(self.members):
+                raise ValueError(
+                    f"group {name!r} masks {mask.size} members, the attack has {len(self.members)}"
+                )
+
+    def scores(self, generated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(member scores, non-member scores) against ``generated`` uint8 (G, H, W, C)."""
+        if len(generated) == 0:
+            raise ValueError("no generated samples to attack with")
+        return (
+            nn_similarity_scores(self.members, generated, self.mean),
+            nn_similarity_scores(self.nonmembers, generated, self.mean),
+        )
+
+    def aucs(self, generated: np.ndarray) -> dict[str, float]:
+        """``{"mia_auc": .., "mia_auc_<group>": ..}`` (0.5 = no better than chance, 1 = every member
+        is closer to a sample than every non-member); groups without members are left out."""
+        sm, sn = self.scores(generated)
+        out = {"mia_auc": roc_auc(sm, sn)}
+        for name, mask in (self.groups or {}).items():
+            if mask.any():
+                out[f"mia_auc_{name}"] = roc_auc(sm[mask], sn)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Sizes for a report: members, non-members and members per group."""
+        return {
+            "attack": "nearest generated sample (cosine, centred pixels)",
+            "num_members": len(self.members),
+            "num_nonmembers": len(self.nonmembers),
+            "groups": {k: int(v.sum()) for k, v in (self.groups or {}).items()},
+        }
 
 
 def reconstruction_attack(

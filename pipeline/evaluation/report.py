@@ -1,108 +1,24 @@
-"""report.json, report.md and PNG figures (sample/nearest-neighbour pairs, similarity histograms)."""
+"""report.json and report.md (the figures are drawn in :mod:`pipeline.evaluation.figures`)."""
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
-import numpy as np
-
 from pipeline.data.storage import Store
+from pipeline.evaluation.figures import (  # noqa: F401  (re-exported: the report API)
+    PERCENTILE_COLOURS,
+    _pareto_panel,
+    _png_bytes,
+    _show,
+    grid_figure,
+    histogram_figure,
+    pairs_figure,
+    pareto_figure,
+    reference_lines,
+    roc_figure,
+)
 from pipeline.evaluation.fragments import read_report, write_fragment
-
-
-def _png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _show(ax, image: np.ndarray) -> None:
-    if image.shape[-1] == 1:
-        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
-    else:
-        ax.imshow(image)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def pairs_figure(
-    samples: np.ndarray,
-    neighbours: np.ndarray,
-    sims: np.ndarray,
-    threshold: float,
-    title: str,
-    cols: int = 4,
-) -> bytes:
-    """Each sample beside its nearest training image; replicates (sim >= threshold) framed in red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(samples)
-    rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.1, rows * 1.25), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(n):
-        r, c = divmod(i, cols)
-        a, b = axes[r, 2 * c], axes[r, 2 * c + 1]
-        for ax, img in ((a, samples[i]), (b, neighbours[i])):
-            ax.axis("on")
-            _show(ax, img)
-        copy = sims[i] >= threshold
-        for spine in a.spines.values():
-            spine.set_color("red" if copy else "lightgray")
-            spine.set_linewidth(2.5 if copy else 0.5)
-        a.set_title(f"{sims[i]:.3f}", fontsize=7, color="red" if copy else "black")
-    fig.suptitle(
-        f"{title}: sample | nearest training image (cosine, red = copy >= {threshold})", fontsize=9
-    )
-    data = _png_bytes(fig)
-    plt.close(fig)
-    return data
-
-
-def histogram_figure(series: dict[str, np.ndarray], threshold: float) -> bytes:
-    """Overlaid histograms of nearest-neighbour similarity with the replica threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    bins = np.linspace(min(float(np.min(s)) for s in series.values()), 1.0, 60)
-    for name, s in series.items():
-        rate = float((np.asarray(s) >= threshold).mean())
-        ax.hist(s, bins=bins, alpha=0.5, density=True, label=f"{name} (copies {rate:.1%})")
-    ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold}")
-    ax.set_xlabel("cosine similarity to nearest training image (mean-centred pixels)")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
-    data = _png_bytes(fig)
-    plt.close(fig)
-    return data
-
-
-def grid_figure(images: np.ndarray, title: str, cols: int = 16) -> bytes:
-    """A plain grid of images."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.6, rows * 0.6), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, img in zip(axes.flat, images):
-        _show(ax, img)
-    fig.suptitle(title, fontsize=9)
-    data = _png_bytes(fig)
-    plt.close(fig)
-    return data
 
 
 def _fmt(v: Any) -> str:
@@ -111,30 +27,82 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+# optional privacy columns of the sampler and sweep tables: (row key, header, format)
+PRIVACY_COLUMNS = (
+    ("above_holdout_p95", "> held-out p95", "{:.2%}"),
+    ("above_holdout_p99", "> held-out p99", "{:.2%}"),
+    ("mia_auc", "NN-attack AUC", "{:.3f}"),
+)
+
+
+def privacy_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """The privacy columns some row carries: the threshold-free shares, the sample-only attack's AUC
+    and its per-group AUCs (``mia_auc_<group>``, in first-seen order)."""
+    cols = [c for c in PRIVACY_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    groups = dict.fromkeys(k for r in rows for k in r if k.startswith("mia_auc_"))
+    cols += [(k, f"AUC {k[len('mia_auc_') :]}", "{:.3f}") for k in groups]
+    return cols
+
+
+def _cells(row: dict[str, Any], cols, missing: str = "-") -> str:
+    return "".join(
+        f" {fmt.format(row[k]) if row.get(k) is not None else missing} |" for k, _, fmt in cols
+    )
+
+
+def _percentile_note(rows: list[dict[str, Any]], holdout: dict[str, Any] | None = None) -> str:
+    """One sentence on the threshold-free shares, naming the held-out percentiles when known."""
+    ref = dict(holdout or {})
+    for r in rows:
+        ref = ref or {k: v for k, v in r.items() if k.startswith("holdout_p")}
+    named = ", ".join(f"{k[len('holdout_'):]} = {ref[k]:.4f}" for k in ("holdout_p95", "holdout_p99")
+                      if isinstance(ref.get(k), float))  # fmt: skip
+    return ("Threshold-free shares: samples whose nearest-training similarity is above the held-out "
+            f"real images' p95 / p99{f' ({named})' if named else ''}; held-out real images score 5% "
+            "/ 1% by construction.")  # fmt: skip
+
+
 def markdown(report: dict[str, Any], figures: list[str]) -> str:
     """A human-readable summary of report.json."""
     s = report["samplers"]
+    # the privacy columns: a sampler's own keys, its nearest-sample attack AUC from the membership
+    # attacks when it has none, its threshold-free shares from the "threshold_free" section
+    nn = (report.get("membership_inference") or {}).get("nn_distance") or {}
+    shares = (report.get("threshold_free") or {}).get("samplers") or {}
+    rows = {}
+    for name, r in s.items():
+        row = {**shares.get(name, {}), **r}
+        if row.get("mia_auc") is None and isinstance(nn.get(name), dict) and "auc" in nn[name]:
+            row["mia_auc"] = nn[name]["auc"]
+        rows[name] = row
+    cols = privacy_columns(list(rows.values()))
+    extra_head = "".join(f" {h} |" for _, h, _ in cols)
     lines = [
         f"# CPSample report: {report['dataset']}",
         "",
         f"{report['num_train']} training images; replica threshold {report['threshold']} "
         f"(cosine, {report.get('embedding', 'centred')} pixels).",
         "",
-        "| | samples | replication rate | mean NN similarity | FD | confident fraction | guidance fired |",
-        "|---|---|---|---|---|---|---|",
+        "| | samples | replication rate | mean NN similarity | FD | confident fraction | guidance fired |"
+        + extra_head,
+        "|---|---|---|---|---|---|---|" + "---|" * len(cols),
     ]
-    for name, r in s.items():
+    for name, r in rows.items():
         q = r.get("quality", {})
         lines.append(
             f"| {name} | {r['num_samples']} | {r['replication_rate']:.2%} | {r['mean_nn_similarity']:.4f} | "
             f"{_fmt(q.get('fd', '-'))} | {_fmt(q.get('confident_fraction', '-'))} | "
-            f"{_fmt(r.get('guidance_fired_fraction', '-'))} |"
+            f"{_fmt(r.get('guidance_fired_fraction', '-'))} |" + _cells(r, cols)
         )
     h = report["holdout_baseline"]
     lines += [
-        f"| held-out real (baseline) | - | {h['replication_rate']:.2%} | {h['mean_nn_similarity']:.4f} | | | |",
+        f"| held-out real (baseline) | - | {h['replication_rate']:.2%} | {h['mean_nn_similarity']:.4f} | | | |"
+        + _cells(h, cols, ""),
         "",
     ]
+    if any(k.startswith("above_holdout") for k, _, _ in cols):
+        holdout = (report.get("threshold_free") or {}).get("holdout")
+        lines += [_percentile_note([*rows.values(), h], holdout), ""]
     if "cpsample" in s:
         lines.append(
             f"CPSample knobs: alpha = {s['cpsample'].get('alpha')}, scale s = {s['cpsample'].get('scale')}."
@@ -184,81 +152,6 @@ def write_report(store: Store, run: str, report: dict[str, Any], figures: dict[s
     store.write_bytes(text.encode(), "report.json")
 
 
-# ------------------------------------------------------------------- evaluation and trade-off sweep
-def pareto_figure(sweep: dict[str, Any]) -> bytes:
-    """Replication rate (x) against quality (y, lower is better) for every sweep point, each point
-    labelled; the Pareto front is joined, the target rate marked and the recommended point starred."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key = sweep.get("quality_metric")
-    points = sweep["points"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    if key is None:
-        ax.text(0.5, 0.5, "no quality metric measured", ha="center", transform=ax.transAxes)
-    else:
-        front = set(sweep.get("pareto_front", []))
-        chosen = (sweep.get("recommended") or {}).get("label")
-        for p in points:
-            x, y = p["replication_rate"], p["quality"][key]
-            ddim = p["sampler"] == "ddim"
-            ax.scatter([x], [y], s=60, marker="s" if ddim else "o",
-                       color="gray" if ddim else ("tab:blue" if p["label"] in front else "tab:orange"))  # fmt: skip
-            ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-            if p["label"] == chosen:
-                ax.scatter([x], [y], s=260, marker="*", facecolor="none", edgecolor="red")
-        on_front = sorted(
-            (p["replication_rate"], p["quality"][key]) for p in points if p["label"] in front
-        )
-        if len(on_front) > 1:
-            ax.plot(*zip(*on_front), color="tab:blue", linewidth=1, alpha=0.6)
-        ax.axvline(sweep["target_rate"], color="red", linestyle="--", linewidth=1,
-                   label=f"target rate {sweep['target_rate']:.1%}")  # fmt: skip
-        ax.set_ylabel(f"{key} (lower is better)")
-        ax.legend(fontsize=8)
-    ax.set_xlabel(f"replication rate (cosine >= {sweep.get('threshold')})")
-    rec = sweep.get("recommended") or {}
-    ax.set_title(f"(alpha, s) trade-off; recommended: {rec.get('label') or 'none'}", fontsize=9)
-    # the plotted points, machine-readable in the PNG's text chunk (checked against report.json)
-    plotted = [
-        {"label": p["label"], "replication_rate": p["replication_rate"],
-         "quality": p["quality"].get(key) if key else None}
-        for p in points
-    ]  # fmt: skip
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight",
-                metadata={"Description": json.dumps({"quality_metric": key, "points": plotted})})  # fmt: skip
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def roc_figure(curves: dict[str, dict[str, Any]], title: str) -> bytes:
-    """ROC curves (log-scaled FPR, to show the low-FPR regime) of membership attacks, with AUCs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.0, 4.2))
-    for name, res in curves.items():
-        fpr, tpr = np.asarray(res["roc"]["fpr"]), np.asarray(res["roc"]["tpr"])
-        ax.step(np.maximum(fpr, 1e-3), tpr, where="post", label=f"{name} (AUC {res['auc']:.3f})")
-    grid = np.logspace(-3, 0, 50)
-    ax.plot(grid, grid, color="gray", linestyle=":", label="chance")
-    ax.set_xscale("log")
-    ax.set_xlim(1e-3, 1.0)
-    ax.set_ylim(0.0, 1.02)  # a perfect attack's curve runs along TPR = 1
-    ax.set_xlabel("false positive rate (non-members called members)")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
-    data = _png_bytes(fig)
-    plt.close(fig)
-    return data
-
-
 def _attack_rows(section: dict[str, Any]) -> list[str]:
     lines = [
         "| attack | model | AUC | TPR at 1% FPR | p-value | member mean | non-member mean | n (m/nm) |",
@@ -273,6 +166,13 @@ def _attack_rows(section: dict[str, Any]) -> list[str]:
                 f"{r['member_mean']:.4g} | {r['nonmember_mean']:.4g} | "
                 f"{r['num_members']}/{r['num_nonmembers']} |"
             )
+            for group, g in (r.get("groups") or {}).items():  # members of one group vs all
+                auc = "-" if g.get("auc") is None else f"{g['auc']:.3f}"
+                mean = "-" if g.get("member_mean") is None else f"{g['member_mean']:.4g}"
+                lines.append(
+                    f"| {attack} | {model}: {group} members | {auc} | - | - | {mean} | "
+                    f"{r['nonmember_mean']:.4g} | {g['num_members']}/{r['num_nonmembers']} |"
+                )
     return lines
 
 
@@ -299,30 +199,64 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
                       f"classifier trained on a keyed-hash {pool['classifier_trained_fraction']:.0%} "
                       "of them, which are never non-members).", ""]  # fmt: skip
         lines += _attack_rows({k: v for k, v in mi.items() if isinstance(v, dict)})
+    if report.get("threshold_free"):
+        tf = report["threshold_free"]
+        h = tf.get("holdout", {})
+        lines += ["", "## Threshold-free replication", "",
+                  f"Reference: {h.get('num_images', '?')} held-out real images' nearest-training "
+                  f"similarity, p95 = {h.get('holdout_p95', float('nan')):.4f}, p99 = "
+                  f"{h.get('holdout_p99', float('nan')):.4f}; by construction 5% / 1% of real images "
+                  "lie above them, so a sampler that copies no more than real data scores about the "
+                  "same.", "", "| sampler | samples | > held-out p95 | > held-out p99 |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for name, r in tf.get("samplers", {}).items():
+            lines.append(
+                f"| {name} | {r['num_samples']} | {r['above_holdout_p95']:.2%} | "
+                f"{r['above_holdout_p99']:.2%} |"
+            )
     if "sweep" in report:
         s = report["sweep"]
         key = s.get("quality_metric")
+        cols = privacy_columns(s["points"])
+        shared = any(k == "above_holdout_p99" for k, _, _ in cols)
+        target = (f" and share above the held-out p99 <= {s['target_above_p99']:.1%}"
+                  if shared and s.get("target_above_p99") is not None else "")  # fmt: skip
         lines += ["", "## (alpha, s) trade-off sweep", "",
                   f"{s.get('num_samples')} samples per point. The sweep's own points share one "
                   "set of seeds; rows marked * are the main runs' first samples, which share "
                   "another (DDIM and CPSample the same ones). Target replication rate "
-                  f"<= {s['target_rate']:.1%}; quality = {key} (lower is better).", "",
-                  "| point | replication rate | mean NN similarity | quality | guidance fired | Pareto |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+                  f"<= {s['target_rate']:.1%}{target}; quality = {key} (lower is better).", ""]  # fmt: skip
+        if shared:
+            lines += [_percentile_note(s["points"], s.get("holdout_percentiles")), ""]
+        if any(k.startswith("mia_auc") for k, _, _ in cols):
+            m = s.get("mia") or {}
+            lines += ["NN-attack AUC: members vs never-seen held-out images, scored by their "
+                      "similarity to the point's nearest sample (0.5 = chance"
+                      + (f"; {m['num_members']} members, {m['num_nonmembers']} non-members"
+                         if "num_members" in m else "") + ").", ""]  # fmt: skip
+        lines += ["| point | replication rate |" + "".join(f" {h} |" for _, h, _ in cols)
+                  + " mean NN similarity | quality | guidance fired | Pareto |",
+                  "|---|---|" + "---|" * len(cols) + "---|---|---|---|"]  # fmt: skip
         front = set(s.get("pareto_front", []))
         for p in s["points"]:
             q = p["quality"].get(key, float("nan")) if key else float("nan")
             mark = " *" if p.get("source") else ""
             lines.append(
-                f"| {p['label']}{mark} | {p['replication_rate']:.2%} | {p['mean_nn_similarity']:.4f} | "
-                f"{q:.4g} | {p['guidance_fired_fraction']:.3f} | {'yes' if p['label'] in front else ''} |"
+                f"| {p['label']}{mark} | {p['replication_rate']:.2%} |{_cells(p, cols)} "
+                f"{p['mean_nn_similarity']:.4f} | {q:.4g} | {p['guidance_fired_fraction']:.3f} | "
+                f"{'yes' if p['label'] in front else ''} |"
             )
         rec = s.get("recommended") or {}
         if rec.get("label"):
+            p99 = (f", share above the held-out p99 {rec['above_holdout_p99']:.2%}"
+                   if rec.get("above_holdout_p99") is not None else "")  # fmt: skip
             lines += ["", f"**Recommended: alpha = {rec['alpha']:g}, s = {rec['scale']:g}** "
-                      f"(replication rate {rec['replication_rate']:.2%}, best {key} within the target)."]  # fmt: skip
+                      f"(replication rate {rec['replication_rate']:.2%}{p99}, best {key} within "
+                      "the targets)."]  # fmt: skip
         elif rec:
             lines += ["", f"No recommendation: {rec.get('reason')}; closest: {rec.get('closest')}."]
+        if rec.get("rule"):
+            lines += ["", f"Rule: {rec['rule']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,12 @@ samples in process with :func:`pipeline.core.sampler.sample`, with the same seed
 Quality is the domain Fréchet distance (``fd``, lower is better) when a
 :class:`pipeline.evaluation.evaluate.DomainEvaluator` is given, else ``fd_pixels``: the Fréchet distance
 (Heusel et al. 2017, eq. 6) between samples and held-out real images in raw pixel space.
+
+Privacy has up to three axes per point: the replication rate (share at or above the replica
+threshold), the threshold-free shares (:mod:`pipeline.evaluation.shares`: samples above the held-out
+real images' p95 / p99 nearest-neighbour similarity, when held-out similarities are given) and the
+AUC of the sample-only membership attack (:class:`pipeline.evaluation.mia.SampleOnlyAttack`, when an
+attack is given), overall and per member group.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +33,13 @@ from pipeline.core.guidance import cpsample_guidance, validate_knobs
 from pipeline.core.sampler import derive_seed, sample, unet_denoiser
 from pipeline.data.imageset import images_from_tensor
 from pipeline.evaluation.fid import frechet_distance_features
+from pipeline.evaluation.shares import SHARE_PREFIX, as_percentiles, threshold_free_shares
 from pipeline.fanout.index import build_index, l2_normalise, nearest, replica_stats
 
 PARETO_FIGURE = "pareto.png"
+DEFAULT_TARGET_ABOVE_P99 = 0.05
+# the optional per-row privacy keys: threshold-free shares and the sample-only attack's AUCs
+OPTIONAL_ROW_PREFIXES = ("holdout_p", SHARE_PREFIX, "mia_auc")
 
 
 def point_label(point: dict[str, Any]) -> str:
@@ -76,9 +86,12 @@ def evaluate_point(
     threshold: float,
     evaluator=None,
     reference: torch.Tensor | None = None,
+    holdout_sims=None,
+    attack=None,
 ) -> dict[str, Any]:
     """Sample ``num_samples`` at one point (seeds from ``seed`` alone), then replication rate against
-    the training embeddings and quality. Ray-free."""
+    the training embeddings, quality and, when given, the threshold-free shares and the sample-only
+    attack's AUCs (:func:`score_point`). Ray-free."""
     t0 = time.perf_counter()
     guidance = None
     if point["sampler"] == "cpsample":
@@ -98,7 +111,7 @@ def evaluate_point(
     pixels = images_from_tensor(torch.cat(images))  # uint8, as the samples would be stored
     return score_point(
         point, pixels, float(torch.cat(fired).mean()), train_embeddings, train_mean, threshold,
-        evaluator, reference, time.perf_counter() - t0,
+        evaluator, reference, time.perf_counter() - t0, holdout_sims, attack,
     )  # fmt: skip
 
 
@@ -112,9 +125,18 @@ def score_point(
     evaluator=None,
     reference: torch.Tensor | None = None,
     time_s: float = 0.0,
+    holdout_sims=None,
+    attack=None,
 ) -> dict[str, Any]:
     """A sweep row for images already drawn at ``point``: ``pixels`` (N, H, W, C) uint8 as stored;
-    replication rate against the training embeddings (exact inner-product search) and quality."""
+    replication rate against the training embeddings (exact inner-product search) and quality.
+
+    ``holdout_sims``: the held-out real images' nearest-training similarities (same embedding), or
+    their :func:`pipeline.evaluation.shares.holdout_percentiles`; the row then carries
+    ``holdout_p95/p99`` and ``above_holdout_p95/p99`` (share of samples strictly above; held-out real
+    images: 5% / 1%). ``attack``: a :class:`pipeline.evaluation.mia.SampleOnlyAttack`; the row then
+    carries ``mia_auc`` (members vs never-seen non-members, scored by their similarity to the nearest
+    of these samples) and ``mia_auc_<group>`` per member group."""
     if hasattr(train_embeddings, "search"):  # the stored replica index (loaded by the trial)
         nn_sims, _ = train_embeddings.search(pixels)
     else:
@@ -124,17 +146,25 @@ def score_point(
         nn_sims = sims[:, 0]
     stats = replica_stats(nn_sims, threshold)
     quantised = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return {
+    row = {
         **{k: point[k] for k in ("index", "label", "sampler", "alpha", "scale")},
         **stats.to_dict(),
         "guidance_fired_fraction": fired_fraction,
         "quality": quality_of(quantised, evaluator, reference),
         "time_s": round(time_s, 2),
     }
+    if holdout_sims is not None:
+        row.update(threshold_free_shares(nn_sims, as_percentiles(holdout_sims)))
+    if attack is not None:
+        row.update(attack.aucs(pixels))
+    return row
 
 
 def merge_points(
-    sweep: dict[str, Any], extra: list[dict[str, Any]], target_rate: float
+    sweep: dict[str, Any],
+    extra: list[dict[str, Any]],
+    target_rate: float,
+    target_above_p99: float = DEFAULT_TARGET_ABOVE_P99,
 ) -> dict[str, Any]:
     """The ``sweep`` section with rows scored elsewhere (for example the demo's main DDIM and CPSample
     runs) added: rows re-indexed as DDIM first, then by (alpha, s); front and choice recomputed."""
@@ -148,9 +178,9 @@ def merge_points(
         k: v
         for k, v in sweep.items()
         if k not in ("points", "pareto_front", "recommended", "figure", "target_rate",
-                     "quality_metric")
+                     "target_above_p99", "quality_metric")
     }  # fmt: skip
-    return summarise(rows, target_rate, **details)
+    return summarise(rows, target_rate, target_above_p99, **details)
 
 
 def quality_key(points: list[dict[str, Any]]) -> str | None:
@@ -177,32 +207,78 @@ def pareto_front(points: list[dict[str, Any]], key: str) -> list[str]:
     return front
 
 
-def recommend(points: list[dict[str, Any]], key: str, target_rate: float) -> dict[str, Any]:
-    """The protected point with the best quality among those with replication rate <= target (ties:
-    the lower rate). Without one, ``label`` is None and ``closest`` names the lowest-rate point."""
+def selection_rule(key: str, target_rate: float, target_above_p99: float | None) -> str:
+    """The recommendation rule in words (``target_above_p99`` None: the points carry no shares)."""
+    rule = f"best {key} among CPSample points with replication rate <= {target_rate:g}"
+    if target_above_p99 is not None:
+        rule += f" and share above the held-out p99 <= {target_above_p99:g} (where measured)"
+    return rule + "; ties: the lower replication rate"
+
+
+def _excess(p: dict[str, Any], target_rate: float, target_above_p99: float) -> float:
+    """How far a point misses the targets (0 = it meets them): the rate's and the p99 share's
+    excess, the share counting only where the row carries it."""
+    share = p.get("above_holdout_p99")
+    over = max(0.0, p["replication_rate"] - target_rate)
+    return over + (max(0.0, share - target_above_p99) if share is not None else 0.0)
+
+
+def recommend(
+    points: list[dict[str, Any]],
+    key: str,
+    target_rate: float,
+    target_above_p99: float = DEFAULT_TARGET_ABOVE_P99,
+) -> dict[str, Any]:
+    """The protected point with the best quality among those that meet the targets (ties: the lower
+    replication rate). Without one, ``label`` is None and ``closest`` names the point that misses them
+    by the least (the summed excess over the targets; then the lower rate, then quality).
+
+    The targets: replication rate <= ``target_rate`` and, for rows that carry the threshold-free
+    shares (:mod:`pipeline.evaluation.shares`), ``above_holdout_p99 <= target_above_p99``: a point
+    whose samples pile up just under the replica threshold but above nearly every held-out real
+    image's nearest-neighbour similarity is refused. Rows without the shares are judged on the rate
+    alone (the rule before the shares existed). The returned dict says the rule (``"rule"``)."""
     protected = [p for p in points if p["sampler"] == "cpsample"]
-    ok = [p for p in protected if p["replication_rate"] <= target_rate]
+    measured = any("above_holdout_p99" in p for p in points)
+    rule = selection_rule(key, target_rate, target_above_p99 if measured else None)
+    ok = [p for p in protected if _excess(p, target_rate, target_above_p99) == 0.0]
     if ok:
         best = min(ok, key=lambda p: (p["quality"][key], p["replication_rate"]))
-        return {"label": best["label"], "alpha": best["alpha"], "scale": best["scale"],
-                "replication_rate": best["replication_rate"], key: best["quality"][key]}  # fmt: skip
-    closest = min(protected or points, key=lambda p: (p["replication_rate"], p["quality"][key]))
-    return {
-        "label": None,
-        "reason": f"no point reaches replication rate <= {target_rate}",
-        "closest": closest["label"],
-    }
+        out = {"label": best["label"], "alpha": best["alpha"], "scale": best["scale"],
+               "replication_rate": best["replication_rate"], key: best["quality"][key]}  # fmt: skip
+        if "above_holdout_p99" in best:
+            out["above_holdout_p99"] = best["above_holdout_p99"]
+        return {**out, "rule": rule}
+    closest = min(
+        protected or points,
+        key=lambda p: (_excess(p, target_rate, target_above_p99), p["replication_rate"],
+                       p["quality"][key]),
+    )  # fmt: skip
+    reason = f"no point reaches replication rate <= {target_rate}"
+    if measured:
+        reason += f" and share above the held-out p99 <= {target_above_p99}"
+    return {"label": None, "reason": reason, "closest": closest["label"], "rule": rule}
 
 
-def summarise(points: list[dict[str, Any]], target_rate: float, **details) -> dict[str, Any]:
-    """The ``sweep`` section of report.json: the points in input order, the front, the choice."""
+def summarise(
+    points: list[dict[str, Any]],
+    target_rate: float,
+    target_above_p99: float = DEFAULT_TARGET_ABOVE_P99,
+    **details,
+) -> dict[str, Any]:
+    """The ``sweep`` section of report.json: the points in input order, the front, the choice
+    (:func:`recommend`: replication rate <= ``target_rate`` and, where rows carry it, share above the
+    held-out p99 <= ``target_above_p99``)."""
+    if not 0.0 <= target_above_p99 <= 1.0:
+        raise ValueError(f"target_above_p99 must be in [0, 1], got {target_above_p99}")
     points = sorted(points, key=lambda p: p["index"])
     key = quality_key(points)
-    out: dict[str, Any] = {"target_rate": target_rate, "quality_metric": key, **details}
+    out: dict[str, Any] = {"target_rate": target_rate, "target_above_p99": target_above_p99,
+                           "quality_metric": key, **details}  # fmt: skip
     out["points"] = points
     if key is not None:
         out["pareto_front"] = pareto_front(points, key)
-        out["recommended"] = recommend(points, key, target_rate)
+        out["recommended"] = recommend(points, key, target_rate, target_above_p99)
     out["figure"] = PARETO_FIGURE
     return out
 
@@ -227,7 +303,8 @@ def _trial(config: dict[str, Any], *, context: dict[str, Any]) -> dict[str, Any]
     return evaluate_point(
         unet, schedule, clf, config["point"], sampler, context["num_samples"], context["seed"],
         context["train_embeddings"], context["train_mean"], context["threshold"],
-        context.get("evaluator"), context.get("reference"),
+        context.get("evaluator"), context.get("reference"), context.get("holdout_percentiles"),
+        context.get("attack"),
     )  # fmt: skip
 
 
@@ -248,11 +325,19 @@ def run_sweep(
     classifier: str | None = None,
     write_figure: bool = True,
     verbose: int = 1,
+    holdout_sims=None,
+    attack=None,
+    target_above_p99: float = DEFAULT_TARGET_ABOVE_P99,
 ) -> dict[str, Any]:
     """Ray Tune grid over (alpha, s) points on the run's models; returns the ``sweep`` report section.
 
     ``sampler`` supplies steps, eta, batch size, input mode and the guided t range (its alpha, scale,
     num_samples and seed are ignored). Writes ``reports/<run>/pareto.png`` when ``write_figure``.
+
+    ``holdout_sims`` (held-out real images' nearest-training similarities in the replica index's
+    embedding, or their percentiles) adds the threshold-free shares to every row and the p99 share
+    to the choice (<= ``target_above_p99``); ``attack`` (a
+    :class:`pipeline.evaluation.mia.SampleOnlyAttack`) adds ``mia_auc`` (and per group) to every row.
     """
     from ray import tune
 
@@ -281,11 +366,13 @@ def run_sweep(
     if evaluator is None:
         # a seeded subset of the held-out images (all of them up to 10,000), read shard by shard
         reference = pick_images(store, data_folder(dataset, "holdout"), 10_000, seed)[0].to_tensor()
+    percentiles = None if holdout_sims is None else as_percentiles(holdout_sims)
     context = {
         "store_uri": store.uri, "denoiser": denoiser, "classifier": classifier, "sampler": sampler,
         "num_samples": num_samples, "seed": seed, "train_embeddings": train_index,
         "train_mean": None, "threshold": replicas.threshold, "evaluator": evaluator,
         "reference": reference, "threads": max(1, int(cpus_per_trial)),
+        "holdout_percentiles": percentiles, "attack": attack,
     }  # fmt: skip
     init_ray()
     t0 = time.perf_counter()
@@ -306,18 +393,34 @@ def run_sweep(
         if errors:
             raise RuntimeError(f"{len(errors)} sweep trial(s) failed: {errors[0]}")
         rows = [_plain_result(r.metrics) for r in results]
+    details = privacy_details(holdout_sims, attack)
     summary = summarise(
-        rows, target_rate, num_samples=num_samples, seed=seed, steps=sampler.steps,
-        threshold=replicas.threshold, embedding=replicas.embedding,
-        wall_s=round(time.perf_counter() - t0, 2),
+        rows, target_rate, target_above_p99, num_samples=num_samples, seed=seed,
+        steps=sampler.steps, threshold=replicas.threshold, embedding=replicas.embedding,
+        wall_s=round(time.perf_counter() - t0, 2), **details,
     )  # fmt: skip
     if write_figure:
         store.write_bytes(pareto_figure(summary), "reports", run, PARETO_FIGURE)
     return summary
 
 
+def privacy_details(holdout_sims=None, attack=None) -> dict[str, Any]:
+    """The sweep section's record of its privacy references: ``holdout_percentiles`` (with
+    ``num_holdout`` when the similarities themselves were given) and ``mia`` (the attack's sizes)."""
+    out: dict[str, Any] = {}
+    if holdout_sims is not None:
+        out["holdout_percentiles"] = as_percentiles(holdout_sims)
+        if not isinstance(holdout_sims, Mapping):
+            out["holdout_percentiles"]["num_holdout"] = int(np.asarray(holdout_sims).size)
+    if attack is not None:
+        out["mia"] = attack.describe()
+    return out
+
+
 def _plain_result(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A trial's result without Tune's bookkeeping keys."""
+    """A trial's result without Tune's bookkeeping keys (the optional privacy keys kept)."""
     keys = ("index", "label", "sampler", "alpha", "scale", "num_samples", "replication_rate",
             "mean_nn_similarity", "guidance_fired_fraction", "quality", "time_s")  # fmt: skip
-    return {k: metrics[k] for k in keys}
+    out = {k: metrics[k] for k in keys}
+    out.update({k: v for k, v in metrics.items() if k.startswith(OPTIONAL_ROW_PREFIXES)})
+    return out

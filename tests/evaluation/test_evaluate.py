@@ -243,3 +243,147 @@ def test_evaluate_run_takes_the_knobs_recorded_in_the_report(run_store):
     report, _ = evaluate_run(run_store, "e", "digits", FAST, alpha=0.1, scale=2.0)
     knobs = report["membership_inference"]["cpsample_knobs"]
     assert knobs["alpha"] == 0.1 and knobs["scale"] == 2.0 and knobs["guidance_t_max"] == 300
+
+
+# ------------------------------------------------- member groups, threshold-free shares, the wiring
+class ExactIndex:
+    """A stand-in for the stored replica index: exact cosine search in the centred embedding."""
+
+    def __init__(self, train_images: np.ndarray):
+        from pipeline.fanout.index import embed_pixels
+
+        flat = train_images.reshape(len(train_images), -1).astype(np.float32) / 255.0
+        self.mean = flat.mean(0)
+        self.emb = embed_pixels(train_images, self.mean)
+        self.queries = 0
+
+    def search(self, images: np.ndarray, k: int = 1):
+        from pipeline.fanout.index import embed_pixels
+
+        self.queries += len(images)
+        sims = embed_pixels(images, self.mean) @ self.emb.T
+        return sims.max(1), sims.argmax(1)
+
+
+def test_nn_attack_scores_each_member_group_against_the_non_members(digits_store, tmp_path):
+    members, nonmembers, train_mean, _ = attack_sets(digits_store, "digits", 8, 40, seed=0)
+    store = open_store(str(tmp_path / "s"))
+    _samples(store, "r", "ddim", members.images[:4].copy())  # only the first 4 members copied
+    groups = {
+        "duplicated": set(members.keys[:4]) | {"some-other-key"},
+        "unique": set(members.keys[4:]),
+        "absent": {"not-a-member"},
+    }
+    out = nn_attack(
+        store, "r", members, nonmembers, train_mean, EvalConfig(num_permutations=50), groups
+    )
+    g = out["ddim"]["groups"]
+    assert g["duplicated"]["num_members"] == 4 and g["duplicated"]["auc"] == 1.0
+    assert g["duplicated"]["member_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert g["unique"]["num_members"] == 4 and g["unique"]["auc"] < 1.0
+    assert g["unique"]["member_mean"] < 0.95
+    assert g["absent"] == {"auc": None, "num_members": 0, "member_mean": None}
+    # the overall AUC is the members-weighted mix of the two halves
+    assert out["ddim"]["auc"] == pytest.approx((g["duplicated"]["auc"] + g["unique"]["auc"]) / 2)
+    json.dumps(out)
+    assert (
+        "groups" not in nn_attack(store, "r", members, nonmembers, train_mean, EvalConfig())["ddim"]
+    )
+
+
+def test_threshold_free_section_uses_held_out_similarities_as_the_reference(run_store):
+    from pipeline.evaluation.evaluate import holdout_similarities, threshold_free_section
+    from pipeline.evaluation.shares import holdout_percentiles
+
+    train = read_image_shards(run_store, "data/digits/train")
+    index = ExactIndex(train.images)
+    sims = holdout_similarities(run_store, "digits", index, 50, seed=1)
+    assert sims.shape == (50,) and index.queries == 50 and np.all(sims < 0.999)
+    again = holdout_similarities(run_store, "digits", index, 50, seed=1)
+    np.testing.assert_array_equal(sims, again)  # a seeded subset
+    section = threshold_free_section(run_store, "e", "digits", index, 50, seed=1)
+    pct = holdout_percentiles(sims)
+    assert section["holdout"] == {**pct, "num_images": 50, "seed": 1}
+    # run e's ddim samples are 8 training images: all above both percentiles
+    assert section["samplers"] == {
+        "ddim": {"num_samples": 8, "above_holdout_p95": 1.0, "above_holdout_p99": 1.0}
+    }
+    # given held-out similarities are used as they are
+    forced = threshold_free_section(run_store, "e", "digits", index, holdout_sims=np.full(9, 2.0))
+    assert forced["holdout"]["num_images"] == 9
+    assert forced["samplers"]["ddim"]["above_holdout_p99"] == 0.0
+
+
+def test_evaluate_run_adds_the_threshold_free_section_and_group_aucs(run_store):
+    train = read_image_shards(run_store, "data/digits/train")
+    report, _ = evaluate_run(
+        run_store, "e", "digits", FAST, replica_index=ExactIndex(train.images), max_holdout=40,
+        member_groups={"copied": set(train.keys[:8])},
+    )  # fmt: skip
+    tf = report["threshold_free"]
+    assert tf["holdout"]["num_images"] == 40 and tf["holdout"]["seed"] == FAST.seed
+    assert tf["samplers"]["ddim"]["above_holdout_p99"] == 1.0
+    groups = report["membership_inference"]["nn_distance"]["ddim"]["groups"]
+    assert set(groups) == {"copied"} and 0 <= groups["copied"]["num_members"] <= 4
+    json.dumps(report)
+
+
+def test_sweep_and_attack_draws_the_attack_sets_once_and_threads_them(run_store, monkeypatch):
+    """The wiring alone (Tune and the model attacks replaced): one draw of the attack sets feeds
+    the sweep's sample-only attack and the membership attacks."""
+    import pipeline.evaluation.evaluate as ev
+    import pipeline.evaluation.sweep as sw
+    from pipeline.core.config import ReplicaConfig, SamplerConfig
+    from pipeline.evaluation.mia import SampleOnlyAttack
+
+    calls = {"sets": 0}
+    real_attack_sets = ev.attack_sets
+
+    def counting_attack_sets(*args, **kwargs):
+        calls["sets"] += 1
+        return real_attack_sets(*args, **kwargs)
+
+    def fake_sweep(store, run, dataset, points, num_samples, seed, evaluator, target_rate,
+                   sampler, replicas, include_ddim, **kw):  # fmt: skip
+        calls["sweep"] = kw
+        row = {"index": 0, "label": "a=0.5 s=3", "sampler": "cpsample", "alpha": 0.5,
+               "scale": 3.0, "replication_rate": 0.0, "mean_nn_similarity": 0.5,
+               "guidance_fired_fraction": 0.5, "quality": {"fd": 2.0},
+               "above_holdout_p99": 0.2, **kw["attack"].aucs(sets_seen["members"])}  # fmt: skip
+        return sw.summarise([row], target_rate, kw["target_above_p99"])
+
+    def fake_attacks(store, run, dataset, sampler, cfg, member_groups=None, sets=None):
+        calls["attacks"] = {"groups": member_groups, "sets": sets}
+        return {}
+
+    sets_seen = {}
+    monkeypatch.setattr(ev, "attack_sets", counting_attack_sets)
+    monkeypatch.setattr(sw, "run_sweep", fake_sweep)
+    monkeypatch.setattr(ev, "run_attacks", fake_attacks)
+    train = read_image_shards(run_store, "data/digits/train")
+    members = ev.run_sets(run_store, "e", "digits", EvalConfig(num_members=4, num_nonmembers=6))
+    sets_seen["members"] = members.members.images
+    calls["sets"] = 0
+    groups = {"dup": set(members.members.keys[:2])}
+    extra = {"index": 0, "label": "ddim", "sampler": "ddim", "alpha": None, "scale": 0.0,
+             "replication_rate": 0.3, "mean_nn_similarity": 0.9, "guidance_fired_fraction": 0.0,
+             "quality": {"fd": 1.0}, "source": "main"}  # fmt: skip
+    out, figures = ev.sweep_and_attack(
+        run_store, "e", "digits", SamplerConfig(), ReplicaConfig(), num_members=4,
+        num_nonmembers=6, extra_rows=[extra], holdout_sims=np.linspace(0, 1, 11),
+        member_groups=groups, target_above_p99=0.25, extra_pixels={"ddim": train.images[:3]},
+    )  # fmt: skip
+    assert calls["sets"] == 1  # drawn once for the sweep and the attacks
+    kw = calls["sweep"]
+    assert isinstance(kw["attack"], SampleOnlyAttack) and kw["target_above_p99"] == 0.25
+    assert kw["attack"].describe()["groups"] == {"dup": 2}
+    np.testing.assert_array_equal(kw["holdout_sims"], np.linspace(0, 1, 11))
+    assert calls["attacks"]["groups"] == groups
+    assert calls["attacks"]["sets"].members.keys == members.members.keys
+    rows = {p["label"]: p for p in out["sweep"]["points"]}
+    assert rows["a=0.5 s=3"]["mia_auc"] == 1.0 and rows["a=0.5 s=3"]["mia_auc_dup"] == 1.0
+    assert 0.0 <= rows["ddim"]["mia_auc"] <= 1.0  # the extra row, scored on its pixels
+    assert "mia_auc" not in extra  # the caller's row is left alone
+    assert out["sweep"]["target_above_p99"] == 0.25
+    assert out["sweep"]["recommended"]["label"] == "a=0.5 s=3"  # 0.2 <= 0.25
+    assert figures["pareto.png"][:8] == PNG

@@ -6,19 +6,15 @@ import io
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from pipeline.data.storage import open_store
 from pipeline.evaluation.report import (
     evaluation_markdown,
     grid_figure,
-    histogram_figure,
     job_markdown,
     markdown,
     merge_report,
-    pairs_figure,
-    pareto_figure,
     roc_figure,
     write_report,
 )
@@ -274,57 +270,6 @@ def test_evaluation_markdown_covers_fid_attacks_and_the_sweep():
 
 
 # ------------------------------------------------------------------------------------ the figures
-def test_pairs_figure_is_a_png_with_a_red_frame_per_copy():
-    rng = np.random.default_rng(0)
-    samples = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
-    neighbours = rng.integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
-    none = _decode(pairs_figure(samples, neighbours, np.array([0.5, 0.6, 0.7, 0.8]), 0.97, "t"))
-    one = _decode(pairs_figure(samples, neighbours, np.array([0.5, 0.99, 0.7, 0.8]), 0.97, "t"))
-    four = _decode(pairs_figure(samples, neighbours, np.full(4, 0.99), 0.97, "t"))
-    _within(one.shape, 2 * 4 * 1.1, 1.25)  # cols=4: 8 panels of 1.1 in, one row of 1.25 in
-    assert none.shape == one.shape == four.shape
-    assert _red(none) == 0 < _red(one) < _red(four)
-    # a second row of pairs adds about one row's height (1.25 in)
-    eight = _decode(
-        pairs_figure(
-            np.concatenate([samples] * 2),
-            np.concatenate([neighbours] * 2),
-            np.full(8, 0.5),
-            0.97,
-            "t",
-        )
-    )
-    assert eight.shape[1] == one.shape[1]
-    assert 0.8 * 1.25 * DPI <= eight.shape[0] - one.shape[0] <= 1.25 * DPI + 1
-
-
-@pytest.mark.parametrize("channels", [1, 3])
-def test_grid_figure_draws_the_images_in_rows_of_cols(channels):
-    black = _decode(grid_figure(np.zeros((16, 8, 8, channels), np.uint8), "t"))
-    white = _decode(grid_figure(np.full((16, 8, 8, channels), 255, np.uint8), "t"))
-    _within(black.shape, 16 * 0.6, 0.6)
-    assert black.shape == white.shape
-    dark = lambda a: float((a.mean(-1) < 30).mean())  # noqa: E731
-    assert dark(black) > 0.3 and dark(white) < 0.01
-    two_rows = _decode(grid_figure(np.zeros((17, 8, 8, channels), np.uint8), "t"))
-    assert two_rows.shape[1] == black.shape[1]
-    assert 0.8 * 0.6 * DPI <= two_rows.shape[0] - black.shape[0] <= 0.6 * DPI + 1
-
-
-def test_histogram_roc_and_pareto_figures_are_pngs_of_their_size():
-    rng = np.random.default_rng(1)
-    hist = _decode(histogram_figure({"ddim": rng.random(50), "cpsample": rng.random(50)}, 0.97))
-    _within(hist.shape, 6.5, 3.6)
-    assert _red(hist) > 0  # the threshold line
-    roc = _decode(roc_figure({"ddim": _attack(0.5), "cpsample": _attack(0.9)}, "attack"))
-    _within(roc.shape, 5.0, 4.2)
-    empty = {"quality_metric": None, "points": [], "target_rate": 0.02, "threshold": 0.97}
-    data = pareto_figure(empty)
-    _within(_decode(data).shape, 6.5, 4.2)
-    described = json.loads(Image.open(io.BytesIO(data)).text["Description"])
-    assert described == {"quality_metric": None, "points": []}
-
-
 def test_write_report_writes_figures_json_markdown_and_the_root_copy(tmp_path):
     store = open_store(str(tmp_path / "s"))
     fig = grid_figure(np.zeros((2, 8, 8, 1), np.uint8), "t")
@@ -341,3 +286,94 @@ def test_write_report_writes_figures_json_markdown_and_the_root_copy(tmp_path):
     md = store.read_bytes("reports", "demo", "report.md").decode()
     assert md.index("![a.png](a.png)") < md.index("![z.png](z.png)")
     assert "| reconstruction | ddim | 0.625 |" in md
+
+
+# ------------------------------------------------------------- threshold-free shares and the attack
+def _sweep_point(label, sampler, rate, fd, **extra):
+    return {
+        "label": label,
+        "sampler": sampler,
+        "alpha": None if sampler == "ddim" else 0.5,
+        "scale": 0.0 if sampler == "ddim" else 3.0,
+        "replication_rate": rate,
+        "mean_nn_similarity": 0.9,
+        "quality": {"fd": fd},
+        "guidance_fired_fraction": 0.0 if sampler == "ddim" else 0.5,
+        **extra,
+    }
+
+
+def test_markdown_tables_gain_the_privacy_columns_when_present():
+    report = _demo_report(
+        membership_inference={"nn_distance": {"ddim": _attack(0.875)}},
+        threshold_free={
+            "holdout": {"holdout_p95": 0.8, "holdout_p99": 0.9, "num_images": 200, "seed": 0},
+            "samplers": {
+                "ddim": {"num_samples": 128, "above_holdout_p95": 0.25, "above_holdout_p99": 0.125},
+                "cpsample": {"num_samples": 128, "above_holdout_p95": 0.0625,
+                             "above_holdout_p99": 0.0078125},
+            },
+        },
+    )  # fmt: skip
+    report["holdout_baseline"].update(above_holdout_p95=0.05, above_holdout_p99=0.01)
+    lines = markdown(report, []).splitlines()
+    assert (
+        "| | samples | replication rate | mean NN similarity | FD | confident fraction | "
+        "guidance fired | > held-out p95 | > held-out p99 | NN-attack AUC |"
+    ) in lines
+    assert "|---|---|---|---|---|---|---|---|---|---|" in lines
+    assert "| ddim | 128 | 12.50% | 0.9123 | 12.35 | 0.5 | - | 25.00% | 12.50% | 0.875 |" in lines
+    assert "| cpsample | 128 | 0.78% | 0.8000 | - | - | 0.25 | 6.25% | 0.78% | - |" in lines
+    assert "| held-out real (baseline) | - | 1.56% | 0.8500 | | | | 5.00% | 1.00% |  |" in lines
+    assert any("p95 / p99 (p95 = 0.8000, p99 = 0.9000)" in x for x in lines)
+    md = evaluation_markdown(report)
+    assert "## Threshold-free replication" in md and "200 held-out real images" in md
+    assert "| ddim | 128 | 25.00% | 12.50% |" in md
+    # a sampler row's own AUC wins over the attack section's
+    report["samplers"]["ddim"]["mia_auc"] = 0.5
+    assert "| 25.00% | 12.50% | 0.500 |" in markdown(report, [])
+
+
+def test_sweep_table_and_attack_table_show_shares_and_group_aucs():
+    points = [
+        _sweep_point("ddim", "ddim", 0.25, 3.0, above_holdout_p95=0.5, above_holdout_p99=0.4,
+                     mia_auc=0.9, mia_auc_duplicated=1.0, mia_auc_unique=0.7),
+        _sweep_point("b", "cpsample", 0.0, 4.5, above_holdout_p95=0.05, above_holdout_p99=0.02,
+                     mia_auc=0.55, mia_auc_duplicated=0.6, mia_auc_unique=0.5),
+        _sweep_point("c *", "cpsample", 0.0, 5.0),  # a row scored without the privacy axes
+    ]  # fmt: skip
+    rule = "best fd among CPSample points within both targets"
+    sweep = {"num_samples": 12, "target_rate": 0.02, "target_above_p99": 0.05,
+             "quality_metric": "fd", "pareto_front": ["ddim", "b"], "points": points,
+             "holdout_percentiles": {"holdout_p95": 0.8, "holdout_p99": 0.9, "num_holdout": 50},
+             "mia": {"num_members": 8, "num_nonmembers": 16},
+             "recommended": {"label": "b", "alpha": 0.5, "scale": 3.0, "replication_rate": 0.0,
+                             "above_holdout_p99": 0.02, "fd": 4.5, "rule": rule}}  # fmt: skip
+    groups = {
+        "duplicated": {"auc": 1.0, "num_members": 3, "member_mean": 0.99},
+        "empty": {"auc": None, "num_members": 0, "member_mean": None},
+    }
+    mi = {"nn_distance": {"ddim": {**_attack(0.875), "groups": groups}}}
+    md = evaluation_markdown({"sweep": sweep, "membership_inference": mi})
+    assert (
+        "| point | replication rate | > held-out p95 | > held-out p99 | NN-attack AUC | "
+        "AUC duplicated | AUC unique | mean NN similarity | quality | guidance fired | Pareto |"
+    ) in md
+    assert (
+        "| ddim | 25.00% | 50.00% | 40.00% | 0.900 | 1.000 | 0.700 | 0.9000 | 3 | 0.000 | yes |"
+        in md
+    )
+    assert (
+        "| b | 0.00% | 5.00% | 2.00% | 0.550 | 0.600 | 0.500 | 0.9000 | 4.5 | 0.500 | yes |" in md
+    )
+    assert "| c * | 0.00% | - | - | - | - | - | 0.9000 | 5 | 0.500 |  |" in md
+    assert "and share above the held-out p99 <= 5.0%" in md
+    assert "(p95 = 0.8000, p99 = 0.9000)" in md and "8 members, 16 non-members" in md
+    assert "(replication rate 0.00%, share above the held-out p99 2.00%, best fd" in md
+    assert f"Rule: {rule}." in md
+    rows = [x for x in md.splitlines() if x.startswith("| nn_distance")]
+    assert rows == [
+        "| nn_distance | ddim | 0.875 | 0.100 | 0.02 | 0.5 | 0.6 | 4/6 |",
+        "| nn_distance | ddim: duplicated members | 1.000 | - | - | 0.99 | 0.6 | 3/6 |",
+        "| nn_distance | ddim: empty members | - | - | - | - | 0.6 | 0/6 |",
+    ]

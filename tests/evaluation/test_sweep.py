@@ -44,6 +44,8 @@ def test_pareto_front_and_recommendation():
         "label": None,
         "reason": "no point reaches replication rate <= 0.005",
         "closest": "b",
+        "rule": "best fd among CPSample points with replication rate <= 0.005; "
+        "ties: the lower replication rate",
     }
     summary = summarise(list(reversed(pts)), 0.02)
     assert [p["label"] for p in summary["points"]] == ["ddim", "a", "b", "c", "d"]
@@ -76,6 +78,102 @@ def test_score_point_counts_copies_and_merge_reorders_rows():
     assert [p["index"] for p in merged["points"]] == [0, 1, 2, 3]
     assert merged["recommended"]["label"] == "a=0.5 s=5"  # best quality with rate <= 2%
     assert merged["num_samples"] == 8 and merged["wall_s"] == 1.0
+
+
+def test_recommend_refuses_a_point_piled_up_above_the_held_out_p99():
+    """Point "a" has the best quality and no copies at the threshold, but 30% of its samples lie
+    above the held-out p99 (real images: 1%): refused while its share exceeds the p99 target."""
+    pts = [
+        {**_pt(0, "ddim", 0.40, 1.0, "ddim"), "above_holdout_p99": 0.6},
+        {**_pt(1, "a", 0.00, 2.0), "above_holdout_p99": 0.30},
+        {**_pt(2, "b", 0.01, 3.0), "above_holdout_p99": 0.02},
+        {**_pt(3, "c", 0.01, 4.0), "above_holdout_p99": 0.01},
+    ]
+    rec = recommend(pts, "fd", 0.02)  # the default p99 target: 0.05
+    assert rec["label"] == "b" and rec["above_holdout_p99"] == 0.02 and rec["fd"] == 3.0
+    assert "share above the held-out p99 <= 0.05" in rec["rule"]
+    assert recommend(pts, "fd", 0.02, target_above_p99=0.5)["label"] == "a"
+    # rows without the shares: the rate alone decides, as before
+    plain = [{k: v for k, v in p.items() if k != "above_holdout_p99"} for p in pts]
+    assert recommend(plain, "fd", 0.02)["label"] == "a"
+    assert "held-out" not in recommend(plain, "fd", 0.02)["rule"]
+    # no point meets both: the closest misses them by the least summed excess
+    none = recommend(pts, "fd", 0.02, target_above_p99=0.0)
+    assert none["label"] is None and none["closest"] == "c"
+    assert none["reason"] == (
+        "no point reaches replication rate <= 0.02 and share above the held-out p99 <= 0.0"
+    )
+    summary = summarise(pts, 0.02, 0.015)
+    assert summary["target_above_p99"] == 0.015 and summary["recommended"]["label"] == "c"
+    assert summarise(pts, 0.02)["target_above_p99"] == 0.05
+    with pytest.raises(ValueError, match="target_above_p99 must be in"):
+        summarise(pts, 0.02, 1.5)
+
+
+def test_sweep_config_validates_the_p99_target():
+    from pipeline.core.config import ConfigError, SweepConfig
+
+    assert SweepConfig().target_above_p99 == 0.05 and SweepConfig().max_holdout == 2000
+    assert SweepConfig(target_above_p99=0.0).target_above_p99 == 0.0
+    for bad in (-0.1, 1.01):
+        with pytest.raises(ConfigError, match="target_above_p99 must be in"):
+            SweepConfig(target_above_p99=bad)
+    with pytest.raises(ConfigError, match="max_holdout"):
+        SweepConfig(max_holdout=0)
+
+
+def test_score_point_adds_threshold_free_shares_and_the_sample_only_attack():
+    import numpy as np
+
+    from pipeline.evaluation.mia import SampleOnlyAttack
+    from pipeline.evaluation.shares import holdout_percentiles
+    from pipeline.fanout.index import l2_normalise
+
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, size=(6, 4, 4, 1), dtype=np.uint8)
+    flat = train.reshape(6, -1).astype(np.float32) / 255.0
+    mean = flat.mean(0)
+    emb = l2_normalise(flat - mean)
+    fresh = rng.integers(0, 256, size=(5, 4, 4, 1), dtype=np.uint8)
+    pixels = np.concatenate([train[:3], fresh])  # 3 copies, 5 fresh images
+    point = {"index": 0, "label": "ddim", "sampler": "ddim", "alpha": None, "scale": 0.0}
+    # held-out images at most 0.999 similar: only the 3 copies (about 1.0) lie above p95 and p99
+    holdout = np.r_[np.linspace(-0.2, 0.5, 90), np.full(10, 0.999)]
+    row = score_point(point, pixels, 0.0, emb, mean, 0.97, holdout_sims=holdout)
+    assert row["above_holdout_p95"] == row["above_holdout_p99"] == pytest.approx(3 / 8)
+    assert row["holdout_p99"] == pytest.approx(0.999)
+    assert "mia_auc" not in row
+    # the percentiles instead of the similarities: the same row
+    again = score_point(
+        point, pixels, 0.0, emb, mean, 0.97, holdout_sims=holdout_percentiles(holdout)
+    )
+    assert again == row
+    # members = the copied training images, non-members never sampled: a perfect attack
+    groups = {"dup": np.array([True, False, False]), "none": np.zeros(3, bool)}
+    attack = SampleOnlyAttack(train[:3], rng.integers(0, 256, (7, 4, 4, 1), np.uint8), mean, groups)
+    row = score_point(point, pixels, 0.0, emb, mean, 0.97, attack=attack)
+    assert row["mia_auc"] == 1.0 and row["mia_auc_dup"] == 1.0 and "mia_auc_none" not in row
+    assert "above_holdout_p95" not in row
+    # samples that copy nothing: the attack has nothing to find
+    row = score_point(point, fresh, 0.0, emb, mean, 0.97, attack=attack)
+    assert row["mia_auc"] < 1.0
+
+
+def test_merge_points_keeps_the_privacy_details_and_the_p99_target():
+    a = {**_pt(0, "a=0.5 s=3", 0.0, 1.0), "scale": 3.0, "above_holdout_p99": 0.2, "mia_auc": 0.9}
+    sweep = summarise([a], 0.02, 0.1, holdout_percentiles={"holdout_p99": 0.9}, mia={"x": 1})
+    assert sweep["recommended"]["label"] is None  # 0.2 > 0.1
+    b = {**_pt(0, "a=0.5 s=5", 0.01, 2.0), "scale": 5.0, "above_holdout_p99": 0.01}
+    merged = merge_points(sweep, [b], 0.02, 0.1)
+    assert merged["recommended"]["label"] == "a=0.5 s=5"
+    assert merged["holdout_percentiles"] == {"holdout_p99": 0.9} and merged["mia"] == {"x": 1}
+    assert merged["target_above_p99"] == 0.1
+    assert merge_points(sweep, [b], 0.02, 0.5)["recommended"]["label"] == "a=0.5 s=3"
+
+
+def test_sweep_job_refuses_a_p99_target_outside_zero_one():
+    proc = _job("sweep.py", "--store", "/nonexistent", "--target-above-p99", "1.5")
+    assert proc.returncode == 2 and "target_above_p99 must be in [0, 1]" in proc.stderr
 
 
 def test_make_points_validates_knobs():
@@ -112,19 +210,41 @@ def tiny_store(tmp_path_factory):
 
 
 def test_sweep_with_ray_tune_writes_plot_matching_report(ray_local, tiny_store):
-    from pipeline.core.config import SamplerConfig
+    import numpy as np
+
+    from pipeline.core.config import ReplicaConfig, SamplerConfig
     from pipeline.data.shards import read_image_shards
     from pipeline.evaluation.domain import train_domain_evaluator
+    from pipeline.evaluation.evaluate import attack_sets, holdout_similarities, sample_only_attack
     from pipeline.evaluation.report import merge_report
+    from pipeline.evaluation.shares import holdout_percentiles
     from pipeline.evaluation.sweep import run_sweep
+    from pipeline.fanout.replica_index import LazyReplicaIndex, ensure_replica_index
 
     holdout = read_image_shards(tiny_store, "data/digits/holdout")
     evaluator = train_domain_evaluator(holdout.to_tensor(), torch.tensor(holdout.labels), 2)
     sampler = SamplerConfig(steps=4, batch_size=16)
+    # the privacy references: held-out similarities in the stored index, a sample-only attack
+    replicas = ReplicaConfig()
+    sidecar = ensure_replica_index(tiny_store, "digits", replicas)
+    index = LazyReplicaIndex(tiny_store, sidecar, replicas)
+    holdout_sims = holdout_similarities(tiny_store, "digits", index, 100, seed=0)
+    assert holdout_sims.shape == (100,) and np.all(holdout_sims < 1.0)
+    sets = attack_sets(tiny_store, "digits", 8, 16, seed=0)
+    attack = sample_only_attack(sets, {"first": set(sets.members.keys[:4])})
     result = run_sweep(
         tiny_store, "t", "digits", [(0.5, 1.0), (0.5, 50.0)], num_samples=12, seed=3,
         evaluator=evaluator, target_rate=1.0, sampler=sampler, verbose=0,
+        holdout_sims=holdout_sims, attack=attack, target_above_p99=1.0,
     )  # fmt: skip
+    pct = holdout_percentiles(holdout_sims)
+    assert result["holdout_percentiles"] == {**pct, "num_holdout": 100}
+    assert result["mia"]["num_members"] == 8 and result["mia"]["groups"] == {"first": 4}
+    for p in result["points"]:
+        assert p["holdout_p95"] == pct["holdout_p95"] and p["holdout_p99"] == pct["holdout_p99"]
+        assert 0.0 <= p["above_holdout_p99"] <= p["above_holdout_p95"] <= 1.0
+        assert 0.0 <= p["mia_auc"] <= 1.0 and 0.0 <= p["mia_auc_first"] <= 1.0
+    assert "rule" in result["recommended"] and result["target_above_p99"] == 1.0
     merge_report(tiny_store, "t", {"sweep": result})
     png = tiny_store.read_bytes("reports", "t", "pareto.png")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -145,16 +265,20 @@ def test_sweep_with_ray_tune_writes_plot_matching_report(ray_local, tiny_store):
 
     plotted = json.loads(Image.open(io.BytesIO(png)).text["Description"])
     assert plotted["quality_metric"] == "fd"
+    assert plotted["colour"] == "mia_auc" and plotted["second_panel"] == "above_holdout_p99"
     assert plotted["points"] == [
         {
             "label": p["label"],
             "replication_rate": p["replication_rate"],
             "quality": p["quality"]["fd"],
+            "above_holdout_p99": p["above_holdout_p99"],
+            "mia_auc": p["mia_auc"],
         }
         for p in pts
     ]
     md = tiny_store.read_bytes("reports", "t", "report.md").decode()
     assert "(alpha, s) trade-off sweep" in md and "![pareto.png](pareto.png)" in md
+    assert "| > held-out p95 | > held-out p99 | NN-attack AUC | AUC first |" in md
     # the same seeds at every point: the weak-guidance point stays close to DDIM, the strong one not
     assert pts[1]["mean_nn_similarity"] != pts[2]["mean_nn_similarity"]
 
@@ -181,8 +305,13 @@ def test_evaluate_job_merges_attacks_into_report(tiny_store):
             assert r["num_members"] == 8 and r["num_nonmembers"] == 8
     assert report["fid"]["skipped"].startswith("no --inception-weights")
     assert tiny_store.exists("reports", "t", "roc_reconstruction.png")
+    # the threshold-free reference: the held-out images (all 120, under --max-holdout) in the index
+    tf = report["threshold_free"]
+    assert tf["holdout"]["num_images"] == 120 and tf["samplers"] == {}  # run t has no samples
+    assert 0.0 < tf["holdout"]["holdout_p95"] <= tf["holdout"]["holdout_p99"] < 1.0
     md = tiny_store.read_bytes("reports", "t", "report.md").decode()
     assert "## Membership inference" in md and "| reconstruction | cpsample |" in md
+    assert "## Threshold-free replication" in md and "120 held-out real images" in md
 
 
 def test_evaluate_job_missing_weights_is_a_user_error(tiny_store, tmp_path):

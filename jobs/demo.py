@@ -3,6 +3,7 @@
     python jobs/demo.py --out demo-out            # digits, 9-12 minutes on 2 cores
     python jobs/demo.py --out /tmp/q --quick      # tiny configuration for tests (< 3 minutes)
     python jobs/demo.py --out out --data ./my_images --seed 1
+    python jobs/demo.py --out dup-out --scenario duplicates   # duplicated training images
 
 Writes data/, models/, samples/, reports/ and report.json under --out (DESIGN.md sections 4-5).
 """
@@ -32,6 +33,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="tiny configuration for tests")
     p.add_argument(
+        "--scenario",
+        choices=("memorise", "duplicates"),
+        default="memorise",
+        help="memorise: the denoiser trains on 64 digits until it copies them (default); "
+        "duplicates: all the digits with 16 pictures repeated 101 times as near-duplicates, "
+        "comparing DDIM, CPSample with key bits and CPSample with cluster bits",
+    )
+    p.add_argument(
         "--seed",
         type=int,
         default=0,
@@ -54,12 +63,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> DemoConfig:
     from pipeline.orchestration.demo import quick_config, with_seed
 
-    cfg = (
-        load_yaml(DemoConfig, args.config)
-        if args.config
-        else (quick_config() if args.quick else DemoConfig())
-    )
-    cfg = with_seed(cfg, args.seed)
+    if args.config:
+        cfg = with_seed(load_yaml(DemoConfig, args.config), args.seed)
+    elif args.scenario == "duplicates":
+        if args.data:
+            from pipeline.core.config import ConfigError
+
+            raise ConfigError("--scenario duplicates runs on the digits; drop --data")
+        from pipeline.orchestration.duplicates import duplicates_config
+
+        cfg = duplicates_config(args.seed, args.quick)
+    else:
+        cfg = with_seed(quick_config() if args.quick else DemoConfig(), args.seed)
     overrides = {
         k: v
         for k, v in (
@@ -77,6 +92,19 @@ def build_config(args: argparse.Namespace) -> DemoConfig:
 def main() -> None:
     args = parse_args()
     cfg = build_config(args)
+    if cfg.duplicates is not None:
+        from pipeline.orchestration.duplicates import run_duplicates
+
+        report = run_duplicates(
+            cfg, args.out, progress=not args.no_progress, overwrite=args.overwrite
+        )
+        for name, r in report["samplers"].items():
+            print(
+                f"{name:17s} replication {r['replication_rate']:.2%} (duplicated "
+                f"{r['replication_duplicated']:.2%}, unique {r['replication_unique']:.2%})  "
+                f"> held-out p99 {r['above_holdout_p99']:.2%}  quality {r.get('quality')}"
+            )
+        return
     from pipeline.orchestration.demo import run_demo
 
     report = run_demo(

@@ -27,6 +27,7 @@ from pipeline.evaluation.displacement import displacement, pair_by_seed
 from pipeline.evaluation.domain import train_domain_evaluator
 from pipeline.evaluation.evaluate import sweep_and_attack
 from pipeline.evaluation.report import grid_figure, histogram_figure, pairs_figure, write_report
+from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
 from pipeline.evaluation.sweep import point_label, score_point
 from pipeline.fanout.ray_init import init_ray
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec
@@ -64,7 +65,7 @@ def demo_inputs(cfg: DemoConfig, data: str | None) -> dict[str, str]:
     inputs = {
         name: value_digest(value)
         for name, value in dataclasses.asdict(cfg).items()
-        if name not in EXECUTION_FIELDS
+        if name not in EXECUTION_FIELDS and not (name == "duplicates" and value is None)
     }
     inputs["data"] = value_digest(str(Path(data).resolve()) if data else "digits")
     return inputs
@@ -219,11 +220,14 @@ def run_demo(
             annotate=False,
             name="holdout",
         )
+    holdout_sims = np.asarray([r["nn_similarity"] for r in base_rows])
+    percentiles = holdout_percentiles(holdout_sims)
     with timer.stage("quality"):
         quality, figures, evaluator, images = _quality_and_figures(
             store, runs, checked, base_rows, holdout, train_set, cfg
         )
     moved = _displacement(checked, images, base_rows, cfg.replicas.threshold)
+    main_rows = _main_rows(cfg, runs, images, spec, evaluator, holdout_sims)
     with timer.stage("sweep_and_attack"):
         sw = cfg.sweep
         main = (cfg.sampler.alpha, cfg.sampler.scale)
@@ -233,7 +237,9 @@ def run_demo(
             points=[(a, s) for a in sw.alphas for s in sw.scales if (a, s) != main],
             num_samples=sw.num_samples, target_rate=sw.target_rate, num_members=cfg.mia_members,
             num_nonmembers=cfg.mia_nonmembers, include_ddim=sw.include_ddim,
-            extra_rows=_main_rows(cfg, runs, images, spec, evaluator),
+            extra_rows=main_rows, holdout_sims=holdout_sims,
+            target_above_p99=sw.target_above_p99,
+            extra_pixels={r["label"]: images[r["sampler"]][: sw.num_samples] for r in main_rows},
         )  # fmt: skip
         figures.update(privacy_figures)
     report = {
@@ -244,15 +250,20 @@ def run_demo(
         "embedding": cfg.replicas.embedding,
         "seed": cfg.seed,
         "samplers": {
-            name: _sampler_report(
-                checked[name][0],
-                runs[name],
-                quality[name],
-                dataclasses.replace(cfg.sampler, sampler=name),
-            )
+            name: {
+                **_sampler_report(
+                    checked[name][0],
+                    runs[name],
+                    quality[name],
+                    dataclasses.replace(cfg.sampler, sampler=name),
+                ),
+                **threshold_free_shares(
+                    np.asarray([r["nn_similarity"] for r in checked[name][1]]), percentiles
+                ),
+            }
             for name in runs
         },
-        "holdout_baseline": base_stats.to_dict(),
+        "holdout_baseline": {**base_stats.to_dict(), **percentiles},
         "displacement": moved,
         "provenance": {
             **{m: _model_provenance(store, m) for m in ("denoiser", "classifier")},
@@ -294,7 +305,9 @@ def _displacement(checked, images, base_rows, threshold: float) -> dict[str, Any
     return displacement(ddim, guided, np.asarray([sim_of[k] for k in common]), threshold, far_below)
 
 
-def _main_rows(cfg: DemoConfig, runs, images, spec, evaluator) -> list[dict[str, Any]]:
+def _main_rows(
+    cfg: DemoConfig, runs, images, spec, evaluator, holdout_sims: np.ndarray
+) -> list[dict[str, Any]]:
     """Sweep rows for the main DDIM and CPSample runs, scored on their first ``sweep.num_samples``
     samples (so that every point's Fréchet distance uses the same number of samples); the sweep then
     samples only the other (alpha, s) points."""
@@ -311,7 +324,7 @@ def _main_rows(cfg: DemoConfig, runs, images, spec, evaluator) -> list[dict[str,
         fired = runs[name].get("guidance_fired_fraction") or 0.0
         row = score_point(
             point, images[name][:n], float(fired), spec.embeddings, spec.mean,
-            cfg.replicas.threshold, evaluator,
+            cfg.replicas.threshold, evaluator, holdout_sims=holdout_sims,
         )  # fmt: skip
         row["source"] = f"the main {name} run (its first {min(n, len(images[name]))} samples)"
         rows.append(row)
@@ -349,7 +362,9 @@ def _quality_and_figures(
             images[:k], neighbours, sims[:k], stats.threshold, name
         )
         figures[f"samples_{name}.png"] = grid_figure(images[:64], f"{name} samples")
-    sims_by_name["held-out real"] = np.asarray([r["nn_similarity"] for r in base_rows])
-    figures["nn_similarity_hist.png"] = histogram_figure(sims_by_name, cfg.replicas.threshold)
+    sims_by_name["held-out real"] = base = np.asarray([r["nn_similarity"] for r in base_rows])
+    figures["nn_similarity_hist.png"] = histogram_figure(
+        sims_by_name, cfg.replicas.threshold, holdout_percentiles(base)
+    )
     figures["train_images.png"] = grid_figure(train_set.images[:64], "training images")
     return quality, figures, evaluator, images_by_name

@@ -61,7 +61,7 @@ def main() -> None:
     from pipeline.data.imageset import DataError
     from pipeline.data.storage import open_store
     from pipeline.fanout.ray_init import init_ray
-    from pipeline.orchestration.stages import replica_check_report
+    from pipeline.orchestration.replica_report import replica_check_report
 
     store = open_store(args.store, args.s3_endpoint)
     if not store.listdir("samples", args.run, args.sampler):

@@ -369,12 +369,19 @@ def _search_task(store: Store, sidecar: dict[str, Any], cfg: ReplicaConfig, imag
         index.close()
 
 
-def _measure_build(store: Store, dataset: str, cfg: ReplicaConfig, sidecar: dict[str, Any]):
-    """recall@1 and decision agreement on perturbed training images and held-out images."""
+def search_in_task(store: Store, sidecar: dict[str, Any], cfg: ReplicaConfig, images: np.ndarray):
+    """``(sims, rows)`` of ``images`` in the stored index, searched in one Ray task (the caller never
+    loads the index)."""
     import ray
 
+    return ray.get(_remote(_search_task).remote(store, sidecar, cfg, images))
+
+
+def _measure_build(store: Store, dataset: str, cfg: ReplicaConfig, sidecar: dict[str, Any]):
+    """recall@1 and decision agreement on perturbed training images and held-out images."""
+
     queries = measurement_queries(store, dataset, sidecar, cfg.measure_queries)
-    sims, _ = ray.get(_remote(_search_task).remote(store, sidecar, cfg, queries))
+    sims, _ = search_in_task(store, sidecar, cfg, queries)
     exact, _ = exact_search_ray(store, sidecar, queries)
     return {
         **measure_recall(sims, exact, cfg.threshold),

@@ -29,7 +29,7 @@ from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import read_image_shards, read_tar, write_image_shards
 from pipeline.data.storage import open_store
 from pipeline.fanout.sampling import run_sampling, sample_key, sample_seed
-from pipeline.orchestration.stages import replica_check_report
+from pipeline.orchestration.replica_report import replica_check_report
 
 TINY_UNET = UNetConfig(sample_size=8, channels=1, block_out_channels=(8, 16), norm_num_groups=8)
 TINY_CLF = ClassifierArchConfig(

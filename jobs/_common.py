@@ -61,6 +61,42 @@ def add_store_args(parser) -> None:
     add_s3_endpoint_arg(parser)
 
 
+def add_embedding_args(parser) -> None:
+    """``--embedding``, ``--embedding-size``, ``--embedding-norm``, ``--embedding-channels``,
+    ``--embedding-batch``: the replica check's embedding (``ReplicaConfig``)."""
+    parser.add_argument(
+        "--embedding",
+        metavar="centred|raw|module:PATH",
+        help="centred pixels (default), raw pixels, or module:PATH, a local TorchScript file "
+        "mapping (N, C, H, W) floats to (N, D) vectors, e.g. SSCD for photographs (bring your own "
+        "weights; nothing is downloaded). The default --threshold 0.97 is for centred pixels: "
+        "on SSCD features the literature uses 0.5",
+    )
+    parser.add_argument(
+        "--embedding-size", type=int, help="module: resize to this square size (0: as stored)"
+    )
+    parser.add_argument(
+        "--embedding-norm",
+        choices=["imagenet", "none"],
+        help="module: ImageNet mean/std normalisation of [0, 1] RGB (default), or none",
+    )
+    parser.add_argument(
+        "--embedding-channels", type=int, choices=[1, 3], help="module: input channels"
+    )
+    parser.add_argument("--embedding-batch", type=int, help="module: images per forward pass")
+
+
+def embedding_overrides(args) -> dict:
+    """The ``ReplicaConfig`` values the embedding flags set (None: unset, the config's value)."""
+    return {
+        "embedding": args.embedding,
+        "embedding_size": args.embedding_size,
+        "embedding_norm": args.embedding_norm,
+        "embedding_channels": args.embedding_channels,
+        "embedding_batch": args.embedding_batch,
+    }
+
+
 def load_sections(path: str | None, sections: dict[str, type]) -> dict[str, object]:
     """Read a YAML file of named config sections; every section is optional, unknown ones rejected."""
     from pipeline.core.config import from_dict

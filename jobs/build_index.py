@@ -2,6 +2,7 @@
 
     python jobs/build_index.py --store demo-out --dataset digits
     python jobs/build_index.py --store s3://bucket/prefix --dataset synth1000000 --ray-cpus 8
+    python jobs/build_index.py --store photos-out --dataset photos --embedding module:/models/sscd.pt
 
 Embeds data/<dataset>/train with Ray tasks over groups of shards and writes
 indexes/<dataset>/<embedding>/<kind>/ (the FAISS index, the training images' uint8 rows and keys, the
@@ -9,7 +10,9 @@ mean image) with sidecar.json last: the embedding, dims, parameters, the dataset
 build time, measured recall@1 and replicate-decision agreement, and a build id. Up to
 --exact-max-images training images the index is exact (IndexFlatIP); above, PCA + IVF with exact
 re-ranking of the top candidates (--index flat|ivf forces a kind). A valid stored index (same manifest
-digest and parameters) is reused unless --rebuild; check_replicas and guard sampling load it.
+digest and parameters) is reused unless --rebuild; check_replicas and guard sampling load it. With
+--embedding module:PATH (a local TorchScript file) the folder is indexes/<dataset>/module-<sha256[:12]>/
+and the sidecar records the file's sha256: changed weights make the stored index stale (rebuilt).
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_s3_endpoint_arg, load_sections, override, run_main
+from _common import (
+    add_embedding_args,
+    add_s3_endpoint_arg,
+    embedding_overrides,
+    load_sections,
+    override,
+    run_main,
+)
 
 from pipeline.core.config import ReplicaConfig
 
@@ -34,7 +44,7 @@ def main() -> None:
     )
     p.add_argument("--dataset", default="digits", help="shards under data/<dataset>/train")
     p.add_argument("--config", help="YAML with a 'replicas' section")
-    p.add_argument("--embedding", choices=["centred", "raw"])
+    add_embedding_args(p)
     p.add_argument("--index", choices=["auto", "flat", "ivf"])
     p.add_argument("--exact-max-images", type=int)
     p.add_argument("--nlist", type=int)
@@ -50,9 +60,10 @@ def main() -> None:
     args = p.parse_args()
     cfg = override(
         load_sections(args.config, {"replicas": ReplicaConfig})["replicas"],
-        embedding=args.embedding, index=args.index, exact_max_images=args.exact_max_images,
+        index=args.index, exact_max_images=args.exact_max_images,
         nlist=args.nlist, nprobe=args.nprobe, pca_dims=args.pca_dims, ivf_codec=args.ivf_codec,
         rerank_k=args.rerank_k, threshold=args.threshold, rows_per_task=args.rows_per_task,
+        **embedding_overrides(args),
     )  # fmt: skip
     from pipeline.data.storage import open_store
     from pipeline.fanout.ray_init import init_ray

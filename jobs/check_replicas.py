@@ -2,6 +2,12 @@
 
     python jobs/check_replicas.py --store demo-out --run demo --dataset digits --sampler cpsample
     python jobs/check_replicas.py --store s3://bucket/batch-42 --run batch-42 --index ivf --nprobe 64
+    python jobs/check_replicas.py --store photos-out --run r1 --dataset photos \\
+        --embedding module:/models/sscd_disc_mixup.torchscript.pt --embedding-size 288 --threshold 0.5
+
+--embedding module:PATH embeds with a local TorchScript file (e.g. SSCD for photographs: its weights
+are CC-BY-NC, so bring your own; nothing is downloaded); the default --threshold 0.97 is for centred
+pixels only, on SSCD features the literature calls a copy at cosine > 0.5 (Somepalli et al. 2023).
 
 Loads the stored replica index of data/<dataset>/train (indexes/<dataset>/<embedding>/<kind>/, built
 once by jobs/build_index.py, or here when missing or stale): exact IndexFlatIP up to
@@ -22,7 +28,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_store_args, load_sections, override, run_main
+from _common import (
+    add_embedding_args,
+    add_store_args,
+    embedding_overrides,
+    load_sections,
+    override,
+    run_main,
+)
 
 from pipeline.core.config import ConfigError, ReplicaConfig
 
@@ -35,7 +48,7 @@ def main() -> None:
     p.add_argument("--sampler", choices=["ddim", "cpsample"], default="cpsample")
     p.add_argument("--config", help="YAML with a 'replicas' section")
     p.add_argument("--threshold", type=float)
-    p.add_argument("--embedding", choices=["centred", "raw"])
+    add_embedding_args(p)
     p.add_argument("--index", choices=["auto", "flat", "ivf"])
     p.add_argument("--exact-max-images", type=int)
     p.add_argument("--pca-dims", type=int)
@@ -51,10 +64,10 @@ def main() -> None:
     args = p.parse_args()
     cfg = override(
         load_sections(args.config, {"replicas": ReplicaConfig})["replicas"],
-        threshold=args.threshold, embedding=args.embedding, index=args.index, nlist=args.nlist,
+        threshold=args.threshold, index=args.index, nlist=args.nlist,
         nprobe=args.nprobe, recall_queries=args.recall_queries, pairs_k=args.pairs_k,
         use_gpu=args.use_gpu, exact_max_images=args.exact_max_images, pca_dims=args.pca_dims,
-        rerank_k=args.rerank_k,
+        rerank_k=args.rerank_k, **embedding_overrides(args),
     )  # fmt: skip
     if args.concurrency < 1:
         raise ConfigError(f"--concurrency must be >= 1, got {args.concurrency}")

@@ -7,6 +7,7 @@ allowed range, round-trips through plain dicts (YAML/JSON), and is saved inside 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.core.config_base import (
     ConfigError,
@@ -256,10 +257,17 @@ class SamplerConfig:
 
 @dataclass
 class ReplicaConfig:
-    """Replica check: embedding, FAISS index and the copy threshold."""
+    """Replica check: embedding, FAISS index and the copy threshold. ``embedding``: "centred", "raw"
+    or "module:<path>", a local TorchScript file mapping (N, C, H, W) floats to (N, D), e.g. SSCD
+    (weights CC-BY-NC: bring your own; :mod:`pipeline.fanout.embedders`). ``threshold``: 0.97 is for
+    centred pixels only; on SSCD features a copy is cosine > 0.5 (Somepalli et al. 2023)."""
 
     embedding: str = "centred"
     threshold: float = 0.97
+    embedding_size: int = 0  # module: resize to this square size first (0: as stored)
+    embedding_norm: str = "imagenet"  # module: "imagenet" mean/std of [0, 1] RGB, or "none"
+    embedding_channels: int = 3  # module: its input channels (grey replicated, RGB made grey)
+    embedding_batch: int = 64  # module: images per forward pass
     # the stored index (fanout.replica_index): "auto" = exact IndexFlatIP up to exact_max_images
     # training images, else PCA + IVF re-ranked exactly; "flat" / "ivf" force a kind
     index: str = "auto"
@@ -277,10 +285,13 @@ class ReplicaConfig:
     pairs_k: int = 16  # the k closest sample/training pairs drawn in the report
 
     def __post_init__(self) -> None:
-        _check(
-            self.embedding in ("centred", "raw"),
-            f"embedding must be 'centred' or 'raw', got {self.embedding!r}",
-        )
+        emb, path = self.embedding, self.embedding.removeprefix("module:")
+        msg = f"embedding must be 'centred', 'raw' or 'module:<path to a TorchScript file>', got {emb!r}"
+        _check(emb in ("centred", "raw") or (emb != path and bool(path)), msg)
+        missing = f"embedding module file not found: {path} (a local file; nothing is downloaded)"
+        _check(emb == path or Path(path).expanduser().is_file(), missing)
+        _check(self.embedding_norm in ("imagenet", "none"), f"bad embedding_norm {self.embedding_norm!r}: use 'imagenet' or 'none'")  # fmt: skip
+        _check(self.embedding_channels in (1, 3), f"embedding_channels must be 1 or 3, got {self.embedding_channels}")  # fmt: skip
         _check(-1.0 <= self.threshold <= 1.0, f"threshold must be in [-1, 1], got {self.threshold}")
         _check(
             self.index in ("auto", "flat", "ivf"),
@@ -288,10 +299,10 @@ class ReplicaConfig:
         )
         codecs = ("flat", "sq8")
         _check(self.ivf_codec in codecs, f"ivf_codec must be in {codecs}, got {self.ivf_codec!r}")
-        for name in ("nlist", "train_samples"):  # 0: automatic
+        for name in ("nlist", "train_samples", "embedding_size"):  # 0: automatic / as stored
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("exact_max_images", "nprobe", "pca_dims", "rerank_k", "rows_per_task",
-                     "measure_queries", "recall_queries", "pairs_k"):  # fmt: skip
+                     "measure_queries", "recall_queries", "pairs_k", "embedding_batch"):  # fmt: skip
             _positive(name, getattr(self, name))
 
 

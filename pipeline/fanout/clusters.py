@@ -258,12 +258,23 @@ def load_clusters(store: Store, dataset: str, embedding: str) -> Clusters | None
     return _from_stored(sidecar, members)
 
 
+def _pixel_embedding(replicas: ReplicaConfig) -> None:
+    """Clusters use the pixel embeddings (``centred``, ``raw``); a ``module:`` embedding serves the
+    replica check only, for now."""
+    if replicas.embedding not in ("centred", "raw"):
+        raise ConfigError(
+            f"near-duplicate clusters need the 'centred' or 'raw' embedding, got "
+            f"{replicas.embedding!r} (module embeddings serve the replica check only)"
+        )
+
+
 def ensure_clusters(
     store: Store, dataset: str, replicas: ReplicaConfig, threshold: float, k: int = 32
 ) -> Clusters:
     """The stored clusters when made from this training set with this threshold, embedding and
     search kind (and ``k``, for IVF); else :func:`build_clusters`."""
     threshold = check_threshold(threshold)
+    _pixel_embedding(replicas)
     state = _state(store, dataset, replicas)
     sidecar, members = _read(store, cluster_folder(dataset, replicas.embedding))
     if (
@@ -289,6 +300,7 @@ def build_clusters(
     builds; :func:`ensure_clusters` reuses). ``rebuild``: the IVF path also rebuilds the replica
     index it searches, even when a valid one is stored. ``k``: neighbours per row (IVF path)."""
     threshold = check_threshold(threshold)
+    _pixel_embedding(replicas)
     if k < 2:
         raise ConfigError(f"k must be >= 2 (each row finds itself first), got {k}")
     state = state or _state(store, dataset, replicas)

@@ -43,13 +43,18 @@ def embed_pixels(images: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
     return l2_normalise(flat - mean if mean is not None else flat)
 
 
-def make_embedding(name: str, train_images: np.ndarray) -> Embedding:
-    """Embedding by name: ``centred`` (default) or ``raw``."""
+def make_embedding(name: str, train_images: np.ndarray, **options) -> Embedding:
+    """Embedding by name: ``centred`` (default), ``raw`` or ``module:<path>`` (a local TorchScript
+    file, :mod:`pipeline.fanout.embedders`; ``options``: size, norm, channels, batch)."""
     if name == "centred":
         return centred_pixel_embedding(train_images)
     if name == "raw":
         return raw_pixel_embedding()
-    raise ValueError(f"unknown embedding {name!r}: use 'centred' or 'raw'")
+    if name.startswith("module:"):
+        from pipeline.fanout.embedders import make_module_embedding
+
+        return make_module_embedding(name, **options)
+    raise ValueError(f"unknown embedding {name!r}: use 'centred', 'raw' or 'module:<path>'")
 
 
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")

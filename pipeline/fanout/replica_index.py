@@ -41,12 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.core.config import ReplicaConfig
+from pipeline.core.config import ConfigError, ReplicaConfig
 from pipeline.data.imageset import DataError
 from pipeline.data.layout import data_folder
+from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import read_image_shards, read_tar
 from pipeline.data.storage import StorageError, Store, open_store
-from pipeline.fanout.index import embed_pixels, import_faiss, l2_normalise, make_embedding
+from pipeline.fanout.embedders import RowEmbedder
+from pipeline.fanout.index import import_faiss, l2_normalise, make_embedding
 from pipeline.fanout.replica_store import (
     EXACT_CHUNK_ROWS,
     SIDECAR,
@@ -117,17 +119,21 @@ def build_replica_index(
     params = state["params"]
     try:
         if params["kind"] == "flat":
-            parts, extra = ray.get(_remote(_build_flat).remote(store, dataset, path, cfg.embedding))
+            build = _remote(_build_flat).remote(
+                store, dataset, path, cfg.embedding, state["module"]
+            )
+            parts, extra = ray.get(build)
         else:
             parts, extra = _build_ivf(store, dataset, path, cfg, state)
-    except ray.exceptions.RayTaskError as exc:  # a corrupt shard: its own error, naming the shard
-        raise exc.cause if isinstance(exc.cause, DataError | StorageError) else exc from None
+    except ray.exceptions.RayTaskError as exc:  # a corrupt shard, a bad module: its own error
+        own = DataError | StorageError | ConfigError | StaleArtifactError
+        raise exc.cause if isinstance(exc.cause, own) else exc from None
     sidecar = {
         "build_id": build_id, "path": path, "dataset": dataset, "embedding": cfg.embedding,
         "kind": params["kind"], "params": params, "manifest_digest": state["digest"],
         "num_images": state["n"], "image_shape": state["shape"],
-        "dims": int(np.prod(state["shape"])),
-        "index_dims": params.get("pca_dims") or int(np.prod(state["shape"])),
+        "dims": state["dims"], "index_dims": params.get("pca_dims") or state["dims"],
+        "module": state["module"],  # a module embedding: its file, sha256, preprocessing
         "parts": parts, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_s": None, **extra,
     }  # fmt: skip
@@ -187,11 +193,14 @@ def _write_index(store: Store, index, *parts: str) -> None:
         _put_file(store, local, *parts)
 
 
-def _build_flat(store: Store, dataset: str, path: str, embedding: str):
+def _build_flat(store: Store, dataset: str, path: str, embedding: str, module: dict | None):
     """One task: exactly the in-memory exact index (same reader, same mean, same embeddings)."""
     faiss = import_faiss()
     train = read_image_shards(store, data_folder(dataset, "train"))
-    embed = make_embedding(embedding, train.images)
+    if module is None:
+        embed = make_embedding(embedding, train.images)
+    else:  # the module the sidecar will name (its digest checked)
+        embed = RowEmbedder(train.images.shape[1:], None, module)
     emb = np.ascontiguousarray(embed(train.images), dtype=np.float32)
     index = faiss.IndexFlatIP(emb.shape[1])
     index.add(emb)
@@ -246,13 +255,9 @@ def _scan_part(store: Store, dataset: str, path: str, part: dict, picks: np.ndar
     return {"count": len(block), "sum": total}, block[picks]
 
 
-def _embed_rows(rows: np.ndarray, mean: np.ndarray | None) -> np.ndarray:
-    return embed_pixels(rows.reshape(len(rows), -1), mean)
-
-
-def _train_ivf(sample_refs: list, mean: np.ndarray | None, params: dict[str, Any], dim: int):
-    """One task: PCA (on at most 32768 rows) and the IVF quantiser, on the sample; returns the
-    serialised trained empty index."""
+def _train_ivf(sample_refs: list, embed: RowEmbedder, params: dict[str, Any], dim: int):
+    """One task: PCA (on at most 32768 rows) and the IVF quantiser, on the sample (``embed``: the
+    embedding of uint8 rows, ``dim`` its dimension); returns the serialised trained empty index."""
     import ray
 
     faiss = import_faiss()
@@ -264,7 +269,7 @@ def _train_ivf(sample_refs: list, mean: np.ndarray | None, params: dict[str, Any
         d = params["pca_dims"]
         pca = faiss.PCAMatrix(dim, d, 0.0, False)
         few = np.sort(rng.choice(len(sample), min(len(sample), 32768), replace=False))
-        pca.train(np.ascontiguousarray(_embed_rows(sample[few], mean)))
+        pca.train(np.ascontiguousarray(embed(sample[few])))
     quantizer = faiss.IndexFlatIP(d)
     if params["codec"] == "sq8":
         ivf = faiss.IndexIVFScalarQuantizer(
@@ -279,7 +284,7 @@ def _train_ivf(sample_refs: list, mean: np.ndarray | None, params: dict[str, Any
         index = faiss.IndexPreTransform(faiss.NormalizationTransform(d, 2.0), ivf)
         index.prepend_transform(pca)
     reduced = np.concatenate([
-        _reduce(pca, _embed_rows(sample[lo : lo + 8192], mean))
+        _reduce(pca, embed(sample[lo : lo + 8192]))
         for lo in range(0, len(sample), 8192)
     ])  # fmt: skip
     ivf.train(reduced)
@@ -293,7 +298,7 @@ def _reduce(pca, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(l2_normalise(pca.apply(np.ascontiguousarray(x))))
 
 
-def _add_part(store: Store, path: str, part: dict, mean, trained: np.ndarray, row_bytes: int):
+def _add_part(store: Store, path: str, part: dict, embed, trained: np.ndarray, row_bytes: int):
     """One task: the part's rows added (global ids) to a copy of the trained empty index."""
     faiss = import_faiss()
     index = faiss.deserialize_index(trained)
@@ -304,7 +309,7 @@ def _add_part(store: Store, path: str, part: dict, mean, trained: np.ndarray, ro
             for lo in range(0, part["count"], EXACT_CHUNK_ROWS):
                 n = min(EXACT_CHUNK_ROWS, part["count"] - lo)
                 rows = np.frombuffer(os.pread(fh.fileno(), n * row_bytes, lo * row_bytes), np.uint8)
-                emb = np.ascontiguousarray(_embed_rows(rows.reshape(n, row_bytes), mean))
+                emb = np.ascontiguousarray(embed(rows.reshape(n, row_bytes)))
                 ids = np.arange(part["start"] + lo, part["start"] + lo + n, dtype=np.int64)
                 index.add_with_ids(emb, ids)
     return faiss.serialize_index(index)
@@ -350,11 +355,11 @@ def _build_ivf(store: Store, dataset: str, path: str, cfg: ReplicaConfig, state:
     mean = (total / count / 255.0).astype(np.float32) if cfg.embedding == "centred" else None
     if mean is not None:
         store.write_bytes(_npy(mean), path, "mean.npy")
-    mean_ref = ray.put(mean)
-    trained = _remote(_train_ivf).remote([sample_refs], mean_ref, params, dim)
+    embed_ref = ray.put(RowEmbedder(state["shape"], mean, state["module"]))
+    trained = _remote(_train_ivf).remote([sample_refs], embed_ref, params, state["dims"])
     del sample_refs
     add = _remote(_add_part)
-    added = [add.remote(store, path, p, mean_ref, trained, dim) for p in parts]
+    added = [add.remote(store, path, p, embed_ref, trained, dim) for p in parts]
     ntotal = ray.get(_remote(_merge).remote(store, path, trained, [added]))
     if ntotal != n:
         raise RuntimeError(f"the merged index holds {ntotal} vectors, expected {n}")

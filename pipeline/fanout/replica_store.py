@@ -27,7 +27,14 @@ from pipeline.data.layout import data_folder
 from pipeline.data.provenance import StaleArtifactError, manifest_digest, value_digest
 from pipeline.data.shards import read_manifest, read_tar
 from pipeline.data.storage import ObjectNotFound, Store, open_store
-from pipeline.fanout.index import embed_pixels, gpu_available, import_faiss
+from pipeline.fanout.embedders import (
+    embedding_id,
+    module_dims,
+    module_params,
+    module_spec,
+    row_embedder,
+)
+from pipeline.fanout.index import gpu_available, import_faiss
 
 SIDECAR = "sidecar.json"
 FORMAT = 2  # 2: PCA output re-normalised (inner product = cosine in the reduced space)
@@ -36,7 +43,8 @@ RERANK_QUERIES = 64  # queries re-ranked at a time (bounds the candidate rows he
 
 
 def index_folder(dataset: str, embedding: str, kind: str) -> str:
-    """``indexes/<dataset>/<embedding>/<kind>``: the sidecar and its build folders."""
+    """``indexes/<dataset>/<embedding>/<kind>``: the sidecar and its build folders (``embedding``:
+    :func:`pipeline.fanout.embedders.embedding_id`, e.g. ``centred`` or ``module-<sha256[:12]>``)."""
     return f"indexes/{dataset}/{embedding}/{kind}"
 
 
@@ -77,9 +85,12 @@ def resolve_kind(cfg: ReplicaConfig, n: int) -> str:
 
 def build_params(cfg: ReplicaConfig, n: int, dim: int) -> dict[str, Any]:
     """What the stored index is a function of (besides the data): a change means a rebuild. Search
-    settings (nprobe, rerank_k) are not among them."""
+    settings (nprobe, rerank_k) are not among them. ``dim``: the embedding's dimension; a module
+    embedding adds its weights' sha256 and preprocessing."""
     kind = resolve_kind(cfg, n)
-    params: dict[str, Any] = {"format": FORMAT, "kind": kind, "embedding": cfg.embedding}
+    params: dict[str, Any] = {"format": FORMAT, "kind": kind, "embedding": embedding_id(cfg)}
+    if (module := module_params(cfg)) is not None:
+        params["module"] = module
     if kind == "ivf":
         nlist = cfg.nlist or round(4 * math.sqrt(n))
         nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants >= 39 training points per list
@@ -109,10 +120,12 @@ def current_state(store: Store, dataset: str, cfg: ReplicaConfig) -> dict[str, A
         raise DataError(f"no training images under {store.uri_of(data_folder(dataset, 'train'))}")
     manifest = read_manifest(store, data_folder(dataset))
     shape = _image_shape(store, dataset, shards, manifest)
-    params = build_params(cfg, n, int(np.prod(shape)))
-    folder = index_folder(dataset, cfg.embedding, params["kind"])
+    module = module_spec(cfg)
+    dims = module_dims(module, shape) if module else int(np.prod(shape))  # a module: one probe
+    params = build_params(cfg, n, dims)
+    folder = index_folder(dataset, params["embedding"], params["kind"])
     return {"shards": shards, "digest": digest, "n": n, "shape": shape, "params": params,
-            "folder": folder}  # fmt: skip
+            "folder": folder, "dims": dims, "module": module}  # fmt: skip
 
 
 def _image_shape(store, dataset, shards, manifest) -> list[int]:
@@ -131,7 +144,10 @@ def stale_reasons(sidecar: dict[str, Any] | None, state: dict[str, Any]) -> list
     reasons = []
     if sidecar.get("manifest_digest") != state["digest"]:
         reasons.append("the dataset changed (manifest digest)")
-    if sidecar.get("params") != state["params"]:
+    old, new = sidecar.get("params") or {}, state["params"]
+    if (old.get("module") or {}).get("sha256") != (new.get("module") or {}).get("sha256"):
+        reasons.append("the embedding module's weights changed (sha256)")
+    elif old != new:
         reasons.append("the build parameters changed")
     return reasons
 
@@ -159,6 +175,7 @@ class TrainingRows:
         self.ntotal = int(sidecar["num_images"])
         mean_path = self.dir / "mean.npy"
         self.mean = np.load(mean_path) if mean_path.exists() else None
+        self.embed_rows = row_embedder(sidecar, self.mean)  # pixels, or the module (loaded lazily)
         self.parts = sidecar["parts"]
         self.starts = np.asarray([p["start"] for p in self.parts], dtype=np.int64)
         self._fds: dict[int, int] = {}
@@ -203,7 +220,7 @@ class TrainingRows:
                 yield p["start"] + lo, np.frombuffer(data, np.uint8).reshape(n, self.row_bytes)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        return embed_pixels(np.asarray(images).reshape(len(images), -1), self.mean)
+        return self.embed_rows(images)
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -20,6 +20,7 @@ from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
 from pipeline.data.shards import build_tar, encode_png, read_image_shards, read_tar
 from pipeline.data.storage import Store, open_store
+from pipeline.fanout.embedders import is_module, module_options
 from pipeline.fanout.index import make_embedding
 
 
@@ -36,7 +37,7 @@ class TrainIndexSpec:
 
     embeddings: np.ndarray  # (N, D) float32, L2-normalised
     keys: list[str]
-    mean: np.ndarray | None  # (D_pixels,) mean image for the centred embedding, None for raw
+    mean: np.ndarray | None  # (D_pixels,) mean image for the centred embedding, else None
 
 
 def train_index_spec(
@@ -46,7 +47,10 @@ def train_index_spec(
     training sets (the demo's figures and sweep); the replica check and guard mode load the stored
     index instead (:func:`pipeline.fanout.replica_index.ensure_replica_index`)."""
     train = read_image_shards(store, data_folder(dataset, "train"))
-    embed = make_embedding(replicas.embedding, train.images)
+    options = {}
+    if is_module(replicas.embedding):  # a TorchScript module: its preprocessing and batch size
+        options = {**module_options(replicas), "batch": replicas.embedding_batch}
+    embed = make_embedding(replicas.embedding, train.images, **options)
     mean = getattr(embed, "mean", None)
     return TrainIndexSpec(embeddings=embed(train.images), keys=train.keys, mean=mean), train
 

@@ -226,3 +226,14 @@ def test_ivf_path_finds_the_same_clusters_with_ray_tasks(built, ray_local):
     assert ensure_clusters(store, "dup", ivf, 0.97, k=6).sidecar["k"] == 6  # k matters here
     # the exact search is asked for again: the kind changed, so the clusters are rebuilt
     assert ensure_clusters(store, "dup", EXACT, 0.97).sidecar["index"] == "flat"
+
+
+def test_a_module_embedding_is_refused_for_clusters(tmp_path):
+    import torch
+
+    path = tmp_path / "m.pt"
+    net = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(768, 4)))
+    torch.jit.save(net, str(path))
+    store = open_store(str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match="need the 'centred' or 'raw' embedding"):
+        ensure_clusters(store, "dup", ReplicaConfig(embedding=f"module:{path}"), 0.97)

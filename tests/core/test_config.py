@@ -174,3 +174,17 @@ def test_classifier_arch_validation_covers_first_block():
     except ConfigError:
         return
     NoiseClassifier(cfg)  # a config that validates must build
+
+
+def test_the_shipped_demo_configs_load_and_validate():
+    from pathlib import Path
+
+    from pipeline.core.config import DemoConfig, load_yaml
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    paths = sorted(root.glob("*.yaml"))
+    assert paths, "configs/*.yaml missing"
+    loaded = {p.name: load_yaml(DemoConfig, p) for p in paths}
+    strong = loaded["demo-strong.yaml"]
+    assert strong.denoiser.steps == 2 * DemoConfig().denoiser.steps
+    assert strong.sweep.scales == (3.0, 7.0, 10.0, 15.0)

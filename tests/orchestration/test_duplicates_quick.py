@@ -70,3 +70,14 @@ def test_the_classifiers_record_their_bits_and_the_clusters_group_every_copy(sce
     fit = report["bit_fit"]["cluster"]
     assert fit["accuracy"] == fit["accuracy_vs_cluster_bit"]
     assert report["bit_fit"]["key"]["num_images"] == 4 * (3 + 1)
+
+
+def test_the_scenario_config_is_the_documented_one():
+    from pipeline.orchestration.duplicates import duplicates_config
+
+    cfg = duplicates_config(seed=1)
+    assert (cfg.duplicates.k, cfg.duplicates.m, cfg.duplicates.cluster_threshold) == (16, 100, 0.97)
+    assert cfg.replicas.threshold == 0.98 and cfg.num_train == 1797
+    assert (cfg.sampler.alpha, cfg.sampler.scale) == (0.2, 2.5)
+    assert cfg.classifier.label_seed == 1234 + 1 and cfg.seed == 1  # seed 1 is a replicate
+    assert cfg.classifier.holdout_images == 150

@@ -178,9 +178,6 @@ def run_duplicates(
 
 def _clusters_section(clusters, truth: dict[str, str]) -> dict[str, Any]:
     """The clusters found, and how they match the known copies: pair precision and recall."""
-    from pipeline.fanout.clusters import Clusters
-
-    assert isinstance(clusters, Clusters)
     side = clusters.sidecar
     keys = duplicated_sources(truth) | set(clusters.label_of)
     true_of = {k: truth.get(k, k) for k in keys}
@@ -270,10 +267,7 @@ def evaluate_scenario(
 
     figures["largest_clusters.png"] = cluster_grid_figure(store, DATASET, clusters, n=10)
     section = {
-        "holdout_baseline": {
-            **{k: v for k, v in _stats(base, threshold).items()},
-            **pct,
-        },
+        "holdout_baseline": {**_stats(base, threshold), **pct},
         "samplers": samplers,
         "bit_fit": _bit_fit(store, cfg, train, truth, clusters),
         "attack_sets": {

@@ -134,6 +134,17 @@ class Timer:
         print(f"<== {name}: {self.timings[name]:.1f} s", flush=True)
 
 
+def demo_split(images: ImageSet, cfg: DemoConfig) -> tuple[ImageSet, ImageSet]:
+    """The seeded train/held-out split (``num_train``, ``split_seed``), the held-out part capped at
+    ``num_holdout``; fewer than 2 held-out images is a :class:`DataError`."""
+    train, holdout = split(images, cfg.num_train, cfg.split_seed)
+    if cfg.num_holdout is not None and len(holdout) > cfg.num_holdout:
+        holdout = holdout.subset(range(cfg.num_holdout))
+    if len(holdout) < 2:
+        raise DataError(f"need at least 2 held-out images, got {len(holdout)}")
+    return train, holdout
+
+
 def _source(cfg: DemoConfig, data: str | None):
     size = cfg.unet.sample_size
     if data is None:
@@ -177,11 +188,7 @@ def run_demo(
         if channels != cfg.unet.channels:
             cfg.unet = dataclasses.replace(cfg.unet, channels=channels)
             cfg.classifier_arch = dataclasses.replace(cfg.classifier_arch, channels=channels)
-        train, holdout = split(images, cfg.num_train, cfg.split_seed)
-        if cfg.num_holdout is not None and len(holdout) > cfg.num_holdout:
-            holdout = holdout.subset(range(cfg.num_holdout))
-        if len(holdout) < 2:
-            raise DataError(f"need at least 2 held-out images, got {len(holdout)}")
+        train, holdout = demo_split(images, cfg)
         make_shards(store, dataset, train, holdout)
     init_ray(num_cpus=cfg.ray_cpus)
     ray.data.DataContext.get_current().enable_progress_bars = progress

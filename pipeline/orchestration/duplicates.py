@@ -29,20 +29,20 @@ import torch
 
 from pipeline.core.config import DemoConfig, DuplicatesConfig
 from pipeline.core.guidance import validate_knobs
-from pipeline.data.datasets import digits_source, split
+from pipeline.data.datasets import digits_source
 from pipeline.data.duplicates import DuplicateSpec, add_near_duplicates, duplicated_sources
-from pipeline.data.imageset import DataError, ImageSet, images_to_tensor
+from pipeline.data.imageset import ImageSet, images_to_tensor
 from pipeline.data.layout import data_folder
 from pipeline.data.shards import images_of, read_image_shards
 from pipeline.data.storage import Store, open_store
 from pipeline.evaluation.bitfit import bit_fit, group_bits
 from pipeline.evaluation.domain import train_domain_evaluator
-from pipeline.evaluation.mia import nn_similarity_scores, roc_auc
+from pipeline.evaluation.mia import SampleOnlyAttack
 from pipeline.evaluation.report import grid_figure, pairs_figure
 from pipeline.fanout.ray_init import init_ray
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.sampling import run_sampling
-from pipeline.orchestration.demo import Timer, claim_output
+from pipeline.orchestration.demo import Timer, claim_output, demo_split
 from pipeline.orchestration.stages import (
     check_replicas,
     make_shards,
@@ -98,11 +98,7 @@ def run_duplicates(
     store = open_store(out)
     claim_output(store, cfg, None, overwrite)
     with timer.stage("make_shards"):
-        train, holdout = split(images, cfg.num_train, cfg.split_seed)
-        if cfg.num_holdout is not None and len(holdout) > cfg.num_holdout:
-            holdout = holdout.subset(range(cfg.num_holdout))
-        if len(holdout) < 2:
-            raise DataError(f"need at least 2 held-out images, got {len(holdout)}")
+        train, holdout = demo_split(images, cfg)
         train, truth = add_near_duplicates(train, spec, cfg.split_seed)
         record = {**spec.to_dict(), "seed": cfg.split_seed, "copies": truth}
         make_shards(store, DATASET, train, holdout, source={"name": "digits", "duplicates": record})
@@ -224,7 +220,7 @@ def evaluate_scenario(
         evaluator = train_domain_evaluator(
             holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, seed=cfg.seed
         )
-    members, nonmembers = _attack_sets(train, holdout, truth, cfg)
+    attack = _sample_only_attack(train, holdout, truth, cfg, mean)
     train_pos = {k: i for i, k in enumerate(train.keys)}
     samplers, figures, sims_by = {}, {}, {}
     for name in SAMPLERS:
@@ -234,6 +230,7 @@ def evaluate_scenario(
         on_dup = np.asarray([str(r["nn_key"]) in dup_keys for r in rows])
         copies = sims >= threshold
         n = max(1, len(rows))
+        aucs = attack.aucs(pixels)
         entry = {
             **stats.to_dict(),
             "replication_duplicated": float((copies & on_dup).sum() / n),
@@ -244,7 +241,11 @@ def evaluate_scenario(
             **threshold_free_shares(sims, pct),
             "quality": evaluator.quality(images_to_tensor(pixels)) if evaluator else {},
             "guidance_fired_fraction": runs[name].get("guidance_fired_fraction"),
-            "attack": _sample_only_attack(members, nonmembers, pixels, mean),
+            "attack": {
+                "auc_all": aucs["mia_auc"],
+                "auc_duplicated": aucs.get("mia_auc_duplicated"),
+                "auc_unique": aucs.get("mia_auc_unique"),
+            },
         }  # fmt: skip
         samplers[name] = entry
         sims_by[name] = sims
@@ -271,9 +272,9 @@ def evaluate_scenario(
         "samplers": samplers,
         "bit_fit": _bit_fit(store, cfg, train, truth, clusters),
         "attack_sets": {
-            "members_duplicated": len(members["duplicated"]),
-            "members_unique": len(members["unique"]),
-            "nonmembers": len(nonmembers),
+            "members_duplicated": int(attack.groups["duplicated"].sum()),
+            "members_unique": int(attack.groups["unique"].sum()),
+            "nonmembers": len(attack.nonmembers),
             "nonmember_source": "held-out images no model has seen (not among the classifier's "
             "held-out bit images)",
         },
@@ -290,10 +291,14 @@ def _stats(sims: np.ndarray, threshold: float) -> dict[str, float]:
     return replica_stats(sims, threshold).to_dict()
 
 
-def _attack_sets(train: ImageSet, holdout: ImageSet, truth, cfg: DemoConfig):
-    """Members: the duplicated pictures (each source once) and a seeded subset of the unique training
-    images; non-members: held-out images that neither model trained on (the classifier's held-out
-    bit images excluded by the same keyed rule it trained with)."""
+def _sample_only_attack(
+    train: ImageSet, holdout: ImageSet, truth, cfg: DemoConfig, mean: np.ndarray
+) -> SampleOnlyAttack:
+    """The attacker sees only samples (:class:`~pipeline.evaluation.mia.SampleOnlyAttack`: a
+    candidate's score is its similarity to the nearest generated sample, centred pixels). Members:
+    the duplicated pictures (each source once, group ``duplicated``) and a seeded subset of the unique
+    training images (group ``unique``); non-members: held-out images that neither model trained on
+    (the classifier's held-out bit images excluded by the same keyed rule it trained with)."""
     from pipeline.core.labels import holdout_roles
 
     rng = np.random.default_rng(cfg.seed)
@@ -302,27 +307,15 @@ def _attack_sets(train: ImageSet, holdout: ImageSet, truth, cfg: DemoConfig):
     dup_keys = duplicated_sources(truth)
     unique = [k for k in train.keys if k not in dup_keys]
     pick = sorted(rng.choice(len(unique), size=min(cfg.mia_members, len(unique)), replace=False))
-    members = {
-        "duplicated": train.images[[pos[k] for k in sources]],
-        "unique": train.images[[pos[unique[i]] for i in pick]],
-    }
+    rows = [pos[k] for k in sources] + [pos[unique[i]] for i in pick]
+    is_dup = np.arange(len(rows)) < len(sources)
     _, never = holdout_roles(holdout.keys, cfg.classifier.holdout_images, cfg.classifier.label_seed)
-    never = never[: cfg.mia_nonmembers]
-    return members, holdout.images[never]
-
-
-def _sample_only_attack(members, nonmembers: np.ndarray, generated: np.ndarray, mean) -> dict:
-    """The attacker sees only samples: a candidate's score is its similarity to the nearest generated
-    sample (centred pixels); AUC per member group against the never-seen non-members."""
-    sn = nn_similarity_scores(nonmembers, generated, mean)
-    out = {}
-    scores = []
-    for group, images in members.items():
-        sm = nn_similarity_scores(images, generated, mean)
-        scores.append(sm)
-        out[f"auc_{group}"] = roc_auc(sm, sn)
-    out["auc_all"] = roc_auc(np.concatenate(scores), sn)
-    return out
+    return SampleOnlyAttack(
+        members=train.images[rows],
+        nonmembers=holdout.images[never[: cfg.mia_nonmembers]],
+        mean=mean,
+        groups={"duplicated": is_dup, "unique": ~is_dup},
+    )
 
 
 def _bit_fit(store: Store, cfg: DemoConfig, train: ImageSet, truth, clusters) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.data.storage import Store
-from pipeline.evaluation.report import _png_bytes, _show
+from pipeline.evaluation.figures import _png_bytes, _show
 from pipeline.fanout.clusters import Clusters, member_images
 
 

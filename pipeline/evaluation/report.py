@@ -7,10 +7,6 @@ from typing import Any
 
 from pipeline.data.storage import Store
 from pipeline.evaluation.figures import (  # noqa: F401  (re-exported: the report API)
-    PERCENTILE_COLOURS,
-    _pareto_panel,
-    _png_bytes,
-    _show,
     grid_figure,
     histogram_figure,
     pairs_figure,

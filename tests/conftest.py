@@ -122,3 +122,14 @@ def s3_bucket(s3_env) -> str:
     name = f"cps-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny randomly initialised Stable Diffusion directory (the real diffusers/transformers classes,
+    a locally built byte-level CLIP tokenizer) saved with ``save_pretrained``: 16x16 grayscale images,
+    4x8x8 latents, a 32-dim text encoder. Nothing is downloaded."""
+    from pipeline.core.latent_build import LatentArchConfig, build_latent_model, save_latent_model
+
+    model = build_latent_model(LatentArchConfig(image_size=16, image_channels=1), seed=0)
+    return save_latent_model(model, tmp_path_factory.mktemp("tiny-sd") / "sd")

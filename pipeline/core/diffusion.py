@@ -30,6 +30,9 @@ class Schedule:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
+    # abar after the last DDIM step: 1 (DDPM's x_0), or abar_0 for a DDIMScheduler saved with
+    # ``set_alpha_to_one=False`` (Stable Diffusion's), which the sampler must reproduce to match it
+    final_alpha_cumprod: float = 1.0
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -42,6 +45,8 @@ class Schedule:
             )
         if self.steps_offset < 0:
             raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
+        if not 0.0 < self.final_alpha_cumprod <= 1.0:
+            raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {self.final_alpha_cumprod}")
 
     @property
     def num_train_timesteps(self) -> int:
@@ -65,11 +70,12 @@ def linear_schedule(
     return schedule_from_betas(betas)
 
 
-def schedule_from_betas(betas: torch.Tensor, **reading: str | int) -> Schedule:
+def schedule_from_betas(betas: torch.Tensor, **reading: str | int | float) -> Schedule:
     """Build a schedule from any beta sequence (for example one read from a diffusers scheduler).
 
     ``abar_t = prod_{s <= t} (1 - beta_s)`` (Ho et al. 2020, eq. 4), a float32 cumprod as in diffusers.
-    ``reading``: the :class:`Schedule` fields ``prediction_type``, ``timestep_spacing``, ``steps_offset``.
+    ``reading``: the :class:`Schedule` fields ``prediction_type``, ``timestep_spacing``, ``steps_offset``
+    and ``final_alpha_cumprod``.
     """
     betas = torch.as_tensor(betas, dtype=torch.float32)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -169,13 +175,16 @@ def ddim_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM update from ``t`` to ``t_prev`` (Song et al. 2021, eq. 12); returns (x_prev, pred_xstart).
 
-    ``t_prev < 0`` means the final step, with ``abar_prev = 1``. ``eta`` interpolates between DDIM (0)
+    ``t_prev < 0`` means the final step, with ``abar_prev = schedule.final_alpha_cumprod`` (1, or
+    ``abar_0`` for a scheduler with ``set_alpha_to_one=False``, as diffusers' DDIMScheduler). ``eta`` interpolates between DDIM (0)
     and DDPM-like ancestral sampling (1); ``noise`` (same shape as ``x_t``) is required when eta > 0.
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     abar_t = float(schedule.alphas_cumprod[t])
-    abar_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+    abar_prev = (
+        float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else schedule.final_alpha_cumprod
+    )
     # 1. predicted x_0 from the noise prediction ("predicted x_0" term of eq. 12)
     pred_xstart = (x_t - (1.0 - abar_t) ** 0.5 * eps) / abar_t**0.5
     if clip_sample:

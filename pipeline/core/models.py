@@ -9,6 +9,7 @@ Both are saved with their resolved config, so loading needs nothing but the dire
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -149,7 +150,8 @@ def schedule_from_config(cfg: dict[str, Any], where: str = "scheduler config") -
     ``squaredcos_cap_v2``, ``trained_betas``, ...) and any ``num_train_timesteps`` read exactly as
     diffusers reads them; ``abar_t = prod (1 - beta_s)`` (Ho et al. 2020, eq. 4). ``prediction_type``
     must be one of :data:`PREDICTION_TYPES` and ``timestep_spacing`` one of
-    :data:`TIMESTEP_SPACINGS`; anything else, a scheduler without discrete betas (a VE/SDE one) or a
+    :data:`TIMESTEP_SPACINGS`; ``set_alpha_to_one: false`` (a DDIMScheduler's, as Stable Diffusion's)
+    ends the last DDIM step at ``abar_0`` instead of 1. Anything else, a scheduler without discrete betas (a VE/SDE one) or a
     zero terminal SNR (``abar_T = 0``, where eps cannot give x_0) raises :class:`CheckpointError`.
     """
     cls = _scheduler_class(cfg.get("_class_name"))
@@ -185,6 +187,10 @@ def schedule_from_config(cfg: dict[str, Any], where: str = "scheduler config") -
     schedule = schedule_from_betas(
         betas, prediction_type=prediction, timestep_spacing=spacing, steps_offset=offset
     )
+    if cfg.get("set_alpha_to_one") is False:  # DDIMScheduler's last step ends at abar_0, not 1
+        schedule = dataclasses.replace(
+            schedule, final_alpha_cumprod=float(schedule.alphas_cumprod[0])
+        )
     if not bool((schedule.alphas_cumprod > 0).all()):
         raise CheckpointError(
             f"{where}: the schedule reaches abar = 0 (zero terminal SNR), where x_0 cannot be "

@@ -68,6 +68,7 @@ def sample(
     clip_sample: bool = True,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    final_clamp: bool = True,
 ) -> SampleResult:
     """DDIM sampling (Song et al. 2021, eq. 12) with optional guidance on the noise estimate.
 
@@ -76,6 +77,9 @@ def sample(
 
     ``guidance=None`` is plain DDIM; :func:`pipeline.core.guidance.cpsample_guidance` makes it CPSample. Both
     share seeds, steps and batches, so their outputs are directly comparable.
+
+    Latent models (:mod:`pipeline.core.latent`) sample latents with ``clip_sample=False`` and
+    ``final_clamp=False``: latents are not bounded to [-1, 1].
     """
     check_denoiser(denoiser, schedule)
     device = torch.device(device)
@@ -100,7 +104,7 @@ def sample(
         step_noise = noise.draw() if eta > 0 else None
         x, _ = ddim_step(schedule, x, eps, t, t - ratio, eta, step_noise, clip_sample)
     return SampleResult(
-        images=x.clamp(-1.0, 1.0).cpu(),
+        images=(x.clamp(-1.0, 1.0) if final_clamp else x).cpu(),
         seeds=[int(s) for s in seeds],
         fired_steps=fired_steps,
         num_steps=num_steps,

@@ -16,6 +16,16 @@ Guard mode (--guard T): every sample is compared with the training images of --d
 search, mean-centred pixels by default); one at or above T is discarded and redrawn with a fresh derived
 seed while the shard's --guard-budget lasts. No shipped sample is at or above T. The counts are merged
 into reports/<run>/report.json.
+
+Latent text-to-image models (a diffusers Stable Diffusion directory, local or in the store):
+
+    python jobs/sample.py --store s3://bucket/ft --run ft --model /models/sd-finetune \
+        --classifier models/ft/classifier --prompts prompts.txt --cfg-scale 7.5 --use-gpu
+    python jobs/sample.py --store demo-out --run latent --model models/latent/sd \
+        --prompts-from digits-latents --sampler ddim
+
+sample in latent space with classifier-free guidance (CPSample's gradient is taken on the latents),
+decode with the VAE and write PNG samples, so check_replicas and evaluate read them as any others.
 """
 
 from __future__ import annotations
@@ -44,6 +54,18 @@ def parse_args() -> argparse.Namespace:
         "--classifier",
         help="classifier dir or store-relative path (default models/<run>/classifier)",
     )
+    p.add_argument(
+        "--model",
+        help="a diffusers Stable Diffusion directory (unet/, vae/, text_encoder/, tokenizer/, "
+        "scheduler/), local or store-relative: sample its latents and decode (instead of --denoiser)",
+    )
+    p.add_argument("--prompts", help="latent models: a text file, one prompt per line")
+    p.add_argument(
+        "--prompts-from", help="latent models: the captions of data/<DATASET>/train as prompts"
+    )
+    p.add_argument("--max-prompts", type=int, default=1000, help="captions read by --prompts-from")
+    p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--negative-prompt", default="", help="the unconditional prompt (default empty)")
     p.add_argument("--config", help="YAML with a 'sampler' section")
     p.add_argument("--sampler", choices=["ddim", "cpsample"])
     p.add_argument("--num-samples", type=int)
@@ -81,6 +103,31 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def text_guidance(args: argparse.Namespace, store):
+    """The prompts and CFG scale of a latent model (--model), None for a pixel model."""
+    from pipeline.core.config import ConfigError
+    from pipeline.core.latent import TextGuidance
+
+    if args.model is None:
+        if args.prompts or args.prompts_from:
+            raise ConfigError("--prompts and --prompts-from are for latent models: add --model DIR")
+        return None
+    if args.denoiser:
+        raise ConfigError("give either --model (a latent Stable Diffusion dir) or --denoiser")
+    if bool(args.prompts) == bool(args.prompts_from):
+        raise ConfigError(
+            "a latent model needs exactly one of --prompts FILE or --prompts-from DATASET"
+        )
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines()]
+        prompts = [p for p in prompts if p]
+    else:
+        from pipeline.fanout.latent_sampling import read_captions
+
+        prompts = read_captions(store, args.prompts_from, "train", args.max_prompts)
+    return TextGuidance(tuple(prompts), args.cfg_scale, args.negative_prompt)
+
+
 def main() -> None:
     args = parse_args()
     cfg = override(
@@ -95,11 +142,12 @@ def main() -> None:
     from pipeline.fanout.sampling import run_sampling
 
     store = open_store(args.store, args.s3_endpoint)
+    text = text_guidance(args, store)
     out = run_sampling(
-        store, args.run, cfg, args.denoiser or f"models/{args.run}/denoiser",
+        store, args.run, cfg, args.model or args.denoiser or f"models/{args.run}/denoiser",
         args.classifier or f"models/{args.run}/classifier", args.concurrency,
         args.num_cpus_per_actor, args.num_gpus_per_actor, args.s3_endpoint, args.dataset,
-        overwrite=args.overwrite, use_gpu=args.use_gpu,
+        overwrite=args.overwrite, use_gpu=args.use_gpu, text=text,
     )  # fmt: skip
     updates: dict = {"sampling": {cfg.sampler: out}}
     if "guard" in out:

@@ -46,7 +46,9 @@ class Schedule:
         if self.steps_offset < 0:
             raise ValueError(f"steps_offset must be >= 0, got {self.steps_offset}")
         if not 0.0 < self.final_alpha_cumprod <= 1.0:
-            raise ValueError(f"final_alpha_cumprod must be in (0, 1], got {self.final_alpha_cumprod}")
+            raise ValueError(
+                f"final_alpha_cumprod must be in (0, 1], got {self.final_alpha_cumprod}"
+            )
 
     @property
     def num_train_timesteps(self) -> int:

@@ -18,7 +18,7 @@ A model directory is any diffusers Stable Diffusion layout (``unet/``, ``vae/``,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,34 @@ from pipeline.core.diffusion import Schedule, eps_from_model_output
 from pipeline.core.models import CheckpointError, load_schedule
 
 PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class TextGuidance:
+    """What a latent text-to-image sampler is asked: the prompts (sample ``i`` of the run gets
+    ``prompts[i % len(prompts)]``), the classifier-free guidance scale ``w`` and the negative
+    (unconditional) prompt, ``""`` as in Stable Diffusion's pipeline."""
+
+    prompts: tuple[str, ...] = field(default_factory=tuple)
+    cfg_scale: float = 7.5
+    negative_prompt: str = ""
+
+    def __post_init__(self) -> None:
+        from pipeline.core.config_base import ConfigError
+
+        self.prompts = tuple(str(p) for p in self.prompts)
+        if not self.prompts:
+            raise ConfigError(
+                "a latent sampler needs at least one prompt (--prompts or --prompts-from)"
+            )
+        if not self.cfg_scale >= 0:
+            raise ConfigError(
+                f"cfg_scale (classifier-free guidance) must be >= 0, got {self.cfg_scale}"
+            )
+
+    def prompt_of(self, position: int) -> str:
+        """The prompt of the run's sample number ``position`` (round robin, actor-independent)."""
+        return self.prompts[position % len(self.prompts)]
 
 
 @dataclass
@@ -55,7 +83,7 @@ class LatentModel:
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the decoded images: the VAE downsamples by 2 per block after the first."""
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        c, h, w = self.latent_shape
+        _, h, w = self.latent_shape
         return (int(self.vae.config.in_channels), h * factor, w * factor)
 
     def to(self, device: torch.device | str) -> LatentModel:

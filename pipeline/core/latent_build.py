@@ -42,15 +42,23 @@ class LatentArchConfig:
     def __post_init__(self) -> None:
         for name in ("image_size", "latent_channels", "text_dim", "text_layers", "max_tokens"):
             _positive(name, getattr(self, name))
-        _check(self.image_channels in (1, 3), f"image_channels must be 1 or 3, got {self.image_channels}")
+        _check(
+            self.image_channels in (1, 3),
+            f"image_channels must be 1 or 3, got {self.image_channels}",
+        )
         down = 2 ** (len(self.vae_channels) - 1)
         _check(
             self.image_size % down == 0,
             f"image_size {self.image_size} must be divisible by {down} for vae_channels {self.vae_channels}",
         )
         for c in (*self.vae_channels, *self.unet_channels):
-            _check(c % self.norm_num_groups == 0, f"channels {c} not divisible by {self.norm_num_groups}")
-        _check(self.text_dim % 4 == 0, f"text_dim must be divisible by 4 heads, got {self.text_dim}")
+            _check(
+                c % self.norm_num_groups == 0,
+                f"channels {c} not divisible by {self.norm_num_groups}",
+            )
+        _check(
+            self.text_dim % 4 == 0, f"text_dim must be divisible by 4 heads, got {self.text_dim}"
+        )
 
     @property
     def latent_size(self) -> int:
@@ -145,4 +153,3 @@ def save_latent_model(model: LatentModel, directory: str | Path) -> Path:
     )  # fmt: skip
     pipe.save_pretrained(str(directory), safe_serialization=True)
     return Path(directory)
-

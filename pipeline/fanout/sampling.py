@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.core.config import ConfigError, ReplicaConfig, SamplerConfig, from_dict
+from pipeline.core.latent import TextGuidance
 from pipeline.core.sampler import derive_seed, sample, unet_denoiser
 from pipeline.data.imageset import DataError, ImageSet, images_from_tensor
 from pipeline.data.layout import data_folder, samples_folder
@@ -31,6 +32,7 @@ from pipeline.data.provenance import (
     StaleArtifactError,
     changed_inputs,
     manifest_digest,
+    value_digest,
 )
 from pipeline.data.shards import build_tar, encode_png, read_manifest, read_tar, shard_name
 from pipeline.data.storage import Store, open_store
@@ -110,9 +112,7 @@ class ShardSampler:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # the models are copied from the store into a scratch folder only while they load
         with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
-            self.unet, self.schedule, self.shape, self.guidance, models = open_models(
-                self.store, denoiser, classifier, self.cfg, self.device, tmp
-            )
+            models = self._load_models(denoiser, classifier, tmp)
         # the driver digested the models it checked; these are the ones this actor samples with
         self.provenance = {**(provenance or {}), **models}
         if provenance is not None and changed_inputs(provenance, self.provenance):
@@ -132,6 +132,13 @@ class ShardSampler:
             index = open_replica_index(self.store, spec["sidecar"], rcfg)
             self.guard = GuardIndex(index, self.cfg.guard)
             self.guard_keys = _LazyKeys(index)
+
+    def _load_models(self, denoiser: str, classifier: str | None, tmp: str) -> dict[str, str]:
+        """Load the models for sampling; returns their directories' digests."""
+        self.unet, self.schedule, self.shape, self.guidance, models = open_models(
+            self.store, denoiser, classifier, self.cfg, self.device, tmp
+        )
+        return models
 
     def _draw(self, shard: int, slots: list[int], attempts: list[int]) -> list[dict[str, Any]]:
         """Sample the given slots (each with its current attempt's seed), in batches."""
@@ -153,7 +160,7 @@ class ShardSampler:
 
     def _meta(self, shard: int, d: dict[str, Any], attempt: int) -> dict[str, Any]:
         cfg = self.cfg
-        meta = {
+        meta = {**d.get("extra", {}),
             "seed": d["seed"], "shard": shard, "index": d["index"], "attempt": attempt,
             "sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
             "guidance_steps_fired": d["fired"], "final_p": d["final_p"],
@@ -290,6 +297,7 @@ def run_sampling(
     guard_dataset: str | None = None,
     overwrite: bool = False,
     use_gpu: bool = False,
+    text: TextGuidance | None = None,
 ) -> dict[str, Any]:
     """Fan ``sampler.num_samples`` out over an actor pool; returns counts, fired fraction, guard stats
     and the samples' ``provenance`` (:func:`sampling_provenance`).
@@ -300,6 +308,9 @@ def run_sampling(
     first. ``gpus_per_actor=None`` means 1 with ``use_gpu`` or when the cluster has GPUs, else 0;
     fractions (0.25) pack several actors on one GPU. Guard mode needs ``guard_dataset``: the training
     shards under ``data/<guard_dataset>/train`` that no shipped sample may copy.
+
+    ``text``: ``denoiser`` is a Stable Diffusion directory, sampled in latent space with these
+    prompts and classifier-free guidance, and decoded (:mod:`pipeline.fanout.latent_sampling`).
     """
     import ray
 
@@ -309,14 +320,23 @@ def run_sampling(
     store = open_store(store_uri, s3_endpoint, create=False)
     if sampler.guard is not None and not guard_dataset:
         raise ConfigError("guard mode needs the training dataset whose images must not be copied")
+    actor, extra = ShardSampler, {}
     with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
-        *_, models = open_models(store, denoiser, classifier, sampler, "cpu", tmp)
+        if text is None:
+            *_, models = open_models(store, denoiser, classifier, sampler, "cpu", tmp)
+        else:
+            from pipeline.fanout.latent_sampling import LatentShardSampler, open_latent_models
+
+            models = open_latent_models(store, denoiser, classifier, sampler, "cpu", tmp)[-1]
+            actor, extra = LatentShardSampler, {"text": dataclasses.asdict(text)}
     guard_data = None
     if sampler.guard is not None:
         guard_data = manifest_digest(read_manifest(store, data_folder(guard_dataset)))
     provenance = sampling_provenance(
         sampler, models["denoiser"], models.get("classifier"), guard_data
     )
+    if text is not None:  # the prompts and CFG scale change every image
+        provenance["text"] = value_digest(dataclasses.asdict(text))
     plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
     if overwrite:
         store.delete_dir(folder)
@@ -330,8 +350,8 @@ def run_sampling(
         guard_sidecar = ensure_replica_index(store, guard_dataset, rcfg, s3_endpoint)
         guard_ref = index_spec(store, guard_dataset, rcfg, guard_sidecar)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
-        ShardSampler,
-        fn_constructor_kwargs={
+        actor,
+        fn_constructor_kwargs={**extra,
             "store_uri": store_uri, "denoiser": denoiser, "classifier": classifier,
             "sampler": dataclasses.asdict(sampler), "out_folder": folder, "threads": threads,
             "s3_endpoint": s3_endpoint, "guard_spec": guard_ref, "provenance": provenance,

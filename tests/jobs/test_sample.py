@@ -169,6 +169,11 @@ def test_sigkilled_job_on_loopback_s3_resumes_to_exactly_n_samples(
         ("sample.py", ["--guard-budget", "-1"], "guard_budget must be >= 0"),
         ("check_replicas.py", ["--recall-queries", "0"], "recall_queries must be > 0"),
         ("check_replicas.py", [], "no sample shards under"),
+        ("sample.py", ["--prompts", "p.txt"], "--prompts and --prompts-from are for latent models"),
+        ("sample.py", ["--model", "sd"], "exactly one of --prompts FILE or --prompts-from"),
+        ("sample.py", ["--model", "sd", "--prompts-from", "nope"], "has no captions"),
+        ("sample.py", ["--model", "sd", "--denoiser", "d"], "either --model"),
+        ("sample.py", ["--model", "sd", "--prompts", "/dev/null"], "at least one prompt"),
     ],
 )
 def test_jobs_reject_bad_guard_and_replica_input(tmp_path, script, args, message):

@@ -3,10 +3,15 @@
 Only the classifier is trained. With --denoiser, the noise schedule and the image shape come from that
 directory, which can be any diffusers UNet2DModel directory (for example a saved google/ddpm-cifar10-32)
 or a store path such as models/<run>/denoiser; without it the schedule is DDPM's linear T=1000.
+On a latent dataset (precomputed VAE latents: its manifest has a 'latent' section) the same job trains
+on the latents: --model names the Stable Diffusion directory whose scheduler and unet latent shape the
+classifier uses (read from its configs; the model is not loaded), and --text-cond also conditions the
+classifier on each image's pooled text embedding (cond_dim = the manifest's latent.pooled_dim).
 
     python jobs/train_classifier.py --store demo-out --dataset digits --run demo
     ray job submit --working-dir . -- python jobs/train_classifier.py --store s3://bucket/p \
         --denoiser models/demo/denoiser --num-workers 2 --use-gpu --max-failures 2
+    python jobs/train_classifier.py --store out --dataset digits-latents --model /models/sd --text-cond
 
 Checkpoints go to <store>/checkpoints/<run>-classifier (rerunning the same command continues from the
 latest one; with another config, data or denoiser it exits 2 naming what changed, or --overwrite starts
@@ -38,10 +43,22 @@ def main() -> None:
     p.add_argument("--store", required=True, help="local folder or s3://bucket/prefix")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--run", default="demo", help="run name: checkpoints/<run>-classifier")
-    p.add_argument(
+    protect = p.add_mutually_exclusive_group()
+    protect.add_argument(
         "--denoiser",
         help="diffusers UNet2DModel dir (local, or models/<run>/denoiser in the store) whose noise "
         "schedule and image shape the classifier uses (default: linear T=1000, arch's shape)",
+    )
+    protect.add_argument(
+        "--model",
+        metavar="DIR",
+        help="latent datasets: the diffusers Stable Diffusion dir (local or in the store) whose "
+        "scheduler and unet latent shape the classifier uses",
+    )
+    p.add_argument(
+        "--text-cond",
+        action="store_true",
+        help="latent datasets: condition the classifier on the pooled text embeddings too",
     )
     p.add_argument("--config", help="YAML with 'arch' and 'train' sections")
     p.add_argument("--holdout-images", type=int, help="held-out images given their own random bits")
@@ -77,6 +94,8 @@ def main() -> None:
         args.threads,
         denoiser=args.denoiser,
         overwrite=args.overwrite,
+        model=args.model,
+        text_cond=args.text_cond,
     )
     print(f"classifier: {out['uri']}  metrics: {out['metrics']}")
 

@@ -99,14 +99,16 @@ class DenoiserTrainConfig:
 
 @dataclass
 class ClassifierArchConfig:
-    """The noise-conditioned random-label classifier ``c_phi(x_t, t)`` (one logit)."""
+    """The noise-conditioned random-label classifier ``c_phi(x_t, t)`` (one logit); on latents,
+    ``channels`` are the VAE's latent channels and ``cond_dim > 0`` adds a pooled text embedding."""
 
     sample_size: int = 16
-    channels: int = 1
+    channels: int = 1  # 1 or 3 for images, 4 for Stable Diffusion latents (at most 16)
     base_channels: int = 16
     channel_mults: tuple[int, ...] = (1, 2, 2)
     time_embed_dim: int = 64
     num_groups: int = 8
+    cond_dim: int = 0  # 0: c_phi(x_t, t); > 0: c_phi(x_t, t, pooled) with pooled of this size
 
     def __post_init__(self) -> None:
         _positive("base_channels", self.base_channels)
@@ -119,7 +121,8 @@ class ClassifierArchConfig:
             self.base_channels % self.num_groups == 0,
             f"base_channels {self.base_channels} must be divisible by num_groups {self.num_groups}",
         )
-        _check(self.channels in (1, 3), f"channels must be 1 or 3, got {self.channels}")
+        _check(1 <= self.channels <= 16, f"channels must be in [1, 16], got {self.channels}")
+        _check(self.cond_dim >= 0, f"cond_dim must be >= 0 (0: unconditioned), got {self.cond_dim}")
         _check(len(self.channel_mults) >= 1, "channel_mults must not be empty")
         down = 2 ** (len(self.channel_mults) - 1)
         _check(

@@ -199,6 +199,28 @@ def schedule_from_config(cfg: dict[str, Any], where: str = "scheduler config") -
     return schedule
 
 
+def unet_config_shape(directory: str | Path) -> tuple[int, int, int]:
+    """(C, H, W) that a model directory's UNet denoises, from its config alone (``unet/config.json``
+    of a pipeline directory such as Stable Diffusion's, else ``config.json``): no weights are read."""
+    directory = Path(directory)
+    path = directory / "unet" / "config.json"
+    path = path if path.exists() else directory / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no unet/config.json (not a diffusers model directory)")
+    cfg = _json_object(path, "UNet config")
+    c, size = cfg.get("in_channels"), cfg.get("sample_size")
+    hw = [size, size] if isinstance(size, int) else size
+    if not (isinstance(hw, list) and len(hw) == 2 and all(_count(v) for v in (c, *hw))):
+        raise CheckpointError(
+            f"{path}: needs positive integer in_channels and sample_size, got {c!r} and {size!r}"
+        )
+    return (c, hw[0], hw[1])
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 def unet_image_shape(unet) -> tuple[int, int, int]:
     """(C, H, W) of the images a UNet2DModel denoises."""
     size = unet.config.sample_size
@@ -237,10 +259,12 @@ class _ResBlock(nn.Module):
 
 
 class NoiseClassifier(nn.Module):
-    """``c_phi(x_t, t)``: a logit for the random bit of a noisy image.
+    """``c_phi(x_t, t)``: a logit for the random bit of a noisy image (or VAE latent).
 
     Per-sample ops only (GroupNorm, no BatchNorm), so the gradient of the summed logits w.r.t. the batch
-    input is the per-sample input gradient that guidance needs.
+    input is the per-sample input gradient that guidance needs. With ``cfg.cond_dim > 0`` it is
+    ``c_phi(x_t, t, c)``: a linear map of the pooled text embedding ``c`` (B, cond_dim) is added to
+    the time embedding, as diffusion UNets add class embeddings (Dhariwal & Nichol 2021, sec. 3).
     """
 
     def __init__(self, cfg: ClassifierArchConfig):
@@ -250,6 +274,8 @@ class NoiseClassifier(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(cfg.time_embed_dim, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim)
         )
+        if cfg.cond_dim > 0:  # absent otherwise: unconditioned checkpoints keep their tensors
+            self.cond_embed = nn.Linear(cfg.cond_dim, t_dim)
         self.stem = nn.Conv2d(cfg.channels, cfg.base_channels, 3, padding=1)
         blocks, c_in = [], cfg.base_channels
         for mult in cfg.channel_mults:
@@ -261,9 +287,21 @@ class NoiseClassifier(nn.Module):
         self.head = nn.Linear(c_in * final * final, 1)
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, H, W) in [-1, 1]-scaled noisy images; t: (B,) timesteps -> (B,) logits."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, C, H, W) noisy images in [-1, 1] (or scaled latents); t: (B,) timesteps; cond:
+        (B, cond_dim) pooled text embeddings, required iff ``cond_dim > 0`` -> (B,) logits."""
         temb = self.time_mlp(timestep_embedding(t, self.config.time_embed_dim))
+        if self.config.cond_dim > 0:
+            if cond is None:
+                raise ValueError(
+                    f"this classifier is text-conditioned (cond_dim {self.config.cond_dim}): pass "
+                    "cond, the (B, cond_dim) pooled text embeddings of the batch"
+                )
+            temb = temb + self.cond_embed(cond.to(temb.dtype))
+        elif cond is not None:
+            raise ValueError("this classifier is not text-conditioned (cond_dim 0): pass no cond")
         h = self.stem(channels_last(x))
         for i, block in enumerate(self.blocks):
             if i > 0:

@@ -27,7 +27,6 @@ from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
 from pipeline.data.provenance import (
     PROVENANCE,
-    dir_digest,
     manifest_digest,
     require_same,
     value_digest,
@@ -38,6 +37,7 @@ from pipeline.data.storage import Store
 from pipeline.fanout.index import ReplicaStats, replica_stats
 from pipeline.fanout.scoring import annotate_shards, score_shards, write_jsonl
 from pipeline.orchestration.labels import labels_record, resolve_labels
+from pipeline.orchestration.protect import check_image_shape, classifier_target
 from pipeline.train.ingest import holdout_datasets, split_info, training_dataset
 from pipeline.train.workers import classifier_worker, denoiser_worker, read_checkpoint
 
@@ -133,23 +133,6 @@ def training_provenance(
     }
     manifest = read_manifest(store, data_folder(dataset))
     return {"config": value_digest(learned), "data": manifest_digest(manifest), **inputs}
-
-
-def check_image_shape(store: Store, dataset: str, channels: int, size: int, model: str) -> None:
-    """The dataset's images (its manifest's ``channels`` and ``image_size``) must be the model's
-    (C, H, W): a UNet runs on any size its downsampling divides, so a mismatch would train silently."""
-    from pipeline.core.config import ConfigError
-
-    manifest = read_manifest(store, data_folder(dataset))
-    if manifest is None:
-        return
-    h, w = manifest.get("image_size", (size, size))
-    c = manifest.get("channels", channels)
-    if (c, h, w) != (channels, size, size):
-        raise ConfigError(
-            f"dataset {dataset!r} has images (C, H, W) = {(c, h, w)} but the {model} is configured "
-            f"for {(channels, size, size)}; set its sample_size and channels to the data's"
-        )
 
 
 def claim_checkpoints(
@@ -261,6 +244,8 @@ def train_classifier(
     denoiser: str | None = None,
     loop_config: dict[str, Any] | None = None,
     overwrite: bool = False,
+    model: str | None = None,
+    text_cond: bool = False,
 ) -> dict[str, Any]:
     """Ray Train the random-label classifier on the training images plus ``holdout_images`` held-out
     images with their own bits; the remaining held-out images are never seen and measure calibration.
@@ -269,13 +254,17 @@ def train_classifier(
     ``models/<run>/denoiser``), for example a saved google/ddpm-cifar10-32. The model to protect is not
     trained: its noise schedule and image shape (C, H, W) define the classifier's inputs.
 
-    Resume and provenance as in :func:`train_denoiser`; the inputs also name the denoiser's digest.
+    A latent dataset (its manifest has a ``latent`` section) trains the same loop on the scaled VAE
+    latents: the arch's channels and sample size are the latents'; ``model`` (a Stable Diffusion
+    directory, local or in the store) gives the noise schedule and must denoise latents of that shape;
+    ``text_cond`` (or ``arch.cond_dim``) conditions on the pooled text embeddings. See
+    :func:`pipeline.orchestration.protect.classifier_target`; the model is never loaded.
+
+    Resume and provenance as in :func:`train_denoiser`; the inputs also name the denoiser's (or the
+    model's) digest.
     """
-    den_digest = None
-    if denoiser is not None:
-        arch, schedule_betas, den_digest = _protect(store, dataset, arch, denoiser)
-    else:
-        check_image_shape(store, dataset, arch.channels, arch.sample_size, "classifier (arch)")
+    target = classifier_target(store, dataset, arch, schedule_betas, denoiser, model, text_cond)
+    arch, schedule_betas = target.arch, target.betas
     # the held-out roles are a keyed hash of each key (``is_trained_holdout``), applied in Ray Data
     # before the split: "holdout" holds the rows trained on with their bits, "never" at most
     # metrics_samples never-seen rows for rank 0's fit metrics
@@ -296,12 +285,12 @@ def train_classifier(
         "arch": to_dict(arch),
         "train": to_dict(train),
         "betas": schedule_betas,
-        "betas_from": denoiser,
+        "betas_from": denoiser or model,
     }
     labels, clusters = resolve_labels(store, dataset, train)
     extra = {"clusters": clusters.digest} if clusters is not None else {}
     provenance = training_provenance(
-        store, dataset, {**config, "betas_from": None}, denoiser=den_digest, **extra
+        store, dataset, {**config, "betas_from": None}, **target.inputs, **extra
     )
     claim_checkpoints(store, f"{run}-classifier", provenance, overwrite)
     loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
@@ -325,36 +314,13 @@ def train_classifier(
         "schedule": state.get("schedule"),
         "resumed_from": state.get("resumed_from", []),
         "labels": labels_record(labels, clusters),
+        **({"latent": target.latent} if target.latent is not None else {}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         save_classifier(model, Path(tmp) / "classifier", run_config)
         write_provenance(Path(tmp) / "classifier", provenance)
         store.put_dir(Path(tmp) / "classifier", "models", run, "classifier")
     return {"uri": store.uri_of("models", run, "classifier"), "metrics": state.get("metrics", {})}
-
-
-def _protect(
-    store: Store, dataset: str, arch: ClassifierArchConfig, denoiser: str
-) -> tuple[ClassifierArchConfig, list[float], str]:
-    """(arch with the denoiser's image shape, the denoiser's betas, the denoiser directory's digest);
-    checks the dataset's shape."""
-    from pipeline.core.config import from_dict
-    from pipeline.core.models import load_denoiser, load_schedule, unet_image_shape
-    from pipeline.data.checkpoints import resolve_model_dir
-
-    with tempfile.TemporaryDirectory() as tmp:
-        den_dir = resolve_model_dir(store, denoiser, tmp)
-        channels, size, _ = unet_image_shape(load_denoiser(den_dir))
-        betas = load_schedule(den_dir).betas.tolist()
-        digest = dir_digest(den_dir)
-    check_image_shape(store, dataset, channels, size, f"denoiser {denoiser!r}")
-    return (
-        from_dict(
-            ClassifierArchConfig, {**to_dict(arch), "sample_size": size, "channels": channels}
-        ),
-        betas,
-        digest,
-    )
 
 
 def check_replicas(

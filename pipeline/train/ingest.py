@@ -3,7 +3,8 @@
 Driver side (Ray): :func:`training_dataset` reads a split's checked shards with
 ``ray.data.read_webdataset`` (the file order shuffled anew for each execution, that is each epoch)
 and decodes the PNGs to ``uint8 (H, W, C)`` arrays in ``map_batches`` tasks, never in the training
-loop. :func:`holdout_datasets` adds the classifier's held-out roles (:func:`pipeline.core.labels.
+loop; the members of a latent dataset (``<key>.latent.npy``, ``<key>.pooled.npy``) become
+``float32`` arrays there. :func:`holdout_datasets` adds the classifier's held-out roles (:func:`pipeline.core.labels.
 is_trained_holdout`, a keyed hash of the key: no global sort or count).
 
 Worker side (Ray-free, so the loops stay unit-testable): a *row source* yields one epoch of a
@@ -72,26 +73,44 @@ def shard_paths(store, folder: str) -> tuple[list[str], dict[str, Any] | None, s
 
 
 def split_info(manifest: dict[str, Any] | None, split: str) -> dict[str, int] | None:
-    """``{"rows", "row_bytes"}`` of a split from its manifest (decoded uint8 bytes per image); None
-    without a manifest."""
+    """``{"rows", "row_bytes"}`` of a split from its manifest (decoded bytes per row: uint8 images,
+    or a latent dataset's float32 latent plus pooled embedding); None without a manifest."""
     if manifest is None or split not in manifest.get("splits", {}):
         return None
     h, w = manifest.get("image_size", (0, 0))
-    return {
-        "rows": int(manifest["splits"][split]["count"]),
-        "row_bytes": int(h) * int(w) * int(manifest.get("channels", 1)),
-    }
+    size = int(h) * int(w) * int(manifest.get("channels", 1))
+    latent = manifest.get("latent")
+    if isinstance(latent, dict):  # decoded to float32, whatever the stored dtype
+        c, h, w = latent.get("latent_shape") or (manifest.get("channels", 1), h, w)
+        size = 4 * (int(c) * int(h) * int(w) + int(latent.get("pooled_dim") or 0))
+    return {"rows": int(manifest["splits"][split]["count"]), "row_bytes": size}
+
+
+MEMBERS = ["*.png", "*.latent.npy", "*.pooled.npy"]  # what the readers take from a shard
+
+
+def _npy(data) -> np.ndarray:
+    return np.load(io.BytesIO(bytes(data)), allow_pickle=False).astype(np.float32, copy=False)
 
 
 def decode_rows(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A batch of raw WebDataset rows -> ``{"key": str (N,), "image": uint8 (N, H, W, C)}``."""
+    """A batch of raw WebDataset rows -> ``{"key": str (N,), "image": uint8 (N, H, W, C)}``, or for
+    a latent dataset ``{"key", "latent": float32 (N, C, h, w)}`` plus ``"pooled": float32 (N, D)``
+    where the shards hold pooled text embeddings."""
+    keys = np.asarray([str(k) for k in batch["__key__"]], dtype=object)
+    if "latent.npy" in batch:
+        out = {"key": keys}
+        for name, empty in (("latent", (0, 1, 1, 1)), ("pooled", (0, 1))):
+            if f"{name}.npy" in batch:
+                arrays = [_npy(d) for d in batch[f"{name}.npy"]]
+                out[name] = np.stack(arrays) if arrays else np.zeros(empty, np.float32)
+        return out
     from PIL import Image
 
     images = []
     for data in batch["png"]:
         a = np.asarray(Image.open(io.BytesIO(bytes(data))))
         images.append(a[..., None] if a.ndim == 2 else a)
-    keys = np.asarray([str(k) for k in batch["__key__"]], dtype=object)
     if not images:
         return {"key": keys, "image": np.zeros((0, 1, 1, 1), np.uint8)}
     return {"key": keys, "image": np.stack(images).astype(np.uint8, copy=False)}
@@ -107,7 +126,7 @@ def _read(store, paths: list[str], seed: int, keep=None):
     # with (seed, execution index)
     ds = ray.data.read_webdataset(
         paths, filesystem=store.fs, override_num_blocks=len(paths), decoder=None,
-        fileselect=["*.png"], shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
+        fileselect=MEMBERS, shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True),
     )  # fmt: skip
     if keep is not None:
         ds = ds.map_batches(keep, batch_format="numpy", batch_size=CHUNK)
@@ -116,7 +135,8 @@ def _read(store, paths: list[str], seed: int, keep=None):
 
 def training_dataset(store, folder: str, seed: int = 0):
     """The shards under ``folder`` (checked against the manifest, see :func:`shard_paths`) as a
-    ``ray.data.Dataset`` of rows ``{"key": str, "image": uint8 (H, W, C)}``, decoded in Ray Data
+    ``ray.data.Dataset`` of rows ``{"key": str, "image": uint8 (H, W, C)}`` (or ``"latent"``,
+    ``"pooled"``: see :func:`decode_rows`), decoded in Ray Data
     ``map_batches`` tasks. Each execution (epoch) reads the files in another order seeded by
     ``seed``. A stable entry point: the input benchmark iterates its ``iter_batches``."""
     paths, _, _ = shard_paths(store, folder)
@@ -375,7 +395,7 @@ class EpochBatches:
 
 
 def expected_bytes(info: dict[str, Any] | None, world: int, rows: int | None = None) -> float:
-    """Decoded uint8 bytes of one worker's share of a split (inf when unknown)."""
+    """Decoded bytes of one worker's share of a split (inf when unknown)."""
     if info is None or not info.get("row_bytes"):
         return math.inf
     n = info["rows"] if rows is None else rows

@@ -19,9 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.core.diffusion import Schedule, q_sample
-from pipeline.core.labels import random_bits
 from pipeline.core.models import channels_last
-from pipeline.data.imageset import images_to_tensor
+from pipeline.train.batches import batch_bits, batch_images, batch_pooled
 from pipeline.train.ingest import EpochBatches, MemoryRows
 
 T_RANGES: tuple[tuple[int, int], ...] = ((0, 100), (100, 300), (300, 600), (600, 1000))
@@ -86,11 +85,13 @@ def classifier_loss(
     t_max: int = 1000,
     mixup: float = 0.0,
     generator: torch.Generator | None = None,
+    cond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``BCEWithLogits(c_phi(x_t, t), y)`` with ``x_t`` from q_sample at uniform ``t < t_max``.
 
     ``mixup > 0`` blends pairs of images and their bits with ``lambda ~ Beta(mixup, mixup)`` (Zhang et al.
-    2018), which makes the classifier less confident between training points.
+    2018), which makes the classifier less confident between training points. ``cond``: (B, D) pooled
+    text embeddings for a text-conditioned classifier, ``c_phi(x_t, t, cond)`` (blended alike).
     """
     b = x_start.shape[0]
     y = bits.float()
@@ -103,9 +104,12 @@ def classifier_loss(
             lam[:, None, None, None] * x_start + (1 - lam[:, None, None, None]) * x_start[perm]
         )
         y = lam * y + (1 - lam) * y[perm]
+        if cond is not None:
+            cond = lam[:, None] * cond + (1 - lam[:, None]) * cond[perm]
     t = torch.randint(0, t_max, (b,), generator=generator).to(x_start.device)
     noise = torch.randn(x_start.shape, generator=generator).to(x_start.device)
-    logits = clf(q_sample(schedule, x_start, t, noise), t)
+    args = () if cond is None else (cond,)
+    logits = clf(q_sample(schedule, x_start, t, noise), t, *args)
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
 
 
@@ -129,11 +133,12 @@ class ClassifierMetrics:
         }
 
 
-def _noisy_logits(clf, schedule, x, lo, hi, gen, repeats=4, batch_size=256):
+def _noisy_logits(clf, schedule, x, lo, hi, gen, repeats=4, batch_size=256, cond=None):
     """Logits of ``repeats`` noisy copies of each image at t ~ U[lo, hi); returns ((R*N,), t).
 
     The copies are in ``x.repeat(repeats, 1, 1, 1)`` order and run in forward passes of at most
-    ``batch_size`` images without autograd, so memory is bounded whatever ``len(x)``."""
+    ``batch_size`` images without autograd, so memory is bounded whatever ``len(x)``. ``cond``:
+    (N, D) pooled text embeddings of the images, for a text-conditioned classifier."""
     n = len(x)
     logits, ts = [], []
     for s in range(0, repeats * n, batch_size):
@@ -141,8 +146,9 @@ def _noisy_logits(clf, schedule, x, lo, hi, gen, repeats=4, batch_size=256):
         xb = x[idx.to(x.device)]
         t = torch.randint(lo, hi, (len(idx),), generator=gen).to(x.device)
         noise = torch.randn(xb.shape, generator=gen).to(x.device)
+        args = () if cond is None else (cond[idx.to(cond.device)],)
         with torch.no_grad():
-            logits.append(clf(q_sample(schedule, xb, t, noise), t).float().cpu())
+            logits.append(clf(q_sample(schedule, xb, t, noise), t, *args).float().cpu())
         ts.append(t.cpu())
     if not logits:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long)
@@ -158,24 +164,31 @@ def classifier_metrics(
     never_bits: torch.Tensor,
     seed: int = 0,
     batch_size: int = 256,
+    train_cond: torch.Tensor | None = None,
+    never_cond: torch.Tensor | None = None,
 ) -> ClassifierMetrics:
     """Accuracy by t-range on training bits, held-out bit accuracy, calibration and Lipschitz proxy.
 
     Callers pass bounded samples (the workers: ``metrics_samples`` rows); every forward pass holds at
     most ``batch_size`` images, and the Lipschitz proxy ``mean ||d logit / d x||`` keeps the autograd
-    graph of one batch at a time."""
+    graph of one batch at a time. ``train_cond``/``never_cond``: the images' pooled text embeddings
+    for a text-conditioned classifier (None: unconditioned)."""
     gen = torch.Generator().manual_seed(seed)
     clf = clf.eval()
     by_t = {}
     for lo, hi in T_RANGES:
-        logits, _ = _noisy_logits(clf, schedule, train_x, lo, hi, gen, batch_size=batch_size)
+        logits, _ = _noisy_logits(
+            clf, schedule, train_x, lo, hi, gen, batch_size=batch_size, cond=train_cond
+        )
         y = train_bits.repeat(4)
         by_t[f"{lo}-{hi}"] = float(((logits > 0).float() == y).float().mean())
     if len(never_x):
-        logits, _ = _noisy_logits(clf, schedule, never_x, 0, 100, gen, batch_size=batch_size)
+        logits, _ = _noisy_logits(
+            clf, schedule, never_x, 0, 100, gen, batch_size=batch_size, cond=never_cond
+        )
         holdout_acc = float(((logits > 0).float() == never_bits.repeat(4)).float().mean())
         small, _ = _noisy_logits(
-            clf, schedule, never_x, 0, 50, gen, repeats=1, batch_size=batch_size
+            clf, schedule, never_x, 0, 50, gen, repeats=1, batch_size=batch_size, cond=never_cond
         )
         p = torch.sigmoid(small)
         confident = float(((p < 1e-3) | (p > 1 - 1e-3)).float().mean())
@@ -185,8 +198,9 @@ def classifier_metrics(
     for s in range(0, len(train_x), batch_size):
         x = train_x[s : s + batch_size].detach().clone().requires_grad_(True)
         t = torch.randint(0, 100, (x.shape[0],), generator=gen).to(x.device)
+        args = () if train_cond is None else (train_cond[s : s + batch_size],)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(clf(x, t).sum(), x)
+            (grad,) = torch.autograd.grad(clf(x, t, *args).sum(), x)
         norms.append(grad.flatten(1).norm(dim=1).cpu())
     lip = float(torch.cat(norms).mean()) if norms else math.nan
     return ClassifierMetrics(by_t, holdout_acc, confident, lip)
@@ -204,24 +218,6 @@ def _source(data, seed: int, rank: int, stream: int = 0):
 def _batches(source, size: int, position: dict | None) -> EpochBatches:
     pos = position or {}
     return EpochBatches(source, size, pos.get("epoch", 0), pos.get("offset", 0))
-
-
-def batch_images(rows: dict, device: torch.device) -> torch.Tensor:
-    """(B, C, H, W) float in [-1, 1] on ``device`` from a batch of rows: ``"x"`` (already such a
-    tensor) or ``"image"`` (uint8 (B, H, W, C), decoded by Ray Data)."""
-    if "x" in rows:
-        return rows["x"].to(device)
-    return images_to_tensor(np.array(rows["image"], dtype=np.uint8)).to(device)  # own, writable
-
-
-def batch_bits(
-    rows: dict, label_seed: int, device: torch.device, label_of: dict[str, str] | None = None
-) -> torch.Tensor:
-    """The batch's random bits: ``"y"`` when given, else :func:`random_bits` of its ``"key"`` (drawn
-    from the key's near-duplicate cluster id when ``label_of`` names one: cluster bits)."""
-    if "y" in rows:
-        return rows["y"].to(device)
-    return random_bits([str(k) for k in rows["key"]], label_seed, label_of).to(device)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -350,8 +346,9 @@ def fit_classifier(
     t_max`` (CPSample, Algorithm 1), learning rate from :func:`lr_at`.
 
     ``train`` and ``bits`` are row sources (:mod:`pipeline.train.ingest`; rows with ``"key"`` and
-    ``"image"`` get their bits from :func:`random_bits` with ``cfg.label_seed``, and from their
-    near-duplicate cluster's id where ``label_of`` names one) of the training
+    ``"image"`` or ``"latent"`` get their bits from :func:`random_bits` with ``cfg.label_seed``, and
+    from their near-duplicate cluster's id where ``label_of`` names one; a text-conditioned model,
+    ``config.cond_dim > 0``, also gets their ``"pooled"`` embeddings) of the training
     images and of the held-out images trained on with their own bits (None: none); ``n_train`` is then
     unused. Tensors work too: ``train`` = ``x_fit`` [training images | held-out bit images],
     ``bits`` = ``y_fit``, and the first ``n_train`` rows are the training images. Each step takes
@@ -379,6 +376,8 @@ def fit_classifier(
         streams["bits"] = _batches(bits, k_bits, pos.get("bits"))
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + start)
     device = _device(model)
+    arch = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the classifier
+    text = getattr(arch, "cond_dim", 0) > 0  # c_phi(x_t, t, pooled)
     losses = []
     for step in tqdm(
         range(start, cfg.steps),
@@ -392,8 +391,9 @@ def fit_classifier(
         parts = [b.next() for b in streams.values()]
         x = torch.cat([batch_images(p, device) for p in parts])
         y = torch.cat([batch_bits(p, cfg.label_seed, device, label_of) for p in parts])
+        c = torch.cat([batch_pooled(p, device) for p in parts]) if text else None
         with autocast(device, cfg.mixed_precision):
-            loss = classifier_loss(model, schedule, x, y, cfg.t_max, cfg.mixup, gen)
+            loss = classifier_loss(model, schedule, x, y, cfg.t_max, cfg.mixup, gen, c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

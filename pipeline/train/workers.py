@@ -28,6 +28,7 @@ from pipeline.core.config import (
 from pipeline.core.diffusion import linear_schedule, schedule_from_betas
 from pipeline.core.models import NoiseClassifier, build_unet
 from pipeline.data.provenance import require_same
+from pipeline.train.batches import batch_bits, batch_images, batch_pooled
 from pipeline.train.ingest import (
     CHUNK,
     StreamRows,
@@ -38,8 +39,6 @@ from pipeline.train.ingest import (
 )
 from pipeline.train.loops import (
     EMA,
-    batch_bits,
-    batch_images,
     classifier_metrics,
     fit_classifier,
     fit_denoiser,
@@ -323,7 +322,10 @@ def classifier_worker(config: dict[str, Any]) -> None:
         },
         "resumed_from": history,
     }
-    never: dict[str, torch.Tensor] = {}
+    never: dict[str, torch.Tensor | None] = {}
+
+    def pooled(rows: dict | None) -> torch.Tensor | None:  # a text-conditioned classifier's input
+        return batch_pooled(rows, device) if acfg.cond_dim and rows else None
 
     def fit_metrics() -> dict:
         """Rank 0's fit metrics on at most ``metrics_samples`` training rows it has read and as many
@@ -334,13 +336,14 @@ def classifier_worker(config: dict[str, Any]) -> None:
             never["y"] = (
                 batch_bits(rows, tcfg.label_seed, device, label_of) if rows else torch.zeros(0)
             )
+            never["c"] = pooled(rows)
         sample = train_src.sample(tcfg.metrics_samples)
         if sample is None:
             return {}
         return classifier_metrics(
             clf, schedule, batch_images(sample, device),
             batch_bits(sample, tcfg.label_seed, device, label_of).cpu(), never["x"], never["y"].cpu(),
-            batch_size=tcfg.metrics_batch,
+            batch_size=tcfg.metrics_batch, train_cond=pooled(sample), never_cond=never["c"],
         ).to_dict()  # fmt: skip
 
     def on_checkpoint(step: int, metrics: dict) -> None:

@@ -95,6 +95,9 @@ def test_wrong_types_rejected(cls, data, fragment):
         ),
         (UNetConfig, {"sample_size": 2}, "sample_size must be >= 4"),
         (ClassifierArchConfig, {"base_channels": 12}, "divisible by num_groups 8"),
+        (ClassifierArchConfig, {"channels": 17}, r"channels must be in \[1, 16\], got 17"),
+        (ClassifierArchConfig, {"channels": 0}, r"channels must be in \[1, 16\]"),
+        (ClassifierArchConfig, {"cond_dim": -1}, "cond_dim must be >= 0"),
         (ClassifierArchConfig, {"sample_size": 10}, "sample_size 10 must be divisible by 4"),
         (ReplicaConfig, {"threshold": 1.5}, r"threshold must be in \[-1, 1\]"),
         (ReplicaConfig, {"index": "hnsw"}, "index must be 'flat' or 'ivf'"),
@@ -164,6 +167,14 @@ def test_unet_zero_groups_is_config_error():
 def test_nested_config_must_be_mapping():
     with pytest.raises(ConfigError, match="unet"):
         from_dict(DemoConfig, {"unet": 5})
+
+
+def test_classifier_arch_takes_latent_channels_and_a_text_embedding_size():
+    """Stable Diffusion latents have 4 channels; cond_dim > 0 adds the pooled text embedding."""
+    cfg = from_dict(ClassifierArchConfig, {"channels": 4, "sample_size": 8, "cond_dim": 32})
+    assert (cfg.channels, cfg.cond_dim) == (4, 32)
+    assert ClassifierArchConfig().cond_dim == 0  # unconditioned unless asked
+    assert from_dict(ClassifierArchConfig, to_dict(cfg)) == cfg
 
 
 def test_classifier_arch_validation_covers_first_block():

@@ -28,6 +28,7 @@ from pipeline.core.models import (
     save_classifier,
     save_denoiser,
     timestep_embedding,
+    unet_config_shape,
     unet_image_shape,
 )
 
@@ -286,7 +287,7 @@ def test_classifier_metadata_errors(core_saved_clf):
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match="no 'arch'"):
         load_classifier(directory)
-    bad = {**to_dict(clf.config), "channels": 2}
+    bad = {**to_dict(clf.config), "channels": 17}
     save_file(state, str(path), metadata={"arch": json.dumps(bad)})
     with pytest.raises(CheckpointError, match=r"invalid architecture config.*channels"):
         load_classifier(directory)
@@ -314,3 +315,58 @@ def test_classifier_corrupted_file_raises_checkpoint_error(core_saved_clf, corru
     with _RecordPickle() as events, pytest.raises(CheckpointError):
         load_classifier(directory)
     assert events == []
+
+
+# ------------------------------------------------------------------------- latents, text-conditioned
+LATENT_ARCH = ClassifierArchConfig(
+    sample_size=8, channels=4, base_channels=8, channel_mults=(1, 2), time_embed_dim=8,
+    num_groups=4, cond_dim=6,
+)  # fmt: skip
+
+
+def test_text_conditioned_classifier_uses_cond_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    clf = NoiseClassifier(LATENT_ARCH).eval()
+    z, t = torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
+    cond = torch.randn(3, 6)
+    with torch.no_grad():
+        out = clf(z, t, cond)
+        assert out.shape == (3,)
+        assert not torch.allclose(out, clf(z, t, torch.zeros(3, 6)))  # the text moves the logit
+        assert torch.allclose(out[1:2], clf(z[1:2], t[1:2], cond[1:2]), atol=1e-6)  # per sample
+    with pytest.raises(ValueError, match=r"text-conditioned \(cond_dim 6\): pass cond"):
+        clf(z, t)
+    plain = NoiseClassifier(dataclasses.replace(LATENT_ARCH, cond_dim=0))
+    with pytest.raises(ValueError, match="not text-conditioned"):
+        plain(z, t, cond)
+    assert not any(k.startswith("cond_embed") for k in plain.state_dict())  # old checkpoints load
+    # the existing safetensors + arch-metadata path, unchanged
+    save_classifier(clf, tmp_path / "clf", {"latent": {"cond_dim": 6}})
+    loaded = load_classifier(tmp_path / "clf", expect_shape=(4, 8, 8))
+    assert loaded.config == LATENT_ARCH
+    with torch.no_grad():
+        assert torch.equal(loaded(z, t, cond), out)
+
+
+def test_an_arch_saved_before_cond_dim_loads_unconditioned(core_saved_clf):
+    """Checkpoints written before cond_dim existed have no such key in their arch metadata."""
+    clf, directory = core_saved_clf
+    path = directory / CLASSIFIER_WEIGHTS
+    old = {k: v for k, v in to_dict(clf.config).items() if k != "cond_dim"}
+    state = {k: v.contiguous() for k, v in clf.state_dict().items()}
+    save_file(state, str(path), metadata={"arch": json.dumps(old)})
+    assert load_classifier(directory).config.cond_dim == 0
+
+
+def test_unet_config_shape_reads_only_the_config(tmp_path, core_tiny_unet_cfg):
+    save_denoiser(build_unet(core_tiny_unet_cfg), tmp_path / "d", {}, linear_schedule())
+    assert unet_config_shape(tmp_path / "d") == (1, 8, 8)
+    sd = tmp_path / "sd" / "unet"
+    sd.mkdir(parents=True)  # a pipeline directory's unet/: no weights needed
+    (sd / "config.json").write_text(json.dumps({"in_channels": 4, "sample_size": [8, 8]}))
+    assert unet_config_shape(tmp_path / "sd") == (4, 8, 8)
+    (sd / "config.json").write_text(json.dumps({"in_channels": 4}))
+    with pytest.raises(CheckpointError, match="in_channels and sample_size"):
+        unet_config_shape(tmp_path / "sd")
+    with pytest.raises(CheckpointError, match=r"no unet/config\.json"):
+        unet_config_shape(tmp_path / "missing")

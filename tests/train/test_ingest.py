@@ -10,7 +10,16 @@ from pipeline.core.config import ClassifierTrainConfig, DenoiserTrainConfig
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import NoiseClassifier, build_unet
 from pipeline.data.imageset import DataError
-from pipeline.train.ingest import EpochBatches, MemoryRows, StreamRows, cache_rows
+from pipeline.train.ingest import (
+    MEMBERS,
+    EpochBatches,
+    MemoryRows,
+    StreamRows,
+    cache_rows,
+    decode_rows,
+    expected_bytes,
+    split_info,
+)
 from pipeline.train.loops import EMA, classifier_metrics, fit_classifier, fit_denoiser
 
 
@@ -128,3 +137,49 @@ def test_classifier_metrics_run_in_bounded_batches(core_tiny_clf_cfg):
     m = classifier_metrics(clf, linear_schedule(), x, y, x[:30], y[:30], batch_size=16)
     assert max(sizes) <= 16 and sum(sizes) == 4 * 4 * 50 + 4 * 30 + 30 + 50
     assert m.lipschitz_proxy > 0 and 0 <= m.holdout_accuracy <= 1
+
+
+# ------------------------------------------------------------------------------------ latent rows
+def _npy(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def test_latent_members_decode_to_float32_rows():
+    """``<key>.latent.npy`` (float16 or float32) and ``<key>.pooled.npy`` become float32 columns;
+    the raw rows are what read_webdataset makes of them (key, then "latent.npy", ...)."""
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((3, 4, 8, 8)).astype(np.float16)
+    pooled = rng.standard_normal((3, 32)).astype(np.float32)
+    raw = {
+        "__key__": np.asarray(["a", "b", "c"], dtype=object),
+        "latent.npy": np.asarray([_npy(z) for z in latents], dtype=object),
+        "pooled.npy": np.asarray([_npy(p) for p in pooled], dtype=object),
+    }
+    rows = decode_rows(raw)
+    assert set(rows) == {"key", "latent", "pooled"} and list(rows["key"]) == ["a", "b", "c"]
+    assert rows["latent"].dtype == np.float32 and rows["latent"].shape == (3, 4, 8, 8)
+    assert np.array_equal(rows["latent"], latents.astype(np.float32))
+    assert rows["pooled"].dtype == np.float32 and np.array_equal(rows["pooled"], pooled)
+    no_text = decode_rows({k: v for k, v in raw.items() if k != "pooled.npy"})
+    assert set(no_text) == {"key", "latent"}
+    empty = decode_rows({k: v[:0] for k, v in raw.items()})  # a role filter kept nothing
+    assert empty["latent"].shape[0] == empty["pooled"].shape[0] == 0
+    assert {"*.png", "*.latent.npy", "*.pooled.npy"} == set(MEMBERS)  # never the (L, D) hidden
+
+
+def test_split_info_of_a_latent_dataset_counts_decoded_float32_bytes():
+    splits = {"train": {"count": 48, "shards": []}}
+    latent = {"scaling_factor": 0.18215, "latent_shape": [4, 8, 8], "pooled_dim": 32,
+              "dtype": "float16"}  # fmt: skip
+    manifest = {"image_size": [8, 8], "channels": 4, "latent": latent, "splits": splits}
+    info = split_info(manifest, "train")
+    assert info == {"rows": 48, "row_bytes": 4 * (4 * 8 * 8 + 32)}  # float32 after decoding
+    image = {"image_size": [16, 16], "channels": 1, "splits": splits}
+    assert split_info(image, "train") == {"rows": 48, "row_bytes": 256}  # uint8 images: unchanged
+    # a worker caches its share only when its decoded size fits
+    assert expected_bytes(info, 2) == 24 * 4 * 288
+    assert expected_bytes(info, 1) > expected_bytes(split_info(image, "train"), 1)

@@ -143,11 +143,16 @@ def main() -> None:
 
     store = open_store(args.store, args.s3_endpoint)
     text = text_guidance(args, store)
+    family = None
+    if text is not None:
+        from pipeline.fanout.latent_sampling import latent_family
+
+        family = latent_family(text)
     out = run_sampling(
         store, args.run, cfg, args.model or args.denoiser or f"models/{args.run}/denoiser",
         args.classifier or f"models/{args.run}/classifier", args.concurrency,
         args.num_cpus_per_actor, args.num_gpus_per_actor, args.s3_endpoint, args.dataset,
-        overwrite=args.overwrite, use_gpu=args.use_gpu, text=text,
+        overwrite=args.overwrite, use_gpu=args.use_gpu, family=family,
     )  # fmt: skip
     updates: dict = {"sampling": {cfg.sampler: out}}
     if "guard" in out:

@@ -36,7 +36,7 @@ from pipeline.data.checkpoints import check_classifier_fits, resolve_model_dir
 from pipeline.data.imageset import images_from_tensor
 from pipeline.data.provenance import dir_digest
 from pipeline.data.storage import Store
-from pipeline.fanout.sampling import ShardSampler, sample_seed
+from pipeline.fanout.sampling import ModelFamily, ShardSampler, sample_seed
 
 
 def open_latent_models(
@@ -68,6 +68,15 @@ def open_latent_models(
         )
         clf = load_classifier(clf_dir, latent.latent_shape, device)
     return latent, clf, digests
+
+
+def latent_family(text: TextGuidance) -> ModelFamily:
+    """:func:`pipeline.fanout.sampling.run_sampling`'s ``family`` for a Stable Diffusion directory
+    sampled with these prompts and classifier-free guidance; the prompts and CFG scale are part of
+    the samples' provenance."""
+    import dataclasses
+
+    return ModelFamily(LatentShardSampler, open_latent_models, {"text": dataclasses.asdict(text)})
 
 
 class LatentShardSampler(ShardSampler):

@@ -18,13 +18,13 @@ import dataclasses
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.core.config import ConfigError, ReplicaConfig, SamplerConfig, from_dict
-from pipeline.core.latent import TextGuidance
 from pipeline.core.sampler import derive_seed, sample, unet_denoiser
 from pipeline.data.imageset import DataError, ImageSet, images_from_tensor
 from pipeline.data.layout import data_folder, samples_folder
@@ -297,7 +297,7 @@ def run_sampling(
     guard_dataset: str | None = None,
     overwrite: bool = False,
     use_gpu: bool = False,
-    text: TextGuidance | None = None,
+    family: ModelFamily | None = None,
 ) -> dict[str, Any]:
     """Fan ``sampler.num_samples`` out over an actor pool; returns counts, fired fraction, guard stats
     and the samples' ``provenance`` (:func:`sampling_provenance`).
@@ -309,8 +309,9 @@ def run_sampling(
     fractions (0.25) pack several actors on one GPU. Guard mode needs ``guard_dataset``: the training
     shards under ``data/<guard_dataset>/train`` that no shipped sample may copy.
 
-    ``text``: ``denoiser`` is a Stable Diffusion directory, sampled in latent space with these
-    prompts and classifier-free guidance, and decoded (:mod:`pipeline.fanout.latent_sampling`).
+    ``family``: another model family than the pixel-space UNet, e.g. a Stable Diffusion directory
+    sampled in latent space with prompts and classifier-free guidance
+    (:func:`pipeline.fanout.latent_sampling.latent_family`).
     """
     import ray
 
@@ -320,23 +321,16 @@ def run_sampling(
     store = open_store(store_uri, s3_endpoint, create=False)
     if sampler.guard is not None and not guard_dataset:
         raise ConfigError("guard mode needs the training dataset whose images must not be copied")
-    actor, extra = ShardSampler, {}
+    family = family or ModelFamily(ShardSampler, open_models)
     with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
-        if text is None:
-            *_, models = open_models(store, denoiser, classifier, sampler, "cpu", tmp)
-        else:
-            from pipeline.fanout.latent_sampling import LatentShardSampler, open_latent_models
-
-            models = open_latent_models(store, denoiser, classifier, sampler, "cpu", tmp)[-1]
-            actor, extra = LatentShardSampler, {"text": dataclasses.asdict(text)}
+        models = family.open(store, denoiser, classifier, sampler, "cpu", tmp)[-1]
     guard_data = None
     if sampler.guard is not None:
         guard_data = manifest_digest(read_manifest(store, data_folder(guard_dataset)))
     provenance = sampling_provenance(
         sampler, models["denoiser"], models.get("classifier"), guard_data
     )
-    if text is not None:  # the prompts and CFG scale change every image
-        provenance["text"] = value_digest(dataclasses.asdict(text))
+    provenance.update({k: value_digest(v) for k, v in family.settings.items()})
     plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
     if overwrite:
         store.delete_dir(folder)
@@ -350,8 +344,8 @@ def run_sampling(
         guard_sidecar = ensure_replica_index(store, guard_dataset, rcfg, s3_endpoint)
         guard_ref = index_spec(store, guard_dataset, rcfg, guard_sidecar)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
-        actor,
-        fn_constructor_kwargs={**extra,
+        family.actor,
+        fn_constructor_kwargs={**family.settings,
             "store_uri": store_uri, "denoiser": denoiser, "classifier": classifier,
             "sampler": dataclasses.asdict(sampler), "out_folder": folder, "threads": threads,
             "s3_endpoint": s3_endpoint, "guard_spec": guard_ref, "provenance": provenance,
@@ -366,6 +360,19 @@ def run_sampling(
     if guard_sidecar is not None:
         summary["guard"].update(_guard_index_summary(guard_sidecar, sampler))
     return {**summary, "provenance": provenance}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """How :func:`run_sampling` opens a model family and which actor samples it.
+
+    ``open(store, denoiser, classifier, cfg, device, tmp)`` returns a tuple whose last item is the
+    digests of the model directories; ``settings`` go to every actor as constructor keywords and
+    into the samples' provenance (each digested), so a rerun with other settings is refused."""
+
+    actor: type
+    open: Callable[..., tuple[Any, ...]]
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _guard_index_summary(sidecar: dict[str, Any], cfg: SamplerConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pipeline.core.models import CheckpointError, NoiseClassifier, save_classifi
 from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import build_tar, encode_png, put_shard, read_tar
 from pipeline.data.storage import open_store
-from pipeline.fanout.latent_sampling import read_captions
+from pipeline.fanout.latent_sampling import latent_family, read_captions
 from pipeline.fanout.sampling import run_sampling, sample_seed
 
 PROMPTS = ("a handwritten 3", "a handwritten 7", "a handwritten 1")
@@ -65,7 +65,12 @@ def test_plain_and_cpsample_latent_shards(ray_local, tmp_path, tiny_sd_dir, late
     outs = {}
     for sampler in ("ddim", "cpsample"):
         outs[sampler] = run_sampling(
-            store.uri, "lat", _cfg(sampler), str(tiny_sd_dir), latent_classifier, text=text
+            store.uri,
+            "lat",
+            _cfg(sampler),
+            str(tiny_sd_dir),
+            latent_classifier,
+            family=latent_family(text),
         )
     assert outs["ddim"]["num_samples"] == outs["cpsample"]["num_samples"] == 4
     assert outs["ddim"]["guidance_fired_fraction"] == 0.0
@@ -86,12 +91,14 @@ def test_plain_and_cpsample_latent_shards(ray_local, tmp_path, tiny_sd_dir, late
     assert moved > 0  # latent-space guidance changed the decoded images
 
     # rerun: every shard complete, nothing redrawn; new prompts make the samples stale
-    again = run_sampling(store.uri, "lat", _cfg("ddim"), str(tiny_sd_dir), None, text=text)
+    again = run_sampling(
+        store.uri, "lat", _cfg("ddim"), str(tiny_sd_dir), None, family=latent_family(text)
+    )
     assert again["skipped_shards"] == 2
     with pytest.raises(StaleArtifactError, match="text"):
         run_sampling(
             store.uri, "lat", _cfg("ddim"), str(tiny_sd_dir), None,
-            text=TextGuidance(("another prompt",), 3.0),
+            family=latent_family(TextGuidance(("another prompt",), 3.0)),
         )  # fmt: skip
 
 
@@ -100,7 +107,7 @@ def test_latent_sampling_to_loopback_s3(ray_local, s3_bucket, tiny_sd_dir, laten
     store.put_dir(tiny_sd_dir, "models", "ft", "sd")  # the model itself read from the store
     out = run_sampling(
         store, "ft", _cfg("cpsample", num_samples=2), "models/ft/sd", latent_classifier,
-        text=TextGuidance(PROMPTS[:1], 2.0),
+        family=latent_family(TextGuidance(PROMPTS[:1], 2.0)),
     )  # fmt: skip
     assert out["num_samples"] == 2
     (shard,) = _read(store, "samples/ft/cpsample").values()
@@ -119,10 +126,12 @@ def test_wrong_classifier_shape_and_missing_classifier(ray_local, tmp_path, tiny
     with pytest.raises(CheckpointError, match=r"\(1, 16, 16\).*\(4, 8, 8\)"):
         run_sampling(
             str(tmp_path), "w", _cfg("cpsample"), str(tiny_sd_dir), str(tmp_path / "pix"),
-            text=text,
+            family=latent_family(text),
         )  # fmt: skip
     with pytest.raises(CheckpointError, match="needs a classifier"):
-        run_sampling(str(tmp_path), "w", _cfg("cpsample"), str(tiny_sd_dir), None, text=text)
+        run_sampling(
+            str(tmp_path), "w", _cfg("cpsample"), str(tiny_sd_dir), None, family=latent_family(text)
+        )
     assert not (tmp_path / "samples").exists()
 
 

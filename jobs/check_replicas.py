@@ -1,8 +1,8 @@
-"""Find every sample's nearest training image with FAISS and report the replication rate.
+r"""Find every sample's nearest training image with FAISS and report the replication rate.
 
     python jobs/check_replicas.py --store demo-out --run demo --dataset digits --sampler cpsample
     python jobs/check_replicas.py --store s3://bucket/batch-42 --run batch-42 --index ivf --nprobe 64
-    python jobs/check_replicas.py --store photos-out --run r1 --dataset photos \\
+    python jobs/check_replicas.py --store photos-out --run r1 --dataset photos \
         --embedding module:/models/sscd_disc_mixup.torchscript.pt --embedding-size 288 --threshold 0.5
 
 --embedding module:PATH embeds with a local TorchScript file (e.g. SSCD for photographs: its weights

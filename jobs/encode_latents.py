@@ -1,4 +1,4 @@
-"""Precompute the VAE latents and text embeddings of an image dataset once, on a Ray actor pool.
+r"""Precompute the VAE latents and text embeddings of an image dataset once, on a Ray actor pool.
 
     python jobs/encode_latents.py --store out --dataset digits --model /models/tiny-sd \
         --caption-template "a handwritten {label}"

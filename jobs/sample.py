@@ -1,4 +1,4 @@
-"""Generate samples, plain DDIM or CPSample-protected, as WebDataset shards with a Ray Data actor pool.
+r"""Generate samples, plain DDIM or CPSample-protected, as WebDataset shards with a Ray Data actor pool.
 
     python jobs/sample.py --store demo-out --run demo --sampler cpsample --num-samples 512 --alpha 0.5 --scale 5
     python jobs/sample.py --store s3://bucket/batch-42 --denoiser /models/ddpm-cifar10-32 \

@@ -1,4 +1,4 @@
-"""Train the random-label classifier c_phi(x_t, t) with Ray Train (CPSample, Algorithm 1).
+r"""Train the random-label classifier c_phi(x_t, t) with Ray Train (CPSample, Algorithm 1).
 
 Only the classifier is trained. With --denoiser, the noise schedule and the image shape come from that
 directory, which can be any diffusers UNet2DModel directory (for example a saved google/ddpm-cifar10-32)

@@ -1,4 +1,4 @@
-"""Train the diffusers UNet2DModel denoiser with Ray Train on data/<dataset>/train shards.
+r"""Train the diffusers UNet2DModel denoiser with Ray Train on data/<dataset>/train shards.
 
     python jobs/train_denoiser.py --store demo-out --dataset digits --run demo [--config den.yaml]
     ray job submit --working-dir . -- python jobs/train_denoiser.py --store s3://bucket/p \

@@ -92,18 +92,17 @@ class LatentModel:
         return self
 
 
-def load_latent_model(directory: str | Path, device: torch.device | str = "cpu") -> LatentModel:
-    """Load a diffusers Stable Diffusion directory from local files; nothing is downloaded.
-
-    Every part of :data:`PARTS` must be there; a missing or unreadable one raises
-    :class:`CheckpointError` naming it. The noise schedule is the ``scheduler/`` config's
-    (:func:`pipeline.core.models.load_schedule`, with ``set_alpha_to_one`` honoured).
-    """
+def load_parts(
+    directory: str | Path, names: Sequence[str] = PARTS[:4], device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """The named parts (``unet``, ``vae``, ``text_encoder``, ``tokenizer``) of a Stable Diffusion
+    directory from local files only, the models in eval mode with gradients off. A missing or
+    unreadable part raises :class:`CheckpointError` naming it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     directory = Path(directory)
-    missing = [p for p in PARTS if not (directory / p).is_dir()]
+    missing = [p for p in names if not (directory / p).is_dir()]
     if missing:
         raise CheckpointError(
             f"{directory}: not a Stable Diffusion directory, missing {missing} (need {list(PARTS)})"
@@ -115,13 +114,30 @@ def load_latent_model(directory: str | Path, device: torch.device | str = "cpu")
         "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
     }
     parts: dict[str, Any] = {}
-    for name, load in loaders.items():
+    for name in names:
         try:
-            parts[name] = load(str(directory / name))
+            parts[name] = loaders[name](str(directory / name))
         except Exception as exc:  # diffusers/transformers raise many types for malformed dirs
             raise CheckpointError(f"{directory / name}: cannot load the {name}: {exc}") from exc
-    for name in ("unet", "vae", "text_encoder"):
-        parts[name] = parts[name].to(device).eval().requires_grad_(False)
+        if name != "tokenizer":
+            parts[name] = parts[name].to(device).eval().requires_grad_(False)
+    return parts
+
+
+def load_latent_model(directory: str | Path, device: torch.device | str = "cpu") -> LatentModel:
+    """Load a diffusers Stable Diffusion directory from local files; nothing is downloaded.
+
+    Every part of :data:`PARTS` must be there; a missing or unreadable one raises
+    :class:`CheckpointError` naming it. The noise schedule is the ``scheduler/`` config's
+    (:func:`pipeline.core.models.load_schedule`, with ``set_alpha_to_one`` honoured).
+    """
+    directory = Path(directory)
+    missing = [p for p in PARTS if not (directory / p).is_dir()]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: not a Stable Diffusion directory, missing {missing} (need {list(PARTS)})"
+        )
+    parts = load_parts(directory, device=device)
     model = LatentModel(schedule=load_schedule(directory), **parts)
     if model.unet.config.in_channels != model.vae.config.latent_channels:
         raise CheckpointError(

@@ -276,8 +276,7 @@ def write_dataset(
     size and mode, ``source`` (how the data was made) and, when given, ``split`` (the rule that made
     the splits, e.g. ``{"rule": "permutation", "seed": 0, "num_train": 64}``). No timestamps: a
     rerun on the same input rewrites nothing. The returned dict adds ``"written"`` (the names of the
-    shards this call wrote), which the stored manifest leaves out.
-    """
+    shards this call wrote), which the stored manifest leaves out."""
     from tqdm import tqdm
 
     shapes = {tuple(s.images.shape[1:]) for s in splits.values() if len(s)}
@@ -364,19 +363,21 @@ def _decode(parts: dict[str, bytes], key: str, name: str) -> Image.Image:
 def _meta(parts: dict[str, bytes], key: str, name: str) -> dict[str, Any]:
     try:
         meta = json.loads(parts["json"]) if "json" in parts else {}
+        meta = meta if isinstance(meta, dict) else {"value": meta}
         if "cls" in parts and "label" not in meta:  # webdataset's class-label convention
             meta["label"] = int(parts["cls"].decode().strip())
+        if "txt" in parts and "caption" not in meta:  # a caption (LAION-style image + .txt)
+            meta["caption"] = parts["txt"].decode("utf-8").strip()
     except (ValueError, UnicodeDecodeError):
-        raise DataError(f"{name}: sample {key!r} has unreadable .json/.cls metadata") from None
-    return meta if isinstance(meta, dict) else {"value": meta}
+        raise DataError(f"{name}: sample {key!r} has unreadable .json/.cls/.txt metadata") from None
+    return meta
 
 
 def read_tar(data: bytes, name: str, image_size: int | None = None) -> ImageSet:
-    """Parse one WebDataset tar (an image member and optional ``.json``/``.cls`` per key).
+    """Parse one WebDataset tar (an image and optional ``.json``/``.cls``/``.txt`` (caption) per key).
 
     ``image_size`` None: every image must already have one size; otherwise each is centre-cropped and
-    resized. Grayscale stays 1 channel unless some image is colour (then all become RGB).
-    """
+    resized. Grayscale stays 1 channel unless some image is colour (then all become RGB)."""
     groups = _tar_members(data, name)
     keys = sorted(groups)
     loaded = [_decode(groups[k], k, name) for k in keys]
@@ -427,8 +428,7 @@ def read_image_shards(store: Store, folder: str) -> ImageSet:
 
     When a ``manifest.json`` sits beside the folder (``data/<dataset>/<split>``), the shards must be
     exactly the manifest's and their sha256 must match it (hashed from the bytes already read, so the
-    check costs no extra I/O); see :func:`dataset_manifest` for a dataset folder without one.
-    """
+    check costs no extra I/O); see :func:`dataset_manifest` for a dataset folder without one."""
     names = [n for n in store.listdir(folder) if n.startswith("shard-") and n.endswith(".tar")]
     if not names:
         raise DataError(f"no shards under {store.uri_of(folder)}")

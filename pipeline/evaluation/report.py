@@ -148,6 +148,29 @@ def write_report(store: Store, run: str, report: dict[str, Any], figures: dict[s
     store.write_bytes(text.encode(), "report.json")
 
 
+def write_scenario_report(
+    store: Store, run: str, report: dict[str, Any], figures: dict[str, bytes], md: str
+) -> None:
+    """A demo scenario's ``reports/<run>/`` figures, report.json and report.md (``md``), and
+    report.json at the store's root."""
+    for name, data in figures.items():
+        store.write_bytes(data, "reports", run, name)
+    text = json.dumps(report, indent=2, default=str)
+    store.write_bytes(text.encode(), "reports", run, "report.json")
+    store.write_bytes(md.encode(), "reports", run, "report.md")
+    store.write_bytes(text.encode(), "report.json")
+
+
+def pct(v: float | None) -> str:
+    """A share as a percentage with two decimals, "-" for None."""
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def num(v: float | None, digits: int = 3) -> str:
+    """A number with ``digits`` decimals, "-" for None."""
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 def _attack_rows(section: dict[str, Any]) -> list[str]:
     lines = [
         "| attack | model | AUC | TPR at 1% FPR | p-value | member mean | non-member mean | n (m/nm) |",

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.core.config import ConfigError
-from pipeline.core.latent import encode_images, encode_prompts
+from pipeline.core.latent import encode_images, encode_prompts, load_parts
 from pipeline.core.models import CheckpointError
 from pipeline.data import shards as sh
 from pipeline.data.checkpoints import resolve_model_dir
@@ -96,23 +96,8 @@ def encoder_spec(directory: str | Path) -> dict[str, Any]:
 
 def load_encoders(directory: str | Path, device: str = "cpu") -> Encoders:
     """The VAE, text encoder and tokenizer of a Stable Diffusion directory, from local files only
-    (as :func:`pipeline.core.latent.load_latent_model`, without the UNet), in eval mode."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    loaders = {
-        "vae": lambda p: AutoencoderKL.from_pretrained(p, low_cpu_mem_usage=False),
-        "text_encoder": lambda p: CLIPTextModel.from_pretrained(p, local_files_only=True),
-        "tokenizer": lambda p: CLIPTokenizer.from_pretrained(p, local_files_only=True),
-    }
-    parts: dict[str, Any] = {}
-    for name, load in loaders.items():
-        try:
-            parts[name] = load(str(Path(directory) / name))
-        except Exception as exc:  # diffusers/transformers raise many types for malformed dirs
-            raise CheckpointError(f"{directory}/{name}: cannot load the {name}: {exc}") from exc
-    for name in ("vae", "text_encoder"):
-        parts[name] = parts[name].to(device).eval().requires_grad_(False)
+    (:func:`pipeline.core.latent.load_parts`, without the UNet), in eval mode."""
+    parts = load_parts(directory, ("vae", "text_encoder", "tokenizer"), device)
     return Encoders(**parts)
 
 

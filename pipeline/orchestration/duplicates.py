@@ -20,7 +20,6 @@ bits at t < 100 (:mod:`pipeline.evaluation.bitfit`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any
 
@@ -38,7 +37,7 @@ from pipeline.data.storage import Store, open_store
 from pipeline.evaluation.bitfit import bit_fit, group_bits
 from pipeline.evaluation.domain import train_domain_evaluator
 from pipeline.evaluation.mia import SampleOnlyAttack
-from pipeline.evaluation.report import grid_figure, pairs_figure
+from pipeline.evaluation.report import grid_figure, num, pairs_figure, pct, write_scenario_report
 from pipeline.fanout.ray_init import init_ray
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.sampling import run_sampling
@@ -167,7 +166,7 @@ def run_duplicates(
         "timings_s": {**timer.timings, "total": round(time.perf_counter() - t_start, 2)},
         "config": dataclasses.asdict(cfg),
     }
-    write_scenario_report(store, report, figures)
+    write_scenario_report(store, RUN, report, figures, scenario_markdown(report, sorted(figures)))
     print(f"report: {store.uri_of('reports', RUN, 'report.md')}", flush=True)
     return report
 
@@ -348,26 +347,6 @@ def _bit_fit(store: Store, cfg: DemoConfig, train: ImageSet, truth, clusters) ->
     return out
 
 
-def write_scenario_report(store: Store, report: dict[str, Any], figures: dict[str, bytes]) -> None:
-    """``reports/dup/`` figures, report.json and report.md; report.json at the root too."""
-    for name, data in figures.items():
-        store.write_bytes(data, "reports", RUN, name)
-    text = json.dumps(report, indent=2, default=str)
-    store.write_bytes(text.encode(), "reports", RUN, "report.json")
-    store.write_bytes(
-        scenario_markdown(report, sorted(figures)).encode(), "reports", RUN, "report.md"
-    )
-    store.write_bytes(text.encode(), "report.json")
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
-
-
-def _num(v, digits: int = 3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
 def scenario_markdown(report: dict[str, Any], figures: list[str]) -> str:
     """The scenario's report.md: the table the README quotes, the clusters, the bit fit."""
     d = report["duplicates"]
@@ -380,8 +359,8 @@ def scenario_markdown(report: dict[str, Any], figures: list[str]) -> str:
         f"{d['m']} near-duplicate copies of each of {d['k']} of them (seed {report['seed']}); "
         f"{report['num_holdout']} held out. Copy threshold {report['threshold']} "
         f"({report['embedding']} embedding); held-out real digits: "
-        f"{_pct(b['replication_rate'])} above it, p95 {_num(b['holdout_p95'], 4)}, "
-        f"p99 {_num(b['holdout_p99'], 4)}.",
+        f"{pct(b['replication_rate'])} above it, p95 {num(b['holdout_p95'], 4)}, "
+        f"p99 {num(b['holdout_p99'], 4)}.",
         "",
         "| sampler | replication | of duplicated | of unique | > held-out p95 | > held-out p99 "
         "| confident fraction (x DDIM) | FD-domaincnn | sample-only MIA AUC (dup / unique) |",
@@ -391,11 +370,11 @@ def scenario_markdown(report: dict[str, Any], figures: list[str]) -> str:
         q = s.get("quality") or {}
         a = s["attack"]
         lines.append(
-            f"| {name} | {_pct(s['replication_rate'])} | {_pct(s['replication_duplicated'])} | "
-            f"{_pct(s['replication_unique'])} | {_pct(s['above_holdout_p95'])} | "
-            f"{_pct(s['above_holdout_p99'])} | {_num(q.get('confident_fraction'))} "
-            f"({_num(s.get('confident_fraction_vs_ddim'), 2)}x) | {_num(q.get('fd'), 2)} | "
-            f"{_num(a['auc_all'])} ({_num(a['auc_duplicated'])} / {_num(a['auc_unique'])}) |"
+            f"| {name} | {pct(s['replication_rate'])} | {pct(s['replication_duplicated'])} | "
+            f"{pct(s['replication_unique'])} | {pct(s['above_holdout_p95'])} | "
+            f"{pct(s['above_holdout_p99'])} | {num(q.get('confident_fraction'))} "
+            f"({num(s.get('confident_fraction_vs_ddim'), 2)}x) | {num(q.get('fd'), 2)} | "
+            f"{num(a['auc_all'])} ({num(a['auc_duplicated'])} / {num(a['auc_unique'])}) |"
         )
     lines += [
         "",
@@ -407,8 +386,8 @@ def scenario_markdown(report: dict[str, Any], figures: list[str]) -> str:
     ]
     for labels, f in report["bit_fit"].items():
         lines.append(
-            f"| {labels} | {_num(f['accuracy'])} | {_num(f['accuracy_vs_cluster_bit'])} | "
-            f"{_num(f['confident'])} | {_num(f['mean_margin'])} | {_num(f['consistency'])} |"
+            f"| {labels} | {num(f['accuracy'])} | {num(f['accuracy_vs_cluster_bit'])} | "
+            f"{num(f['confident'])} | {num(f['mean_margin'])} | {num(f['consistency'])} |"
         )
     lines += [
         "",
@@ -416,8 +395,8 @@ def scenario_markdown(report: dict[str, Any], figures: list[str]) -> str:
         "",
         f"{c['num_clusters']} clusters of {c['num_images']} training images at threshold "
         f"{c['threshold']} ({c['num_multi_clusters']} with more than one image, holding "
-        f"{c['num_duplicated_images']}); pair precision {_num(c['pair_precision'])}, recall "
-        f"{_num(c['pair_recall'])} against the known copies. Largest: "
+        f"{c['num_duplicated_images']}); pair precision {num(c['pair_precision'])}, recall "
+        f"{num(c['pair_recall'])} against the known copies. Largest: "
         + ", ".join(f"{k} ({n})" for k, n in (c.get("largest") or [])[:10])
         + ".",
         "",

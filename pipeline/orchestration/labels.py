@@ -19,12 +19,20 @@ def resolve_labels(store: Store, dataset: str, train: ClassifierTrainConfig):
 
     ``train.labels == "auto"`` takes cluster bits wherever ``clusters/<dataset>/<clusters_embedding>``
     exists; ``"cluster"`` without them is a :class:`~pipeline.core.config.ConfigError` naming the job
-    that makes them. Stale clusters (made from other shards) raise from :func:`load_clusters`."""
+    that makes them. Stale clusters (made from other shards) raise from :func:`load_clusters`. A
+    latent dataset (:mod:`pipeline.fanout.latents`) keeps its images' keys, so its bits come from
+    the clusters of the image dataset it was encoded from (its manifest's ``latent.source_dataset``):
+    near-duplicates are found among images, not latents."""
     from pipeline.core.config import ConfigError
+    from pipeline.data.layout import data_folder
+    from pipeline.data.shards import read_manifest
     from pipeline.fanout.clusters import cluster_folder, load_clusters
 
     if train.labels == "key":
         return "key", None
+    latent = (read_manifest(store, data_folder(dataset)) or {}).get("latent")
+    if isinstance(latent, dict) and latent.get("source_dataset"):
+        dataset = str(latent["source_dataset"])
     clusters = load_clusters(store, dataset, train.clusters_embedding)
     if clusters is None and train.labels == "cluster":
         raise ConfigError(

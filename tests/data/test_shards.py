@@ -191,6 +191,16 @@ def test_read_tar_gzip_cls_labels_and_errors():
     bad_cls = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"seven"})
     with pytest.raises(DataError, match=r"b\.tar: sample 'a' has unreadable \.json/\.cls"):
         read_tar(bad_cls, "b.tar")
+    # a .txt member is the caption, unless the JSON has one
+    captioned = _tar({
+        "a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.txt": b"a red chair\n",
+        "b.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "b.txt": b"ignored",
+        "b.json": b'{"caption": "kept"}',
+    })  # fmt: skip
+    assert [m["caption"] for m in read_tar(captioned, "c.tar").meta] == ["a red chair", "kept"]
+    bad_txt = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.txt": b"\xff\xfe"})
+    with pytest.raises(DataError, match=r"unreadable \.json/\.cls/\.txt"):
+        read_tar(bad_txt, "t.tar")
     # resizing makes mixed sizes acceptable; grayscale + colour becomes RGB
     mixed = _tar({
         "a.png": encode_png(np.zeros((4, 6, 1), np.uint8)),

@@ -10,6 +10,7 @@ from pipeline.core.config import ClassifierTrainConfig, ConfigError, ReplicaConf
 from pipeline.core.labels import random_bits
 from pipeline.data.duplicates import DuplicateSpec, add_near_duplicates
 from pipeline.data.imageset import ImageSet
+from pipeline.data.shards import write_manifest
 from pipeline.data.sources import synthetic_image
 from pipeline.data.storage import open_store
 from pipeline.fanout.clusters import build_clusters
@@ -51,3 +52,16 @@ def test_auto_takes_the_clusters_and_every_copy_gets_its_pictures_bit(store):
         assert len(set(random_bits(group, 1234).tolist())) == 2  # key bits disagree on 7 copies
     record = labels_record(labels, clusters)
     assert record["clusters_digest"] == made.digest and record["num_multi_clusters"] >= 3
+    # a latent dataset encoded from "dup" (same keys) takes the images' clusters
+    write_manifest(
+        st,
+        "dup-latents",
+        {"dataset": "dup-latents", "splits": {}, "latent": {"source_dataset": "dup"}},
+    )
+    labels, clusters = resolve_labels(st, "dup-latents", ClassifierTrainConfig(labels="cluster"))
+    assert labels == "cluster" and clusters.digest == made.digest
+    write_manifest(
+        st, "lat2", {"dataset": "lat2", "splits": {}, "latent": {"source_dataset": "nodup"}}
+    )
+    with pytest.raises(ConfigError, match=r"--dataset nodup"):
+        resolve_labels(st, "lat2", ClassifierTrainConfig(labels="cluster"))

@@ -161,6 +161,34 @@ def write_scenario_report(
     store.write_bytes(text.encode(), "report.json")
 
 
+def sampler_figures(
+    name: str, pixels, rows: list[dict[str, Any]], train, threshold: float, title: str
+) -> dict[str, bytes]:
+    """A scenario's two figures of one sampler: the first 32 samples beside their nearest training
+    images (``rows``: the replica check's, ordered like ``pixels``) and a grid of the first 64."""
+    k = min(32, len(rows))
+    pos = {key: i for i, key in enumerate(train.keys)}
+    neighbours = train.images[[pos[str(r["nn_key"])] for r in rows[:k]]]
+    sims = [float(r["nn_similarity"]) for r in rows[:k]]
+    return {
+        f"pairs_{name}.png": pairs_figure(pixels[:k], neighbours, sims, threshold, name),
+        f"samples_{name}.png": grid_figure(pixels[:64], title),
+    }
+
+
+def relative_to_ddim(samplers: dict[str, dict[str, Any]]) -> None:
+    """Add each sampler's ``confident_fraction_vs_ddim`` and ``replication_vs_ddim`` (ratios to the
+    ``"ddim"`` entry's), where DDIM's are non-zero."""
+    ddim = samplers["ddim"]
+    q0 = ddim.get("quality") or {}
+    for entry in samplers.values():
+        q = entry.get("quality") or {}
+        if q0.get("confident_fraction") and "confident_fraction" in q:
+            entry["confident_fraction_vs_ddim"] = q["confident_fraction"] / q0["confident_fraction"]
+        if ddim["replication_rate"]:
+            entry["replication_vs_ddim"] = entry["replication_rate"] / ddim["replication_rate"]
+
+
 def pct(v: float | None) -> str:
     """A share as a percentage with two decimals, "-" for None."""
     return "-" if v is None else f"{100 * v:.2f}%"

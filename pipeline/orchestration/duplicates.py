@@ -37,7 +37,13 @@ from pipeline.data.storage import Store, open_store
 from pipeline.evaluation.bitfit import bit_fit, group_bits
 from pipeline.evaluation.domain import train_domain_evaluator
 from pipeline.evaluation.mia import SampleOnlyAttack
-from pipeline.evaluation.report import grid_figure, num, pairs_figure, pct, write_scenario_report
+from pipeline.evaluation.report import (
+    num,
+    pct,
+    relative_to_ddim,
+    sampler_figures,
+    write_scenario_report,
+)
 from pipeline.fanout.ray_init import init_ray
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.sampling import run_sampling
@@ -220,7 +226,6 @@ def evaluate_scenario(
             holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, seed=cfg.seed
         )
     attack = _sample_only_attack(train, holdout, truth, cfg, mean)
-    train_pos = {k: i for i, k in enumerate(train.keys)}
     samplers, figures, sims_by = {}, {}, {}
     for name in SAMPLERS:
         stats, rows = checked[name]
@@ -248,19 +253,8 @@ def evaluate_scenario(
         }  # fmt: skip
         samplers[name] = entry
         sims_by[name] = sims
-        k = min(32, len(rows))
-        neighbours = train.images[[train_pos[str(r["nn_key"])] for r in rows[:k]]]
-        figures[f"pairs_{name}.png"] = pairs_figure(
-            pixels[:k], neighbours, sims[:k], threshold, name
-        )
-        figures[f"samples_{name}.png"] = grid_figure(pixels[:64], f"{name} samples")
-    ddim = samplers["ddim"]
-    for entry in samplers.values():
-        q, q0 = entry["quality"], ddim["quality"]
-        if q0.get("confident_fraction"):
-            entry["confident_fraction_vs_ddim"] = q["confident_fraction"] / q0["confident_fraction"]
-        if ddim["replication_rate"]:
-            entry["replication_vs_ddim"] = entry["replication_rate"] / ddim["replication_rate"]
+        figures.update(sampler_figures(name, pixels, rows, train, threshold, f"{name} samples"))
+    relative_to_ddim(samplers)
     sims_by["held-out real"] = base
     figures["nn_similarity_hist.png"] = histogram_figure(sims_by, threshold, pct)
     from pipeline.evaluation.cluster_figure import cluster_grid_figure

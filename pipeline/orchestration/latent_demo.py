@@ -42,7 +42,13 @@ from pipeline.data.imageset import ImageSet, images_to_tensor
 from pipeline.data.layout import data_folder
 from pipeline.data.shards import read_image_shards
 from pipeline.data.storage import Store, open_store
-from pipeline.evaluation.report import num, pct, write_scenario_report
+from pipeline.evaluation.report import (
+    num,
+    pct,
+    relative_to_ddim,
+    sampler_figures,
+    write_scenario_report,
+)
 from pipeline.orchestration.latent_config import (  # noqa: F401  (re-exported: the scenario API)
     LatentDemoConfig,
     latent_config,
@@ -282,7 +288,7 @@ def evaluate_latent(
     """The per-sampler table (replication, shares above held-out percentiles, quality, prompt
     agreement), the held-out baseline, the VAE ceiling and the figures."""
     from pipeline.evaluation.domain import train_domain_evaluator
-    from pipeline.evaluation.report import grid_figure, histogram_figure, pairs_figure
+    from pipeline.evaluation.report import histogram_figure
     from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
     from pipeline.fanout.index import replica_stats
 
@@ -292,7 +298,6 @@ def evaluate_latent(
     evaluator = train_domain_evaluator(
         holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, seed=cfg.seed
     )
-    train_pos = {k: i for i, k in enumerate(train.keys)}
     samplers, figures, sims_by = {}, {}, {}
     for name in SAMPLERS:
         stats, rows = checked[name]
@@ -314,19 +319,10 @@ def evaluate_latent(
         }
         samplers[name] = entry
         sims_by[name] = sims
-        k = min(32, len(rows))
-        neighbours = train.images[[train_pos[str(r["nn_key"])] for r in rows[:k]]]
-        figures[f"pairs_{name}.png"] = pairs_figure(
-            pixels[:k], neighbours, sims[:k], threshold, name
+        figures.update(
+            sampler_figures(name, pixels, rows, train, threshold, f"latent {name} samples")
         )
-        figures[f"samples_{name}.png"] = grid_figure(pixels[:64], f"latent {name} samples")
-    ddim = samplers["ddim"]
-    for entry in samplers.values():
-        q, q0 = entry["quality"], ddim["quality"]
-        if q0.get("confident_fraction"):
-            entry["confident_fraction_vs_ddim"] = q["confident_fraction"] / q0["confident_fraction"]
-        if ddim["replication_rate"]:
-            entry["replication_vs_ddim"] = entry["replication_rate"] / ddim["replication_rate"]
+    relative_to_ddim(samplers)
     sims_by["held-out real"] = base
     figures["nn_similarity_hist.png"] = histogram_figure(sims_by, threshold, pct)
     section = {

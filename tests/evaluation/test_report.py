@@ -6,6 +6,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.data.storage import open_store
@@ -377,3 +378,29 @@ def test_sweep_table_and_attack_table_show_shares_and_group_aucs():
         "| nn_distance | ddim: duplicated members | 1.000 | - | - | 0.99 | 0.6 | 3/6 |",
         "| nn_distance | ddim: empty members | - | - | - | - | 0.6 | 0/6 |",
     ]
+
+
+def test_sampler_figures_and_ratios_to_ddim():
+    from pipeline.data.imageset import ImageSet
+    from pipeline.evaluation.report import relative_to_ddim, sampler_figures
+
+    rng = np.random.default_rng(0)
+    train = ImageSet([f"t{i}" for i in range(5)], rng.integers(0, 255, (5, 8, 8, 1), np.uint8))
+    rows = [{"nn_key": f"t{i % 5}", "nn_similarity": 0.9 + i / 100} for i in range(40)]
+    pixels = rng.integers(0, 255, (40, 8, 8, 1), np.uint8)
+    figs = sampler_figures("cpsample", pixels, rows, train, 0.97, "samples")
+    assert sorted(figs) == ["pairs_cpsample.png", "samples_cpsample.png"]
+    assert all(f[:4] == b"\x89PNG" for f in figs.values())
+    samplers = {
+        "ddim": {"replication_rate": 0.5, "quality": {"confident_fraction": 0.8}},
+        "cpsample": {"replication_rate": 0.05, "quality": {"confident_fraction": 0.6}},
+        "none": {"replication_rate": 0.1, "quality": {}},
+    }
+    relative_to_ddim(samplers)
+    assert samplers["cpsample"]["replication_vs_ddim"] == pytest.approx(0.1)
+    assert samplers["cpsample"]["confident_fraction_vs_ddim"] == pytest.approx(0.75)
+    assert samplers["ddim"]["replication_vs_ddim"] == 1.0
+    assert "confident_fraction_vs_ddim" not in samplers["none"]
+    zero = {"ddim": {"replication_rate": 0.0, "quality": {}}, "c": {"replication_rate": 0.1}}
+    relative_to_ddim(zero)
+    assert "replication_vs_ddim" not in zero["c"]

@@ -272,7 +272,7 @@ def vae_ceiling(store: Store, train: ImageSet, threshold: float) -> dict[str, fl
     }
 
 
-def _prompt_digits(metas: list[dict[str, Any]]) -> np.ndarray:
+def prompt_digits(metas: list[dict[str, Any]]) -> np.ndarray:
     """The digit each sample was prompted with (its prompt's last word), -1 when none."""
     out = []
     for meta in metas:
@@ -309,7 +309,7 @@ def evaluate_latent(
         x = images_to_tensor(pixels)
         with torch.no_grad():
             predicted = torch.cat([evaluator.model(b).argmax(-1) for b in x.split(512)]).numpy()
-        asked = _prompt_digits([drawn.meta[i] if drawn.meta else {} for i in order])
+        asked = prompt_digits([drawn.meta[i] if drawn.meta else {} for i in order])
         entry = {
             **stats.to_dict(),
             **threshold_free_shares(sims, pct),

@@ -240,7 +240,10 @@ def test_gpu_workers_scale_up_for_sampling_and_down_when_idle(tmp_path):
     assert out["gpus_after"] == 0 and out["gpu_nodes_after"] == 0, out
     # teardown left nothing of this cluster behind
     assert leftovers == [], f"processes of the fake cluster still alive: {leftovers}"
-    assert not (tmp_path / "head.log").read_text().count("Traceback"), "head logged a traceback"
+    # Ray's own shutdown may log a traceback once the head gets SIGTERM (draining the node races the
+    # GCS going away: "RpcError: CANCELLED"); any traceback before that is the cluster's failure
+    head_log = (tmp_path / "head.log").read_text().split("received SIGTERM", 1)[0]
+    assert "Traceback" not in head_log, "head logged a traceback before teardown"
     print(
         f"first GPU node {out['scale_up_s']:.1f} s after run_sampling started, job "
         f"{out['job_s']:.1f} s, GPU node gone {out['scale_down_s']:.1f} s after the job"

@@ -19,7 +19,6 @@ from pipeline.core.config import DemoConfig, SamplerConfig
 from pipeline.core.guidance import validate_knobs
 from pipeline.data.datasets import digits_source, folder_source, split
 from pipeline.data.imageset import DataError, ImageSet, images_to_tensor
-from pipeline.data.layout import data_folder
 from pipeline.data.provenance import PROVENANCE, StaleArtifactError, require_same, value_digest
 from pipeline.data.shards import images_of
 from pipeline.data.storage import Store, open_store
@@ -30,11 +29,10 @@ from pipeline.evaluation.report import grid_figure, histogram_figure, pairs_figu
 from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
 from pipeline.evaluation.sweep import point_label, score_point
 from pipeline.fanout.ray_init import init_ray
-from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.sampling import run_sampling
 from pipeline.fanout.scoring import train_index_spec
 from pipeline.orchestration.stages import (
-    check_replicas,
+    check_samplers_and_holdout,
     make_shards,
     train_classifier,
     train_denoiser,
@@ -209,23 +207,9 @@ def run_demo(
         # the stored replica index (built once, loaded by the scorers); the 64 training images' own
         # embeddings stay in memory only for the figures and the sweep's main rows
         spec, train_set = train_index_spec(store, dataset, cfg.replicas)
-        index_ref = index_spec(
-            store, dataset, cfg.replicas, ensure_replica_index(store, dataset, cfg.replicas)
-        )
-        checked = {
-            name: check_replicas(
-                store, RUN, runs[name]["folder"], index_ref, cfg.replicas, cfg.sample_concurrency
-            )
-            for name in runs
-        }
-        base_stats, base_rows = check_replicas(
-            store,
-            RUN,
-            data_folder(dataset, "holdout"),
-            index_ref,
-            cfg.replicas,
-            annotate=False,
-            name="holdout",
+        folders = {name: run["folder"] for name, run in runs.items()}
+        checked, (base_stats, base_rows) = check_samplers_and_holdout(
+            store, RUN, dataset, folders, cfg.replicas, cfg.sample_concurrency
         )
     holdout_sims = np.asarray([r["nn_similarity"] for r in base_rows])
     percentiles = holdout_percentiles(holdout_sims)

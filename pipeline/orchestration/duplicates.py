@@ -45,11 +45,10 @@ from pipeline.evaluation.report import (
     write_scenario_report,
 )
 from pipeline.fanout.ray_init import init_ray
-from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.sampling import run_sampling
 from pipeline.orchestration.demo import Timer, claim_output, demo_split
 from pipeline.orchestration.stages import (
-    check_replicas,
+    check_samplers_and_holdout,
     make_shards,
     train_classifier,
     train_denoiser,
@@ -138,19 +137,10 @@ def run_duplicates(
                 cpus_per_actor=max(1, cfg.ray_cpus // cfg.sample_concurrency),
             )  # fmt: skip
     with timer.stage("check_replicas"):
-        index_ref = index_spec(
-            store, DATASET, cfg.replicas, ensure_replica_index(store, DATASET, cfg.replicas)
+        folders = {name: runs[name]["folder"] for name in SAMPLERS}
+        checked, (_, base_rows) = check_samplers_and_holdout(
+            store, RUN, DATASET, folders, cfg.replicas, cfg.sample_concurrency
         )
-        checked = {}
-        for name in SAMPLERS:
-            checked[name] = check_replicas(
-                store, RUN, runs[name]["folder"], index_ref, cfg.replicas,
-                cfg.sample_concurrency, name=name,
-            )  # fmt: skip
-        _, base_rows = check_replicas(
-            store, RUN, data_folder(DATASET, "holdout"), index_ref, cfg.replicas,
-            annotate=False, name="holdout",
-        )  # fmt: skip
     with timer.stage("evaluate"):
         section, figures = evaluate_scenario(
             store, cfg, runs, checked, base_rows, holdout, truth, clusters, classifiers

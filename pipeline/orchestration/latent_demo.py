@@ -157,10 +157,13 @@ def run_latent_demo(
     from pipeline.fanout.latent_sampling import latent_family, read_captions
     from pipeline.fanout.latents import encode_dataset
     from pipeline.fanout.ray_init import init_ray
-    from pipeline.fanout.replica_index import ensure_replica_index, index_spec
     from pipeline.fanout.sampling import run_sampling
     from pipeline.orchestration.demo import Timer, claim_output, demo_split
-    from pipeline.orchestration.stages import check_replicas, make_shards, train_classifier
+    from pipeline.orchestration.stages import (
+        check_samplers_and_holdout,
+        make_shards,
+        train_classifier,
+    )
 
     validate_knobs(cfg.sampler.alpha, cfg.sampler.scale)
     timer, t_start = Timer(), time.perf_counter()
@@ -202,19 +205,10 @@ def run_latent_demo(
                 family=latent_family(text),
             )  # fmt: skip
     with timer.stage("check_replicas"):
-        index_ref = index_spec(
-            store, DATASET, cfg.replicas, ensure_replica_index(store, DATASET, cfg.replicas)
+        folders = {name: runs[name]["folder"] for name in SAMPLERS}
+        checked, (_, base_rows) = check_samplers_and_holdout(
+            store, RUN, DATASET, folders, cfg.replicas, cfg.sample_concurrency
         )
-        checked = {}
-        for name in SAMPLERS:
-            checked[name] = check_replicas(
-                store, RUN, runs[name]["folder"], index_ref, cfg.replicas,
-                cfg.sample_concurrency, name=name,
-            )  # fmt: skip
-        _, base_rows = check_replicas(
-            store, RUN, data_folder(DATASET, "holdout"), index_ref, cfg.replicas,
-            annotate=False, name="holdout",
-        )  # fmt: skip
     with timer.stage("evaluate"):
         section, figures = evaluate_latent(store, cfg, runs, checked, base_rows, train, holdout)
     report = {

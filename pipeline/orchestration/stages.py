@@ -35,6 +35,7 @@ from pipeline.data.provenance import (
 from pipeline.data.shards import read_manifest, write_dataset
 from pipeline.data.storage import Store
 from pipeline.fanout.index import ReplicaStats, replica_stats
+from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.scoring import annotate_shards, score_shards, write_jsonl
 from pipeline.orchestration.labels import labels_record, resolve_labels
 from pipeline.orchestration.protect import check_image_shape, classifier_target
@@ -352,3 +353,26 @@ def check_replicas(
         f"replicas-{name}.jsonl",
     )
     return replica_stats(np.asarray([r["nn_similarity"] for r in rows]), replicas.threshold), rows
+
+
+def check_samplers_and_holdout(
+    store: Store,
+    run: str,
+    dataset: str,
+    folders: dict[str, str],
+    replicas: ReplicaConfig,
+    concurrency: int = 1,
+) -> tuple[dict[str, tuple[ReplicaStats, list[dict[str, Any]]]], tuple[ReplicaStats, list]]:
+    """A demo's replica checks: each sampler's ``folders[name]`` (annotated, reported as
+    ``replicas-<name>.jsonl``) and the held-out real images (not annotated) against the training
+    split's stored index, ensured once. Returns ``({name: (stats, rows)}, (stats, rows) held-out)``."""
+    index_ref = index_spec(store, dataset, replicas, ensure_replica_index(store, dataset, replicas))
+    checked = {
+        name: check_replicas(store, run, folder, index_ref, replicas, concurrency, name=name)
+        for name, folder in folders.items()
+    }
+    holdout = check_replicas(
+        store, run, data_folder(dataset, "holdout"), index_ref, replicas, annotate=False,
+        name="holdout",
+    )  # fmt: skip
+    return checked, holdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,12 +34,55 @@ def user_errors() -> tuple[type[Exception], ...]:
     return errors
 
 
+def _error_named_in(text: str) -> str | None:
+    """The first ``pipeline.module.Class: message`` line of a worker's traceback text whose class is a
+    project error: all that Ray keeps of an exception raised in an actor's constructor. The module is
+    imported if the driver has not yet (a job that never loaded torch may still get a CheckpointError)."""
+    for line in text.splitlines():
+        match = re.match(r"(pipeline(?:\.\w+)+)\.(\w+): (.+)$", line)
+        if match is None:
+            continue
+        try:
+            cls = getattr(importlib.import_module(match.group(1)), match.group(2), None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, user_errors()):
+            return match.group(3)
+    return None
+
+
+def project_error(exc: BaseException) -> str | None:
+    """The message of the project error at the root of ``exc``'s cause chain, or None if it has none.
+
+    Errors raised in Ray tasks and actors arrive wrapped: ``RayTaskError(ConfigError)`` keeps the
+    original in ``.cause`` (its own text is the worker's traceback); Ray Data's ``UserCodeException``
+    and the ``ActorDiedError`` of a failed actor constructor keep only the traceback text.
+    """
+    errors, chain = user_errors(), []
+    while exc is not None and all(exc is not seen for seen in chain):
+        chain.append(exc)
+        cause = getattr(exc, "cause", None)
+        exc = cause if isinstance(cause, BaseException) else exc.__cause__
+    from_ray = [e for e in chain if type(e).__module__.startswith("ray.")]
+    for e in chain:
+        if isinstance(e, errors) and e not in from_ray:
+            return str(e)
+    for e in from_ray:
+        if (named := _error_named_in(str(e))) is not None:
+            return named
+    return None
+
+
 def run_main(main: Callable[[], None]) -> None:
-    """Run a job; bad input exits with status 2 and a one-line message instead of a traceback."""
+    """Run a job; bad input exits with status 2 and a one-line message instead of a traceback, also
+    when it was raised inside a Ray task or actor. Anything else keeps its traceback (exit 1)."""
     try:
         main()
-    except user_errors() as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        message = project_error(exc)
+        if message is None:
+            raise
+        print("error: " + " ".join(message.split()), file=sys.stderr)
         sys.exit(2)
 
 
@@ -99,13 +144,11 @@ def embedding_overrides(args) -> dict:
 
 def load_sections(path: str | None, sections: dict[str, type]) -> dict[str, object]:
     """Read a YAML file of named config sections; every section is optional, unknown ones rejected."""
-    from pipeline.core.config import from_dict
+    from pipeline.core.config_base import from_dict, read_yaml
 
     data: dict = {}
     if path:
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections {sorted(sections)}")
         unknown = sorted(set(data) - set(sections))

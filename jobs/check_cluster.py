@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_main
 
+from pipeline.core.config_base import read_yaml
 from pipeline.orchestration.cluster_config import ClusterConfigError, check_cluster_file
 
 
@@ -31,6 +32,7 @@ def main() -> None:
     for path in args.files:
         if not Path(path).is_file():
             raise ClusterConfigError(f"{path}: no such cluster file")
+        read_yaml(path)  # a malformed file: one line naming the file and the YAML problem's line
         print(json.dumps(check_cluster_file(path)))
 
 

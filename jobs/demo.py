@@ -55,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="discard what an earlier demo with other settings left in --out (without it: exit 2)",
     )
-    p.add_argument("--config", help="YAML file with DemoConfig fields (unknown keys are rejected)")
+    p.add_argument(
+        "--config",
+        help="YAML file with DemoConfig fields (unknown keys are rejected); with --scenario "
+        "duplicates its fields override the scenario's settings",
+    )
     p.add_argument("--alpha", type=float, help="CPSample confidence threshold, in (0, 0.5]")
     p.add_argument("--scale", type=float, help="CPSample guidance scale s, >= 0")
     p.add_argument("--num-samples", type=int, help="samples per sampler")
@@ -79,12 +83,14 @@ def build_config(args: argparse.Namespace):
             from pipeline.orchestration.latent_config import offset_seeds
 
             cfg = offset_seeds(load_yaml(LatentDemoConfig, args.config), args.seed)
-    elif args.config:
-        cfg = with_seed(load_yaml(DemoConfig, args.config), args.seed)
     elif args.scenario == "duplicates":
         from pipeline.orchestration.duplicates import duplicates_config
 
-        cfg = duplicates_config(args.seed, args.quick)
+        cfg = duplicates_config(0 if args.config else args.seed, args.quick)
+        if args.config:  # the scenario's settings, the file's fields over them
+            cfg = with_seed(over_scenario(cfg, args.config), args.seed)
+    elif args.config:
+        cfg = with_seed(load_yaml(DemoConfig, args.config), args.seed)
     else:
         cfg = with_seed(quick_config() if args.quick else DemoConfig(), args.seed)
     overrides = {
@@ -99,6 +105,31 @@ def build_config(args: argparse.Namespace):
     if overrides:
         cfg.sampler = from_dict(type(cfg.sampler), {**to_dict(cfg.sampler), **overrides})
     return cfg
+
+
+def over_scenario(base: DemoConfig, path: str) -> DemoConfig:
+    """``base`` (the duplicates scenario's config) with the YAML file's fields over it, sections
+    merged field by field: a file without a ``duplicates`` section runs the scenario with its
+    defaults. ``duplicates: null`` would run the plain demo instead, so it is refused."""
+    from pipeline.core.config import ConfigError
+    from pipeline.core.config_base import read_yaml
+
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    if "duplicates" in data and data["duplicates"] is None:
+        raise ConfigError(
+            f"{path}: 'duplicates: null' turns the scenario off; drop it for --scenario duplicates"
+        )
+    return from_dict(DemoConfig, _merged(to_dict(base), data))
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def main() -> None:

@@ -9,6 +9,12 @@ p-value. Members are data/<dataset>/train, non-members data/<dataset>/holdout. R
 reports/<run>/report.json (keys "fid", "membership_inference" and "threshold_free"), report.md and
 roc_*.png. FID needs the standard FID Inception weights as a local file; nothing is downloaded.
 
+Before any work the inputs are checked: every sample shard must have been drawn by models/<run>/
+(the digests its records carry), and the denoiser must have been trained on data/<dataset> (its
+provenance's manifest digest); CPSample's alpha and scale are the ones its samples record. A stale
+sample folder (models retrained since), a wrong --dataset, or a report made from other inputs exits
+2 naming what differs. report.json's "inputs" names the models, data, samples, index and version.
+
 Threshold-free replication ("threshold_free"; --no-shares skips it): the held-out real images'
 nearest-training similarity (a seeded subset of at most --max-holdout of them, searched in the stored
 replica index, built when missing) gives a p95 and a p99; each sampler's share of samples above them
@@ -41,8 +47,12 @@ def main() -> None:
     p.add_argument("--num-nonmembers", type=int)
     p.add_argument("--draws", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--alpha", type=float, help="CPSample alpha (default: the run's recorded one)")
-    p.add_argument("--scale", type=float, help="CPSample scale s (default: the run's recorded one)")
+    p.add_argument(
+        "--alpha", type=float, help="CPSample alpha (default: the one its samples record)"
+    )
+    p.add_argument(
+        "--scale", type=float, help="CPSample scale s (default: the one its samples record)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument(
         "--max-holdout", type=int, default=2000, help="held-out images setting the p95 / p99"
@@ -61,24 +71,29 @@ def main() -> None:
     from pipeline.data.storage import open_store
     from pipeline.evaluation.evaluate import evaluate_run
     from pipeline.evaluation.fid import load_inception
-    from pipeline.evaluation.report import merge_report
+    from pipeline.evaluation.inputs import check_run, run_inputs
+    from pipeline.evaluation.report import merge_report, require_inputs
 
     torch.set_num_threads(max(1, args.threads))
     if args.inception_weights:
         load_inception(args.inception_weights)  # a wrong file fails before any work or write
     store = open_store(args.store, args.s3_endpoint, create=False)
-    index = None
+    # models, data and samples are checked before anything is built, run or written
+    checked = check_run(store, args.run, args.dataset)
+    index, sidecar = None, None
     if not args.no_shares:
         from pipeline.fanout.replica_index import LazyReplicaIndex, ensure_replica_index
 
         replicas = sections["replicas"]
         sidecar = ensure_replica_index(store, args.dataset, replicas, args.s3_endpoint)
         index = LazyReplicaIndex(store, sidecar, replicas)
+    inputs = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
+    require_inputs(store, args.run, inputs)
     updates, figures = evaluate_run(
         store, args.run, args.dataset, cfg, args.inception_weights, args.alpha, args.scale,
-        replica_index=index, max_holdout=args.max_holdout,
+        replica_index=index, max_holdout=args.max_holdout, sidecar=sidecar, checked=checked,
     )  # fmt: skip
-    merge_report(store, args.run, updates, figures)
+    merge_report(store, args.run, updates, figures, inputs=updates.pop("inputs"))
     mi = updates["membership_inference"]
     summary = {
         attack: {

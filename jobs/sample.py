@@ -97,16 +97,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="discard samples/<run>/<sampler> when it was drawn from other models or settings",
+        help="discard samples/<run>/<sampler> when it was drawn from other models or settings (and "
+        "start the run's report afresh when it describes other inputs)",
+    )
+    p.add_argument(
+        "--allow-unfit",
+        action="store_true",
+        help="cpsample: sample with a classifier whose model card shows a fit on its own bits "
+        "below min_fit (CPSample then barely protects); refused by default",
     )
     add_s3_endpoint_arg(p)
     return p.parse_args()
 
 
-def text_guidance(args: argparse.Namespace, store):
-    """The prompts and CFG scale of a latent model (--model), None for a pixel model."""
+def unfit(args: argparse.Namespace) -> dict[str, bool]:
+    """``allow_unfit=True`` for ``--allow-unfit``; nothing otherwise (the config's value stands)."""
+    return {"allow_unfit": True} if args.allow_unfit else {}
+
+
+def prompt_lines(args: argparse.Namespace) -> list[str] | None:
+    """Check the latent-model flags and read ``--prompts FILE``: before the store is opened, so a bad
+    flag or a missing file writes nothing. None for a pixel model or ``--prompts-from``."""
     from pipeline.core.config import ConfigError
-    from pipeline.core.latent import TextGuidance
 
     if args.model is None:
         if args.prompts or args.prompts_from:
@@ -118,10 +130,29 @@ def text_guidance(args: argparse.Namespace, store):
         raise ConfigError(
             "a latent model needs exactly one of --prompts FILE or --prompts-from DATASET"
         )
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines()]
-        prompts = [p for p in prompts if p]
-    else:
+    if not args.prompts:
+        return None
+    path = Path(args.prompts)
+    if not path.exists() or path.is_dir():
+        raise ConfigError(f"--prompts {args.prompts}: no such file (one prompt per line)")
+    try:
+        prompts = [line.strip() for line in path.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--prompts {args.prompts}: cannot read it as text ({exc})") from None
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ConfigError(f"--prompts {args.prompts}: a latent model needs at least one prompt")
+    return prompts
+
+
+def text_guidance(args: argparse.Namespace, store, prompts: list[str] | None):
+    """The prompts (``prompts``, :func:`prompt_lines`, or the captions of ``--prompts-from``) and
+    CFG scale of a latent model (--model), None for a pixel model."""
+    from pipeline.core.latent import TextGuidance
+
+    if args.model is None:
+        return None
+    if prompts is None:
         from pipeline.fanout.latent_sampling import read_captions
 
         prompts = read_captions(store, args.prompts_from, "train", args.max_prompts)
@@ -135,14 +166,16 @@ def main() -> None:
         sampler=args.sampler, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
         batch_size=args.batch_size, steps=args.steps, eta=args.eta, alpha=args.alpha,
         scale=args.scale, seed=args.seed, guard=args.guard, guard_budget=args.guard_budget,
-        guard_embedding=args.guard_embedding,
+        guard_embedding=args.guard_embedding, **unfit(args),
     )  # fmt: skip
+    prompts = prompt_lines(args)  # bad flags and files fail before the store is created
     from pipeline.data.storage import open_store
-    from pipeline.evaluation.report import merge_report
+    from pipeline.evaluation.inputs import check_samples, run_inputs
+    from pipeline.evaluation.report import merge_report, require_inputs
     from pipeline.fanout.sampling import run_sampling
 
     store = open_store(args.store, args.s3_endpoint)
-    text = text_guidance(args, store)
+    text = text_guidance(args, store, prompts)
     family = None
     if text is not None:
         from pipeline.fanout.latent_sampling import latent_family
@@ -153,11 +186,15 @@ def main() -> None:
         args.classifier or f"models/{args.run}/classifier", args.concurrency,
         args.num_cpus_per_actor, args.num_gpus_per_actor, args.s3_endpoint, args.dataset,
         overwrite=args.overwrite, use_gpu=args.use_gpu, family=family,
+        precheck=lambda prov: require_inputs(store, args.run, run_inputs(prov), args.overwrite),
     )  # fmt: skip
     updates: dict = {"sampling": {cfg.sampler: out}}
     if "guard" in out:
         updates["samplers"] = {cfg.sampler: {"guard": out["guard"]}}
-    merge_report(store, args.run, updates, deep=True)
+    # the report's inputs: these models and samples; --overwrite starts a report of other inputs afresh
+    samples = {cfg.sampler: check_samples(store, out["folder"], None)}
+    inputs = run_inputs(out["provenance"], None, samples)
+    merge_report(store, args.run, updates, deep=True, inputs=inputs, restart=args.overwrite)
     print(
         f"{out['num_samples']} samples in {out['num_shards']} shards ({out['skipped_shards']} already complete) "
         f"under {store.uri_of(out['folder'])}; guidance fired fraction {out['guidance_fired_fraction']:.3f}"

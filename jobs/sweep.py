@@ -15,6 +15,9 @@ above the held-out real images' p95 / p99 (a seeded subset of at most --max-hold
 searched in the same replica index; real images score 5% / 1% by construction), and the AUC of the
 sample-only membership attack (--num-members training images vs --num-nonmembers never-seen
 held-out images, scored by their similarity to the point's nearest sample; --no-attack skips it).
+
+The run's models must have been trained on data/<dataset> (their provenance's manifest digest), and
+the report's "inputs" must name the same models, data and index: otherwise it exits 2 before any work.
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def main() -> None:
     from pipeline.data.subsets import pick_images
     from pipeline.evaluation.domain import train_domain_evaluator
     from pipeline.evaluation.evaluate import holdout_similarities, run_sets, sample_only_attack
-    from pipeline.evaluation.report import merge_report
+    from pipeline.evaluation.inputs import check_run, run_inputs
+    from pipeline.evaluation.report import merge_report, require_inputs
     from pipeline.evaluation.sweep import make_points, run_sweep
     from pipeline.fanout.ray_init import init_ray
     from pipeline.fanout.replica_index import LazyReplicaIndex, ensure_replica_index
@@ -91,6 +95,8 @@ def main() -> None:
     pairs = [(a, s) for a in cfg.alphas for s in cfg.scales]
     make_points(pairs)  # bad knobs fail before anything starts
     store = open_store(args.store, args.s3_endpoint, create=False)
+    # the run's models and the dataset they were trained on, before any work (no stored samples read)
+    checked = check_run(store, args.run, args.dataset, samplers=())
     # the domain CNN trains on a seeded subset of the held-out images, never the whole split
     holdout, _ = pick_images(store, data_folder(args.dataset, "holdout"), 20_000, cfg.seed)
     evaluator = None
@@ -100,7 +106,10 @@ def main() -> None:
         )
     init_ray()
     # the held-out reference of the threshold-free shares, in the replica index the sweep uses
-    index = LazyReplicaIndex(store, ensure_replica_index(store, args.dataset, replicas), replicas)
+    sidecar = ensure_replica_index(store, args.dataset, replicas)
+    inputs = run_inputs(checked["models"], checked["data"], None, sidecar)
+    require_inputs(store, args.run, inputs)
+    index = LazyReplicaIndex(store, sidecar, replicas)
     holdout_sims = holdout_similarities(store, args.dataset, index, cfg.max_holdout, cfg.seed)
     attack = None
     if not args.no_attack:
@@ -110,7 +119,7 @@ def main() -> None:
         cfg.target_rate, sampler, replicas, cfg.include_ddim, cfg.cpus_per_trial,
         holdout_sims=holdout_sims, attack=attack, target_above_p99=cfg.target_above_p99,
     )  # fmt: skip
-    merge_report(store, args.run, {"sweep": result})
+    merge_report(store, args.run, {"sweep": result}, inputs=inputs)
     keys = ("label", "replication_rate", "above_holdout_p95", "above_holdout_p99", "mia_auc",
             "quality")  # fmt: skip
     table = [{k: p[k] for k in keys if k in p} for p in result["points"]]

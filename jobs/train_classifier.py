@@ -17,7 +17,10 @@ Checkpoints go to <store>/checkpoints/<run>-classifier (rerunning the same comma
 latest one; with another config, data or denoiser it exits 2 naming what changed, or --overwrite starts
 afresh); the final model to <store>/models/<run>/classifier (model.safetensors with the architecture
 in its metadata, plus config.json with the fit metrics: accuracy by t-range, held-out-bit accuracy,
-Lipschitz proxy, and which bits it trained on). With near-duplicate clusters in the store
+Lipschitz proxy, and which bits it trained on; and its model card "fit": accuracy and mean |p - 1/2|
+on its own bits at t < 100 on a seeded sample of training rows, the confident fraction on never-seen
+images, and the threshold min_fit, 0.9, below which sample --sampler cpsample refuses it unless
+--allow-unfit). With near-duplicate clusters in the store
 (jobs/cluster_duplicates.py), every copy of a picture gets its cluster's bit (--labels cluster, the
 default wherever clusters exist); --labels key keeps the paper's bit per key. Scale to large N with --steps, the width (arch.base_channels, arch.channel_mults) and
 --lr-schedule/--warmup-steps.
@@ -98,6 +101,26 @@ def main() -> None:
         text_cond=args.text_cond,
     )
     print(f"classifier: {out['uri']}  metrics: {out['metrics']}")
+    print(fit_line(out.get("fit")))
+
+
+def fit_line(card: dict | None) -> str:
+    """One line on the classifier's model card: its fit, and whether sampling will take it."""
+    if not card:
+        return "fit: not measured (no training rows reached rank 0's metrics)"
+    lo, hi = card["t_range"]
+    line = (
+        f"fit: {card['accuracy']:.1%} of its own bits at {lo} <= t < {hi} ({card['rows']} training "
+        f"rows, mean |p - 1/2| {card['mean_margin']:.3f}); never-seen images confident: "
+        f"{card['never_seen']['confident_fraction']:.1%}"
+    )
+    if card["fits"]:
+        return f"{line}; meets min_fit {card['threshold']:.0%}"
+    return (
+        f"{line}; BELOW min_fit {card['threshold']:.0%}: sample --sampler cpsample refuses it "
+        "(exit 2) unless --allow-unfit; train further: more --steps, a wider classifier "
+        "(--base-channels)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ from pipeline.core.config_base import (
 
 __all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict"]
 
+# The fit a CPSample classifier must reach on its own training bits at t < 100 (its model card's
+# ``fit.accuracy``) before sampling uses it: below it guidance barely fires on the training images,
+# and CPSample is plain DDIM at a cost (DESIGN.md section 10). SamplerConfig.min_fit's default.
+MIN_FIT = 0.9
+
 
 @dataclass
 class UNetConfig:
@@ -227,6 +232,11 @@ class SamplerConfig:
     guard: float | None = None
     guard_budget: int = 128
     guard_embedding: str = "centred"
+    # cpsample: the least accuracy on its own bits at t < 100 (the classifier's model card,
+    # config.json "fit") that the classifier must show; below it sampling refuses, unless
+    # allow_unfit. Neither changes a sample, so neither is part of the samples' fingerprint.
+    min_fit: float = MIN_FIT
+    allow_unfit: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -255,6 +265,15 @@ class SamplerConfig:
         _check(
             self.guard_embedding in ("centred", "raw"),
             f"guard_embedding must be 'centred' or 'raw', got {self.guard_embedding!r}",
+        )
+        _check(
+            0.5 < self.min_fit <= 1.0,
+            f"min_fit must be in (0.5, 1] (an accuracy on random bits; 0.5 is chance), "
+            f"got {self.min_fit}",
+        )
+        _check(
+            isinstance(self.allow_unfit, bool),
+            f"allow_unfit must be true or false, got {self.allow_unfit!r}",
         )
 
 

@@ -75,10 +75,39 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML syntax error on one line: where, what, and what it was inside of."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark and not (mark and context_mark.line == mark.line):
+        what += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return f"malformed YAML{where}: {what}"
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents. A missing, unreadable or malformed file is a :class:`ConfigError` that
+    names the file (and, for a syntax error, its line), never a parser traceback."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text (UTF-8) file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from exc
+
+
 def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Load a config from a YAML file."""
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    """Load a config from a YAML file (a missing or malformed file is a :class:`ConfigError`)."""
+    data = read_yaml(path) or {}
     _check(
         isinstance(data, dict), f"{path}: top level must be a mapping, got {type(data).__name__}"
     )

@@ -10,6 +10,7 @@ Both are saved with their resolved config, so loading needs nothing but the dire
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -199,6 +200,30 @@ def schedule_from_config(cfg: dict[str, Any], where: str = "scheduler config") -
     return schedule
 
 
+def betas_digest(schedule: Schedule) -> str:
+    """``sha256:<hex>`` of the schedule's betas as float32 bytes, the precision every schedule holds
+    (:func:`schedule_from_betas` reads betas as diffusers does, in float32): linear and
+    ``scaled_linear`` with the same end betas differ here, and nowhere in T or the ends."""
+    raw = schedule.betas.to(torch.float32).contiguous().numpy().tobytes()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def schedule_record(schedule: Schedule) -> dict[str, Any]:
+    """What a classifier's ``config.json`` records of the schedule it was trained for, and what
+    sampling compares with its denoiser's (:func:`pipeline.data.checkpoints.check_classifier_fits`):
+    T and the end betas (for people), :func:`betas_digest` of all betas, and how the model is read
+    (``prediction_type``, ``timestep_spacing``, ``steps_offset``)."""
+    return {
+        "num_train_timesteps": schedule.num_train_timesteps,
+        "beta_first": float(schedule.betas[0]),
+        "beta_last": float(schedule.betas[-1]),
+        "betas_digest": betas_digest(schedule),
+        "prediction_type": schedule.prediction_type,
+        "timestep_spacing": schedule.timestep_spacing,
+        "steps_offset": schedule.steps_offset,
+    }
+
+
 def unet_config_shape(directory: str | Path) -> tuple[int, int, int]:
     """(C, H, W) that a model directory's UNet denoises, from its config alone (``unet/config.json``
     of a pipeline directory such as Stable Diffusion's, else ``config.json``): no weights are read."""
@@ -340,8 +365,11 @@ def load_classifier_config(directory: str | Path) -> dict[str, Any]:
     """The run config saved beside a classifier's weights (``config.json``), ``{}`` when absent.
 
     Written by :func:`save_classifier`; ``train_classifier`` records there ``train`` (the resolved
-    ClassifierTrainConfig, with ``t_max``) and ``schedule`` (``num_train_timesteps``, ``beta_first``,
-    ``beta_last`` of the schedule it trained on).
+    ClassifierTrainConfig, with ``t_max``), ``schedule`` (:func:`schedule_record` of the schedule
+    it trained on; records from before the digest carry ``num_train_timesteps``, ``beta_first``
+    and ``beta_last`` only) and ``fit``, its model card
+    (:func:`pipeline.train.loops.fit_card`: accuracy on its own bits at t < 100, never-seen
+    confident fraction).
     """
     path = Path(directory) / "config.json"
     if not path.exists():

@@ -8,6 +8,7 @@ Each returns an :class:`~pipeline.data.imageset.ImageSet` at the model's resolut
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,6 +34,35 @@ def digits_source(image_size: int = 16) -> ImageSet:
     images = (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     keys = [f"digits-{i:04d}" for i in range(len(images))]
     return ImageSet(keys=keys, images=images, labels=[int(v) for v in digits.target])
+
+
+def folder_digest(root: str | Path) -> dict[str, Any]:
+    """What :func:`folder_source` reads from ``root``, as ``{"files", "bytes", "sha256"}``: a sha256
+    over each image file's relative name, size and content sha256, walked one directory at a time in
+    sorted order (files read in 1 MiB chunks), so memory stays one directory listing. Any change to
+    the images (added, removed, renamed, rewritten) changes it; other files do not."""
+    import hashlib
+    import os
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist or is not a folder")
+    listing, files, size = hashlib.sha256(), 0, 0
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            path = Path(folder) / name
+            if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+                continue
+            content, n = hashlib.sha256(), 0
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    content.update(chunk)
+                    n += len(chunk)
+            rel = path.relative_to(root).as_posix()
+            listing.update(f"{rel}\0{n}\0{content.hexdigest()}\n".encode())
+            files, size = files + 1, size + n
+    return {"files": files, "bytes": size, "sha256": listing.hexdigest()}
 
 
 def _load_image(path: Path, image_size: int) -> Image.Image:

@@ -14,7 +14,9 @@ import io
 import json
 import logging
 import tarfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -235,6 +237,91 @@ def verify_shards(
         return sum(pool.map(one, entries))
     finally:
         pool.shutdown(cancel_futures=True)  # the first mismatch stops the rest
+
+
+def manifest_shards(store: Store, folder: str) -> dict[str, dict[str, Any]] | None:
+    """The manifest's shard entries of the split ``folder`` (``data/<dataset>/<split>``) by name;
+    None for a folder without a manifest beside it (see :func:`dataset_manifest`). A manifest that
+    lacks the split is a :class:`DataError`: its shards could not be checked."""
+    manifest, split = dataset_manifest(store, folder)
+    if manifest is None:
+        return None
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        raise DataError(
+            f"{store.uri_of(folder)}: the dataset's manifest has no split {split!r} "
+            f"(it lists {sorted(manifest['splits'])})"
+        )
+    return {sh["name"]: sh for sh in entry["shards"]}
+
+
+def read_checked_shard(
+    store: Store, folder: str, name: str, entries: dict[str, dict[str, Any]] | None = None
+) -> bytes:
+    """One shard's bytes, their sha256 checked against the manifest (``entries``: from
+    :func:`manifest_shards`, looked up when None); the hash is of the bytes already read, so the
+    check costs no extra I/O. A corrupt shard raises :class:`DataError` naming it."""
+    data = store.read_bytes(folder, name)
+    if entries is None:
+        entries = manifest_shards(store, folder)
+    if entries is not None:
+        check_blobs(store, folder, list(entries.values()), {name: data})
+    return data
+
+
+def read_checked_tar(
+    store: Store, folder: str, name: str, entries: dict[str, dict[str, Any]] | None = None
+) -> ImageSet:
+    """:func:`read_tar` of :func:`read_checked_shard`."""
+    return read_tar(read_checked_shard(store, folder, name, entries), store.uri_of(folder, name))
+
+
+class _HashingReader:
+    """A read-only file object over a stream that hashes every byte it hands out."""
+
+    def __init__(self, raw) -> None:
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.raw.read() if n is None or n < 0 else self.raw.read(n)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def drain(self) -> None:
+        while self.read(CHUNK_BYTES):
+            pass
+
+
+@contextmanager
+def checked_stream(
+    store: Store, folder: str, name: str, entries: dict[str, dict[str, Any]] | None = None
+) -> Iterator[_HashingReader]:
+    """A shard opened as a stream (for ``tarfile.open(fileobj=..., mode="r|*")``) whose sha256 is
+    checked against the manifest (``entries``: :func:`manifest_shards`, looked up when None) once the
+    body is done: what it did not read is read then, so a reader that stops early is checked too. A
+    mismatch raises :class:`DataError` naming the shard before the caller can use what it read."""
+    if entries is None:
+        entries = manifest_shards(store, folder)
+    with store.fs.open_input_stream(store.join(folder, name)) as raw:
+        stream = _HashingReader(raw)
+        yield stream
+        if entries is not None:
+            stream.drain()
+            uri = store.uri_of(folder, name)
+            if name not in entries:
+                raise DataError(f"{uri} is not a shard of the dataset's manifest")
+            _check_digest(uri, entries[name], stream.digest.hexdigest(), stream.size)
+
+
+def verify_folder(store: Store, folder: str) -> int:
+    """Check every shard under ``folder`` against the manifest before a reader that cannot hash what
+    it reads (Ray Data's ``read_webdataset``) opens them: the names, then each sha256 streamed one
+    shard at a time. Returns the bytes checked (0 for a folder without a manifest)."""
+    manifest, split = dataset_manifest(store, folder)
+    if manifest is None:
+        return 0
+    return verify_shards(store, folder, check_shards(store, folder, manifest, split, None))
 
 
 def shard_groups(entries: list[dict[str, Any]], groups: int) -> list[list[dict[str, Any]]]:

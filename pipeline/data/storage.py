@@ -21,10 +21,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ _STATIC_CREDENTIAL_METHODS = {"env", "shared-credentials-file", "config-file", "
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "ExpiredToken"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
+POINTER = ".current"  # S3: a put_dir folder's pointer object, naming its current version
+VERSIONS = ".versions"  # S3: a put_dir folder's versions, each complete before the pointer names it
 
 
 class StorageError(RuntimeError):
@@ -219,6 +223,31 @@ class Store:
             raise s3_error(exc, self.uri_of(*parts), "list", self.s3) from None
         return out
 
+    def _pointer(self, *parts: str) -> dict | None:
+        """The pointer object of the folder ``parts`` (S3), None when it has none."""
+        bucket, key = self._bucket_key(*parts, POINTER)
+        try:
+            body = _client(self.s3).get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            err = s3_error(exc, self.uri_of(*parts, POINTER), "read", self.s3)
+            if isinstance(err, ObjectNotFound):
+                return None
+            raise err from None
+        return json.loads(body)
+
+    def _resolve(self, parts: tuple[str, ...], folder: bool) -> tuple[str, ...]:
+        """``parts`` with the put_dir folder among its ancestors (or itself, when ``folder``: the path
+        may be a folder) replaced by its current version's prefix; unchanged locally and where no
+        pointer is found. The shallowest pointer wins; one request per level."""
+        segs = [s for p in parts for s in p.strip("/").split("/") if s]
+        if self.is_local or POINTER in segs or VERSIONS in segs:  # already a version's path
+            return tuple(segs)
+        for i in range(1, len(segs) + (1 if folder else 0)):
+            pointer = self._pointer(*segs[:i])
+            if pointer is not None:
+                return (*segs[:i], VERSIONS, pointer["version"], *segs[i:])
+        return tuple(segs)
+
     # ---------------------------------------------------------------------------------- operations
     def check(self) -> None:
         """Fail early, with a clear message, when the bucket is missing or access is refused."""
@@ -233,6 +262,7 @@ class Store:
         """Whether a file or a non-empty folder exists at ``parts``."""
         if self.is_local:
             return Path(self.join(*parts)).exists()
+        parts = self._resolve(parts, folder=True)
         bucket, key = self._bucket_key(*parts)
         if not key:
             return bool(self._list(parts, recursive=True)[:1])
@@ -253,12 +283,16 @@ class Store:
                 raise ObjectNotFound(f"{self.uri_of(*parts)} does not exist") from None
             except OSError as exc:
                 raise StorageError(f"cannot read {self.uri_of(*parts)}: {exc.strerror}") from None
+        return self._get(parts, self._resolve(parts, folder=False))
+
+    def _get(self, shown: tuple[str, ...], parts: tuple[str, ...]) -> bytes:
+        """The S3 object at ``parts`` (resolved), errors naming ``shown``."""
         bucket, key = self._bucket_key(*parts)
-        resp = self._call("read", parts, _client(self.s3).get_object, Bucket=bucket, Key=key)
+        resp = self._call("read", shown, _client(self.s3).get_object, Bucket=bucket, Key=key)
         try:
             return resp["Body"].read()
         except Exception as exc:
-            raise s3_error(exc, self.uri_of(*parts), "read", self.s3) from None
+            raise s3_error(exc, self.uri_of(*shown), "read", self.s3) from None
 
     def write_bytes(self, data: bytes, *parts: str) -> str:
         """Write an object atomically (whole or not at all), recording its sha256. Returns its URI."""
@@ -282,6 +316,7 @@ class Store:
     def sha256(self, *parts: str) -> str | None:
         """The sha256 of a stored object (from its S3 metadata when recorded), None if absent."""
         if not self.is_local:
+            parts = self._resolve(parts, folder=False)
             bucket, key = self._bucket_key(*parts)
             try:
                 head = _client(self.s3).head_object(Bucket=bucket, Key=key)
@@ -307,27 +342,34 @@ class Store:
         self._call("delete", parts, _client(self.s3).delete_object, Bucket=bucket, Key=key)
 
     def put_dir(self, local_dir: str | Path, *parts: str) -> str:
-        """Copy a local folder to ``parts`` under the root, replacing what was there. Locally a staged
-        copy is swapped in (:func:`replace_dir_local`). S3 has no rename, only atomic PUTs: the old
-        ``.json`` objects (configs, which readers open first) are deleted, the weights then the ``.json``
-        files (``provenance.json`` last) written, and stale objects removed. A reader meanwhile (or
-        after a crash) finds no config, never a config beside weights it does not describe."""
+        """Copy a local folder to ``parts`` under the root, replacing what was there, so that a reader
+        sees the whole old folder or the whole new one, never a mix, and a crash loses neither.
+
+        Locally a staged copy is swapped in (:func:`replace_dir_local`). S3 has no rename, only
+        atomic PUTs: the files go under a new ``.versions/<version>/`` prefix, then one PUT of the
+        pointer object ``.current`` (naming the version and its files) swaps it in; the version
+        before stays for readers still copying it, older ones and files of the unversioned layout
+        go. Every read through the store resolves the pointer (:meth:`_resolve`)."""
         local_dir = Path(local_dir)
         if self.is_local:
             replace_dir_local(local_dir, Path(self.join(*parts)))
             return self.uri_of(*parts)
         files = sorted(
-            (f.relative_to(local_dir).as_posix() for f in local_dir.rglob("*") if f.is_file()),
-            key=lambda r: (r.endswith(".json"), r.endswith("provenance.json"), r),
+            f.relative_to(local_dir).as_posix() for f in local_dir.rglob("*") if f.is_file()
         )
-        prefix = self._bucket_key(*parts)[1].rstrip("/") + "/"
-        old = [o["Key"][len(prefix) :] for o in self._list(parts, recursive=True)]
-        for rel in [r for r in old if r.endswith(".json")]:
-            self.delete(*parts, rel)
+        version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:8]}"
         for rel in files:
-            self.write_bytes((local_dir / rel).read_bytes(), *parts, rel)
-        for rel in sorted(set(old) - set(files)):
-            self.delete(*parts, rel)
+            self.write_bytes((local_dir / rel).read_bytes(), *parts, VERSIONS, version, rel)
+        previous = self._pointer(*parts)
+        pointer = {"version": version, "files": files}
+        self.write_bytes(json.dumps(pointer, sort_keys=True).encode(), *parts, POINTER)  # the swap
+        keep = {version, previous["version"] if previous else version}
+        prefix = self._bucket_key(*parts)[1].rstrip("/") + "/"
+        for obj in self._list(parts, recursive=True):
+            rel = obj["Key"][len(prefix) :]
+            head, _, rest = rel.partition("/")
+            if rel != POINTER and not (head == VERSIONS and rest.split("/", 1)[0] in keep):
+                self.delete(*parts, rel)
         return self.uri_of(*parts)
 
     def delete_dir(self, *parts: str) -> None:
@@ -341,19 +383,37 @@ class Store:
             raise StorageError(self.s3.scrub(msg) if self.s3 else msg) from None
 
     def get_dir(self, local_dir: str | Path, *parts: str) -> Path:
-        """Copy a folder under the root to a local folder (a no-op path for local stores)."""
+        """Copy a folder under the root to a local folder (a no-op path for local stores). On S3 the
+        copy is of one version (:meth:`put_dir`); a swap that removes it midway restarts the copy on
+        the new one."""
         if self.is_local:
             return Path(self.join(*parts))
         local_dir = Path(local_dir)
-        prefix = self._bucket_key(*parts)[1].rstrip("/") + "/"
-        objects = self._list(parts, recursive=True)
-        if not objects:
+        for attempt in range(3):
+            resolved = self._resolve(parts, folder=True)
+            written: list[Path] = []
+            try:
+                return self._copy_prefix(local_dir, resolved, parts, written)
+            except ObjectNotFound:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                if attempt == 2 or self._resolve(parts, folder=True) == resolved:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _copy_prefix(
+        self, local_dir: Path, resolved: tuple[str, ...], parts: tuple[str, ...], written: list
+    ) -> Path:
+        prefix = self._bucket_key(*resolved)[1].rstrip("/") + "/"
+        rels = [o["Key"][len(prefix) :] for o in self._list(resolved, recursive=True)]
+        rels = [r for r in rels if r.partition("/")[0] not in (POINTER, VERSIONS)]
+        if not rels:
             raise ObjectNotFound(f"{self.uri_of(*parts)} does not exist or is empty")
-        for obj in objects:
-            rel = obj["Key"][len(prefix) :]
+        for rel in rels:
             dest = local_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(self.read_bytes(*parts, rel))
+            dest.write_bytes(self._get((*parts, rel), (*resolved, rel)))
+            written.append(dest)
         return local_dir
 
     def listdir(self, *parts: str) -> list[str]:
@@ -363,7 +423,8 @@ class Store:
             return (
                 sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
             )
-        return sorted(o["Key"].rsplit("/", 1)[-1] for o in self._list(parts, recursive=False))
+        names = (o["Key"].rsplit("/", 1)[-1] for o in self._list(self._resolve(parts, True), False))
+        return sorted(n for n in names if n != POINTER)
 
 
 def open_store(uri: str | Store, s3_endpoint: str | None = None, create: bool = True) -> Store:

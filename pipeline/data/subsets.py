@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from pipeline.data.imageset import DataError, ImageSet
-from pipeline.data.shards import check_blobs, concat, dataset_manifest, read_tar
+from pipeline.data.shards import concat, dataset_manifest, manifest_shards, read_checked_tar
 from pipeline.data.storage import Store
 
 
@@ -28,13 +28,10 @@ def shard_counts(store: Store, folder: str) -> list[tuple[str, int | None]]:
     return [(n, None) for n in names]
 
 
-def read_shard(store: Store, folder: str, name: str) -> ImageSet:
-    """One shard, checked against the manifest's sha256 when the folder has one."""
-    data = store.read_bytes(folder, name)
-    manifest, split = dataset_manifest(store, folder)
-    if manifest is not None and split in manifest["splits"]:
-        check_blobs(store, folder, manifest["splits"][split]["shards"], {name: data})
-    return read_tar(data, store.uri_of(folder, name))
+def read_shard(store: Store, folder: str, name: str, entries: dict | None = None) -> ImageSet:
+    """One shard, checked against the manifest's sha256 when the folder has one (``entries``:
+    :func:`pipeline.data.shards.manifest_shards`, read when None)."""
+    return read_checked_tar(store, folder, name, entries)
 
 
 def iter_shards(store: Store, folder: str) -> Iterator[ImageSet]:
@@ -42,8 +39,9 @@ def iter_shards(store: Store, folder: str) -> Iterator[ImageSet]:
     counts = shard_counts(store, folder)
     if not counts:
         raise DataError(f"no shards under {store.uri_of(folder)}")
+    entries = manifest_shards(store, folder)
     for name, _ in counts:
-        yield read_shard(store, folder, name)
+        yield read_shard(store, folder, name, entries)
 
 
 def split_mean(store: Store, folder: str) -> np.ndarray:
@@ -93,7 +91,7 @@ def pick_images(
         info = {"num_images": sum(len(p) for p in parts), "num_candidates": len(pool)}
         info.update(num_kept_candidates=len(pool), shards_read=len(counts))
         return pool.subset(np.sort(order)), info
-    names = [n for n, _ in counts]
+    names, entries = [n for n, _ in counts], manifest_shards(store, folder)
     starts = np.cumsum([0] + [int(c) for _, c in counts])
     total = int(starts[-1])
     order = rng.permutation(total)
@@ -106,7 +104,7 @@ def pick_images(
         rank = {int(p): r for r, p in enumerate(positions)}
         chosen: list[tuple[int, str, ImageSet, int]] = []
         for s in np.unique(shard_of):
-            shard = read_shard(store, folder, names[s])
+            shard = read_shard(store, folder, names[s], entries)
             shards_read += 1
             if len(shard) != starts[s + 1] - starts[s]:
                 raise DataError(

@@ -7,7 +7,6 @@ Reads the run's data and sample shards from the store, loads its models, and ret
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple
 
@@ -20,6 +19,7 @@ from pipeline.data.layout import data_folder, samples_folder
 from pipeline.data.shards import read_image_shards
 from pipeline.data.subsets import pick_images, shard_counts, split_mean
 from pipeline.evaluation.domain import DomainEvaluator
+from pipeline.evaluation.inputs import classifier_bits, sampler_knobs
 from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
 
 MemberGroups = Mapping[str, Collection[str]]  # group name -> member keys (a superset is fine)
@@ -38,17 +38,6 @@ class AttackSets(NamedTuple):
     nonmember_pool: dict[str, Any]
 
 
-def classifier_bits(store, run: str) -> tuple[int, int]:
-    """``(holdout_images, label_seed)`` of the run's classifier (``train`` in
-    ``models/<run>/classifier/config.json``): how many held-out images it trained on, and the seed of
-    their roles; ``(0, 0)`` without a classifier."""
-    if not store.exists("models", run, "classifier", "config.json"):
-        return 0, 0
-    record = json.loads(store.read_bytes("models", run, "classifier", "config.json"))
-    train = record.get("train") or {}
-    return int(train.get("holdout_images", 0)), int(train.get("label_seed", 0))
-
-
 def attack_sets(
     store,
     dataset: str,
@@ -57,17 +46,20 @@ def attack_sets(
     seed: int = 0,
     bits: int = 0,
     label_seed: int = 0,
+    fraction: float | None = None,
 ) -> AttackSets:
     """A seeded uniform subset of the denoiser's training images (members) and of the held-out images
     that no model has seen (non-members), read shard by shard (:func:`pipeline.data.subsets.pick_images`:
     only the shards holding picked rows, never a whole split).
 
     The classifier trained on about ``bits`` held-out images, chosen by a keyed hash of their keys
-    (:func:`pipeline.core.labels.is_trained_holdout` with ``label_seed``), so those are never
-    non-members."""
+    (:func:`pipeline.core.labels.is_trained_holdout` with ``label_seed`` and ``fraction``, the share
+    the classifier records: :func:`classifier_bits`), so those are never non-members. ``fraction``
+    None: computed from ``bits`` and the held-out count, as the classifier's workers did."""
     train_folder, holdout_folder = data_folder(dataset, "train"), data_folder(dataset, "holdout")
-    num_holdout = sum(c or 0 for _, c in shard_counts(store, holdout_folder))
-    fraction = holdout_fraction(bits, num_holdout)  # as the classifier's workers computed it
+    if fraction is None:
+        num_holdout = sum(c or 0 for _, c in shard_counts(store, holdout_folder))
+        fraction = holdout_fraction(bits, num_holdout)
 
     def never_seen(key: str) -> bool:
         return not is_trained_holdout(key, label_seed, fraction)
@@ -261,31 +253,30 @@ def evaluate_run(
     replica_index=None,
     member_groups: MemberGroups | None = None,
     max_holdout: int = DEFAULT_MAX_HOLDOUT,
+    sidecar: dict[str, Any] | None = None,
+    checked: dict[str, Any] | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
     """FID and the membership attacks for a run's models and samples: (report keys, figures).
 
-    CPSample's knobs default to those recorded in ``reports/<run>/report.json`` (``samplers.cpsample``
-    and ``config.sampler``), else to :class:`pipeline.core.config.SamplerConfig`'s defaults.
+    First the inputs are checked (:func:`pipeline.evaluation.inputs.check_run`): the samples of
+    every sampler were drawn by ``models/<run>/``, which were trained on ``data/<dataset>``; else
+    :class:`pipeline.data.provenance.StaleArtifactError`. CPSample's knobs are the ones its samples
+    record (``sampler_settings``; :func:`sampler_knobs`), never a report's; ``alpha``/``scale`` may
+    only repeat them (or set them when there are no CPSample samples).
 
-    With ``replica_index`` (the stored replica index, anything with ``search(images)``) the report
-    also gets ``threshold_free`` (:func:`threshold_free_section`, at most ``max_holdout`` held-out
-    images seeded by ``cfg.seed``). ``member_groups`` adds per-group AUCs to the nearest-sample attack.
+    With ``replica_index`` (the stored replica index, anything with ``search(images)``; its
+    ``sidecar`` goes into ``inputs``) the report also gets ``threshold_free``
+    (:func:`threshold_free_section`, at most ``max_holdout`` held-out images seeded by ``cfg.seed``).
+    ``member_groups`` adds per-group AUCs to the nearest-sample attack. The report keys include
+    ``inputs`` (:func:`pipeline.evaluation.inputs.run_inputs`); ``checked``: ``check_run``'s result
+    when the caller already checked.
     """
-    from pipeline.core.config import SamplerConfig, from_dict
-    from pipeline.evaluation.fragments import read_report
+    from pipeline.evaluation.inputs import check_run, run_inputs
 
+    checked = checked if checked is not None else check_run(store, run, dataset)
+    sampler = sampler_knobs(checked["samples"], alpha, scale)
     fid = fid_section(store, run, dataset, inception_weights, cfg.fid_batch_size)
-    report = read_report(store, run)
-    recorded = dict(report.get("config", {}).get("sampler", {}))
-    cps = report.get("samplers", {}).get("cpsample", {})
-    recorded.update({k: cps[k] for k in ("alpha", "scale") if k in cps})
-    known = {f.name for f in dataclasses.fields(SamplerConfig)}
-    sampler = from_dict(SamplerConfig, {k: v for k, v in recorded.items() if k in known})
-    sampler = dataclasses.replace(
-        sampler, sampler="cpsample", alpha=alpha if alpha is not None else sampler.alpha,
-        scale=scale if scale is not None else sampler.scale,
-    )  # fmt: skip
-    mi = run_attacks(store, run, dataset, sampler, cfg, member_groups)
+    mi = run_attacks(store, run, dataset, sampler, cfg, member_groups, checked=checked)
     mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale,
                             "input_mode": sampler.input_mode, "guidance_t_max": sampler.guidance_t_max}  # fmt: skip
     out = {"fid": fid, "membership_inference": mi}
@@ -293,14 +284,15 @@ def evaluate_run(
         out["threshold_free"] = threshold_free_section(
             store, run, dataset, replica_index, max_holdout, cfg.seed
         )
+    out["inputs"] = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
     return out, attack_figures(mi)
 
 
 def run_sets(store, run: str, dataset: str, cfg) -> AttackSets:
     """:func:`attack_sets` for a run: ``cfg``'s sizes and seed, the run's classifier's held-out roles."""
-    bits, label_seed = classifier_bits(store, run)
+    bits, label_seed, fraction = classifier_bits(store, run)
     return attack_sets(
-        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, bits, label_seed
+        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, bits, label_seed, fraction
     )
 
 
@@ -312,17 +304,28 @@ def run_attacks(
     cfg,
     member_groups: MemberGroups | None = None,
     sets: AttackSets | None = None,
+    checked: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The three membership attacks on a run (``cfg``: an ``EvalConfig``), each against plain DDIM
     and CPSample (``sampler``: the CPSample knobs): reconstruction loss and SecMI on the run's models,
     the nearest generated sample on its sample shards (per member group too, ``member_groups``:
     name -> member keys). Non-members are never-seen held-out images (:func:`attack_sets`, or
-    ``sets`` when already drawn: :func:`run_sets`); the section says how many."""
+    ``sets`` when already drawn: :func:`run_sets`); the section says how many.
+
+    The samples are checked against the models first (``checked``: when
+    :func:`pipeline.evaluation.inputs.check_run` already ran): never attack new models and score
+    old models' samples in one section. The attacks measure whatever classifier the run has, so a
+    classifier below ``min_fit`` is attacked too (``allow_unfit``)."""
     import tempfile
 
     from pipeline.data.checkpoints import load_models
+    from pipeline.evaluation.inputs import check_run
 
+    if checked is None:
+        check_run(store, run, dataset)
     sets = sets if sets is not None else run_sets(store, run, dataset, cfg)
+    if "allow_unfit" in {f.name for f in dataclasses.fields(sampler)}:
+        sampler = dataclasses.replace(sampler, allow_unfit=True)
     with tempfile.TemporaryDirectory() as tmp:
         unet, schedule, _, guidance = load_models(
             store, f"models/{run}/denoiser", f"models/{run}/classifier", sampler, "cpu", tmp

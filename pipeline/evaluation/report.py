@@ -313,6 +313,8 @@ def merge_report(
     updates: dict[str, Any],
     figures: dict[str, bytes] | None = None,
     deep: bool = False,
+    inputs: dict[str, Any] | None = None,
+    restart: bool = False,
 ) -> dict[str, Any]:
     """Merge ``updates`` into ``reports/<run>/report.json`` (created when absent), write the figures
     and rebuild report.md; the root report.json is updated too when it was this run's copy.
@@ -322,15 +324,28 @@ def merge_report(
     add one sampler's entries next to the others'). The update is appended as a fragment and the
     report is the fold of all fragments (``pipeline.evaluation.fragments``), so jobs that merge into
     one run at the same time never drop each other's sections; report.json and report.md are
-    materialised copies of that fold. Every file is written atomically."""
+    materialised copies of that fold. Every file is written atomically.
+
+    ``inputs`` (:func:`pipeline.evaluation.inputs.run_inputs`): what the update was made from. An
+    update whose inputs differ from the report's ``inputs`` on any input both name (a model, the
+    data, a sampler's samples, the replica index, the package version) is refused with
+    :class:`pipeline.data.provenance.StaleArtifactError` before anything is written, unless
+    ``restart`` (``sample --overwrite``): then the report starts afresh from this update. Otherwise
+    the inputs are merged key by key into the report's ``inputs``."""
+    before = read_report(store, run)
+    differ = require_inputs(store, run, inputs, restart, before)
     figures = figures or {}
     for name, data in figures.items():
         store.write_bytes(data, "reports", run, name)
-    before = read_report(store, run)
     root_is_copy = store.exists("report.json") and (
         json.loads(store.read_bytes("report.json")) == before
     )
-    write_fragment(store, run, updates, "deep" if deep else "shallow")
+    if differ:  # restart: nothing before this update describes its inputs
+        write_fragment(store, run, {**updates, "inputs": inputs}, "replace")
+    else:
+        if inputs is not None:
+            write_fragment(store, run, {"inputs": inputs}, "deep")
+        write_fragment(store, run, updates, "deep" if deep else "shallow")
     report = read_report(store, run)  # every fragment so far, a concurrent job's included
     text = json.dumps(report, indent=2)
     store.write_bytes(text.encode(), "reports", run, "report.json")
@@ -344,6 +359,33 @@ def merge_report(
         md += "\n## Figures\n\n" + "\n".join(f"![{f}]({f})" for f in pngs) + "\n"
     store.write_bytes(md.encode(), "reports", run, "report.md")
     return report
+
+
+def require_inputs(
+    store: Store,
+    run: str,
+    inputs: dict[str, Any] | None,
+    restart: bool = False,
+    report: dict[str, Any] | None = None,
+) -> list[str]:
+    """The inputs on which ``inputs`` and the run's report (``report``, read when None) differ
+    (:func:`pipeline.evaluation.inputs.conflicts`); any raises
+    :class:`pipeline.data.provenance.StaleArtifactError` unless ``restart``. Jobs call it before
+    their work, so a refused update has written nothing."""
+    from pipeline.data.provenance import StaleArtifactError
+    from pipeline.evaluation.inputs import conflicts
+
+    if inputs is None:
+        return []
+    report = read_report(store, run) if report is None else report
+    differ = conflicts(report.get("inputs"), inputs)
+    if differ and not restart:
+        raise StaleArtifactError(
+            f"{store.uri_of('reports', run)} describes other inputs than this update (differs: "
+            f"{', '.join(differ)}): folding it in would mix their numbers; use a new --run, or "
+            "resample with jobs/sample.py --overwrite, which starts the report afresh"
+        )
+    return differ
 
 
 def job_markdown(report: dict[str, Any]) -> str:

@@ -41,7 +41,12 @@ from pipeline.core.config import ConfigError, ReplicaConfig, to_dict
 from pipeline.data.imageset import DataError
 from pipeline.data.layout import data_folder
 from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import read_image_shards, read_manifest, read_tar
+from pipeline.data.shards import (
+    manifest_shards,
+    read_checked_tar,
+    read_image_shards,
+    read_manifest,
+)
 from pipeline.data.storage import ObjectNotFound, StorageError, Store
 from pipeline.fanout.index import make_embedding
 from pipeline.fanout.replica_store import resolve_kind, train_shards
@@ -400,9 +405,10 @@ def member_images(store: Store, dataset: str, keys: set[str]) -> dict[str, np.nd
     every key is found."""
     folder = data_folder(dataset, "train")
     found: dict[str, np.ndarray] = {}
+    entries = manifest_shards(store, folder)  # each shard's sha256 checked as it is read
     for name, _ in train_shards(store, dataset)[0]:
         if len(found) == len(keys):
             break
-        shard = read_tar(store.read_bytes(folder, name), store.uri_of(folder, name))
+        shard = read_checked_tar(store, folder, name, entries)
         found.update((k, shard.images[i]) for i, k in enumerate(shard.keys) if k in keys)
     return found

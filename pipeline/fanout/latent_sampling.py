@@ -142,13 +142,15 @@ def read_captions(store: Store, dataset: str, split: str = "train", limit: int =
 
     from pipeline.data.imageset import DataError
     from pipeline.data.layout import data_folder
+    from pipeline.data.shards import checked_stream, manifest_shards
 
     folder = data_folder(dataset, split)
     captions: list[str] = []
+    entries = manifest_shards(store, folder)  # each shard's sha256 checked as it is streamed
     for name in sorted(n for n in store.listdir(folder) if n.endswith(".tar")):
         found: dict[str, str] = {}
         with (
-            store.fs.open_input_stream(store.join(folder, name)) as stream,
+            checked_stream(store, folder, name, entries) as stream,
             tarfile.open(fileobj=stream, mode="r|*") as tar,
         ):
             for member in tar:

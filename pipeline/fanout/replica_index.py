@@ -45,7 +45,7 @@ from pipeline.core.config import ConfigError, ReplicaConfig
 from pipeline.data.imageset import DataError
 from pipeline.data.layout import data_folder
 from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import read_image_shards, read_tar
+from pipeline.data.shards import manifest_shards, read_checked_tar, read_image_shards
 from pipeline.data.storage import StorageError, Store, open_store
 from pipeline.fanout.embedders import RowEmbedder
 from pipeline.fanout.index import import_faiss, l2_normalise, make_embedding
@@ -240,8 +240,9 @@ def _scan_part(store: Store, dataset: str, path: str, part: dict, picks: np.ndar
     """Write a part's rows and keys; return (count and pixel sums, the rows at ``picks`` (local))."""
     folder = data_folder(dataset, "train")
     rows, keys, total = [], [], None
+    entries = manifest_shards(store, folder)  # each shard's sha256 checked as it is read
     for name in part["shards"]:
-        shard = read_tar(store.read_bytes(folder, name), store.uri_of(folder, name))
+        shard = read_checked_tar(store, folder, name, entries)
         flat = shard.images.reshape(len(shard), -1)
         rows.append(np.ascontiguousarray(flat))
         keys += shard.keys
@@ -414,10 +415,11 @@ def measurement_queries(
 def _holdout_images(store: Store, dataset: str, num: int, shape: tuple) -> np.ndarray:
     folder = data_folder(dataset, "holdout")
     out, have = [], 0
+    entries = manifest_shards(store, folder)
     for name in sorted(n for n in store.listdir(folder) if n.endswith(".tar")):
         if have >= num:
             break
-        images = read_tar(store.read_bytes(folder, name), name).images
+        images = read_checked_tar(store, folder, name, entries).images
         if tuple(images.shape[1:]) != shape:
             break
         out.append(images[: num - have])

@@ -42,6 +42,7 @@ from pipeline.fanout.resume import (
     check_existing_run,
     open_models,
     run_fingerprint,
+    sampler_settings,
     sampling_provenance,
 )
 from pipeline.fanout.scoring import resolve_ref
@@ -75,8 +76,10 @@ def shard_is_complete(
     shard: ImageSet, cfg: SamplerConfig, index: int, count: int, fingerprint: str
 ) -> bool:
     """A written shard counts as complete when every member carries this run's fingerprint, the member
-    count equals the ``shard_members`` each member records, the keys are this shard's, and (without
-    guard mode, where rejected slots may stay empty) all ``count`` samples are present."""
+    count equals the ``shard_members`` each member records, each member records ``count`` as the
+    shard's planned size (``shard_planned``: a guard shard may be short, and a run grown from 100 to
+    120 samples plans 24 where it wrote 4), the keys are this shard's, and (without guard mode, where
+    rejected slots may stay empty) all ``count`` samples are present."""
     if not shard.meta or len(shard.meta) != len(shard.keys):
         return False
     expected = {sample_key(cfg.sampler, index, i) for i in range(count)}
@@ -84,6 +87,8 @@ def shard_is_complete(
         return False
     for m in shard.meta:
         if m.get("run_fingerprint") != fingerprint or m.get("shard_members") != len(shard.keys):
+            return False
+        if m.get("shard_planned") != count:
             return False
     return cfg.guard is not None or len(shard.keys) == count
 
@@ -121,6 +126,7 @@ class ShardSampler:
                 f"({', '.join(changed_inputs(provenance, self.provenance))}); rerun the job"
             )
         self.fingerprint = run_fingerprint(self.provenance)
+        self.settings = sampler_settings(self.cfg)  # plain values, read back by the evaluation
         self.guard: GuardIndex | None = None
         if self.cfg.guard is not None:
             spec = resolve_ref(guard_spec)
@@ -165,6 +171,7 @@ class ShardSampler:
             "sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
             "guidance_steps_fired": d["fired"], "final_p": d["final_p"],
             "run_fingerprint": self.fingerprint, "provenance": self.provenance,
+            "sampler_settings": self.settings,
         }  # fmt: skip
         if cfg.sampler == "cpsample":
             meta.update(alpha=cfg.alpha, scale=cfg.scale, input_mode=cfg.input_mode,
@@ -199,7 +206,7 @@ class ShardSampler:
             pending = retry
         records = [shipped[i] for i in sorted(shipped)]
         for _, _, meta in records:
-            meta.update(shard_members=len(records), shard_rejected=rejected)
+            meta.update(shard_members=len(records), shard_planned=count, shard_rejected=rejected)
         return records, {"rejected": rejected, "max_guard_similarity": max_sim}
 
     def _existing(self, shard: int, count: int) -> ImageSet | None:
@@ -298,9 +305,11 @@ def run_sampling(
     overwrite: bool = False,
     use_gpu: bool = False,
     family: ModelFamily | None = None,
+    precheck: Callable[[dict[str, str]], None] | None = None,
 ) -> dict[str, Any]:
-    """Fan ``sampler.num_samples`` out over an actor pool; returns counts, fired fraction, guard stats
-    and the samples' ``provenance`` (:func:`sampling_provenance`).
+    """Fan ``sampler.num_samples`` out over an actor pool; returns counts, fired fraction, guard stats,
+    the samples' ``provenance`` (:func:`sampling_provenance`) and their plain ``sampler_settings``
+    (:func:`pipeline.fanout.resume.sampler_settings`, also in every sample's record).
 
     The models are loaded and digested once in the driver first, so a missing or mismatched checkpoint
     fails before any actor starts. Existing shards are resumed only when every one was made from the
@@ -312,6 +321,9 @@ def run_sampling(
     ``family``: another model family than the pixel-space UNet, e.g. a Stable Diffusion directory
     sampled in latent space with prompts and classifier-free guidance
     (:func:`pipeline.fanout.latent_sampling.latent_family`).
+
+    ``precheck(provenance)``: called once the inputs are known, before anything is deleted or drawn
+    (``jobs/sample.py`` refuses there a report that describes other models).
     """
     import ray
 
@@ -332,6 +344,8 @@ def run_sampling(
     )
     provenance.update({k: value_digest(v) for k, v in family.settings.items()})
     plan = shard_plan(sampler.num_samples, sampler.samples_per_shard)
+    if precheck is not None:
+        precheck(provenance)
     if overwrite:
         store.delete_dir(folder)
     else:
@@ -359,7 +373,7 @@ def run_sampling(
     summary = _sampling_summary(rows, sampler, folder)
     if guard_sidecar is not None:
         summary["guard"].update(_guard_index_summary(guard_sidecar, sampler))
-    return {**summary, "provenance": provenance}
+    return {**summary, "provenance": provenance, "sampler_settings": sampler_settings(sampler)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,7 +442,8 @@ def _sampling_summary(
             "embedding": cfg.guard_embedding,
             "budget_per_shard": cfg.guard_budget,
             "rejected": int(sum(int(r["rejected"]) for r in rows)),
-            "unfilled": cfg.num_samples - n,
+            # planned minus shipped, shard by shard: slots the guard's budget left empty
+            "unfilled": int(sum(int(r["count"]) - int(r["shipped"]) for r in rows)),
             "max_shipped_similarity": None if np.isnan(max_sim) else max_sim,
             "guarantee": (
                 f"no shipped sample has cosine similarity >= {cfg.guard} to any training image "

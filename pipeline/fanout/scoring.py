@@ -18,7 +18,7 @@ import numpy as np
 from pipeline.core.config import ReplicaConfig, from_dict
 from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
-from pipeline.data.shards import build_tar, encode_png, read_image_shards, read_tar
+from pipeline.data.shards import build_tar, encode_png, read_image_shards, read_tar, verify_folder
 from pipeline.data.storage import Store, open_store
 from pipeline.fanout.embedders import is_module, module_options
 from pipeline.fanout.index import make_embedding
@@ -103,6 +103,7 @@ def score_shards(
     if isinstance(spec_ref, str):
         sidecar = ensure_replica_index(store, spec_ref, replicas, s3_endpoint)
         spec_ref = index_spec(store, spec_ref, replicas, sidecar)
+    verify_folder(store, folder)  # a dataset split: Ray Data would read it unchecked
     paths = [store.join(folder, n) for n in store.listdir(folder) if n.endswith(".tar")]
     ds = ray.data.read_webdataset(
         paths,

@@ -40,7 +40,7 @@ from pipeline.core.guidance import validate_knobs
 from pipeline.data.datasets import digits_source
 from pipeline.data.imageset import ImageSet, images_to_tensor
 from pipeline.data.layout import data_folder
-from pipeline.data.shards import read_image_shards
+from pipeline.data.shards import checked_stream, manifest_shards, read_image_shards
 from pipeline.data.storage import Store, open_store
 from pipeline.evaluation.report import (
     num,
@@ -90,9 +90,10 @@ def read_latent_split(store: Store, dataset: str, split: str) -> dict[str, Any]:
 
     folder = data_folder(dataset, split)
     rows: dict[str, dict[str, Any]] = {}
+    entries = manifest_shards(store, folder)  # each shard's sha256 checked as it is streamed
     for name in sorted(n for n in store.listdir(folder) if n.endswith(".tar")):
         with (
-            store.fs.open_input_stream(store.join(folder, name)) as stream,
+            checked_stream(store, folder, name, entries) as stream,
             tarfile.open(fileobj=stream, mode="r|*") as tar,
         ):
             for member in tar:
@@ -226,6 +227,8 @@ def run_latent_demo(
         "vae": vae_fit,
         "unet": unet_fit,
         "classifier": clf["metrics"],
+        # its model card; below min_fit it was sampled with only under sampler.allow_unfit
+        "classifier_fit": {"card": clf.get("fit"), "allow_unfit": cfg.sampler.allow_unfit},
         "timings_s": {**timer.timings, "total": round(time.perf_counter() - t_start, 2)},
         "config": dataclasses.asdict(cfg),
     }

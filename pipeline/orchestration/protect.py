@@ -29,12 +29,24 @@ class ClassifierTarget:
     shape; ``betas``: the noise schedule (None: DDPM's linear); ``inputs``: the model directory's
     digest for the training provenance (``{"denoiser": ...}`` for pixel data, ``{"model": ...}``
     for latents); ``latent``: None for images, else ``{"scaling_factor", "model", "cond_dim"}``,
-    recorded in the classifier's config.json."""
+    recorded in the classifier's config.json; ``reading``: how the model reads its schedule
+    (:func:`schedule_reading`; None: DDPM's, epsilon and leading), recorded with the schedule so
+    that sampling can compare it with the denoiser's."""
 
     arch: ClassifierArchConfig
     betas: list[float] | None
     inputs: dict[str, str | None]
     latent: dict[str, Any] | None = None
+    reading: dict[str, Any] | None = None
+
+
+def schedule_reading(schedule) -> dict[str, Any]:
+    """``prediction_type``, ``timestep_spacing`` and ``steps_offset`` of a model's schedule."""
+    return {
+        "prediction_type": schedule.prediction_type,
+        "timestep_spacing": schedule.timestep_spacing,
+        "steps_offset": schedule.steps_offset,
+    }
 
 
 def check_image_shape(store: Store, dataset: str, channels: int, size: int, model: str) -> None:
@@ -101,11 +113,14 @@ def _denoiser_target(
     with tempfile.TemporaryDirectory() as tmp:
         den_dir = resolve_model_dir(store, denoiser, tmp)
         channels, size, _ = unet_image_shape(load_denoiser(den_dir))
-        betas = load_schedule(den_dir).betas.tolist()
+        schedule = load_schedule(den_dir)
         digest = dir_digest(den_dir)
     check_image_shape(store, dataset, channels, size, f"denoiser {denoiser!r}")
     shaped = {**to_dict(arch), "sample_size": size, "channels": channels}
-    return ClassifierTarget(from_dict(ClassifierArchConfig, shaped), betas, {"denoiser": digest})
+    return ClassifierTarget(
+        from_dict(ClassifierArchConfig, shaped), schedule.betas.tolist(), {"denoiser": digest},
+        reading=schedule_reading(schedule),
+    )  # fmt: skip
 
 
 def latent_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
@@ -144,12 +159,13 @@ def _latent_target(
             f"{asked} needs pooled text embeddings of that size in dataset {dataset!r} "
             f"(latent.pooled_dim = {pooled_dim or 'none'}); --text-cond takes the size from the data"
         )
-    digest = None
+    digest, reading = None, None
     if model is not None:
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = resolve_model_dir(store, model, tmp)
             unet_shape = unet_config_shape(model_dir)
-            betas = load_schedule(model_dir).betas.tolist()
+            schedule = load_schedule(model_dir)
+            betas, reading = schedule.betas.tolist(), schedule_reading(schedule)
             digest = dir_digest(model_dir)
         if unet_shape != shape:
             raise ConfigError(
@@ -165,5 +181,5 @@ def _latent_target(
     shaped = {**to_dict(arch), "channels": shape[0], "sample_size": shape[1], "cond_dim": cond_dim}
     record = {"scaling_factor": lat.get("scaling_factor"), "model": model, "cond_dim": cond_dim}
     return ClassifierTarget(
-        from_dict(ClassifierArchConfig, shaped), betas, {"model": digest}, record
+        from_dict(ClassifierArchConfig, shaped), betas, {"model": digest}, record, reading
     )

@@ -10,7 +10,7 @@ from pipeline.data.layout import data_folder, samples_folder
 from pipeline.data.shards import images_of
 from pipeline.data.storage import Store
 from pipeline.data.subsets import pick_images
-from pipeline.evaluation.report import histogram_figure, merge_report, pairs_figure
+from pipeline.evaluation.report import histogram_figure, merge_report, pairs_figure, require_inputs
 from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
 from pipeline.orchestration.stages import check_replicas
 
@@ -35,7 +35,13 @@ def replica_check_report(
     agreement are measured on up to ``cfg.recall_queries`` samples against exact brute force (Ray
     tasks streaming the stored rows in chunks; the driver never holds training embeddings), beside
     the build's own measurement (perturbed training and held-out images).
+
+    Before anything is scored the samples are checked (:func:`pipeline.evaluation.inputs.check_run`):
+    every shard records the same inputs, drawn by ``models/<run>/`` where the run has models there,
+    trained on ``data/<dataset>``; else :class:`pipeline.data.provenance.StaleArtifactError`. The
+    merged section carries ``inputs`` (models, data, the samples' fingerprint, the index's sidecar).
     """
+    from pipeline.evaluation.inputs import check_run, run_inputs
     from pipeline.fanout.replica_index import (
         TrainingRows,
         ensure_replica_index,
@@ -44,8 +50,11 @@ def replica_check_report(
         local_index_dir,
     )
 
+    checked = check_run(store, run, dataset, (sampler,))
     folder = samples_folder(run, sampler)
     sidecar = ensure_replica_index(store, dataset, cfg, s3_endpoint)
+    inputs = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
+    require_inputs(store, run, inputs)  # a refused update scores and writes nothing
     stats, rows = check_replicas(
         store, run, folder, index_spec(store, dataset, cfg, sidecar), cfg, concurrency,
         name=sampler, s3_endpoint=s3_endpoint,
@@ -77,6 +86,7 @@ def replica_check_report(
     merge_report(
         store, run, {"samplers": {sampler: stats.to_dict()}, "replica_check": {sampler: summary}},
         figures, deep=True,
+        inputs=inputs,
     )  # fmt: skip
     return summary
 

@@ -262,7 +262,11 @@ def train_classifier(
     :func:`pipeline.orchestration.protect.classifier_target`; the model is never loaded.
 
     Resume and provenance as in :func:`train_denoiser`; the inputs also name the denoiser's (or the
-    model's) digest.
+    model's) digest. The saved ``config.json`` records the schedule it learned
+    (:func:`pipeline.core.models.schedule_record`: every beta's digest and how the model reads them)
+    and its model card ``fit`` (:func:`pipeline.train.loops.fit_card`, measured at the last
+    checkpoint), which sampling checks (:func:`pipeline.data.checkpoints.check_classifier_fits`).
+    Returns ``{"uri", "metrics", "fit"}``.
     """
     target = classifier_target(store, dataset, arch, schedule_betas, denoiser, model, text_cond)
     arch, schedule_betas = target.arch, target.betas
@@ -296,6 +300,9 @@ def train_classifier(
     claim_checkpoints(store, f"{run}-classifier", provenance, overwrite)
     loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
     loop["label_of"] = clusters.label_of if clusters is not None else None  # cluster bits
+    # how the model reads its schedule: recorded beside the betas' digest (the denoiser's or the
+    # model's digest in the provenance already covers it)
+    loop["reading"] = target.reading
     result = _fit(
         classifier_worker, loop, datasets, train,
         _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
@@ -310,7 +317,11 @@ def train_classifier(
         "dataset": dataset,
         "step": state["step"],
         "train": to_dict(train),
-        "metrics": state.get("metrics", {}),
+        # with the held-out share it trained on (its bits' keys are never non-members): evaluation
+        # reads it here rather than recomputing it from the held-out split as it is now
+        "metrics": {**state.get("metrics", {}), "holdout_fraction": held["fraction"]},
+        # the model card: the fit sampling checks (SamplerConfig.min_fit) and how it was measured
+        "fit": state.get("fit"),
         "denoiser": denoiser,
         "schedule": state.get("schedule"),
         "resumed_from": state.get("resumed_from", []),
@@ -321,7 +332,11 @@ def train_classifier(
         save_classifier(model, Path(tmp) / "classifier", run_config)
         write_provenance(Path(tmp) / "classifier", provenance)
         store.put_dir(Path(tmp) / "classifier", "models", run, "classifier")
-    return {"uri": store.uri_of("models", run, "classifier"), "metrics": state.get("metrics", {})}
+    return {
+        "uri": store.uri_of("models", run, "classifier"),
+        "metrics": state.get("metrics", {}),
+        "fit": state.get("fit"),
+    }
 
 
 def check_replicas(

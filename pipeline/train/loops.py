@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.core.config import MIN_FIT
 from pipeline.core.diffusion import Schedule, q_sample
 from pipeline.core.models import channels_last
 from pipeline.train.batches import batch_bits, batch_images, batch_pooled
@@ -123,14 +124,52 @@ class ClassifierMetrics:
         float  # share of never-seen images with p<0.001 or p>0.999 at t<50
     )
     lipschitz_proxy: float  # mean ||d logit / d x|| at training points, t < 100
+    train_margin_by_t: dict[str, float]  # "0-100" -> mean |p - 1/2| on training images
+    train_rows: int  # training images measured (4 noisings each per t-range)
+    never_rows: int  # never-seen images measured
 
     def to_dict(self) -> dict:
         return {
             "train_accuracy_by_t": self.train_accuracy_by_t,
+            "train_margin_by_t": self.train_margin_by_t,
             "holdout_accuracy": self.holdout_accuracy,
             "never_seen_confident_fraction": self.never_seen_confident_fraction,
             "lipschitz_proxy": self.lipschitz_proxy,
+            "train_rows": self.train_rows,
+            "never_rows": self.never_rows,
         }
+
+
+# the classifier's model card measures its fit here: where guidance decides what a sample becomes
+FIT_T_RANGE = T_RANGES[0]
+CONFIDENT_P = 1e-3  # never-seen "confident": p < 1e-3 or p > 1 - 1e-3, at t < 50
+
+
+def fit_card(metrics: ClassifierMetrics, seed: int, step: int, threshold: float = MIN_FIT) -> dict:
+    """The classifier's model card (``fit`` in its config.json; DESIGN.md section 10): its accuracy on
+    its own training bits and mean |p - 1/2| at ``FIT_T_RANGE`` (``metrics.train_rows`` rows, 4
+    noisings each, drawn with ``seed``), its confident fraction on never-seen images, and the
+    ``threshold`` (``SamplerConfig.min_fit``'s default) that sampling judges the accuracy against."""
+    lo, hi = FIT_T_RANGE
+    key = f"{lo}-{hi}"
+    accuracy = metrics.train_accuracy_by_t[key]
+    return {
+        "accuracy": accuracy,
+        "mean_margin": metrics.train_margin_by_t[key],
+        "t_range": [lo, hi],
+        "rows": metrics.train_rows,
+        "draws": 4,
+        "seed": seed,
+        "step": step,
+        "threshold": threshold,
+        "fits": accuracy >= threshold,
+        "never_seen": {
+            "rows": metrics.never_rows,
+            "t_range": [0, 50],
+            "confident_fraction": metrics.never_seen_confident_fraction,
+            "confident_p": CONFIDENT_P,
+        },
+    }
 
 
 def _noisy_logits(clf, schedule, x, lo, hi, gen, repeats=4, batch_size=256, cond=None):
@@ -167,7 +206,8 @@ def classifier_metrics(
     train_cond: torch.Tensor | None = None,
     never_cond: torch.Tensor | None = None,
 ) -> ClassifierMetrics:
-    """Accuracy by t-range on training bits, held-out bit accuracy, calibration and Lipschitz proxy.
+    """Accuracy and mean |p - 1/2| by t-range on training bits, held-out bit accuracy, calibration
+    and Lipschitz proxy.
 
     Callers pass bounded samples (the workers: ``metrics_samples`` rows); every forward pass holds at
     most ``batch_size`` images, and the Lipschitz proxy ``mean ||d logit / d x||`` keeps the autograd
@@ -175,13 +215,14 @@ def classifier_metrics(
     for a text-conditioned classifier (None: unconditioned)."""
     gen = torch.Generator().manual_seed(seed)
     clf = clf.eval()
-    by_t = {}
+    by_t, margin_by_t = {}, {}
     for lo, hi in T_RANGES:
         logits, _ = _noisy_logits(
             clf, schedule, train_x, lo, hi, gen, batch_size=batch_size, cond=train_cond
         )
         y = train_bits.repeat(4)
         by_t[f"{lo}-{hi}"] = float(((logits > 0).float() == y).float().mean())
+        margin_by_t[f"{lo}-{hi}"] = float((torch.sigmoid(logits) - 0.5).abs().mean())
     if len(never_x):
         logits, _ = _noisy_logits(
             clf, schedule, never_x, 0, 100, gen, batch_size=batch_size, cond=never_cond
@@ -191,7 +232,7 @@ def classifier_metrics(
             clf, schedule, never_x, 0, 50, gen, repeats=1, batch_size=batch_size, cond=never_cond
         )
         p = torch.sigmoid(small)
-        confident = float(((p < 1e-3) | (p > 1 - 1e-3)).float().mean())
+        confident = float(((p < CONFIDENT_P) | (p > 1 - CONFIDENT_P)).float().mean())
     else:
         holdout_acc, confident = math.nan, math.nan
     norms = []
@@ -203,7 +244,9 @@ def classifier_metrics(
             (grad,) = torch.autograd.grad(clf(x, t, *args).sum(), x)
         norms.append(grad.flatten(1).norm(dim=1).cpu())
     lip = float(torch.cat(norms).mean()) if norms else math.nan
-    return ClassifierMetrics(by_t, holdout_acc, confident, lip)
+    return ClassifierMetrics(
+        by_t, holdout_acc, confident, lip, margin_by_t, len(train_x), len(never_x)
+    )
 
 
 def _source(data, seed: int, rank: int, stream: int = 0):

@@ -9,6 +9,7 @@ Each worker loop streams its data shard (``ray.train.get_dataset_shard``, rows d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from pipeline.core.config import (
     from_dict,
 )
 from pipeline.core.diffusion import linear_schedule, schedule_from_betas
-from pipeline.core.models import NoiseClassifier, build_unet
+from pipeline.core.models import NoiseClassifier, build_unet, schedule_record
 from pipeline.data.provenance import require_same
 from pipeline.train.batches import batch_bits, batch_images, batch_pooled
 from pipeline.train.ingest import (
@@ -40,6 +41,7 @@ from pipeline.train.ingest import (
 from pipeline.train.loops import (
     EMA,
     classifier_metrics,
+    fit_card,
     fit_classifier,
     fit_denoiser,
     train_log,
@@ -211,11 +213,13 @@ def _worker_setup(threads: int, niceness: int | None = 0) -> tuple[int, int, tor
 
 # ---------------------------------------------------------------------------------------- denoiser
 def _schedule(config: dict[str, Any]):
-    return (
-        schedule_from_betas(torch.tensor(config["betas"]))
-        if config.get("betas")
-        else linear_schedule()
-    )
+    """The loop's noise schedule: ``config["betas"]`` (else DDPM's linear T=1000), read as
+    ``config["reading"]`` says (``prediction_type``, ``timestep_spacing``, ``steps_offset`` of the
+    model it is trained for: recorded, not used by the loss)."""
+    reading = config.get("reading") or {}
+    if config.get("betas"):
+        return schedule_from_betas(torch.tensor(config["betas"]), **reading)
+    return dataclasses.replace(linear_schedule(), **reading)
 
 
 def denoiser_worker(config: dict[str, Any]) -> None:
@@ -278,7 +282,9 @@ def classifier_worker(config: dict[str, Any]) -> None:
     Datasets: ``train`` and ``holdout`` (the held-out rows trained on with their own bits, both split
     over the workers) and ``never`` (never-seen held-out rows, at most ``metrics_samples``; rank 0
     reads it once for the metrics). ``config["input"]``: the manifest's ``{"rows", "row_bytes"}`` of
-    ``train`` and of ``holdout`` (with ``"bits"``, the expected number of bit rows).
+    ``train`` and of ``holdout`` (with ``"bits"``, the expected number of bit rows). Every checkpoint
+    carries the schedule's record (:func:`schedule_record`; ``config["reading"]``: how the model it
+    protects reads its schedule) and rank 0's model card (``"fit"``, :func:`fit_card`).
     """
     import ray.train.torch
 
@@ -315,11 +321,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
         "train": config["train"],
         "betas_from": config.get("betas_from"),
         "provenance": config.get("provenance"),
-        "schedule": {
-            "num_train_timesteps": schedule.num_train_timesteps,
-            "beta_first": float(schedule.betas[0]),
-            "beta_last": float(schedule.betas[-1]),
-        },
+        "schedule": schedule_record(schedule),
         "resumed_from": history,
     }
     never: dict[str, torch.Tensor | None] = {}
@@ -327,9 +329,10 @@ def classifier_worker(config: dict[str, Any]) -> None:
     def pooled(rows: dict | None) -> torch.Tensor | None:  # a text-conditioned classifier's input
         return batch_pooled(rows, device) if acfg.cond_dim and rows else None
 
-    def fit_metrics() -> dict:
+    def fit_metrics(step: int) -> tuple[dict, dict | None]:
         """Rank 0's fit metrics on at most ``metrics_samples`` training rows it has read and as many
-        never-seen held-out rows, in batches of ``metrics_batch``."""
+        never-seen held-out rows, in batches of ``metrics_batch``, and the model card made of them
+        (:func:`fit_card`); the noisings are drawn with ``tcfg.seed``."""
         if not never:
             rows = read_rows("never", tcfg.metrics_samples)
             never["x"] = batch_images(rows, device) if rows else torch.zeros(0, 1, 1, 1)
@@ -339,19 +342,21 @@ def classifier_worker(config: dict[str, Any]) -> None:
             never["c"] = pooled(rows)
         sample = train_src.sample(tcfg.metrics_samples)
         if sample is None:
-            return {}
-        return classifier_metrics(
+            return {}, None
+        metrics = classifier_metrics(
             clf, schedule, batch_images(sample, device),
             batch_bits(sample, tcfg.label_seed, device, label_of).cpu(), never["x"], never["y"].cpu(),
-            batch_size=tcfg.metrics_batch, train_cond=pooled(sample), never_cond=never["c"],
-        ).to_dict()  # fmt: skip
+            seed=tcfg.seed, batch_size=tcfg.metrics_batch, train_cond=pooled(sample),
+            never_cond=never["c"],
+        )  # fmt: skip
+        return metrics.to_dict(), fit_card(metrics, tcfg.seed, step)
 
     def on_checkpoint(step: int, metrics: dict) -> None:
         data = gather({"step": step, **metrics.pop("data")}, world)
         # the fit metrics of rank 0's sample of the training images (Ray keeps rank 0's metrics)
-        fit = {}
+        fit, card = {}, None
         if rank == 0:
-            fit = fit_metrics()
+            fit, card = fit_metrics(step)
             clf.train()
             if fit:
                 train_log(
@@ -366,7 +371,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
                 d,
                 {"model": clf.state_dict()},
                 opt,
-                {**state, "step": step, "metrics": fit, "data": data},
+                {**state, "step": step, "metrics": fit, "fit": card, "data": data},
             )
 
         _report({**metrics, **fit, "data": data}, rank, save)

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from pipeline.core.config import (
+    MIN_FIT,
     ClassifierArchConfig,
     ClassifierTrainConfig,
     ConfigError,
@@ -44,6 +45,7 @@ def test_nested_unknown_key_is_qualified():
         (SamplerConfig, {"steps": True}, "steps must be of type int"),
         (SamplerConfig, {"alpha": "0.1"}, "alpha must be of type float"),
         (SamplerConfig, {"clip_sample": 1}, "clip_sample must be of type bool"),
+        (SamplerConfig, {"allow_unfit": "yes"}, "allow_unfit must be of type bool"),
         (SamplerConfig, {"sampler": 3}, "sampler must be of type str"),
         (UNetConfig, {"block_out_channels": 8}, "block_out_channels must be a list"),
         (UNetConfig, {"block_out_channels": [8, "16"]}, "block_out_channels must be of type int"),
@@ -68,6 +70,9 @@ def test_wrong_types_rejected(cls, data, fragment):
         (SamplerConfig, {"sampler": "ddpm"}, "sampler must be 'ddim' or 'cpsample'"),
         (SamplerConfig, {"input_mode": "x"}, "input_mode must be"),
         (SamplerConfig, {"batch_size": 0}, "batch_size must be > 0"),
+        (SamplerConfig, {"min_fit": 0.5}, r"min_fit must be in \(0.5, 1\] \(an accuracy on random"),
+        (SamplerConfig, {"min_fit": 1.01}, r"min_fit must be in \(0.5, 1\]"),
+        (SamplerConfig, {"min_fit": float("nan")}, r"min_fit must be in \(0.5, 1\]"),
         (DenoiserTrainConfig, {"steps": 0}, "steps must be > 0"),
         (DenoiserTrainConfig, {"lr": -1e-3}, "lr must be > 0"),
         (DenoiserTrainConfig, {"ema_decay": 1.0}, r"ema_decay must be in \[0, 1\)"),
@@ -108,6 +113,13 @@ def test_wrong_types_rejected(cls, data, fragment):
 def test_out_of_range_rejected(cls, data, fragment):
     with pytest.raises(ConfigError, match=fragment):
         from_dict(cls, data)
+
+
+def test_min_fit_and_allow_unfit_defaults_and_bounds():
+    cfg = SamplerConfig()
+    assert cfg.min_fit == MIN_FIT == 0.9 and cfg.allow_unfit is False
+    assert SamplerConfig(min_fit=1.0).min_fit == 1.0  # the upper bound is allowed
+    assert from_dict(SamplerConfig, {"min_fit": 0.51, "allow_unfit": True}).allow_unfit is True
 
 
 def test_int_coerced_to_float():

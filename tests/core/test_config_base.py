@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pipeline.core.config_base import ConfigError, from_dict, load_yaml, to_dict
+from pipeline.core.config_base import ConfigError, from_dict, load_yaml, read_yaml, to_dict
 
 
 @dataclass
@@ -46,3 +46,28 @@ def test_yaml_top_level_must_be_a_mapping(tmp_path):
         load_yaml(_Outer, path)
     path.write_text("rate: 0.25\n")
     assert load_yaml(_Outer, path).rate == 0.25
+
+
+def test_missing_unreadable_and_malformed_yaml_are_one_line_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^\S*nope\.yaml: no such config file$"):
+        load_yaml(_Outer, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a folder, not a config file"):
+        load_yaml(_Outer, tmp_path)
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ConfigError, match=r"weights\.yaml: not a text \(UTF-8\) file"):
+        load_yaml(_Outer, binary)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rate: 0.25\ninner:\n  n: 1\n   m: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml(_Outer, bad)
+    assert str(info.value) == (
+        f"{bad}: malformed YAML at line 4, column 5: mapping values are not allowed here"
+    )
+    bad.write_text("sizes: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        read_yaml(bad)
+    assert str(info.value) == (
+        f"{bad}: malformed YAML at line 2, column 1: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence from line 1, column 8)"
+    )

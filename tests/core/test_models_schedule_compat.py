@@ -17,10 +17,13 @@ from pipeline.core.diffusion import ddim_timesteps, eps_from_model_output
 from pipeline.core.guidance import GuidanceOutput, cpsample_guidance
 from pipeline.core.models import (
     CheckpointError,
+    betas_digest,
     build_unet,
     channels_last,
     load_denoiser,
     load_schedule,
+    save_denoiser,
+    schedule_record,
 )
 from pipeline.core.sampler import sample, unet_denoiser
 from pipeline.data.checkpoints import load_models
@@ -64,6 +67,42 @@ def test_every_beta_schedule_matches_diffusers_ddim(tmp_path, name):
     assert torch.equal(ours.betas.float(), ref.betas)
     assert torch.equal(ours.alphas_cumprod.float(), ref.alphas_cumprod)
     assert ours.prediction_type == "epsilon" and ours.timestep_spacing == "leading"
+
+
+def test_the_betas_digest_tells_every_schedule_apart_and_survives_a_round_trip(tmp_path):
+    """What a classifier records of its schedule (``schedule_record``): one digest per beta sequence,
+    the same after ``save_denoiser`` rewrites the schedule as trained_betas, different for every
+    other schedule (scaled_linear included, whose end betas can equal linear's)."""
+    digests = {}
+    for name, kwargs in BETA_SCHEDULES.items():
+        cfg_dir, saved_dir = tmp_path / name, tmp_path / f"{name}-saved"
+        _save_config(cfg_dir, **kwargs)
+        schedule = load_schedule(cfg_dir)
+        record = schedule_record(schedule)
+        assert record["betas_digest"] == betas_digest(schedule)
+        assert record["num_train_timesteps"] == schedule.num_train_timesteps
+        assert record["beta_first"] == float(schedule.betas[0])
+        assert record["beta_last"] == float(schedule.betas[-1])
+        assert (record["prediction_type"], record["timestep_spacing"]) == ("epsilon", "leading")
+        assert record["steps_offset"] == 0
+        unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                           block_out_channels=(8,), down_block_types=("DownBlock2D",),
+                           up_block_types=("UpBlock2D",), norm_num_groups=8)  # fmt: skip
+        save_denoiser(unet, saved_dir, {}, schedule)
+        assert schedule_record(load_schedule(saved_dir)) == record
+        digests[name] = record["betas_digest"]
+    assert len(set(digests.values())) == len(BETA_SCHEDULES)
+    same_ends = {"beta_schedule": "scaled_linear", "beta_start": 1e-4, "beta_end": 0.02}
+    _save_config(tmp_path / "scaled-same-ends", **same_ends)
+    assert betas_digest(load_schedule(tmp_path / "scaled-same-ends")) != digests["linear"]
+    # the reading is recorded as the config gives it
+    _save_config(tmp_path / "v", prediction_type="v_prediction", timestep_spacing="trailing",
+                 steps_offset=1)  # fmt: skip
+    record = schedule_record(load_schedule(tmp_path / "v"))
+    assert record["betas_digest"] == digests["linear"]
+    assert (record["prediction_type"], record["timestep_spacing"], record["steps_offset"]) == (
+        "v_prediction", "trailing", 1,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("class_name", ["DDIMScheduler", "PNDMScheduler", "NoSuchScheduler"])

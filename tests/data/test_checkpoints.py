@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,12 @@ from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import (
     CheckpointError,
     NoiseClassifier,
+    betas_digest,
     build_unet,
     load_schedule,
     save_classifier,
     save_denoiser,
+    schedule_record,
 )
 from pipeline.data import checkpoints
 from pipeline.data.checkpoints import load_models, preflight_models, resolve_model_dir
@@ -141,8 +145,21 @@ def test_a_classifier_for_other_images_is_refused(tiny_models, tmp_path):
 
 
 # ------------------------------------------------------------------ classifier vs denoiser records
-def _record(schedule, t_max: int) -> dict:
-    """What ``train_classifier`` writes beside a classifier: its schedule and its training config."""
+def _record(schedule, t_max: int, fit: float | None = None) -> dict:
+    """What ``train_classifier`` writes beside a classifier: its schedule, its training config and
+    (``fit``: its accuracy on its own bits at t < 100) its model card."""
+    record = {
+        "schedule": schedule_record(schedule),
+        "train": to_dict(ClassifierTrainConfig(t_max=t_max)),
+    }
+    if fit is not None:
+        record["fit"] = {"accuracy": fit, "mean_margin": 0.125, "t_range": [0, 100], "rows": 64,
+                         "seed": 3, "threshold": 0.9, "fits": fit >= 0.9}  # fmt: skip
+    return record
+
+
+def _legacy_record(schedule, t_max: int) -> dict:
+    """A record from before the betas digest: T and the first and last beta only."""
     return {
         "schedule": {
             "num_train_timesteps": schedule.num_train_timesteps,
@@ -158,11 +175,21 @@ def _classifier_with(tiny_models, name: str, record: dict) -> str:
     return str(tiny_models["root"] / name)
 
 
+def _denoiser_with(tiny_models, name: str, scheduler: dict) -> str:
+    """The tiny denoiser under ``name`` with a diffusers scheduler config of ``scheduler``'s keys."""
+    path = tiny_models["root"] / name
+    save_denoiser(tiny_models["unet"], path, {"unet": {}}, linear_schedule())
+    config = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4,
+              "beta_end": 0.02, "beta_schedule": "linear", "trained_betas": None, **scheduler}  # fmt: skip
+    (path / "scheduler_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
 def test_a_classifier_with_a_matching_record_is_accepted(tiny_models, tmp_path):
     store = open_store(str(tmp_path / "store"))
     den = str(tiny_models["root"] / "denoiser")
     # t_max = guidance_t_max (60): guidance queries t < 60, the classifier was trained on t < 60
-    clf = _classifier_with(tiny_models, "fits", _record(load_schedule(den), 60))
+    clf = _classifier_with(tiny_models, "fits", _record(load_schedule(den), 60, fit=0.9))
     assert callable(load_models(store, den, clf, CPS, "cpu", str(tmp_path))[3])
 
 
@@ -171,6 +198,7 @@ def test_a_classifier_trained_on_another_schedule_is_refused_before_loading(
 ):
     store = open_store(str(tmp_path / "store"))
     den = str(tiny_models["root"] / "denoiser")  # T = 100, betas 1e-4 .. 0.05
+    ours = schedule_record(load_schedule(den))
     for other in (linear_schedule(), linear_schedule(100, 1e-4, 0.02)):
         clf = _classifier_with(tiny_models, "other-schedule", _record(other, 60))
         # nothing is loaded before the refusal
@@ -179,12 +207,81 @@ def test_a_classifier_trained_on_another_schedule_is_refused_before_loading(
             load_models(store, den, clf, CPS, "cpu", str(tmp_path))
         msg = str(err.value)
         assert "\n" not in msg and "other-schedule" in msg and den in msg
-        theirs = f"T={other.num_train_timesteps}, betas 0.0001..{float(other.betas[-1]):.6g}"
-        assert (
-            f"trained on the schedule {theirs} but the denoiser {den} has T=100, betas 0.0001..0.05"
-            in msg
+        theirs = (
+            f"T={other.num_train_timesteps}, betas 0.0001..{float(other.betas[-1]):.6g} (all betas "
+            f"sha256:{betas_digest(other).removeprefix('sha256:')[:12]}, epsilon, leading, 0)"
         )
+        mine = (
+            f"T=100, betas 0.0001..0.05 (all betas sha256:"
+            f"{ours['betas_digest'].removeprefix('sha256:')[:12]}, epsilon, leading, 0)"
+        )
+        assert f"trained on the schedule {theirs} but the denoiser {den} has {mine}" in msg
         assert f"--denoiser {den}" in msg
+
+
+def test_scaled_linear_with_the_same_end_betas_is_refused(tiny_models, tmp_path):
+    """The check the end betas alone could not make: linear and scaled_linear 1e-4..0.02 share T and
+    both ends, yet noise x_t differently (abar differs by up to 0.357)."""
+    store = open_store(str(tmp_path / "store"))
+    den = _denoiser_with(tiny_models, "scaled", {"beta_schedule": "scaled_linear"})
+    theirs, linear = load_schedule(den), linear_schedule()
+    assert theirs.num_train_timesteps == 1000
+    assert float(theirs.betas[0]) == pytest.approx(1e-4, rel=1e-6)
+    assert float(theirs.betas[-1]) == pytest.approx(0.02, rel=1e-6)
+    gap = float((theirs.alphas_cumprod - linear.alphas_cumprod).abs().max())
+    assert gap == pytest.approx(0.357, abs=1e-3)
+    clf = _classifier_with(tiny_models, "linear-clf", _record(linear, 60, fit=1.0))
+    with pytest.raises(CheckpointError) as err:
+        load_models(store, den, clf, CPS, "cpu", str(tmp_path))
+    msg = str(err.value)
+    ends = "T=1000, betas 0.0001..0.02 (all betas sha256:"
+    assert msg.count(ends) == 2  # both schedules named, with their own digests
+    assert betas_digest(linear).removeprefix("sha256:")[:12] in msg
+    assert betas_digest(theirs).removeprefix("sha256:")[:12] in msg
+    assert betas_digest(linear) != betas_digest(theirs)
+    # the same record is accepted by the linear denoiser it was trained for
+    lin = _denoiser_with(tiny_models, "linear", {})
+    assert callable(load_models(store, lin, clf, CPS, "cpu", str(tmp_path))[3])
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "theirs", "ours"),
+    [
+        ({"prediction_type": "v_prediction"}, "epsilon, leading, 0", "v_prediction, leading, 0"),
+        ({"timestep_spacing": "trailing"}, "epsilon, leading, 0", "epsilon, trailing, 0"),
+    ],
+)
+def test_another_prediction_type_or_spacing_is_refused(
+    tiny_models, tmp_path, scheduler, theirs, ours
+):
+    store = open_store(str(tmp_path / "store"))
+    den = _denoiser_with(tiny_models, "reads-otherwise", scheduler)
+    clf = _classifier_with(tiny_models, "eps-clf", _record(linear_schedule(), 60, fit=1.0))
+    with pytest.raises(CheckpointError) as err:
+        load_models(store, den, clf, CPS, "cpu", str(tmp_path))
+    msg = str(err.value)
+    digest = betas_digest(linear_schedule()).removeprefix("sha256:")[:12]  # the same betas
+    assert f"(all betas sha256:{digest}, {theirs}) but the denoiser {den}" in msg
+    assert msg.endswith(f"(all betas sha256:{digest}, {ours}): retrain the classifier with "
+                        f"--denoiser {den}")  # fmt: skip
+
+
+def test_a_record_without_the_digest_falls_back_to_the_end_betas(tiny_models, tmp_path, caplog):
+    store = open_store(str(tmp_path / "store"))
+    den = _denoiser_with(tiny_models, "scaled", {"beta_schedule": "scaled_linear"})
+    # an old record of a linear classifier: T and the ends are all it has, so it passes, and says so
+    clf = _classifier_with(tiny_models, "old", _legacy_record(linear_schedule(), 60))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.checkpoints"):
+        assert callable(load_models(store, den, clf, CPS, "cpu", str(tmp_path))[3])
+    assert "without a betas digest" in caplog.text
+    assert "only T and the first and last beta are compared" in caplog.text
+    # other end betas are still refused
+    old = _classifier_with(
+        tiny_models, "old2", _legacy_record(linear_schedule(1000, 1e-4, 0.03), 60)
+    )
+    with pytest.raises(CheckpointError, match=r"trained on the schedule T=1000, betas 0.0001..0.03 "
+                       r"but the denoiser"):  # fmt: skip
+        load_models(store, den, old, CPS, "cpu", str(tmp_path))
 
 
 def test_guidance_beyond_the_classifier_t_max_is_refused(tiny_models, tmp_path, monkeypatch):
@@ -202,6 +299,45 @@ def test_guidance_beyond_the_classifier_t_max_is_refused(tiny_models, tmp_path, 
     # plain DDIM uses no classifier and checks none
     monkeypatch.undo()
     assert load_models(store, den, clf, DDIM, "cpu", str(tmp_path))[3] is None
+
+
+# ------------------------------------------------------------------------ the classifier's fit card
+def test_a_classifier_below_min_fit_is_refused_unless_allowed(
+    tiny_models, tmp_path, monkeypatch, caplog
+):
+    store = open_store(str(tmp_path / "store"))
+    den = str(tiny_models["root"] / "denoiser")
+    clf = _classifier_with(tiny_models, "unfit", _record(load_schedule(den), 60, fit=0.75))
+    monkeypatch.setattr(checkpoints, "load_denoiser", _must_not_run)
+    with pytest.raises(CheckpointError) as err:
+        preflight_models(str(tmp_path / "no-store"), den, clf, CPS)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert (
+        f"classifier {clf} fits 75.0% of its own training bits at 0 <= t < 100 (model card: 64 "
+        "training rows, seed 3, mean |p - 1/2| 0.125), below min_fit 90%: " in msg
+    )
+    assert "more --steps, a wider classifier: --base-channels" in msg and "--allow-unfit" in msg
+    # a lower stated fit takes it; so does allow_unfit, with a warning naming the fit
+    monkeypatch.undo()
+    lenient = dataclasses.replace(CPS, min_fit=0.75)
+    assert callable(load_models(store, den, clf, lenient, "cpu", str(tmp_path))[3])
+    allowed = dataclasses.replace(CPS, allow_unfit=True)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.checkpoints"):
+        assert callable(load_models(store, den, clf, allowed, "cpu", str(tmp_path))[3])
+    assert "fits 75.0% of its own training bits" in caplog.text
+    assert "sampling with it anyway (allow_unfit)" in caplog.text
+    # plain DDIM checks no classifier
+    assert load_models(store, den, clf, DDIM, "cpu", str(tmp_path))[3] is None
+
+
+def test_a_classifier_without_a_card_is_taken_with_a_warning(tiny_models, tmp_path, caplog):
+    store = open_store(str(tmp_path / "store"))
+    den = str(tiny_models["root"] / "denoiser")
+    clf = str(tiny_models["root"] / "classifier")  # saved by hand: config.json has no "fit"
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.checkpoints"):
+        assert callable(load_models(store, den, clf, CPS, "cpu", str(tmp_path))[3])
+    assert f"classifier {clf} has no fit card" in caplog.text
 
 
 def _must_not_run(*args, **kwargs):

@@ -14,10 +14,12 @@ from PIL import Image
 from pipeline.data.imageset import DataError, ImageSet
 from pipeline.data.shards import (
     build_tar,
+    checked_stream,
     encode_png,
     read_image_shards,
     read_tar,
     shard_name,
+    write_dataset,
     write_image_shards,
 )
 from pipeline.data.storage import open_store
@@ -329,3 +331,27 @@ def test_shard_groups_balance_bytes_and_cover_every_shard_once():
     assert [sum(sh["bytes"] for sh in g) for g in groups] == [10, 10, 10, 10]
     assert [len(g) for g in shard_groups(entries, 100)] == [1] * 8
     assert shard_groups([], 4) == [] and len(shard_groups(entries, 0)) == 1
+
+
+def test_checked_stream_checks_what_a_streaming_reader_reads(tmp_path):
+    """The latent readers stream shards through tarfile ("r|*"), stopping early: the stream is
+    hashed to its end on exit and compared with the manifest."""
+    store = open_store(str(tmp_path))
+    images = ImageSet([f"k{i}" for i in range(6)], np.zeros((6, 4, 4, 1), np.uint8))
+    write_dataset(store, "d", {"train": images}, shard_size=3)
+
+    def first_member(name: str) -> str:
+        with (
+            checked_stream(store, "data/d/train", name) as stream,
+            tarfile.open(fileobj=stream, mode="r|*") as tar,
+        ):
+            return next(iter(tar)).name  # stops after the first member
+
+    assert first_member("shard-000001.tar") == "k3.png"
+    path = tmp_path / "data/d/train/shard-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last byte: never read by a reader that stops early
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"checksum mismatch for \S*/data/d/train/shard-000001"):
+        first_member("shard-000001.tar")
+    assert first_member("shard-000000.tar") == "k0.png"

@@ -4,6 +4,8 @@ with a clear, credential-free message."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -65,19 +67,130 @@ def test_s3_put_dir_replaces_and_get_dir(s3_bucket, s3_env, tmp_path):
     (src / "sub" / "w.bin").write_bytes(b"\x00" * 10)
     store = open_store(f"s3://{s3_bucket}")
     store.put_dir(src, "models", "m")
+    first = json.loads(store.read_bytes("models", "m", ".current"))["version"]
     (src / "old.bin").unlink()
     (src / "new.bin").write_bytes(b"new")
     assert store.put_dir(src, "models", "m") == f"s3://{s3_bucket}/models/m"
-    assert sorted(_keys(s3_env["AWS_ENDPOINT_URL"], s3_bucket)) == [
-        "models/m/config.json",
-        "models/m/new.bin",
-        "models/m/sub/w.bin",
-    ]
+    pointer = json.loads(store.read_bytes("models", "m", ".current"))
+    second = pointer["version"]
+    assert pointer["files"] == ["config.json", "new.bin", "sub/w.bin"] and second != first
+    # the version before stays for readers still copying it; the pointer names the new one
+    assert sorted(_keys(s3_env["AWS_ENDPOINT_URL"], s3_bucket)) == sorted([
+        "models/m/.current",
+        f"models/m/.versions/{first}/config.json",
+        f"models/m/.versions/{first}/old.bin",
+        f"models/m/.versions/{first}/sub/w.bin",
+        f"models/m/.versions/{second}/config.json",
+        f"models/m/.versions/{second}/new.bin",
+        f"models/m/.versions/{second}/sub/w.bin",
+    ])  # fmt: skip
     got = store.get_dir(tmp_path / "copy", "models", "m")
+    assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()) == [
+        "config.json", "new.bin", "sub/w.bin"
+    ]  # fmt: skip
     assert (got / "sub" / "w.bin").read_bytes() == b"\x00" * 10
     assert (got / "new.bin").read_bytes() == b"new"
+    # every read through the store sees the current version at the folder's own paths
+    assert store.read_bytes("models", "m", "new.bin") == b"new"
+    assert store.exists("models/m/config.json") and not store.exists("models", "m", "old.bin")
+    assert store.listdir("models", "m") == ["config.json", "new.bin"]
+    assert store.sha256("models", "m", "new.bin") == hashlib.sha256(b"new").hexdigest()
+    with pytest.raises(ObjectNotFound, match=r"models/m/old\.bin does not exist"):
+        store.read_bytes("models", "m", "old.bin")
+    # a third swap removes the first version
+    store.put_dir(src, "models", "m")
+    assert not [k for k in _keys(s3_env["AWS_ENDPOINT_URL"], s3_bucket) if first in k]
     with pytest.raises(ObjectNotFound, match="models/none does not exist"):
         store.get_dir(tmp_path / "x", "models", "none")
+
+
+def _model(root: Path, tag: str, files: dict[str, int]) -> Path:
+    """A model folder whose config names its tag and every weight file holds only that tag."""
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"tag": tag, "files": sorted(files)}))
+    for name, size in files.items():
+        (root / name).write_bytes(tag.encode() * size)
+    return root
+
+
+def _whole(folder: Path) -> str:
+    """The tag of a copied model folder, asserting it is one whole model (no file missing, none of
+    another model, nothing extra)."""
+    config = json.loads((folder / "config.json").read_text())
+    files = sorted(p.name for p in folder.iterdir() if p.name != "config.json")
+    assert files == config["files"], (files, config)
+    for name in files:
+        assert set((folder / name).read_bytes()) == set(config["tag"].encode()), name
+    return config["tag"]
+
+
+OLD = {"weights.safetensors": 4000, "extra.bin": 100}
+NEW = {"weights.safetensors": 5000, "head.bin": 300}
+
+
+def test_s3_swap_every_step_leaves_a_whole_model(s3_bucket, s3_env, tmp_path, monkeypatch):
+    """A reader run between every step of the swap (each write and delete of the writer) copies the
+    whole old model or the whole new one. Before: the configs went first, and a reader then found
+    no config (or weights that no config described)."""
+    from pipeline.data.storage import Store
+
+    store = open_store(f"s3://{s3_bucket}")
+    store.put_dir(_model(tmp_path / "a", "A", OLD), "models", "r", "denoiser")
+    seen: list[str] = []
+    real_write, real_delete = Store.write_bytes, Store.delete
+
+    def read_now() -> None:
+        copy = tmp_path / f"read-{len(seen)}"
+        seen.append(_whole(store.get_dir(copy, "models", "r", "denoiser")))
+
+    def write(self, data, *parts):
+        out = real_write(self, data, *parts)
+        read_now()
+        return out
+
+    def delete(self, *parts):
+        real_delete(self, *parts)
+        read_now()
+
+    monkeypatch.setattr(Store, "write_bytes", write)
+    monkeypatch.setattr(Store, "delete", delete)
+    store.put_dir(_model(tmp_path / "b", "B", NEW), "models", "r", "denoiser")
+    monkeypatch.undo()
+    # 3 version files, the pointer; then the new model only, from the pointer's write on
+    assert seen[:3] == ["A"] * 3 and set(seen[3:]) == {"B"}, seen
+    assert _whole(store.get_dir(tmp_path / "final", "models", "r", "denoiser")) == "B"
+
+
+def test_s3_swap_with_a_concurrent_reader_thread(s3_bucket, s3_env, tmp_path):
+    """A reader thread copying the model in a loop while the writer swaps it back and forth: every
+    copy is whole, and single-file reads never miss."""
+    import threading
+
+    store = open_store(f"s3://{s3_bucket}")
+    sources = {t: _model(tmp_path / t, t, OLD if t == "A" else NEW) for t in "AB"}
+    store.put_dir(sources["A"], "models", "r", "classifier")
+    stop, seen, errors = threading.Event(), [], []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                copy = tmp_path / f"copy-{len(seen)}"
+                seen.append(_whole(store.get_dir(copy, "models", "r", "classifier")))
+                config = json.loads(store.read_bytes("models", "r", "classifier", "config.json"))
+                assert config["tag"] in "AB"
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(8):
+            store.put_dir(sources["AB"[(i + 1) % 2]], "models", "r", "classifier")
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors[0]
+    assert len(seen) >= 3 and set(seen) <= {"A", "B"}
 
 
 def test_endpoint_from_argument_beats_environment(s3_bucket, s3_env, monkeypatch):

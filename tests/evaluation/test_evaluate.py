@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.core.config import ClassifierArchConfig, EvalConfig, UNetConfig
+from pipeline.core.config import ClassifierArchConfig, ConfigError, EvalConfig, UNetConfig
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.guidance import cpsample_guidance
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.data.imageset import ImageSet
+from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import read_image_shards, write_image_shards
 from pipeline.data.storage import open_store
 from pipeline.evaluation.evaluate import (
@@ -24,6 +25,7 @@ from pipeline.evaluation.evaluate import (
     fid_section,
     membership_inference,
     nn_attack,
+    run_sets,
 )
 from pipeline.evaluation.fid import InceptionWeightsError
 from pipeline.evaluation.fragments import write_fragment
@@ -67,11 +69,32 @@ def tiny_models16(tmp_path_factory) -> Path:
     return root
 
 
-def _samples(store, run: str, sampler: str, images: np.ndarray) -> None:
+def _samples(
+    store, run: str, sampler: str, images: np.ndarray, models: Path | None = None, **knobs
+) -> None:
+    """Sample shards of ``images`` (4 per shard); with ``models`` (a folder with ``denoiser`` and
+    ``classifier``) every record carries what ShardSampler writes: the models' digests, the run
+    fingerprint and the plain sampler settings."""
+    from pipeline.core.config import SamplerConfig
+    from pipeline.data.provenance import dir_digest
+    from pipeline.fanout.resume import run_fingerprint, sampler_settings, sampling_provenance
+
     keys = [f"{sampler}-{i:06d}" for i in range(len(images))]
+    meta = None
+    if models is not None:
+        cfg = SamplerConfig(sampler=sampler, samples_per_shard=4, **knobs)
+        prov = sampling_provenance(
+            cfg, dir_digest(models / "denoiser"), dir_digest(models / "classifier")
+        )
+        record = {"provenance": prov, "run_fingerprint": run_fingerprint(prov),
+                  "sampler_settings": sampler_settings(cfg)}  # fmt: skip
+        meta = [
+            dict(record, shard_members=min(4, len(images) - i // 4 * 4)) for i in range(len(images))
+        ]
     write_image_shards(
-        store, f"samples/{run}/{sampler}", ImageSet(keys=keys, images=images), shard_size=4
-    )
+        store, f"samples/{run}/{sampler}", ImageSet(keys=keys, images=images, meta=meta or []),
+        shard_size=4,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ attack_sets
@@ -200,13 +223,13 @@ def run_store(digits_store, tiny_models16, tmp_path):
     store.put_dir(tiny_models16 / "denoiser", "models", "e", "denoiser")
     store.put_dir(tiny_models16 / "classifier", "models", "e", "classifier")
     train = read_image_shards(store, "data/digits/train")
-    _samples(store, "e", "ddim", train.images[:8])
+    _samples(store, "e", "ddim", train.images[:8], tiny_models16)
     return store
 
 
 def test_evaluate_run_reports_attacks_and_roc_figures(run_store):
     report, figures = evaluate_run(run_store, "e", "digits", FAST)
-    assert set(report) == {"fid", "membership_inference"}
+    assert set(report) == {"fid", "membership_inference", "inputs"}
     assert "skipped" in report["fid"]
     mi = report["membership_inference"]
     assert set(mi) == {"reconstruction", "secmi", "nn_distance", "cpsample_knobs", "nonmembers"}
@@ -230,19 +253,122 @@ def test_evaluate_run_reports_attacks_and_roc_figures(run_store):
     json.dumps(report)
 
 
-def test_evaluate_run_takes_the_knobs_recorded_in_the_report(run_store):
-    recorded = {
-        "config": {"sampler": {"alpha": 0.4, "scale": 9.0, "guidance_t_max": 300, "bogus": 1}},
-        "samplers": {"cpsample": {"alpha": 0.25, "num_samples": 8}},
-    }
+def test_evaluate_run_takes_the_knobs_its_cpsample_samples_record(run_store, tiny_models16):
+    """CPSample's knobs come from the samples' records, never from a report (jobs/sample.py never
+    wrote them there: before, evaluate took a report's alpha and scale or the defaults)."""
+    train = read_image_shards(run_store, "data/digits/train")
+    _samples(run_store, "e", "cpsample", train.images[8:12], tiny_models16,
+             alpha=0.25, scale=9.0, guidance_t_max=300)  # fmt: skip
+    recorded = {"config": {"sampler": {"alpha": 0.4, "scale": 3.0}},
+                "samplers": {"cpsample": {"alpha": 0.1, "num_samples": 8}}}  # fmt: skip
     write_fragment(run_store, "e", recorded, "replace")
     report, _ = evaluate_run(run_store, "e", "digits", FAST)
     knobs = report["membership_inference"]["cpsample_knobs"]
-    # samplers.cpsample wins over config.sampler; unknown keys are ignored
     assert knobs == {"alpha": 0.25, "scale": 9.0, "input_mode": "x_t", "guidance_t_max": 300}
-    report, _ = evaluate_run(run_store, "e", "digits", FAST, alpha=0.1, scale=2.0)
-    knobs = report["membership_inference"]["cpsample_knobs"]
-    assert knobs["alpha"] == 0.1 and knobs["scale"] == 2.0 and knobs["guidance_t_max"] == 300
+    assert report["membership_inference"]["nn_distance"]["cpsample"]["num_generated"] == 4
+    # the same knobs may be repeated; others would mix two settings in one report
+    report, _ = evaluate_run(run_store, "e", "digits", FAST, alpha=0.25, scale=9.0)
+    assert report["membership_inference"]["cpsample_knobs"]["alpha"] == 0.25
+    with pytest.raises(ConfigError, match=r"--alpha 0.1: the cpsample samples were drawn with "
+                       r"alpha=0.25; drop --alpha"):  # fmt: skip
+        evaluate_run(run_store, "e", "digits", FAST, alpha=0.1)
+
+
+def test_evaluate_run_refuses_samples_of_a_retrained_model(run_store, tiny_models16, tmp_path):
+    """After retraining (the run's denoiser replaced), the old samples are stale: evaluating would
+    attack the new model and score the old one's samples in one report."""
+    torch.manual_seed(7)
+    save_denoiser(build_unet(UNET16), tmp_path / "den2", {"unet": {}}, linear_schedule())
+    run_store.delete_dir("models", "e", "denoiser")
+    run_store.put_dir(tmp_path / "den2", "models", "e", "denoiser")
+    with pytest.raises(StaleArtifactError, match=r"samples under .*samples/e/ddim are stale: drawn "
+                       r"by other models than the ones evaluated \(changed: denoiser\)"):  # fmt: skip
+        evaluate_run(run_store, "e", "digits", FAST)
+
+
+def test_evaluate_run_refuses_a_dataset_the_denoiser_was_not_trained_on(run_store, digits_store):
+    """The denoiser's provenance names the manifest of the data it was trained on: a wrong
+    --dataset (other members, other non-members) is refused, naming both digests."""
+    from pipeline.data.datasets import digits_source, split
+    from pipeline.data.provenance import manifest_digest, write_provenance
+    from pipeline.data.shards import read_manifest
+    from pipeline.orchestration.stages import make_shards
+
+    digest = manifest_digest(read_manifest(run_store, "data/digits"))
+    local = Path(run_store.join("models", "e", "denoiser"))
+    write_provenance(local, {"data": digest})  # as train_denoiser writes it
+    evaluate_run(run_store, "e", "digits", FAST)  # the right dataset passes
+    train, holdout = split(digits_source(16), 40, 1)
+    make_shards(run_store, "other", train, holdout.subset(range(50)), shard_size=100)
+    with pytest.raises(StaleArtifactError, match=r"trained on data with manifest digest "
+                       rf"{digest[:19]}.*data/other has sha256:.*a wrong --dataset"):  # fmt: skip
+        evaluate_run(run_store, "e", "other", FAST)
+
+
+def test_evaluate_run_refuses_shards_without_provenance_or_from_two_runs(run_store, tmp_path):
+    train = read_image_shards(run_store, "data/digits/train")
+    _samples(run_store, "e", "cpsample", train.images[:4])  # hand-made: no records
+    with pytest.raises(
+        StaleArtifactError, match=r"cpsample/shard-000000.tar records no provenance"
+    ):
+        evaluate_run(run_store, "e", "digits", FAST)
+    run_store.delete_dir("samples", "e", "cpsample")
+    torch.manual_seed(8)
+    other = tmp_path / "other"
+    save_denoiser(build_unet(UNET16), other / "denoiser", {"unet": {}}, linear_schedule())
+    save_classifier(NoiseClassifier(CLF16), other / "classifier", {})
+    _samples(run_store, "x", "ddim", train.images[:8], other)
+    folder = "samples/e/ddim"
+    run_store.write_bytes(run_store.read_bytes("samples/x/ddim", "shard-000001.tar"), folder,
+                          "shard-000001.tar")  # fmt: skip
+    with pytest.raises(StaleArtifactError, match=r"ddim/shard-000001.tar was drawn from other "
+                       r"inputs than shard-000000.tar \(changed: denoiser\)"):  # fmt: skip
+        evaluate_run(run_store, "e", "digits", FAST)
+
+
+def test_evaluate_run_reports_its_inputs(run_store, tiny_models16):
+    from pipeline.data.provenance import dir_digest, manifest_digest, value_digest
+    from pipeline.data.shards import read_manifest
+    from pipeline.fanout.resume import first_meta
+
+    sidecar = {"embedding": "centred", "kind": "flat", "build_id": "b1"}
+    report, _ = evaluate_run(run_store, "e", "digits", FAST, sidecar=sidecar)
+    heads = [
+        first_meta(run_store, "samples/e/ddim", n) for n in ("shard-000000.tar", "shard-000001.tar")
+    ]
+    rows = [[f"shard-00000{i}.tar", h["run_fingerprint"], 4] for i, h in enumerate(heads)]
+    assert report["inputs"] == {
+        "denoiser": dir_digest(tiny_models16 / "denoiser"),
+        "classifier": dir_digest(tiny_models16 / "classifier"),
+        "data": manifest_digest(read_manifest(run_store, "data/digits")),
+        "samples": {"ddim": value_digest(rows)},
+        "replica_index": {"centred/flat": value_digest(sidecar)},
+        "package_version": "0.1.0",
+    }
+
+
+def test_the_never_seen_fraction_comes_from_the_classifiers_record(run_store):
+    """The share of held-out images the classifier trained on is its own record's, not recomputed
+    from the held-out split as it is now (250 of 300 would give 0.833)."""
+    from pipeline.core.models import CheckpointError
+    from pipeline.evaluation.evaluate import classifier_bits, run_sets
+
+    path = ("models", "e", "classifier", "config.json")
+    config = json.loads(run_store.read_bytes(*path))
+    config["train"] = {"holdout_images": 250, "label_seed": 7}
+    run_store.write_bytes(json.dumps(config).encode(), *path)
+    with pytest.raises(CheckpointError, match=r"does not record which share .*holdout_fraction"):
+        classifier_bits(run_store, "e")
+    config["metrics"] = {"holdout_fraction": 0.25}
+    run_store.write_bytes(json.dumps(config).encode(), *path)
+    assert classifier_bits(run_store, "e") == (250, 7, 0.25)
+    sets = run_sets(run_store, "e", "digits", EvalConfig(num_members=4, num_nonmembers=1000))
+    assert sets.nonmember_pool["classifier_trained_fraction"] == 0.25
+    from pipeline.core.labels import is_trained_holdout
+
+    holdout = read_image_shards(run_store, "data/digits/holdout")
+    never = [k for k in holdout.keys if not is_trained_holdout(k, 7, 0.25)]
+    assert sets.nonmembers.keys == never
 
 
 # ------------------------------------------------- member groups, threshold-free shares, the wiring
@@ -324,7 +450,9 @@ def test_evaluate_run_adds_the_threshold_free_section_and_group_aucs(run_store):
     assert tf["holdout"]["num_images"] == 40 and tf["holdout"]["seed"] == FAST.seed
     assert tf["samplers"]["ddim"]["above_holdout_p99"] == 1.0
     groups = report["membership_inference"]["nn_distance"]["ddim"]["groups"]
-    assert set(groups) == {"copied"} and 0 <= groups["copied"]["num_members"] <= 4
+    members = run_sets(run_store, "e", "digits", FAST).members.keys  # the same seeded draw
+    copied = len(set(members) & set(train.keys[:8]))
+    assert set(groups) == {"copied"} and groups["copied"]["num_members"] == copied
     json.dumps(report)
 
 
@@ -382,7 +510,8 @@ def test_sweep_and_attack_draws_the_attack_sets_once_and_threads_them(run_store,
     assert calls["attacks"]["sets"].members.keys == members.members.keys
     rows = {p["label"]: p for p in out["sweep"]["points"]}
     assert rows["a=0.5 s=3"]["mia_auc"] == 1.0 and rows["a=0.5 s=3"]["mia_auc_dup"] == 1.0
-    assert 0.0 <= rows["ddim"]["mia_auc"] <= 1.0  # the extra row, scored on its pixels
+    # the extra row, scored on its pixels by the same attack
+    assert rows["ddim"]["mia_auc"] == kw["attack"].aucs(train.images[:3])["mia_auc"]
     assert "mia_auc" not in extra  # the caller's row is left alone
     assert out["sweep"]["target_above_p99"] == 0.25
     assert out["sweep"]["recommended"]["label"] == "a=0.5 s=3"  # 0.2 <= 0.25

@@ -28,6 +28,7 @@ from pipeline.data.imageset import ImageSet
 from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import read_image_shards, read_tar, write_image_shards
 from pipeline.data.storage import open_store
+from pipeline.fanout.resume import sampler_settings
 from pipeline.fanout.sampling import run_sampling, sample_key, sample_seed
 from pipeline.orchestration.replica_report import replica_check_report
 
@@ -78,6 +79,10 @@ def test_one_and_two_actors_write_identical_shards(ray_local, tmp_path, tiny_mod
         assert [m["seed"] for m in got.meta] == [sample_seed(0, s, i) for i in range(2)]
         for m in got.meta:
             assert m["attempt"] == 0 and m["shard_members"] == 2 and m["alpha"] == 0.5
+            assert m["shard_planned"] == 2
+            # the plain settings, read back by the evaluation (next to the digest "provenance")
+            assert m["sampler_settings"] == sampler_settings(cfg) == outs[0]["sampler_settings"]
+            assert m["sampler_settings"]["alpha"] == 0.5 and m["sampler_settings"]["steps"] == 4
             assert 0 <= m["guidance_steps_fired"] <= 4 and 0.0 <= m["final_p"] <= 1.0
     assert outs[0]["guidance_fired_fraction"] == pytest.approx(outs[1]["guidance_fired_fraction"])
     # a rerun skips every complete shard and leaves the bytes alone
@@ -247,3 +252,36 @@ def test_guard_budget_zero_leaves_slots_empty_and_resumes(ray_local, tmp_path, t
     assert again["skipped_shards"] == 2 and again["guard"] == out["guard"]
     with pytest.raises(ConfigError, match="guard mode needs the training dataset"):
         run_sampling(store.uri, "b1", cfg, den, None)
+
+
+def test_guard_resume_regrows_a_short_last_shard_to_its_new_plan(ray_local, tmp_path, tiny_models):
+    """Growing a guarded run from 100 to 120 samples at 32 per shard: the last shard was planned at
+    4 and is now planned at 24. Guard shards may be short (rejected slots stay empty), so before,
+    the 4-sample shard counted as complete: 100 samples shipped, and the guard report called the 20
+    never-drawn slots unfilled. Each member records its shard's planned count, checked on resume."""
+    den, _ = tiny_models
+    store = open_store(str(tmp_path / "grow"))
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8)  # noise: nothing is a copy
+    write_image_shards(store, "data/noise/train",
+                       ImageSet(keys=[f"t-{i:03d}" for i in range(40)], images=train), 20)  # fmt: skip
+    base = dict(sampler="ddim", samples_per_shard=32, batch_size=32, steps=2, guard=0.999)
+    first = run_sampling(store.uri, "g", _cfg(num_samples=100, **base), den, None,
+                         guard_dataset="noise")  # fmt: skip
+    assert (first["num_samples"], first["guard"]["rejected"], first["guard"]["unfilled"]) == (
+        100, 0, 0)  # fmt: skip
+    folder = "samples/g/ddim"
+    old = _shards(store, folder)
+    assert [m["shard_planned"] for m in read_tar(old["shard-000003.tar"], "x").meta] == [4] * 4
+    grown = run_sampling(store.uri, "g", _cfg(num_samples=120, **base), den, None,
+                         guard_dataset="noise")  # fmt: skip
+    assert grown["skipped_shards"] == 3 and grown["num_shards"] == 4
+    assert grown["num_samples"] == 120 and grown["num_planned"] == 120
+    assert grown["guard"]["unfilled"] == 0 and grown["guard"]["rejected"] == 0
+    new = _shards(store, folder)
+    assert {n: new[n] for n in list(new)[:3]} == {n: old[n] for n in list(old)[:3]}
+    last = read_tar(new["shard-000003.tar"], "x")
+    assert last.keys == [sample_key("ddim", 3, i) for i in range(24)]
+    assert {(m["shard_planned"], m["shard_members"]) for m in last.meta} == {(24, 24)}
+    # the first 4 samples of the regrown shard are the old ones (same seeds, attempt 0)
+    np.testing.assert_array_equal(last.images[:4], read_tar(old["shard-000003.tar"], "x").images)

@@ -121,3 +121,83 @@ def test_every_job_documents_itself(script):
     proc = run_job(script, "--help")
     assert proc.returncode == 0
     assert ("usage:" in proc.stdout and "--store" in proc.stdout) or "--out" in proc.stdout
+
+
+# ------------------------------------------------------------------ project errors raised inside Ray
+def _raise_config_error() -> None:
+    from pipeline.core.config import ConfigError
+
+    raise ConfigError("sampler.alpha must be in (0, 0.5], got 0.9")
+
+
+class _CorruptCheckpointActor:
+    """A Ray Data actor whose constructor fails as a scoring or sampling actor does on a bad model."""
+
+    def __init__(self) -> None:
+        from pipeline.core.models import CheckpointError
+
+        raise CheckpointError("models/demo/denoiser: weights do not match config.json")
+
+    def __call__(self, batch):
+        return batch
+
+
+def _raise_data_error(batch):
+    from pipeline.data.imageset import DataError
+
+    raise DataError("data/digits/train/shard-000001.tar: sha256 does not match the manifest")
+
+
+def _run(main) -> int | str | None:
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from _common import run_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main)
+    return exit_info.value.code
+
+
+def _errors(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_run_main_unwraps_a_ray_task_error(ray_local, capsys):
+    task = ray_local.remote(_raise_config_error)
+    assert _run(lambda: ray_local.get(task.remote())) == 2
+    assert _errors(capsys) == ["error: sampler.alpha must be in (0, 0.5], got 0.9"]
+
+
+def test_run_main_unwraps_a_ray_data_actor_constructor(ray_local, capsys):
+    ds = ray_local.data.range(4).map_batches(_CorruptCheckpointActor, concurrency=1)
+    assert _run(ds.take_all) == 2
+    assert _errors(capsys) == ["error: models/demo/denoiser: weights do not match config.json"]
+
+
+def test_run_main_unwraps_a_ray_data_task(ray_local, capsys):
+    ds = ray_local.data.range(4).map_batches(_raise_data_error)
+    assert _run(ds.take_all) == 2
+    assert _errors(capsys) == [
+        "error: data/digits/train/shard-000001.tar: sha256 does not match the manifest"
+    ]
+
+
+def test_run_main_keeps_the_traceback_of_a_bug_inside_ray(ray_local):
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from _common import run_main
+
+    task = ray_local.remote(lambda: {}["missing"])
+    with pytest.raises(ray_local.exceptions.RayTaskError) as info:
+        run_main(lambda: ray_local.get(task.remote()))
+    assert isinstance(info.value, KeyError)
+
+
+def test_run_main_makes_a_multi_line_message_one_line(capsys):
+    from pipeline.core.config import ConfigError
+
+    def main():
+        raise ConfigError("cluster.yaml: two problems:\n  min_workers must be 0\n  GPU >= 1")
+
+    assert _run(main) == 2
+    assert capsys.readouterr().err == (
+        "error: cluster.yaml: two problems: min_workers must be 0 GPU >= 1\n"
+    )

@@ -185,3 +185,17 @@ def test_jobs_reject_bad_guard_and_replica_input(tmp_path, script, args, message
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (store / "samples").exists() and not (store / "reports").exists()
+
+
+def test_sample_with_a_missing_prompts_file_exits_2_in_one_line_and_writes_nothing(tmp_path):
+    """The prompts file is read before the store is opened: before, the --store folder was created
+    first and the missing file ended in a traceback (exit 1)."""
+    store = tmp_path / "store"
+    cmd = [sys.executable, str(ROOT / "jobs" / "sample.py"), "--store", str(store),
+           "--model", "sd", "--prompts", str(tmp_path / "missing.txt")]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines() == [
+        f"error: --prompts {tmp_path / 'missing.txt'}: no such file (one prompt per line)"
+    ]
+    assert not store.exists()

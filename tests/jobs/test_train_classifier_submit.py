@@ -25,7 +25,7 @@ import pytest
 
 from pipeline.core.config import UNetConfig
 from pipeline.core.diffusion import linear_schedule
-from pipeline.core.models import build_unet, load_classifier, save_denoiser
+from pipeline.core.models import build_unet, load_classifier, load_classifier_config, save_denoiser
 from pipeline.train.workers import read_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -189,3 +189,16 @@ def test_ray_job_submit_trains_classifier_with_token_auth(ray_head, submit_store
     assert "model" in tensors
     clf = load_classifier(store.join("models", "submitted", "classifier"), (1, 16, 16))
     assert clf is not None
+    # the model card, and the job's line on what sampling will do with it
+    card = load_classifier_config(store.join("models", "submitted", "classifier"))["fit"]
+    assert card == state["fit"] and card["step"] == 20 and card["rows"] == 8
+    assert card["fits"] is (card["accuracy"] >= 0.9)
+    assert f"fit: {card['accuracy']:.1%} of its own bits at 0 <= t < 100 (8 training rows" in out
+    verdict = (
+        "meets min_fit 90%"
+        if card["fits"]
+        else (
+            "BELOW min_fit 90%: sample --sampler cpsample refuses it (exit 2) unless --allow-unfit"
+        )
+    )
+    assert verdict in out

@@ -42,18 +42,47 @@ def s3_quick_demo(s3_server, tmp_path_factory):
         capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **env_vars},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    keys = _all_keys(client, bucket)
+    out = tmp_path_factory.mktemp("demo") / "out"
+    for key, rel in _current_layout(client, bucket, keys).items():
+        if not rel.startswith("checkpoints/"):
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    return {"out": out, "proc": proc, "client": client, "bucket": bucket, "keys": sorted(keys),
+            "env": env_vars, "argv": proc.args}  # fmt: skip
+
+
+def _all_keys(client, bucket: str) -> list[str]:
     keys = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         keys += [o["Key"] for o in page.get("Contents", [])]
-    out = tmp_path_factory.mktemp("demo") / "out"
+    return sorted(keys)
+
+
+def _current_layout(client, bucket: str, keys: list[str]) -> dict[str, str]:
+    """S3 key -> its path under ``run/`` as a reader sees it: a model folder's files are those of the
+    version its ``.current`` pointer names (``Store.put_dir``); other versions are left out."""
+    current = {
+        key[: -len("/.current")]: json.loads(
+            client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        )
+        for key in keys
+        if key.endswith("/.current")
+    }
+    layout = {}
     for key in keys:
-        if key.startswith("run/checkpoints/") or key.endswith("/"):
-            continue
-        dest = out / key[len("run/") :]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    return {"out": out, "proc": proc, "client": client, "bucket": bucket, "keys": sorted(keys),
-            "env": env_vars}  # fmt: skip
+        folder = next((f for f in current if key.startswith(f + "/")), None)
+        if folder is not None:
+            head = f"{folder}/.versions/{current[folder]['version']}/"
+            if not key.startswith(head):
+                continue
+            key_rel = f"{folder}/{key[len(head) :]}"
+        else:
+            key_rel = key
+        if not key.endswith("/"):
+            layout[key] = key_rel[len("run/") :]
+    return layout
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +122,8 @@ def test_quick_demo_writes_the_layout(quick_demo):
 
 
 def test_quick_demo_report_has_every_key(quick_demo):
+    import numpy as np
+
     out, _ = quick_demo
     report = json.loads((out / "report.json").read_text())
     assert {
@@ -105,16 +136,24 @@ def test_quick_demo_report_has_every_key(quick_demo):
     } <= set(report)
     assert report["dataset"] == "digits" and report["threshold"] == 0.97
     assert report["num_train"] == 64
+    metas = {}
     for name in ("ddim", "cpsample"):
         s = report["samplers"][name]
         assert set(s) >= SAMPLER_KEYS
         assert s["num_samples"] == 64
-        assert 0.0 <= s["replication_rate"] <= 1.0 and -1.0 <= s["mean_nn_similarity"] <= 1.0
+        # the figures are the ones the stored samples' own records give
+        shards = sorted((out / "samples/demo" / name).glob("shard-*.tar"))
+        metas[name] = [m for shard in shards for m in _metas(shard).values()]
+        sims = np.asarray([m["nn_similarity"] for m in metas[name]])
+        assert len(sims) == 64 and s["replication_rate"] == float((sims >= 0.97).mean())
+        assert s["mean_nn_similarity"] == pytest.approx(float(sims.mean()), abs=1e-9)
         assert {"fd", "confident_fraction"} <= set(s["quality"])
-        assert s["quality"]["fd"] >= 0 and 0 <= s["quality"]["confident_fraction"] <= 1
+        assert s["quality"]["fd"] >= 0
+        assert (s["quality"]["confident_fraction"] * 64).is_integer()  # a share of the 64 samples
     cps = report["samplers"]["cpsample"]
     assert {"alpha", "scale", "guidance_fired_fraction"} <= set(cps)
-    assert 0.0 <= cps["guidance_fired_fraction"] <= 1.0
+    fired = [m["guidance_steps_fired"] / m["steps"] for m in metas["cpsample"]]
+    assert cps["guidance_fired_fraction"] == pytest.approx(sum(fired) / 64, abs=1e-12)
     assert {"replication_rate", "mean_nn_similarity"} <= set(report["holdout_baseline"])
     assert report["timings_s"]["total"] > 0
     assert {"train_accuracy_by_t", "holdout_accuracy", "lipschitz_proxy"} <= set(
@@ -128,7 +167,7 @@ def test_quick_demo_report_has_every_key(quick_demo):
     assert [p["index"] for p in sweep["points"]] == [0, 1, 2, 3]
     assert [bool(p.get("source")) for p in sweep["points"]] == [True, False, True, False]
     for p in sweep["points"]:
-        assert 0.0 <= p["replication_rate"] <= 1.0 and p["num_samples"] == 32
+        assert (p["replication_rate"] * 32).is_integer() and p["num_samples"] == 32
         assert p["quality"]["fd"] >= 0
     assert set(sweep["pareto_front"]) <= set(labels)
     # the three membership attacks ran on this run, for both samplers, against never-seen images
@@ -153,6 +192,8 @@ def test_quick_demo_report_has_every_key(quick_demo):
     moved = report["displacement"]
     assert moved["all"]["count"] == 64 and moved["unrelated_pairs"]["mean"] > 0
     assert 0.0 <= moved["all"]["relative"] < 2.0
+    ddim_copies = sum(m["nn_similarity"] >= 0.97 for m in metas["ddim"])
+    assert moved["near"]["count"] == ddim_copies
     assert moved["near"]["count"] + moved["far"]["count"] <= 64
     md = (out / "reports/demo/report.md").read_text()
     assert "## Membership inference" in md and "## (alpha, s) trade-off sweep" in md
@@ -255,10 +296,13 @@ def test_s3_demo_leaks_no_credentials(s3_quick_demo):
     )
     secrets = [env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]]
     assert not any(s in proc.stdout + proc.stderr for s in secrets)
+    # every object, binary ones included (pickles, checkpoints, tars, indexes), as bytes, in the
+    # encodings a pickle or a text file would hold a string in
+    needles = [n for s in secrets for n in (s.encode(), s.encode("utf-16-le"))]
+    assert len(keys) > 50
     for key in keys:
-        if key.endswith((".json", ".md", ".jsonl", ".txt", ".yaml")):
-            body = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-            assert not any(s in body for s in secrets), key
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert not any(n in body for n in needles), key
 
 
 def test_s3_demo_rerun_with_another_seed_is_refused_before_writing(s3_quick_demo):
@@ -281,3 +325,115 @@ def test_s3_demo_rerun_with_another_seed_is_refused_before_writing(s3_quick_demo
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         after += [o["Key"] for o in page.get("Contents", [])]
     assert sorted(after) == keys
+
+
+# ------------------------------------------------------------------- --scenario duplicates --config
+def test_duplicates_scenario_with_a_config_without_the_section_runs_the_scenario(tmp_path):
+    """Before: a --config without a ``duplicates`` section silently ran the plain demo."""
+    from pipeline.core.config import DuplicatesConfig
+    from pipeline.orchestration.duplicates import duplicates_config
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from demo import build_config, parse_args
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("mia_members: 12\nreplicas:\n  nprobe: 64\n")
+    args = ["--out", "o", "--scenario", "duplicates", "--config", str(path), "--seed", "1"]
+    cfg = build_config(parse_args(args))
+    scenario = duplicates_config(1)
+    assert cfg.duplicates == DuplicatesConfig() == scenario.duplicates
+    assert cfg.mia_members == 12 and cfg.replicas.nprobe == 64  # the file's fields win
+    assert cfg.replicas.threshold == 0.98 and cfg.num_train == 1797  # the rest: the scenario's
+    assert (cfg.seed, cfg.split_seed, cfg.classifier.label_seed) == (
+        scenario.seed,
+        scenario.split_seed,
+        scenario.classifier.label_seed,
+    )
+    cfg = build_config(parse_args([*args[:-2], "--quick"]))
+    assert cfg.duplicates == DuplicatesConfig(k=4, m=3) and cfg.num_train == 300
+
+
+def test_duplicates_scenario_refuses_a_config_that_turns_it_off(tmp_path):
+    path = tmp_path / "off.yaml"
+    path.write_text("duplicates: null\n")
+    out = tmp_path / "o"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/demo.py"), "--scenario", "duplicates", "--config",
+         str(path), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}: 'duplicates: null' turns the scenario off; drop it for --scenario "
+        "duplicates"
+    ]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- --data's contents
+def _image_folder(path: Path, n: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    path.mkdir()
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(
+            path / f"im{i:03d}.png"
+        )
+    (path / "notes.txt").write_text("not an image: not part of the data")
+    return path
+
+
+def test_folder_digest_sees_every_image_change_and_nothing_else(tmp_path):
+    from pipeline.data.datasets import folder_digest
+
+    data = _image_folder(tmp_path / "imgs", 4)
+    first = folder_digest(data)
+    assert (first["files"], first["bytes"]) == (
+        4,
+        sum(p.stat().st_size for p in data.glob("*.png")),
+    )
+    (data / "notes.txt").write_text("edited")
+    assert folder_digest(data) == first
+    blob = bytearray((data / "im001.png").read_bytes())
+    blob[-13] ^= 1  # same size, other bytes
+    (data / "im001.png").write_bytes(bytes(blob))
+    assert folder_digest(data)["sha256"] != first["sha256"]
+    (data / "im001.png").rename(data / "im009.png")
+    assert folder_digest(data)["files"] == 4 and folder_digest(data) != first
+
+
+def test_demo_rerun_on_a_changed_data_folder_is_refused_before_writing(tmp_path):
+    """The first run's writes before its first Ray stage (the output claim, the shards and the
+    manifest), then one image changes: the rerun exits 2 naming ``data`` and the store keeps every
+    byte. Before, only the path was recorded: the rerun passed and rewrote data/ beside old models."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.storage import open_store
+    from pipeline.orchestration.demo import _source, claim_output, demo_split, quick_config
+    from pipeline.orchestration.stages import make_shards
+
+    data = _image_folder(tmp_path / "imgs", 80)
+    out = tmp_path / "out"
+    cfg = quick_config()
+    dataset, images = _source(cfg, str(data))
+    store = open_store(str(out))
+    claim_output(store, cfg, str(data), overwrite=False)
+    make_shards(store, dataset, *demo_split(images, cfg))
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert (out / "data/imgs/manifest.json") in before
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(data / "im007.png")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/demo.py"), "--quick", "--no-progress", "--data",
+         str(data), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "was made from other inputs (changed: data)" in proc.stderr
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["data_folder"]["files"] == 80 and record["data_folder"]["dataset"] == "imgs"

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.labels import holdout_roles
+from pipeline.data.shards import read_image_shards
+from pipeline.data.storage import open_store
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,7 +48,9 @@ def test_scenario_writes_shards_clusters_models_samples_and_report(scenario):
         assert s["num_samples"] == 64
         parts = s["replication_duplicated"] + s["replication_unique"]
         assert abs(parts - s["replication_rate"]) < 1e-9
-        assert 0 <= s["above_holdout_p99"] <= s["above_holdout_p95"] <= 1
+        assert s["above_holdout_p99"] <= s["above_holdout_p95"]
+        for share in ("above_holdout_p99", "above_holdout_p95"):  # counts of the 64 samples
+            assert s[share] * 64 == pytest.approx(round(s[share] * 64))
         assert {"auc_duplicated", "auc_unique", "auc_all"} <= set(s["attack"])
     assert "cpsample-cluster" in proc.stdout
     md = (out / "reports" / "dup" / "report.md").read_text()
@@ -70,10 +76,21 @@ def test_the_classifiers_record_their_bits_and_the_clusters_group_every_copy(sce
     fit = report["bit_fit"]["cluster"]
     assert fit["accuracy"] == fit["accuracy_vs_cluster_bit"]
     assert report["bit_fit"]["key"]["num_images"] == 4 * (3 + 1)
+    holdout = read_image_shards(open_store(str(out)), "data/digits-dup/holdout").keys
+    _, never = holdout_roles(holdout, 40, key_cfg["train"]["label_seed"])  # never-seen held-out
+    # each classifier's model card is in its config.json and in the report; the quick classifiers
+    # (30 steps) and the key-bit one (whose copies carry contradictory bits) are below min_fit and
+    # were sampled with knowingly
+    for labels, cfg in (("key", key_cfg), ("cluster", clu_cfg)):
+        card = cfg["fit"]
+        assert report["classifier_fit"][labels] == {"card": card, "allow_unfit": True}
+        assert (card["t_range"], card["step"], card["threshold"]) == ([0, 100], 30, 0.9)
+        assert card["rows"] == 312 and card["never_seen"]["rows"] == len(never)
+    assert key_cfg["fit"]["fits"] is False
 
 
 def test_the_scenario_config_is_the_documented_one():
-    from pipeline.orchestration.duplicates import duplicates_config
+    from pipeline.orchestration.duplicates import allow_unfit, duplicates_config
 
     cfg = duplicates_config(seed=1)
     assert (cfg.duplicates.k, cfg.duplicates.m, cfg.duplicates.cluster_threshold) == (16, 100, 0.97)
@@ -81,3 +98,8 @@ def test_the_scenario_config_is_the_documented_one():
     assert (cfg.sampler.alpha, cfg.sampler.scale) == (0.2, 2.5)
     assert cfg.classifier.label_seed == 1234 + 1 and cfg.seed == 1  # seed 1 is a replicate
     assert cfg.classifier.holdout_images == 150
+    # the key-bit classifier is sampled with although below min_fit (that is the comparison's point),
+    # the cluster-bit one only if it fits
+    assert cfg.sampler.allow_unfit is False
+    assert allow_unfit(cfg, "key") is True and allow_unfit(cfg, "cluster") is False
+    assert allow_unfit(duplicates_config(quick=True), "cluster") is True  # quick: 30 steps

@@ -50,17 +50,27 @@ def test_quick_latent_demo_writes_every_stage(quick_report):
     assert (base / unet).read_bytes() != (sd / unet).read_bytes()
     clf_cfg = json.loads((out / "models/latent/classifier/config.json").read_text())
     assert clf_cfg["arch"]["channels"] == 4 and clf_cfg["arch"]["sample_size"] == 8
+    # the 20-step classifier's model card says it is below min_fit; the quick config samples with
+    # it anyway (allow_unfit), and the report says both
+    card = clf_cfg["fit"]
+    assert card["fits"] is False and card["accuracy"] < card["threshold"] == 0.9
+    assert (card["t_range"], card["step"], card["rows"]) == ([0, 100], 20, cfg.num_train)
+    assert report["classifier_fit"] == {"card": card, "allow_unfit": True}
+    assert report["config"]["sampler"]["allow_unfit"] is True
     # both samplers: decoded 16x16 digits, a training caption as each prompt, checked in pixels
     captions = {f"a handwritten {d}" for d in range(10)}
     for name in ("ddim", "cpsample"):
         drawn = read_image_shards(store, f"samples/latent/{name}")
         assert drawn.images.shape == (cfg.sampler.num_samples, 16, 16, 1)
         assert {m["prompt"] for m in drawn.meta} <= captions
-        rows = (out / f"reports/latent/replicas-{name}.jsonl").read_text().splitlines()
-        assert len(rows) == cfg.sampler.num_samples
+        lines = (out / f"reports/latent/replicas-{name}.jsonl").read_text().splitlines()
+        rows = [json.loads(line) for line in lines]
+        n = cfg.sampler.num_samples
+        assert len(rows) == n
         entry = report["samplers"][name]
-        assert 0.0 <= entry["replication_rate"] <= 1.0
-        assert 0.0 <= entry["prompt_agreement"] <= 1.0
+        copies = sum(r["nn_similarity"] >= cfg.replicas.threshold for r in rows)
+        assert entry["replication_rate"] == pytest.approx(copies / n)
+        assert entry["prompt_agreement"] * n == pytest.approx(round(entry["prompt_agreement"] * n))
         assert np.isfinite(entry["quality"]["fd"])
     assert report["samplers"]["cpsample"]["guidance_fired_fraction"] > 0
     assert report["samplers"]["ddim"]["guidance_fired_fraction"] == 0

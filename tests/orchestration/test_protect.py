@@ -36,7 +36,8 @@ def _sd_configs(path: Path, in_channels: int = 4, sample_size: int = 8) -> Path:
     unet = {"in_channels": in_channels, "sample_size": sample_size}
     (path / "unet" / "config.json").write_text(json.dumps(unet))
     scheduler = {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear",
-                 "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}  # fmt: skip
+                 "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+                 "steps_offset": 1}  # fmt: skip
     (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
     return path
 
@@ -48,6 +49,12 @@ def test_latent_target_takes_the_shape_from_the_data_and_the_schedule_from_the_m
     assert target.betas[0] == pytest.approx(0.00085) and target.betas[-1] == pytest.approx(0.012)
     assert target.inputs == {"model": dir_digest(sd)}
     assert target.latent == {"scaling_factor": 0.18215, "model": str(sd), "cond_dim": 0}
+    # how the model reads its schedule, recorded beside the betas' digest
+    assert target.reading == {
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    }
     text = classifier_target(store, "lat", ClassifierArchConfig(), model=str(sd), text_cond=True)
     assert text.arch.cond_dim == 32 and text.latent["cond_dim"] == 32
     explicit = classifier_target(store, "lat", ClassifierArchConfig(cond_dim=32), model=str(sd))
@@ -60,6 +67,7 @@ def test_latents_without_a_model_train_on_the_linear_schedule_with_a_warning(tmp
         target = classifier_target(store, "lat", ClassifierArchConfig())
     assert "no model was given" in caplog.text
     assert target.betas is None and target.inputs == {"model": None}
+    assert target.reading is None  # DDPM's: epsilon, leading
     assert (target.arch.channels, target.arch.sample_size) == (4, 8)
 
 
@@ -68,6 +76,7 @@ def test_pixel_datasets_are_unchanged(tmp_path):
     target = classifier_target(store, "img", ClassifierArchConfig(), betas=[0.1] * 10)
     assert target.arch == ClassifierArchConfig() and target.betas == [0.1] * 10
     assert target.inputs == {"denoiser": None} and target.latent is None
+    assert target.reading is None
 
 
 @pytest.mark.parametrize(

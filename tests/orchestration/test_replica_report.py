@@ -9,9 +9,20 @@ import pytest
 
 from pipeline.core.config import ReplicaConfig
 from pipeline.data.imageset import ImageSet
+from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import write_image_shards
 from pipeline.data.storage import open_store
+from pipeline.fanout.resume import run_fingerprint
 from pipeline.orchestration.replica_report import replica_check_report
+
+# what ShardSampler records in every sample: the digests of its inputs and their short hash
+PROV = {"sampler": "sha256:" + "a" * 64, "denoiser": "sha256:" + "d" * 64}
+
+
+def _samples(store, run: str, images: np.ndarray, per_shard: int, prov=PROV) -> None:
+    keys = [f"ddim-{i:06d}" for i in range(len(images))]
+    meta = [{"provenance": prov, "run_fingerprint": run_fingerprint(prov)}] * len(images)
+    write_image_shards(store, f"samples/{run}/ddim", ImageSet(keys, images, meta=meta), per_shard)
 
 
 def test_ivf_replica_check_reports_recall(ray_local, tmp_path):
@@ -21,15 +32,24 @@ def test_ivf_replica_check_reports_recall(ray_local, tmp_path):
     keys = [f"t-{i:04d}" for i in range(400)]
     write_image_shards(store, "data/rand/train", ImageSet(keys=keys, images=train), 200)
     queries = np.concatenate([train[:10], rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)])
-    qkeys = [f"ddim-{i:06d}" for i in range(40)]
-    write_image_shards(store, "samples/q/ddim", ImageSet(keys=qkeys, images=queries), 20)
+    _samples(store, "q", queries, 20)
     exhaustive = ReplicaConfig(index="ivf", nlist=8, nprobe=8, threshold=0.99)
     out = replica_check_report(store, "q", "rand", "ddim", exhaustive)
     assert out["ivf"]["recall_at_1"] == 1.0 and out["ivf"]["recall_queries"] == 40
     assert out["replication_rate"] == pytest.approx(10 / 40)
     probe_one = ReplicaConfig(index="ivf", nlist=8, nprobe=1, threshold=0.99, recall_queries=25)
     out1 = replica_check_report(store, "q", "rand", "ddim", probe_one)
-    assert 0.0 <= out1["ivf"]["recall_at_1"] <= 1.0 and out1["ivf"]["recall_queries"] == 25
+    assert out1["ivf"]["recall_queries"] == 25
+    # recall@1 recomputed here: the found similarity of the 25 picked samples vs brute force
+    from pipeline.fanout.index import embed_pixels
+
+    rows = [json.loads(x) for x in store.read_bytes("reports", "q", "replicas-ddim.jsonl").split()]
+    pick = np.unique(np.linspace(0, 39, 25).astype(int))
+    mean = train.reshape(400, -1).astype(np.float32).mean(0) / 255.0
+    exact = (embed_pixels(queries, mean) @ embed_pixels(train, mean).T).max(1)
+    found = np.asarray([r["nn_similarity"] for r in rows])
+    assert [r["key"] for r in rows] == [f"ddim-{i:06d}" for i in range(40)]
+    assert out1["ivf"]["recall_at_1"] == pytest.approx(float((found >= exact - 1e-5)[pick].mean()))
     # exact copies are always found (their own list is probed first), whatever the recall
     assert out1["replication_rate"] == pytest.approx(10 / 40)
     report = json.loads(store.read_bytes("reports", "q", "report.json"))
@@ -45,10 +65,41 @@ def test_the_report_carries_the_shares_above_the_held_out_percentiles(ray_local,
     write_image_shards(store, "data/r/holdout", ImageSet([f"h-{i}" for i in range(100)], held), 100)
     # 10 copies of training images and 30 new random images: only the copies sit above the p99
     queries = np.concatenate([train[:10], rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)])
-    write_image_shards(
-        store, "samples/q/ddim", ImageSet([f"ddim-{i:06d}" for i in range(40)], queries), 40
-    )
+    _samples(store, "q", queries, 40)
     out = replica_check_report(store, "q", "r", "ddim", ReplicaConfig(threshold=0.99))
     assert out["holdout_p95"] < out["holdout_p99"] < 0.99
     assert out["above_holdout_p99"] >= 10 / 40 and out["above_holdout_p95"] <= 1.0
     assert out["above_holdout_p99"] <= 12 / 40  # random images rarely beat the held-out p99
+
+
+def test_stale_samples_and_a_wrong_dataset_are_refused_before_anything_is_scored(tmp_path):
+    """The run's models in the store must be the ones that drew the samples, and the denoiser must
+    have been trained on the dataset checked against; each refusal writes nothing (no Ray needed)."""
+    from pipeline.core.diffusion import linear_schedule
+    from pipeline.core.models import build_unet, save_denoiser
+    from pipeline.data.provenance import dir_digest, manifest_digest, write_provenance
+    from pipeline.data.shards import read_manifest
+    from pipeline.core.config import UNetConfig
+    from pipeline.orchestration.stages import make_shards
+
+    rng = np.random.default_rng(5)
+    store = open_store(str(tmp_path / "s"))
+    for name, seed in (("rand", 0), ("other", 1)):
+        imgs = np.random.default_rng(seed).integers(0, 256, (20, 16, 16, 1), dtype=np.uint8)
+        make_shards(store, name, ImageSet([f"{name}-{i}" for i in range(20)], imgs[:10]),
+                    ImageSet([f"{name}-h{i}" for i in range(10)], imgs[10:]), shard_size=10)  # fmt: skip
+    den = tmp_path / "den"
+    unet = UNetConfig(sample_size=16, channels=1, block_out_channels=(8, 16), norm_num_groups=8)
+    save_denoiser(build_unet(unet), den, {"unet": {}}, linear_schedule())
+    write_provenance(den, {"data": manifest_digest(read_manifest(store, "data/rand"))})
+    store.put_dir(den, "models", "q", "denoiser")
+    queries = rng.integers(0, 256, (8, 16, 16, 1), dtype=np.uint8)
+    _samples(store, "q", queries, 4, {**PROV, "denoiser": dir_digest(den)})
+    with pytest.raises(StaleArtifactError, match=r"models/q/denoiser was trained on data with "
+                       r"manifest digest .*data/other has .*a wrong --dataset"):  # fmt: skip
+        replica_check_report(store, "q", "other", "ddim", ReplicaConfig())
+    _samples(store, "q", queries, 4)  # drawn by another denoiser than models/q's
+    with pytest.raises(StaleArtifactError, match=r"samples under .*samples/q/ddim are stale: drawn "
+                       r"by other models than the ones evaluated \(changed: denoiser\)"):  # fmt: skip
+        replica_check_report(store, "q", "rand", "ddim", ReplicaConfig())
+    assert not store.exists("reports") and not store.exists("indexes")

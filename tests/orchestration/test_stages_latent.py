@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from pipeline.core.config import ClassifierArchConfig, ClassifierTrainConfig, ConfigError
-from pipeline.core.models import load_classifier, load_classifier_config, load_schedule
+from pipeline.core.models import (
+    load_classifier,
+    load_classifier_config,
+    load_schedule,
+    schedule_record,
+)
 from pipeline.data.provenance import dir_digest, read_provenance
 from pipeline.data.shards import put_shard, shard_name, split_entry, write_manifest
 from pipeline.data.storage import Store, open_store
@@ -98,13 +103,26 @@ def test_classifier_trains_on_latents_with_the_models_schedule(ray_local, tiny_s
     assert record["arch"]["cond_dim"] == 0
     assert record["latent"] == {"scaling_factor": 0.18215, "model": str(tiny_sd_dir), "cond_dim": 0}
     # the schedule is the model's scaled_linear one, not DDPM's linear 1e-4..0.02
-    betas = load_schedule(tiny_sd_dir).betas
+    schedule = load_schedule(tiny_sd_dir)
     assert record["schedule"]["beta_first"] == pytest.approx(0.00085, rel=1e-6)
-    assert record["schedule"]["beta_last"] == pytest.approx(float(betas[-1]), rel=1e-6)
+    assert record["schedule"]["beta_last"] == pytest.approx(float(schedule.betas[-1]), rel=1e-6)
     assert record["schedule"]["num_train_timesteps"] == 1000
+    # every beta (their digest) and how the model reads them: what sampling compares
+    assert record["schedule"] == schedule_record(schedule)
     # 48 training latents' random bits are fitted at low t (chance: 0.5), by its own saved metrics
-    assert record["metrics"]["train_accuracy_by_t"]["0-100"] >= 0.9
-    assert 0.0 <= record["metrics"]["holdout_accuracy"] <= 1.0
+    metrics = record["metrics"]
+    assert metrics["train_accuracy_by_t"]["0-100"] >= 0.9
+    assert metrics["train_rows"] == 48
+    hits = metrics["holdout_accuracy"] * 4 * metrics["never_rows"]  # a count of 4 noisings each
+    assert hits == pytest.approx(round(hits), abs=1e-3)
+    # its model card: the same fit, which meets min_fit, so CPSample sampling takes it
+    card = record["fit"]
+    assert card == out["fit"]
+    assert (card["accuracy"], card["mean_margin"]) == (
+        metrics["train_accuracy_by_t"]["0-100"], metrics["train_margin_by_t"]["0-100"],
+    )  # fmt: skip
+    assert (card["rows"], card["seed"], card["t_range"], card["step"]) == (48, 0, [0, 100], 100)
+    assert card["threshold"] == 0.9 and card["fits"] is True
     provenance = read_provenance(Path(out["uri"]))["provenance"]
     assert provenance["model"] == dir_digest(tiny_sd_dir) and "denoiser" not in provenance
     clf = load_classifier(out["uri"], expect_shape=(4, 8, 8))

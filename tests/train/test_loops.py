@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.core.config import ClassifierArchConfig, ClassifierTrainConfig, DenoiserTrainConfig
+from pipeline.core.config import (
+    MIN_FIT,
+    ClassifierArchConfig,
+    ClassifierTrainConfig,
+    DenoiserTrainConfig,
+)
 from pipeline.core.diffusion import linear_schedule, q_sample
 from pipeline.core.labels import random_bits
 from pipeline.core.models import NoiseClassifier, build_unet
@@ -16,10 +21,13 @@ from pipeline.data.datasets import digits_source
 from pipeline.data.imageset import DataError
 from pipeline.train.loops import (
     EMA,
+    FIT_T_RANGE,
     T_RANGES,
+    _noisy_logits,
     classifier_loss,
     classifier_metrics,
     denoiser_loss,
+    fit_card,
     fit_classifier,
     fit_denoiser,
     lr_at,
@@ -87,15 +95,30 @@ def test_classifier_metrics(core_fitted_classifier, core_digits8, core_schedule)
     d = m.to_dict()
     assert set(d) == {
         "train_accuracy_by_t",
+        "train_margin_by_t",
         "holdout_accuracy",
         "never_seen_confident_fraction",
         "lipschitz_proxy",
+        "train_rows",
+        "never_rows",
     }
-    assert list(m.train_accuracy_by_t) == [f"{lo}-{hi}" for lo, hi in T_RANGES]
-    assert all(0.0 <= v <= 1.0 for v in m.train_accuracy_by_t.values())
+    assert (m.train_rows, m.never_rows) == (64, 64)
+    ranges = [f"{lo}-{hi}" for lo, hi in T_RANGES]
+    assert list(m.train_accuracy_by_t) == list(m.train_margin_by_t) == ranges
+    # 4 noisings of each of the 64 images per range: every accuracy is a count out of 256
+    assert all(float(v * 256).is_integer() for v in m.train_accuracy_by_t.values())
+    assert float(m.holdout_accuracy * 256).is_integer()
+    assert float(m.never_seen_confident_fraction * 64).is_integer()  # one noising each, t < 50
+    # the first range's draws come first from the seeded generator: the same logits by hand
+    logits, t = _noisy_logits(clf, core_schedule, x, 0, 100, torch.Generator().manual_seed(0))
+    assert t.min() >= 0 and t.max() < 100 and len(logits) == 256
+    assert m.train_accuracy_by_t["0-100"] == float(
+        ((logits > 0).float() == y.repeat(4)).float().mean()
+    )
+    assert m.train_margin_by_t["0-100"] == float((torch.sigmoid(logits) - 0.5).abs().mean())
     assert m.train_accuracy_by_t["0-100"] > 0.75  # trained on t < 50
-    assert 0.0 <= m.holdout_accuracy <= 1.0
-    assert 0.0 <= m.never_seen_confident_fraction <= 1.0
+    assert m.train_margin_by_t["0-100"] > m.train_margin_by_t["600-1000"]  # sure where it fit
+    assert abs(m.holdout_accuracy - 0.5) < 0.2  # random bits of unseen images: near chance
     assert m.lipschitz_proxy > 0 and math.isfinite(m.lipschitz_proxy)
     again = classifier_metrics(clf, core_schedule, x, y, never_x, never_y, seed=0)
     assert again.to_dict() == d  # seeded
@@ -103,6 +126,37 @@ def test_classifier_metrics(core_fitted_classifier, core_digits8, core_schedule)
     empty = classifier_metrics(clf, core_schedule, x, y, never_x[:0], never_y[:0])
     assert math.isnan(empty.holdout_accuracy)
     assert math.isnan(empty.never_seen_confident_fraction)
+    assert empty.never_rows == 0
+
+
+def test_fit_card_is_the_metrics_at_small_t_with_how_they_were_measured(
+    core_fitted_classifier, core_digits8, core_schedule
+):
+    clf, x, y, _ = core_fitted_classifier
+    _, never = core_digits8
+    m = classifier_metrics(clf, core_schedule, x, y, never.to_tensor()[:40], random_bits(never.keys[:40], 7), seed=5)  # fmt: skip
+    card = fit_card(m, seed=5, step=200)
+    assert card == {
+        "accuracy": m.train_accuracy_by_t["0-100"],
+        "mean_margin": m.train_margin_by_t["0-100"],
+        "t_range": [0, 100],
+        "rows": 64,
+        "draws": 4,
+        "seed": 5,
+        "step": 200,
+        "threshold": MIN_FIT,
+        "fits": m.train_accuracy_by_t["0-100"] >= MIN_FIT,
+        "never_seen": {
+            "rows": 40,
+            "t_range": [0, 50],
+            "confident_fraction": m.never_seen_confident_fraction,
+            "confident_p": 1e-3,
+        },
+    }
+    assert FIT_T_RANGE == (0, 100)
+    # judged against the threshold it names
+    assert fit_card(m, 5, 200, threshold=1.0)["fits"] is (card["accuracy"] == 1.0)
+    assert fit_card(m, 5, 200, threshold=0.51)["fits"] is (card["accuracy"] >= 0.51)
 
 
 def test_classifier_loss_deterministic_with_generator(

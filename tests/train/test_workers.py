@@ -5,7 +5,11 @@ test_fault_tolerance.py, which runs one anyway."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +19,18 @@ from pipeline.core.config import (
     ClassifierArchConfig,
     ClassifierTrainConfig,
 )
-from pipeline.core.labels import random_bits
-from pipeline.core.models import CheckpointError, load_classifier
+from pipeline.core.labels import holdout_roles, random_bits
+from pipeline.core.models import (
+    CheckpointError,
+    load_classifier,
+    load_classifier_config,
+    load_schedule,
+    schedule_record,
+)
 from pipeline.data.shards import read_image_shards
 from pipeline.orchestration.stages import train_classifier
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_two_worker_classifier_overfits_training_bits(ray_local, digits_store):
@@ -31,13 +43,34 @@ def test_two_worker_classifier_overfits_training_bits(ray_local, digits_store):
     metrics = out["metrics"]
     assert set(metrics) == {
         "train_accuracy_by_t",
+        "train_margin_by_t",
         "holdout_accuracy",
         "never_seen_confident_fraction",
         "lipschitz_proxy",
+        "train_rows",
+        "never_rows",
     }
     # t_max=100 concentrates training on small t: the 32 training bits must be fit there
     assert metrics["train_accuracy_by_t"]["0-100"] >= 0.9
-    assert 0.0 <= metrics["holdout_accuracy"] <= 1.0 and metrics["lipschitz_proxy"] > 0
+    assert metrics["lipschitz_proxy"] > 0
+    # rank 0 measured its own cached share (16 of the 32 rows) and the never-seen rows: the 300
+    # held-out rows less the ~100 trained on with their bits (a keyed hash picks them)
+    assert metrics["train_rows"] == 16
+    never = 300 - out_bits(digits_store, train)
+    assert metrics["never_rows"] == never
+    hits = metrics["holdout_accuracy"] * 4 * never  # 4 noisings of each: a count (float32 mean)
+    assert hits == pytest.approx(round(hits), abs=1e-3)
+    # the model card: the same fit at t < 100, with how it was measured, in config.json
+    card = {
+        "accuracy": metrics["train_accuracy_by_t"]["0-100"],
+        "mean_margin": metrics["train_margin_by_t"]["0-100"],
+        "t_range": [0, 100], "rows": 16, "draws": 4, "seed": 0, "step": 150,
+        "threshold": 0.9, "fits": True,
+        "never_seen": {"rows": never, "t_range": [0, 50], "confident_p": 1e-3,
+                       "confident_fraction": metrics["never_seen_confident_fraction"]},
+    }  # fmt: skip
+    assert out["fit"] == card
+    assert load_classifier_config(out["uri"])["fit"] == card
     # 32 training images and ~100 held-out bit images are small: each rank cached its share
     # (equal shares from Ray's split) and both ranks ran every step
     run_dir = Path(digits_store.join("checkpoints", "rt2-classifier"))
@@ -52,6 +85,13 @@ def test_two_worker_classifier_overfits_training_bits(ray_local, digits_store):
         logits = clf(train_set.to_tensor(), torch.zeros(len(train_set), dtype=torch.long))
     acc = ((logits > 0).float() == random_bits(train_set.keys, train.label_seed)).float().mean()
     assert acc >= 0.9
+
+
+def out_bits(store, train: ClassifierTrainConfig) -> int:
+    """How many held-out rows the classifier trains on with their own bits (the keyed roles)."""
+    holdout = read_image_shards(store, "data/digits/holdout")
+    trained, _ = holdout_roles(holdout.keys, train.holdout_images, train.label_seed)
+    return len(trained)
 
 
 # ------------------------------------------------------------------- protect an existing model
@@ -72,8 +112,14 @@ def _foreign_unet_dir(path: Path, channels: int = 1) -> tuple[Path, torch.Tensor
     return path, betas
 
 
-def test_classifier_protects_foreign_unet_and_samples_with_it(ray_local, digits_store, tmp_path):
+def test_classifier_protects_foreign_unet_and_refuses_to_sample_unfit(
+    ray_local, digits_store, tmp_path
+):
+    """A classifier trained for a UNet2DModel the project never trained, with too few steps to fit its
+    bits: its record names the denoiser's full schedule, its card the fit, and sampling with it
+    exits 2 saying how to train further, unless allow_unfit."""
     from pipeline.core.config import SamplerConfig
+    from pipeline.fanout.resume import sampling_provenance
     from pipeline.fanout.sampling import run_sampling
 
     den_dir, betas = _foreign_unet_dir(tmp_path / "foreign")
@@ -97,14 +143,49 @@ def test_classifier_protects_foreign_unet_and_samples_with_it(ray_local, digits_
     assert run_cfg["denoiser"] == str(den_dir)
     clf = load_classifier(out["uri"], (1, 16, 16))
     assert clf(torch.zeros(2, 1, 16, 16), torch.tensor([0, 5])).shape == (2,)
-    # the sampling job uses the foreign directory as the denoiser, guided by the new classifier
+    # the record carries every beta (their digest) and how the denoiser is read
+    assert schedule == schedule_record(load_schedule(den_dir))
+    # 20 steps fit few of the 32 random bits: the model card says so, and sampling refuses it
+    card = run_cfg["fit"]
+    assert card == out["fit"] and card["rows"] == 32 and card["step"] == 20
+    assert card["accuracy"] < 0.9 and card["fits"] is False and card["threshold"] == 0.9
+    sampler = SamplerConfig(num_samples=4, steps=4, batch_size=4, samples_per_shard=4)
+    proc = _sample_job(digits_store.uri, str(den_dir), "models/foreign/classifier")
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()  # one line, no traceback
+    # the classifier as the driver resolved it in the store
+    clf_dir = digits_store.join("models", "foreign", "classifier")
+    assert line.startswith(f"error: classifier {clf_dir} fits ")
+    assert (
+        f"fits {card['accuracy']:.1%} of its own training bits at 0 <= t < 100 (model card: 32 "
+        f"training rows, seed 0, mean |p - 1/2| {card['mean_margin']:.3f}), below min_fit 90%"
+    ) in line
+    assert "more --steps, a wider classifier" in line and "--allow-unfit" in line
+    assert not digits_store.exists("samples", "foreign")  # refused before anything was written
+    # allow_unfit samples with it; the samples' fingerprint does not depend on it
     res = run_sampling(
-        digits_store.uri, "foreign",
-        SamplerConfig(num_samples=4, steps=4, batch_size=4, samples_per_shard=4),
+        digits_store.uri, "foreign", dataclasses.replace(sampler, allow_unfit=True),
         denoiser=str(den_dir), classifier="models/foreign/classifier",
     )  # fmt: skip
     assert res["num_samples"] == 4 and res["num_shards"] == 1
-    assert digits_store.listdir("samples", "foreign", "cpsample")
+    assert digits_store.listdir("samples", "foreign", "cpsample") == ["shard-000000.tar"]
+    provenance = sampling_provenance(sampler, "d", "c")
+    assert (
+        sampling_provenance(dataclasses.replace(sampler, allow_unfit=True), "d", "c") == provenance
+    )
+    assert sampling_provenance(dataclasses.replace(sampler, min_fit=0.6), "d", "c") == provenance
+
+
+def _sample_job(store: str, denoiser: str, classifier: str) -> subprocess.CompletedProcess:
+    """``jobs/sample.py --sampler cpsample`` as a real process (it refuses before starting Ray)."""
+    cmd = [
+        sys.executable, str(ROOT / "jobs" / "sample.py"), "--store", store, "--run", "foreign",
+        "--sampler", "cpsample", "--denoiser", denoiser, "--classifier", classifier,
+        "--num-samples", "4", "--samples-per-shard", "4", "--steps", "4",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_classifier_rejects_denoiser_of_other_image_shape(digits_store, tmp_path):

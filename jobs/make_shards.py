@@ -181,10 +181,9 @@ def streamed_source(args: argparse.Namespace):
     return SyntheticSource(args.num_images, args.image_size or 32, args.seed)
 
 
-def write_streamed(args: argparse.Namespace, store, dataset: str) -> dict:
+def write_streamed(args: argparse.Namespace, store, dataset: str, source) -> dict:
     from pipeline.fanout.ray_init import init_ray
 
-    source = streamed_source(args)
     init_ray(num_cpus=args.ray_cpus)  # joins the cluster of `ray job submit` through RAY_ADDRESS
     fraction = (
         0.9 if args.train_fraction is None else args.train_fraction
@@ -198,6 +197,8 @@ def write_streamed(args: argparse.Namespace, store, dataset: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dataset = args.dataset or args.source
+    # a missing --path fails before the store folder is created
+    streamed = streamed_source(args) if args.source in STREAMED and not args.verify else None
     store = open_store(args.store, args.s3_endpoint)  # a bad bucket or key fails before any work
     if args.verify:
         manifest = verify_dataset(store, data_folder(dataset))
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: {s['count']} images in {len(s['shards'])} shard(s), checksums OK")
         return
     if args.source in STREAMED:
-        manifest = write_streamed(args, store, dataset)
+        manifest = write_streamed(args, store, dataset, streamed)
     else:
         num_train = 64 if args.num_train is None else args.num_train
         train, holdout = split(load_source(args), num_train, args.seed)

@@ -20,9 +20,8 @@ from pipeline.core.config_base import (
 
 __all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict"]
 
-# The fit a CPSample classifier must reach on its own training bits at t < 100 (its model card's
-# ``fit.accuracy``) before sampling uses it: below it guidance barely fires on the training images,
-# and CPSample is plain DDIM at a cost (DESIGN.md section 10). SamplerConfig.min_fit's default.
+# the least fit on its own bits at t < 100 (model card "fit.accuracy") a CPSample classifier needs;
+# below it CPSample is plain DDIM at a cost (DESIGN.md section 10): SamplerConfig.min_fit's default
 MIN_FIT = 0.9
 
 
@@ -232,9 +231,8 @@ class SamplerConfig:
     guard: float | None = None
     guard_budget: int = 128
     guard_embedding: str = "centred"
-    # cpsample: the least accuracy on its own bits at t < 100 (the classifier's model card,
-    # config.json "fit") that the classifier must show; below it sampling refuses, unless
-    # allow_unfit. Neither changes a sample, so neither is part of the samples' fingerprint.
+    # cpsample refuses a classifier whose model card (config.json "fit") is below min_fit unless
+    # allow_unfit; neither changes a sample, so neither is in the samples' fingerprint
     min_fit: float = MIN_FIT
     allow_unfit: bool = False
 
@@ -266,15 +264,7 @@ class SamplerConfig:
             self.guard_embedding in ("centred", "raw"),
             f"guard_embedding must be 'centred' or 'raw', got {self.guard_embedding!r}",
         )
-        _check(
-            0.5 < self.min_fit <= 1.0,
-            f"min_fit must be in (0.5, 1] (an accuracy on random bits; 0.5 is chance), "
-            f"got {self.min_fit}",
-        )
-        _check(
-            isinstance(self.allow_unfit, bool),
-            f"allow_unfit must be true or false, got {self.allow_unfit!r}",
-        )
+        _check(0.5 < self.min_fit <= 1.0, f"min_fit must be in (0.5, 1] (an accuracy on random bits; 0.5 is chance), got {self.min_fit}")  # fmt: skip
 
 
 @dataclass
@@ -412,13 +402,8 @@ class EvalConfig:
     fid_batch_size: int = 32
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_members",
-            "num_nonmembers",
-            "draws",
-            "num_permutations",
-            "fid_batch_size",
-        ):
+        for name in ("num_members", "num_nonmembers", "draws", "num_permutations",
+                     "fid_batch_size"):  # fmt: skip
             _positive(name, getattr(self, name))
         _check(len(self.timesteps) >= 1, "timesteps must not be empty")
         for t in self.timesteps:
@@ -448,16 +433,12 @@ class SweepConfig:
     max_holdout: int = 2000  # held-out images whose NN similarities set the p95 / p99 reference
 
     def __post_init__(self) -> None:
-        _check(
-            len(self.alphas) >= 1 and len(self.scales) >= 1, "alphas and scales must not be empty"
-        )
+        _check(len(self.alphas) >= 1 and len(self.scales) >= 1, "alphas and scales must not be empty")  # fmt: skip
         for a in self.alphas:
             _check(0.0 < a <= 0.5, f"alphas entries must be in (0, 0.5], got {a}")
         for s in self.scales:
             _check(s >= 0, f"scales entries must be >= 0, got {s}")
-        _check(
-            0.0 <= self.target_rate <= 1.0, f"target_rate must be in [0, 1], got {self.target_rate}"
-        )
+        _check(0.0 <= self.target_rate <= 1.0, f"target_rate must be in [0, 1], got {self.target_rate}")  # fmt: skip
         _check(
             0.0 <= self.target_above_p99 <= 1.0,
             f"target_above_p99 must be in [0, 1], got {self.target_above_p99}",

@@ -42,8 +42,8 @@ def resolve_model_dir(store, location: str, tmp: str | Path) -> Path:
 
 
 def _describe(rec: dict[str, Any]) -> str:
-    """``T=1000, betas 0.0001..0.02 (sha256:1a2b3c4d5e6f, epsilon, leading)``: a schedule record
-    (:func:`schedule_record`); the part in brackets only where the record has it."""
+    """``T=1000, betas 0.0001..0.02 (all betas sha256:1a2b3c4d5e6f, epsilon, leading, 0)``: a record
+    of a schedule (:func:`schedule_record`); the part in brackets only where the record has it."""
     first, last = rec.get("beta_first"), rec.get("beta_last")
     ends = (
         f"{first:.6g}..{last:.6g}"
@@ -81,8 +81,8 @@ def _same_schedule(rec: dict[str, Any], ours: dict[str, Any], where: str) -> boo
 def check_fit(record: dict[str, Any], cfg: SamplerConfig, where: str) -> None:
     """Refuse a classifier whose model card (``fit`` in its config.json, written by
     ``train_classifier``) says it fits its own training bits at t < 100 less than
-    ``cfg.min_fit``: CPSample then barely fires where it should protect and is plain DDIM at a
-    cost (DESIGN.md section 10). ``cfg.allow_unfit`` takes it anyway, with a warning. A classifier
+    ``cfg.min_fit``: it is then unsure of the very images it should steer away from, and CPSample
+    is plain DDIM at a cost (DESIGN.md section 10). ``cfg.allow_unfit`` takes it anyway, with a warning. A classifier
     without a card (saved by hand) cannot be judged and is taken with a warning."""
     fit = record.get("fit")
     acc = fit.get("accuracy") if isinstance(fit, dict) else None

@@ -347,9 +347,10 @@ class Store:
 
         Locally a staged copy is swapped in (:func:`replace_dir_local`). S3 has no rename, only
         atomic PUTs: the files go under a new ``.versions/<version>/`` prefix, then one PUT of the
-        pointer object ``.current`` (naming the version and its files) swaps it in; the version
-        before stays for readers still copying it, older ones and files of the unversioned layout
-        go. Every read through the store resolves the pointer (:meth:`_resolve`)."""
+        pointer object ``.current`` (naming the version, its files and their sha256) swaps it in;
+        the version before stays for readers still copying it, older ones and files of the
+        unversioned layout go. The same files as the current version's are not put again. Every
+        read through the store resolves the pointer (:meth:`_resolve`)."""
         local_dir = Path(local_dir)
         if self.is_local:
             replace_dir_local(local_dir, Path(self.join(*parts)))
@@ -357,11 +358,14 @@ class Store:
         files = sorted(
             f.relative_to(local_dir).as_posix() for f in local_dir.rglob("*") if f.is_file()
         )
+        digests = {rel: file_sha256(local_dir / rel) for rel in files}
+        previous = self._pointer(*parts)
+        if previous is not None and previous.get("sha256") == digests:
+            return self.uri_of(*parts)  # the same files: a rerun rewrites nothing
         version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:8]}"
         for rel in files:
             self.write_bytes((local_dir / rel).read_bytes(), *parts, VERSIONS, version, rel)
-        previous = self._pointer(*parts)
-        pointer = {"version": version, "files": files}
+        pointer = {"version": version, "files": files, "sha256": digests}
         self.write_bytes(json.dumps(pointer, sort_keys=True).encode(), *parts, POINTER)  # the swap
         keep = {version, previous["version"] if previous else version}
         prefix = self._bucket_key(*parts)[1].rstrip("/") + "/"
@@ -461,6 +465,15 @@ def open_store(uri: str | Store, s3_endpoint: str | None = None, create: bool = 
                 f"store {str(root)!r} is not writable: {exc.strerror or exc}"
             ) from exc
     return Store(uri=str(root), fs=pafs.LocalFileSystem(), path=str(root))
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a local file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def atomic_write_local(path: Path, data: bytes) -> None:

@@ -385,13 +385,18 @@ def sweep_and_attack(
     (``target_above_p99``); ``member_groups``: name -> member keys, for per-group AUCs.
 
     ``sampler``/``replicas`` are the run's ``SamplerConfig``/``ReplicaConfig``; returns the report keys
-    ``sweep`` and ``membership_inference`` and the figures ``pareto.png`` and ``roc_<attack>.png``
+    ``sweep``, ``membership_inference`` and ``inputs`` (the run's checked models, data, samples and
+    the index: :func:`pipeline.evaluation.inputs.run_inputs`) and the figures ``pareto.png`` and
+    ``roc_<attack>.png``
     (pass both to :func:`pipeline.evaluation.report.merge_report`, or into the report and ``write_report``).
     """
     from pipeline.core.config import EvalConfig
+    from pipeline.evaluation.inputs import check_run, run_inputs
     from pipeline.evaluation.report import pareto_figure
     from pipeline.evaluation.sweep import merge_points, run_sweep
+    from pipeline.fanout.replica_index import ensure_replica_index
 
+    checked = check_run(store, run, dataset)  # the stored samples the attacks read are the run's
     cfg = EvalConfig(num_members=num_members, num_nonmembers=num_nonmembers, seed=seed)
     sets = run_sets(store, run, dataset, cfg)
     attack = sample_only_attack(sets, member_groups)
@@ -409,8 +414,10 @@ def sweep_and_attack(
         sweep = merge_points(sweep, extra, target_rate, target_above_p99)
     mi = run_attacks(
         store, run, dataset, dataclasses.replace(sampler, sampler="cpsample"), cfg, member_groups,
-        sets,
+        sets, checked,
     )  # fmt: skip
     mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale}
     figures = {"pareto.png": pareto_figure(sweep), **attack_figures(mi)}
-    return {"sweep": sweep, "membership_inference": mi}, figures
+    sidecar = ensure_replica_index(store, dataset, replicas)  # the one the sweep loaded
+    inputs = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
+    return {"sweep": sweep, "membership_inference": mi, "inputs": inputs}, figures

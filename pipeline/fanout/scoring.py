@@ -153,8 +153,8 @@ def annotate_shards(
     for name in store.listdir(folder):
         if not name.endswith(".tar"):
             continue
-        shard = read_tar(store.read_bytes(folder, name), name)
-        records = []
+        original = store.read_bytes(folder, name)
+        shard, records = read_tar(original, name), []
         for key, image, meta in zip(shard.keys, shard.images, shard.meta):
             r = by_key.get(key)
             if r is not None:
@@ -164,7 +164,8 @@ def annotate_shards(
                     "nn_similarity": float(r["nn_similarity"]),
                 }
             records.append((key, encode_png(image), meta))
-        store.write_bytes(build_tar(records), folder, name)
+        if (data := build_tar(records)) != original:  # a rerun's same results rewrite nothing
+            store.write_bytes(data, folder, name)
 
 
 def write_jsonl(store, rows: list[dict[str, Any]], *parts: str) -> str:

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -129,15 +129,7 @@ class ClassifierMetrics:
     never_rows: int  # never-seen images measured
 
     def to_dict(self) -> dict:
-        return {
-            "train_accuracy_by_t": self.train_accuracy_by_t,
-            "train_margin_by_t": self.train_margin_by_t,
-            "holdout_accuracy": self.holdout_accuracy,
-            "never_seen_confident_fraction": self.never_seen_confident_fraction,
-            "lipschitz_proxy": self.lipschitz_proxy,
-            "train_rows": self.train_rows,
-            "never_rows": self.never_rows,
-        }
+        return asdict(self)
 
 
 # the classifier's model card measures its fit here: where guidance decides what a sample becomes

@@ -119,7 +119,6 @@ def test_guided_sampling_fired_counts(core_denoiser, core_guide_clf, core_schedu
     g2 = sample(core_denoiser, core_schedule, seeds, SHAPE, num_steps=STEPS, guidance=always)
     assert torch.equal(g1.images, g2.images)
     assert g1.fired_steps.dtype == torch.long
-    assert bool(((g1.fired_steps >= 0) & (g1.fired_steps <= STEPS)).all())
     # alpha = 0.5 fires at every step (p is never exactly 0.5)
     assert g1.fired_steps.tolist() == [STEPS] * 3
     assert g1.fired_fraction.tolist() == [1.0] * 3

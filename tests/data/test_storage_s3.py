@@ -97,9 +97,16 @@ def test_s3_put_dir_replaces_and_get_dir(s3_bucket, s3_env, tmp_path):
     assert store.sha256("models", "m", "new.bin") == hashlib.sha256(b"new").hexdigest()
     with pytest.raises(ObjectNotFound, match=r"models/m/old\.bin does not exist"):
         store.read_bytes("models", "m", "old.bin")
-    # a third swap removes the first version
+    # the same files again: nothing is written (a rerun leaves the store as it was)
+    keys = _keys(s3_env["AWS_ENDPOINT_URL"], s3_bucket)
+    store.put_dir(src, "models", "m")
+    assert _keys(s3_env["AWS_ENDPOINT_URL"], s3_bucket) == keys
+    assert json.loads(store.read_bytes("models", "m", ".current")) == pointer
+    # a third version removes the first
+    (src / "new.bin").write_bytes(b"newer")
     store.put_dir(src, "models", "m")
     assert not [k for k in _keys(s3_env["AWS_ENDPOINT_URL"], s3_bucket) if first in k]
+    assert store.read_bytes("models", "m", "new.bin") == b"newer"
     with pytest.raises(ObjectNotFound, match="models/none does not exist"):
         store.get_dir(tmp_path / "x", "models", "none")
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 
 from pipeline.data.datasets import digits_source
@@ -88,8 +91,19 @@ def test_domain_evaluator_quality(core_domain_evaluator):
     assert 0.6 <= ev.val_accuracy <= 1.0  # ten classes: chance is 0.1
     real = ev.quality(x[:200])
     assert set(real) == {"fd", "confident_fraction"}
-    assert real["fd"] >= 0.0
-    assert 0.0 <= real["confident_fraction"] <= 1.0
+    # the FD against an independent matrix square root (scipy's sqrtm), the confident fraction
+    # from the classifier's own softmax, and the reference set at distance 0 from itself
+    feats = ev.features(x[:200])
+    mu, sigma = feats.mean(0), np.cov(feats, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # singular covariances: dead ReLUs
+        covmean = scipy.linalg.sqrtm(sigma @ ev.ref_sigma).real
+    fd = (mu - ev.ref_mu) @ (mu - ev.ref_mu) + np.trace(sigma + ev.ref_sigma - 2 * covmean)
+    assert real["fd"] == pytest.approx(fd, rel=1e-3)
+    with torch.no_grad():
+        top = ev.model(x[:200]).softmax(-1).max(-1).values
+    assert real["confident_fraction"] == float((top > 0.9).float().mean())
+    assert ev.quality(x)["fd"] == pytest.approx(0.0, abs=1e-9)
     noise = ev.quality(torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
     assert noise["fd"] > 2 * real["fd"]
     assert (

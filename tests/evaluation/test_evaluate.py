@@ -16,7 +16,7 @@ from pipeline.core.diffusion import linear_schedule
 from pipeline.core.guidance import cpsample_guidance
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.data.imageset import ImageSet
-from pipeline.data.provenance import StaleArtifactError
+from pipeline.data.provenance import StaleArtifactError, value_digest
 from pipeline.data.shards import read_image_shards, write_image_shards
 from pipeline.data.storage import open_store
 from pipeline.evaluation.evaluate import (
@@ -480,9 +480,16 @@ def test_sweep_and_attack_draws_the_attack_sets_once_and_threads_them(run_store,
                "above_holdout_p99": 0.2, **kw["attack"].aucs(sets_seen["members"])}  # fmt: skip
         return sw.summarise([row], target_rate, kw["target_above_p99"])
 
-    def fake_attacks(store, run, dataset, sampler, cfg, member_groups=None, sets=None):
-        calls["attacks"] = {"groups": member_groups, "sets": sets}
+    def fake_attacks(
+        store, run, dataset, sampler, cfg, member_groups=None, sets=None, checked=None
+    ):
+        calls["attacks"] = {"groups": member_groups, "sets": sets, "checked": checked}
         return {}
+
+    import pipeline.fanout.replica_index as ri
+
+    sidecar = {"embedding": "centred", "kind": "flat", "build_id": "b"}
+    monkeypatch.setattr(ri, "ensure_replica_index", lambda *a, **k: sidecar)
 
     sets_seen = {}
     monkeypatch.setattr(ev, "attack_sets", counting_attack_sets)
@@ -508,6 +515,12 @@ def test_sweep_and_attack_draws_the_attack_sets_once_and_threads_them(run_store,
     np.testing.assert_array_equal(kw["holdout_sims"], np.linspace(0, 1, 11))
     assert calls["attacks"]["groups"] == groups
     assert calls["attacks"]["sets"].members.keys == members.members.keys
+    # the run's samples were checked once, and the inputs go into the demo's report
+    assert set(calls["attacks"]["checked"]["samples"]) == {"ddim"}
+    assert out["inputs"]["samples"] == {
+        "ddim": calls["attacks"]["checked"]["samples"]["ddim"]["fingerprint"]
+    }
+    assert out["inputs"]["replica_index"] == {"centred/flat": value_digest(sidecar)}
     rows = {p["label"]: p for p in out["sweep"]["points"]}
     assert rows["a=0.5 s=3"]["mia_auc"] == 1.0 and rows["a=0.5 s=3"]["mia_auc_dup"] == 1.0
     # the extra row, scored on its pixels by the same attack
@@ -516,3 +529,32 @@ def test_sweep_and_attack_draws_the_attack_sets_once_and_threads_them(run_store,
     assert out["sweep"]["target_above_p99"] == 0.25
     assert out["sweep"]["recommended"]["label"] == "a=0.5 s=3"  # 0.2 <= 0.25
     assert figures["pareto.png"][:8] == PNG
+
+
+def test_evaluate_job_after_retraining_exits_2_naming_the_stale_samples(run_store, tmp_path):
+    """jobs/evaluate.py on a run whose denoiser was retrained since its samples were drawn: exit 2,
+    one line naming the samples, and the report is left as it was (before, it attacked the new
+    model and scored the old model's samples in one report)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "jobs" / "evaluate.py"), "--store", run_store.uri,
+           "--run", "e", "--no-shares", "--num-members", "4", "--num-nonmembers", "6",
+           "--draws", "1"]  # fmt: skip
+    from pipeline.evaluation.report import merge_report
+
+    updates, figures = evaluate_run(run_store, "e", "digits", FAST)  # what the job merges
+    merge_report(run_store, "e", updates, figures, inputs=updates.pop("inputs"))
+    report = json.loads(run_store.read_bytes("reports", "e", "report.json"))
+    assert set(report["inputs"]["samples"]) == {"ddim"}
+    torch.manual_seed(9)  # retrain: another denoiser under models/e
+    save_denoiser(build_unet(UNET16), tmp_path / "den2", {"unet": {}}, linear_schedule())
+    run_store.delete_dir("models", "e", "denoiser")
+    run_store.put_dir(tmp_path / "den2", "models", "e", "denoiser")
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "samples/e/ddim are stale" in lines[0] and "(changed: denoiser)" in lines[0]
+    assert json.loads(run_store.read_bytes("reports", "e", "report.json")) == report

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
+from sklearn.metrics import roc_auc_score
 
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.guidance import cpsample_guidance
@@ -126,12 +127,18 @@ def test_reconstruction_attack_runs_and_is_deterministic(tiny_models):
     b = reconstruction_errors(den, schedule, x, (50, 200), draws=2, seed=3, batch_size=7)
     assert set(a) == {"t50", "t200", "mean"}
     np.testing.assert_allclose(a["mean"], b["mean"], rtol=1e-5)  # batching does not change noise
-    assert np.all(a["mean"] > 0)
+    assert a["mean"].shape == (10,) and np.all(a["mean"] > 0)
+    np.testing.assert_allclose(a["mean"], (a["t50"] + a["t200"]) / 2)  # averaged over t
     guided = cpsample_guidance(clf, 0.5, 50.0)
     c = reconstruction_errors(den, schedule, x, (50, 200), 2, 3, guidance=guided)
     assert not np.allclose(c["mean"], a["mean"])  # the classifier-corrected eps differs
     out = reconstruction_attack(unet, schedule, x[:5], x[5:], guided, (50,), 1, num_permutations=99)
-    assert 0.0 <= out["auc"] <= 1.0 and set(out["auc_per_t"]) == {"t50"}
+    # the AUC of the members' errors (seed 0) against the non-members' (seed 1), by scikit-learn
+    em = reconstruction_errors(unet_denoiser(unet, schedule), schedule, x[:5], (50,), 1, 0, guided)
+    en = reconstruction_errors(unet_denoiser(unet, schedule), schedule, x[5:], (50,), 1, 1, guided)
+    scores = -np.concatenate([em["mean"], en["mean"]])
+    auc = roc_auc_score(np.r_[np.ones(5), np.zeros(5)], scores)
+    assert out["auc"] == pytest.approx(auc) and out["auc_per_t"] == {"t50": pytest.approx(auc)}
     assert len(out["roc"]["fpr"]) == len(out["roc"]["tpr"])
 
 

@@ -125,6 +125,38 @@ def test_merge_report_shallow_replaces_sections_and_deep_merges_them(tmp_path):
     assert sorted(store.listdir("reports", "r")) == ["report.json", "report.md"]
 
 
+def test_merge_report_refuses_a_fragment_made_from_other_inputs(tmp_path):
+    """A report names its inputs; an update from other models, data, samples or index is refused
+    (nothing written) and never folded in; ``restart`` (sample --overwrite) starts afresh."""
+    from pipeline.data.provenance import StaleArtifactError
+
+    store = open_store(str(tmp_path / "s"))
+    d = lambda c: "sha256:" + c * 64  # noqa: E731
+    sampled = {"denoiser": d("1"), "samples": {"ddim": d("a")}, "package_version": "0.1.0"}
+    merge_report(store, "r", {"sampling": {"ddim": {"num_samples": 6}}}, deep=True, inputs=sampled)
+    # another sampler's samples of the same denoiser: the inputs merge key by key, even into a
+    # shallow update
+    cps = {"denoiser": d("1"), "classifier": d("2"), "samples": {"cpsample": d("b")}}
+    got = merge_report(store, "r", {"note": 1}, inputs=cps)
+    assert got["inputs"] == {"denoiser": d("1"), "classifier": d("2"), "package_version": "0.1.0",
+                             "samples": {"ddim": d("a"), "cpsample": d("b")}}  # fmt: skip
+    before = sorted(store.listdir("reports", "r", "parts"))
+    # evaluate after retraining: other denoiser, other ddim samples: refused, naming both
+    retrained = {"denoiser": d("3"), "samples": {"ddim": d("c")}, "data": d("4")}
+    with pytest.raises(StaleArtifactError, match=r"describes other inputs than this update "
+                       r"\(differs: denoiser, samples.ddim\)"):  # fmt: skip
+        merge_report(store, "r", {"membership_inference": {}}, {"roc.png": PNG}, inputs=retrained)
+    assert sorted(store.listdir("reports", "r", "parts")) == before
+    assert not store.exists("reports", "r", "roc.png")
+    with pytest.raises(StaleArtifactError, match=r"differs: package_version"):
+        merge_report(store, "r", {"x": 1}, inputs={"package_version": "0.2.0"})
+    # restart: the old report's sections are gone, only the new inputs' are left
+    got = merge_report(store, "r", {"sampling": {"ddim": {"num_samples": 2}}}, deep=True,
+                       inputs=retrained, restart=True)  # fmt: skip
+    assert got == {"sampling": {"ddim": {"num_samples": 2}}, "inputs": retrained}
+    assert json.loads(store.read_bytes("reports", "r", "report.json")) == got
+
+
 def test_root_report_follows_only_when_it_was_this_runs_copy(tmp_path):
     store = open_store(str(tmp_path / "s"))
     write_report(store, "demo", _demo_report(), {})

@@ -305,6 +305,16 @@ def test_evaluate_job_merges_attacks_into_report(tiny_store):
             assert r["num_members"] == 8 and r["num_nonmembers"] == 8
     assert report["fid"]["skipped"].startswith("no --inception-weights")
     assert tiny_store.exists("reports", "t", "roc_reconstruction.png")
+    # which inputs made these numbers: the models, the data, the index (no samples in run t)
+    from pipeline.data.provenance import manifest_digest
+    from pipeline.data.shards import read_manifest
+
+    inputs = report["inputs"]
+    assert sorted(inputs) == ["classifier", "data", "denoiser", "package_version", "replica_index"]
+    assert inputs["data"] == manifest_digest(read_manifest(tiny_store, "data/digits"))
+    assert inputs["package_version"] == "0.1.0" and list(inputs["replica_index"]) == [
+        "centred/flat"
+    ]
     # the threshold-free reference: the held-out images (all 120, under --max-holdout) in the index
     tf = report["threshold_free"]
     assert tf["holdout"]["num_images"] == 120 and tf["samplers"] == {}  # run t has no samples
@@ -320,3 +330,30 @@ def test_evaluate_job_missing_weights_is_a_user_error(tiny_store, tmp_path):
                 "--inception-weights", str(missing))  # fmt: skip
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "pt_inception-2015-12-05-6726825d.pth" in proc.stderr
+
+
+def test_sweep_and_evaluate_jobs_refuse_a_dataset_the_denoiser_was_not_trained_on(
+    tiny_store, tmp_path
+):
+    """models/t/denoiser records the manifest it was trained on (as train_denoiser writes it): a
+    sweep or an evaluation against another dataset exits 2 before any work, naming both digests."""
+    from pathlib import Path
+
+    from pipeline.data.datasets import digits_source, split
+    from pipeline.data.provenance import manifest_digest, write_provenance
+    from pipeline.data.shards import read_manifest
+    from pipeline.orchestration.stages import make_shards
+
+    digest = manifest_digest(read_manifest(tiny_store, "data/digits"))
+    write_provenance(Path(tiny_store.join("models", "t", "denoiser")), {"data": digest})
+    if not tiny_store.exists("data", "other"):
+        train, holdout = split(digits_source(8), 20, 1)
+        make_shards(tiny_store, "other", train, holdout.subset(range(40)), shard_size=60)
+    for job in ("sweep.py", "evaluate.py"):
+        proc = _job(job, "--store", tiny_store.uri, "--run", "t", "--dataset", "other")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and "Traceback" not in proc.stderr
+        assert f"trained on data with manifest digest {digest[:19]}..." in lines[0]
+        assert "data/other has sha256:" in lines[0] and "a wrong --dataset" in lines[0]
+    assert not tiny_store.exists("indexes", "other")  # refused before the index was built

@@ -66,9 +66,9 @@ CASES = {
     "demo-flag-scale-negative": Case(
         "demo.py", ("--out", "{new}", "--quick", "--scale", "-1"), "scale must be >= 0",
     ),
-    "demo-duplicates-config-without-duplicates": Case(
+    "demo-duplicates-config-turns-scenario-off": Case(
         "demo.py", ("--out", "{new}", "--quick", "--scenario", "duplicates", "--config", "{cfg}"),
-        "duplicates", config="sampler:\n  alpha: 0.2\n", timeout=90,
+        "'duplicates: null' turns the scenario off", config="duplicates: null\n", timeout=90,
     ),
     "train_denoiser-config-malformed": Case(
         "train_denoiser.py", ("--store", "{store}", "--config", "{cfg}"),
@@ -249,6 +249,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case_id, prepared, s3_s
     errors = [line for line in lines if line.startswith("error:")]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr[-3000:]
+    print(errors[0])  # pytest -rP lists what each bad input prints (the README's table)
     assert case.message in errors[0]
     assert "Traceback" not in proc.stderr
     assert not new.exists(), f"{case.job} created {new}: {sorted(os.listdir(new))}"

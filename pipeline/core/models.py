@@ -110,7 +110,11 @@ def load_denoiser(directory: str | Path, device: str | torch.device = "cpu"):
     try:
         unet = UNet2DModel.from_pretrained(root, low_cpu_mem_usage=False)
     except Exception as exc:  # diffusers raises many types for malformed dirs
-        raise CheckpointError(f"{directory}: cannot load UNet2DModel: {exc}") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        more = f" (and {len(lines) - 2} more lines)" if len(lines) > 2 else ""  # one per tensor
+        raise CheckpointError(
+            f"{directory}: cannot load UNet2DModel: {' '.join(lines[:2])}{more}"
+        ) from exc
     return unet.to(device, memory_format=torch.channels_last).eval()
 
 

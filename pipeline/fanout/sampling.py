@@ -7,9 +7,8 @@ carries this run's settings fingerprint, and the member count matches the shard'
 (``SamplerConfig.guard``) checks every sample against the stored replica index of the training images
 (:mod:`pipeline.fanout.replica_index`: built once, loaded by each actor; exact below
 ``ReplicaConfig.exact_max_images``, else IVF re-ranked exactly, with measured decision agreement) and
-regenerates those at or above the threshold with fresh derived seeds.
-
-The replica check's actor pool is in :mod:`pipeline.fanout.scoring`.
+regenerates those at or above the threshold with fresh derived seeds. (The replica check's actor
+pool is in :mod:`pipeline.fanout.scoring`.)
 """
 
 from __future__ import annotations
@@ -76,10 +75,9 @@ def shard_is_complete(
     shard: ImageSet, cfg: SamplerConfig, index: int, count: int, fingerprint: str
 ) -> bool:
     """A written shard counts as complete when every member carries this run's fingerprint, the member
-    count equals the ``shard_members`` each member records, each member records ``count`` as the
-    shard's planned size (``shard_planned``: a guard shard may be short, and a run grown from 100 to
-    120 samples plans 24 where it wrote 4), the keys are this shard's, and (without guard mode, where
-    rejected slots may stay empty) all ``count`` samples are present."""
+    count equals the ``shard_members`` each member records, each records ``count`` as ``shard_planned``
+    (a grown run plans more), the keys are this shard's, and (without guard mode, where rejected slots
+    may stay empty) all ``count`` samples are present."""
     if not shard.meta or len(shard.meta) != len(shard.keys):
         return False
     expected = {sample_key(cfg.sampler, index, i) for i in range(count)}
@@ -88,7 +86,7 @@ def shard_is_complete(
     for m in shard.meta:
         if m.get("run_fingerprint") != fingerprint or m.get("shard_members") != len(shard.keys):
             return False
-        if m.get("shard_planned") != count:
+        if m.get("shard_planned") != count:  # guard shards may be short: the plan must match
             return False
     return cfg.guard is not None or len(shard.keys) == count
 
@@ -126,7 +124,6 @@ class ShardSampler:
                 f"({', '.join(changed_inputs(provenance, self.provenance))}); rerun the job"
             )
         self.fingerprint = run_fingerprint(self.provenance)
-        self.settings = sampler_settings(self.cfg)  # plain values, read back by the evaluation
         self.guard: GuardIndex | None = None
         if self.cfg.guard is not None:
             spec = resolve_ref(guard_spec)
@@ -171,7 +168,7 @@ class ShardSampler:
             "sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta,
             "guidance_steps_fired": d["fired"], "final_p": d["final_p"],
             "run_fingerprint": self.fingerprint, "provenance": self.provenance,
-            "sampler_settings": self.settings,
+            "sampler_settings": sampler_settings(cfg),  # plain values, read by the evaluation
         }  # fmt: skip
         if cfg.sampler == "cpsample":
             meta.update(alpha=cfg.alpha, scale=cfg.scale, input_mode=cfg.input_mode,
@@ -322,8 +319,7 @@ def run_sampling(
     sampled in latent space with prompts and classifier-free guidance
     (:func:`pipeline.fanout.latent_sampling.latent_family`).
 
-    ``precheck(provenance)``: called once the inputs are known, before anything is deleted or drawn
-    (``jobs/sample.py`` refuses there a report that describes other models).
+    ``precheck(provenance)`` runs before anything is deleted or drawn (jobs/sample.py: the report).
     """
     import ray
 
@@ -437,13 +433,13 @@ def _sampling_summary(
     }
     if cfg.guard is not None:
         max_sim = _nanmax(r["max_guard_similarity"] for r in rows)
+        unfilled = sum(int(r["count"]) - int(r["shipped"]) for r in rows)  # planned - shipped
         out["guard"] = {
             "threshold": cfg.guard,
             "embedding": cfg.guard_embedding,
             "budget_per_shard": cfg.guard_budget,
             "rejected": int(sum(int(r["rejected"]) for r in rows)),
-            # planned minus shipped, shard by shard: slots the guard's budget left empty
-            "unfilled": int(sum(int(r["count"]) - int(r["shipped"]) for r in rows)),
+            "unfilled": unfilled,
             "max_shipped_similarity": None if np.isnan(max_sim) else max_sim,
             "guarantee": (
                 f"no shipped sample has cosine similarity >= {cfg.guard} to any training image "

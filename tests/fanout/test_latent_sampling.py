@@ -86,6 +86,10 @@ def test_plain_and_cpsample_latent_shards(ray_local, tmp_path, tiny_sd_dir, late
         assert [m["seed"] for m in a.meta] == [sample_seed(0, s, i) for i in range(2)]
         assert [m["prompt"] for m in a.meta] == [PROMPTS[(2 * s + i) % 3] for i in range(2)]
         assert all(m["cfg_scale"] == 3.0 for m in b.meta)
+        # the plain sampler settings beside the digests, as the pixel sampler records them
+        assert {m["sampler_settings"]["sampler"] for m in a.meta} == {"ddim"}
+        assert all(m["sampler_settings"] == outs["cpsample"]["sampler_settings"] for m in b.meta)
+        assert b.meta[0]["sampler_settings"]["alpha"] == _cfg("cpsample").alpha
         assert all(m["guidance_steps_fired"] > 0 and m["final_p"] is not None for m in b.meta)
         moved = max(moved, float(abs(a.images.astype(int) - b.images.astype(int)).max()))
     assert moved > 0  # latent-space guidance changed the decoded images

@@ -18,6 +18,11 @@ Scores samples/<run>/<sampler>/ in parallel with Ray Data (the actors load the i
 writes under reports/<run>/: replicas-<sampler>.jsonl (key, nn_key, nn_similarity, is_replicate), the
 similarity histogram, a grid of the --pairs-k closest pairs, and the statistics merged into report.json.
 Each sample's <key>.json in the shards gains nn_key and nn_similarity.
+
+Before anything is built or scored, every shard's first record is checked: all shards were drawn from the
+same inputs, by models/<run>/ where the run has models there, whose denoiser was trained on
+data/<dataset> (its provenance's manifest digest); and the report's "inputs" name the same models,
+data, samples and index. Otherwise it exits 2 naming what differs.
 """
 
 from __future__ import annotations

@@ -10,7 +10,10 @@ number of actors. Shards are written atomically to samples/<run>/<sampler>/; a r
 (checked: the tar parses, its members carry this run's settings and their recorded count). Every sample
 records the digests of the denoiser and classifier directories and of the sampler settings: a rerun
 into a folder whose shards (any of them) were drawn from other models or settings exits 2 naming what
-changed; --overwrite discards them instead.
+changed; --overwrite discards them instead. Every sample also records the plain sampler settings
+("sampler_settings": alpha, scale, steps, eta, guard, ...), which evaluate reads back. The run's
+report.json gets "inputs" (model digests, the samples' fingerprint); a report that describes other
+models is refused before sampling, unless --overwrite, which starts it afresh.
 
 Guard mode (--guard T): every sample is compared with the training images of --dataset (exact FAISS
 search, mean-centred pixels by default); one at or above T is discarded and redrawn with a fresh derived

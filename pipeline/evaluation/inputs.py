@@ -209,7 +209,7 @@ def check_run(
     return {"models": models, "data": data, "samples": samples}
 
 
-def classifier_bits(store, run: str) -> tuple[int, int, float | None]:
+def classifier_bits(store: Store, run: str) -> tuple[int, int, float]:
     """``(holdout_images, label_seed, fraction)`` of the run's classifier (``train`` and ``metrics`` in
     ``models/<run>/classifier/config.json``): how many held-out images it trained on, the seed of
     their roles, and the share of the held-out split it trained on as its own record states it
@@ -240,7 +240,7 @@ def classifier_bits(store, run: str) -> tuple[int, int, float | None]:
 
 def sampler_knobs(
     samples: Mapping[str, Any], alpha: float | None = None, scale: float | None = None
-):
+) -> Any:
     """CPSample's :class:`pipeline.core.config.SamplerConfig` for the attacks: the settings the
     ``cpsample`` samples record (``samples``: :func:`pipeline.evaluation.inputs.check_run`'s), with
     ``alpha``/``scale`` where given. Given knobs that differ from the samples' raise

@@ -127,7 +127,7 @@ def latent_config(seed: int = 0, quick: bool = False) -> LatentDemoConfig:
         cfg.classifier = dataclasses.replace(
             cfg.classifier, steps=20, holdout_images=40, warmup_steps=5, checkpoint_every=20
         )
-        # a 20-step classifier is below min_fit: sampled with it knowingly (recorded in the config)
+        # a 20-step classifier may be below min_fit: sampled with knowingly (recorded in the config)
         cfg.sampler = dataclasses.replace(
             cfg.sampler, num_samples=16, steps=5, batch_size=16, samples_per_shard=8,
             allow_unfit=True,

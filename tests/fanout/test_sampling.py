@@ -275,12 +275,12 @@ def test_guard_resume_regrows_a_short_last_shard_to_its_new_plan(ray_local, tmp_
         100, 0, 0)  # fmt: skip
     folder = "samples/g/ddim"
     old = _shards(store, folder)
-    assert [m["shard_planned"] for m in read_tar(old["shard-000003.tar"], "x").meta] == [4] * 4
     grown = run_sampling(store.uri, "g", _cfg(num_samples=120, **base), den, None,
                          guard_dataset="noise")  # fmt: skip
     assert grown["skipped_shards"] == 3 and grown["num_shards"] == 4
     assert grown["num_samples"] == 120 and grown["num_planned"] == 120
     assert grown["guard"]["unfilled"] == 0 and grown["guard"]["rejected"] == 0
+    assert [m["shard_planned"] for m in read_tar(old["shard-000003.tar"], "x").meta] == [4] * 4
     new = _shards(store, folder)
     assert {n: new[n] for n in list(new)[:3]} == {n: old[n] for n in list(old)[:3]}
     last = read_tar(new["shard-000003.tar"], "x")

@@ -5,7 +5,7 @@ prepared store unchanged, or a store that did not exist still absent.
 Most cases fail before Ray starts. The few that start a local Ray first (train_denoiser, build_index,
 evaluate) may add Ray's own startup log lines to stderr; those are not errors.
 
-The README's table of bad inputs (section "Bad input") lists these cases by id.
+The README's table of bad inputs (section "Jobs") lists these cases by id.
 """
 
 from __future__ import annotations

@@ -158,6 +158,12 @@ def test_sigkilled_job_on_loopback_s3_resumes_to_exactly_n_samples(
         s3.get_object(Bucket=s3_bucket, Key="batch/reports/r/report.json")["Body"].read()
     )
     assert report["sampling"]["ddim"]["num_samples"] == N
+    # the plain settings beside the digests, and the report's inputs: this denoiser, these samples
+    assert report["sampling"]["ddim"]["sampler_settings"]["steps"] == 60
+    inputs = report["inputs"]
+    assert sorted(inputs) == ["denoiser", "package_version", "samples"]
+    assert inputs["denoiser"] == out["provenance"]["denoiser"]
+    assert list(inputs["samples"]) == ["ddim"]
     md = s3.get_object(Bucket=s3_bucket, Key="batch/reports/r/report.md")["Body"].read().decode()
     assert "## Sampling: ddim" in md and f"- num_samples: {N}" in md
 

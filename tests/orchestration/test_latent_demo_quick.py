@@ -50,10 +50,10 @@ def test_quick_latent_demo_writes_every_stage(quick_report):
     assert (base / unet).read_bytes() != (sd / unet).read_bytes()
     clf_cfg = json.loads((out / "models/latent/classifier/config.json").read_text())
     assert clf_cfg["arch"]["channels"] == 4 and clf_cfg["arch"]["sample_size"] == 8
-    # the 20-step classifier's model card says it is below min_fit; the quick config samples with
-    # it anyway (allow_unfit), and the report says both
+    # the 20-step classifier's model card (on seed 0 it fits the 16 latents' bits at t < 100; other
+    # seeds may not): the quick config samples with it either way (allow_unfit), the report says so
     card = clf_cfg["fit"]
-    assert card["fits"] is False and card["accuracy"] < card["threshold"] == 0.9
+    assert card["threshold"] == 0.9 and card["fits"] is (card["accuracy"] >= 0.9)
     assert (card["t_range"], card["step"], card["rows"]) == ([0, 100], 20, cfg.num_train)
     assert report["classifier_fit"] == {"card": card, "allow_unfit": True}
     assert report["config"]["sampler"]["allow_unfit"] is True

@@ -39,6 +39,9 @@ _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403",
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 POINTER = ".current"  # S3: a put_dir folder's pointer object, naming its current version
 VERSIONS = ".versions"  # S3: a put_dir folder's versions, each complete before the pointer names it
+# S3: the only subtree put_dir writes (models/<run>/<name>/, section 4 of the layout), so the only one
+# whose reads look for a pointer: a data or sample shard costs no extra request
+VERSIONED_ROOT = "models"
 
 
 class StorageError(RuntimeError):
@@ -242,7 +245,9 @@ class Store:
         segs = [s for p in parts for s in p.strip("/").split("/") if s]
         if self.is_local or POINTER in segs or VERSIONS in segs:  # already a version's path
             return tuple(segs)
-        for i in range(1, len(segs) + (1 if folder else 0)):
+        if not segs or segs[0] != VERSIONED_ROOT:  # no put_dir folder outside models/
+            return tuple(segs)
+        for i in range(2, len(segs) + (1 if folder else 0)):
             pointer = self._pointer(*segs[:i])
             if pointer is not None:
                 return (*segs[:i], VERSIONS, pointer["version"], *segs[i:])
@@ -355,6 +360,11 @@ class Store:
         if self.is_local:
             replace_dir_local(local_dir, Path(self.join(*parts)))
             return self.uri_of(*parts)
+        segs = [s for p in parts for s in p.strip("/").split("/") if s]
+        if len(segs) < 2 or segs[0] != VERSIONED_ROOT:
+            raise ValueError(
+                f"put_dir writes model folders under {VERSIONED_ROOT}/<run>/ only, got {'/'.join(segs)}"
+            )
         files = sorted(
             f.relative_to(local_dir).as_posix() for f in local_dir.rglob("*") if f.is_file()
         )

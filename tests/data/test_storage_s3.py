@@ -334,3 +334,24 @@ def test_loopback_s3_roundtrip(s3_bucket, s3_env):
     assert client.get_object(Bucket=s3_bucket, Key="a/b.txt")["Body"].read() == b"hello"
     listed = client.list_objects_v2(Bucket=s3_bucket)["Contents"]
     assert [o["Key"] for o in listed] == ["a/b.txt"]
+
+
+def test_s3_only_model_folders_are_versioned(s3_bucket, tmp_path, monkeypatch):
+    """put_dir writes under models/ only, so reads elsewhere (data and sample shards) look for no
+    pointer: a shard costs one GET, not one more per path level."""
+    store = open_store(f"s3://{s3_bucket}")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(b"a")
+    with pytest.raises(ValueError, match="under models/<run>/ only, got data/d"):
+        store.put_dir(src, "data", "d")
+    store.write_bytes(b"tar", "samples", "r", "ddim", "shard-000000.tar")
+    store.put_dir(src, "models", "r", "denoiser")
+    looked: list[tuple[str, ...]] = []
+    real = type(store)._pointer
+    monkeypatch.setattr(type(store), "_pointer", lambda s, *p: looked.append(p) or real(s, *p))
+    assert store.read_bytes("samples", "r", "ddim", "shard-000000.tar") == b"tar"
+    assert store.listdir("samples", "r", "ddim") == ["shard-000000.tar"]
+    assert looked == []
+    assert store.read_bytes("models", "r", "denoiser", "a.bin") == b"a"
+    assert looked == [("models", "r"), ("models", "r", "denoiser")]

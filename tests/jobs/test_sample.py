@@ -205,3 +205,26 @@ def test_sample_with_a_missing_prompts_file_exits_2_in_one_line_and_writes_nothi
         f"error: --prompts {tmp_path / 'missing.txt'}: no such file (one prompt per line)"
     ]
     assert not store.exists()
+
+
+def test_allow_unfit_flag_samples_with_a_classifier_below_min_fit(tmp_path, job_denoiser, ray_tmp):
+    """--allow-unfit maps to SamplerConfig.allow_unfit: a classifier whose model card shows 60% of
+    its own bits is refused without it (exit 2, one line) and sampled with it."""
+    from pipeline.core.config import ClassifierArchConfig
+    from pipeline.core.models import NoiseClassifier, save_classifier
+
+    card = {"accuracy": 0.6, "mean_margin": 0.01, "t_range": [0, 100], "rows": 8, "seed": 0}
+    arch = ClassifierArchConfig(8, 1, 8, (1, 2), time_embed_dim=8, num_groups=4)
+    save_classifier(NoiseClassifier(arch), tmp_path / "clf", {"fit": card})
+    cmd, env = _job(str(tmp_path / "store"), job_denoiser, ray_tmp)
+    cmd = [*cmd, "--sampler", "cpsample", "--classifier", str(tmp_path / "clf"), "--steps", "2",
+           "--num-samples", "2"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert "below min_fit 90%" in errors[0] and "--allow-unfit" in errors[0]
+    assert not (tmp_path / "store" / "samples").exists()
+    done = subprocess.run([*cmd, "--allow-unfit"], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["num_samples"] == 2

@@ -61,6 +61,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="DDIM steps per sample")
     p.add_argument("--threshold", type=float, help="replica threshold (cosine)")
     p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument(
+        "--allow-unfit",
+        action="store_true",
+        help="sweep a classifier whose model card shows a fit below min_fit (refused by default)",
+    )
     args = p.parse_args()
     sections = load_sections(
         args.config,
@@ -77,7 +82,9 @@ def main() -> None:
         sections["evaluation"], num_members=args.num_members, num_nonmembers=args.num_nonmembers,
         seed=cfg.seed,
     )  # fmt: skip
-    sampler = override(sections["sampler"], steps=args.steps)
+    sampler = override(
+        sections["sampler"], steps=args.steps, allow_unfit=True if args.allow_unfit else None
+    )
     replicas = override(sections["replicas"], threshold=args.threshold)
     import torch
 

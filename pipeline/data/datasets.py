@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.imageset import DataError, ImageSet, fit_square, safe_key, stack_images
-from pipeline.data.shards import check_blobs, check_shards, concat, read_manifest, read_tar
+from pipeline.data.shards import check_blobs, check_shards, read_manifest
 from pipeline.data.storage import StorageError, Store, open_store
+from pipeline.data.tars import concat, read_tar
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

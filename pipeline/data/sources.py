@@ -36,16 +36,15 @@ from pipeline.data.datasets import IMAGE_SUFFIXES, webdataset_inputs
 from pipeline.data.imageset import DataError, fit_square, safe_key, stack_images
 from pipeline.data.layout import data_folder
 from pipeline.data.shards import (
-    build_tar,
     check_blobs,
     put_shard,
-    read_tar,
     remove_stale_shards,
     shard_name,
     split_entry,
     write_manifest,
 )
 from pipeline.data.storage import StorageError, Store, open_store
+from pipeline.data.tars import build_tar, read_tar
 
 SPLIT_HASH = (
     "blake2b-512 of the key (UTF-8) keyed with the seed (8 bytes, big-endian, signed); "

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from pipeline.data.imageset import DataError, ImageSet
-from pipeline.data.shards import concat, dataset_manifest, manifest_shards, read_checked_tar
+from pipeline.data.shards import dataset_manifest, manifest_shards, read_checked_tar
 from pipeline.data.storage import Store
+from pipeline.data.tars import concat
 
 
 def shard_counts(store: Store, folder: str) -> list[tuple[str, int | None]]:

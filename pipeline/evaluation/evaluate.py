@@ -324,8 +324,7 @@ def run_attacks(
     if checked is None:
         check_run(store, run, dataset)
     sets = sets if sets is not None else run_sets(store, run, dataset, cfg)
-    if "allow_unfit" in {f.name for f in dataclasses.fields(sampler)}:
-        sampler = dataclasses.replace(sampler, allow_unfit=True)
+    sampler = dataclasses.replace(sampler, allow_unfit=True)
     with tempfile.TemporaryDirectory() as tmp:
         unet, schedule, _, guidance = load_models(
             store, f"models/{run}/denoiser", f"models/{run}/classifier", sampler, "cpu", tmp

@@ -41,6 +41,7 @@ from pipeline.core.config import ConfigError
 from pipeline.core.latent import encode_images, encode_prompts, load_parts
 from pipeline.core.models import CheckpointError
 from pipeline.data import shards as sh
+from pipeline.data import tars as tarfmt
 from pipeline.data.checkpoints import resolve_model_dir
 from pipeline.data.imageset import DataError
 from pipeline.data.layout import data_folder
@@ -128,7 +129,7 @@ def pixels(parts: dict[str, bytes], key: str, where: str, image_shape: Sequence[
     """The image of ``key`` as float32 (C, H, W) in [-1, 1]. It must already have the model's size
     (nothing is resized), and be grayscale for a 1-channel model."""
     c, h, w = image_shape
-    im = sh._decode(parts, key, where)
+    im = tarfmt._decode(parts, key, where)
     if im.size != (w, h):
         raise DataError(
             f"{where}: image {key!r} is {im.size[0]}x{im.size[1]} (width x height) but the model "
@@ -165,9 +166,9 @@ def encode_shard(
     """One input WebDataset tar -> (the latent shard's tar, its number of keys). Every caption is
     resolved before any image is encoded (a missing one fails fast); then images and captions go
     through the VAE and the text encoder ``batch_size`` at a time, to the shapes of ``spec``."""
-    groups = sh._tar_members(data, where)
+    groups = tarfmt._tar_members(data, where)
     keys = sorted(groups)
-    metas = [sh._meta(groups[k], k, where) for k in keys]
+    metas = [tarfmt._meta(groups[k], k, where) for k in keys]
     captions = [caption_of(groups[k], m, k, where, template) for k, m in zip(keys, metas)]
     sf, members = float(enc.vae.config.scaling_factor), []
     for lo in range(0, len(keys), batch_size):

@@ -25,8 +25,9 @@ from pipeline.core.config import ReplicaConfig
 from pipeline.data.imageset import DataError
 from pipeline.data.layout import data_folder
 from pipeline.data.provenance import StaleArtifactError, manifest_digest, value_digest
-from pipeline.data.shards import read_manifest, read_tar
+from pipeline.data.shards import read_manifest
 from pipeline.data.storage import ObjectNotFound, Store, open_store
+from pipeline.data.tars import read_tar
 from pipeline.fanout.embedders import (
     embedding_id,
     module_dims,

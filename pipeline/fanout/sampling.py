@@ -33,8 +33,9 @@ from pipeline.data.provenance import (
     manifest_digest,
     value_digest,
 )
-from pipeline.data.shards import build_tar, encode_png, read_manifest, read_tar, shard_name
+from pipeline.data.shards import read_manifest, shard_name
 from pipeline.data.storage import Store, open_store
+from pipeline.data.tars import build_tar, encode_png, read_tar
 from pipeline.fanout.index import GuardIndex
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec, open_replica_index
 from pipeline.fanout.resume import (

@@ -18,8 +18,9 @@ import numpy as np
 from pipeline.core.config import ReplicaConfig, from_dict
 from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
-from pipeline.data.shards import build_tar, encode_png, read_image_shards, read_tar, verify_folder
+from pipeline.data.shards import read_image_shards, verify_folder
 from pipeline.data.storage import Store, open_store
+from pipeline.data.tars import build_tar, encode_png, read_tar
 from pipeline.fanout.embedders import is_module, module_options
 from pipeline.fanout.index import make_embedding
 

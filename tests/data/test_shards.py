@@ -3,58 +3,29 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from pipeline.data.imageset import DataError, ImageSet
 from pipeline.data.shards import (
-    build_tar,
     checked_stream,
-    encode_png,
     read_image_shards,
-    read_tar,
     shard_name,
     write_dataset,
     write_image_shards,
 )
 from pipeline.data.storage import open_store
-
-
-def _random_set(n=20, size=8, channels=1, seed=0, labels=True) -> ImageSet:
-    rng = np.random.default_rng(seed)
-    return ImageSet(
-        keys=[f"img-{i:03d}" for i in range(n)],
-        images=rng.integers(0, 256, (n, size, size, channels), dtype=np.uint8),
-        labels=[int(v) for v in rng.integers(0, 10, n)] if labels else None,
-    )
-
-
-def _records(images: ImageSet):
-    return [
-        (k, encode_png(im), {"label": lab})
-        for k, im, lab in zip(images.keys, images.images, images.labels)
-    ]
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from pipeline.data.tars import build_tar
+from tests.data.test_tars import random_set, records
 
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shards_round_trip(tmp_path, channels):
     store = open_store(str(tmp_path / "store"))
-    ds = _random_set(20, channels=channels, seed=channels)
+    ds = random_set(20, channels=channels, seed=channels)
     uris = write_image_shards(store, "data/train", ds, shard_size=7)
     assert uris == [str(tmp_path / "store" / "data" / "train" / shard_name(i)) for i in range(3)]
     assert store.listdir("data/train") == [shard_name(i) for i in range(3)]
@@ -68,7 +39,7 @@ def test_shards_round_trip(tmp_path, channels):
 
 def test_shards_round_trip_without_labels(tmp_path):
     store = open_store(str(tmp_path))
-    ds = _random_set(5, labels=False)
+    ds = random_set(5, labels=False)
     ds.meta = [{"source": f"s{i}"} for i in range(5)]
     write_image_shards(store, "x", ds)
     back = read_image_shards(store, "x")
@@ -78,7 +49,7 @@ def test_shards_round_trip_without_labels(tmp_path):
 
 def test_write_image_shards_rejects_bad_shard_size(tmp_path):
     with pytest.raises(DataError, match="shard_size must be > 0"):
-        write_image_shards(open_store(str(tmp_path)), "x", _random_set(2), shard_size=0)
+        write_image_shards(open_store(str(tmp_path)), "x", random_set(2), shard_size=0)
 
 
 def test_read_image_shards_missing_folder(tmp_path):
@@ -89,7 +60,7 @@ def test_read_image_shards_missing_folder(tmp_path):
 
 def test_shards_readable_by_webdataset(tmp_path):
     store = open_store(str(tmp_path))
-    ds = _random_set(12, channels=1, seed=9)
+    ds = random_set(12, channels=1, seed=9)
     uris = write_image_shards(store, "wds", ds, shard_size=5)
     dataset = wds.WebDataset(uris, shardshuffle=False).decode("rgb8")
     samples = list(dataset)
@@ -103,9 +74,9 @@ def test_shards_readable_by_webdataset(tmp_path):
 
 
 def test_build_tar_is_reproducible(tmp_path):
-    ds = _random_set(6, channels=3)
-    a = build_tar(_records(ds))
-    b = build_tar(_records(ds))
+    ds = random_set(6, channels=3)
+    a = build_tar(records(ds))
+    b = build_tar(records(ds))
     assert a == b
     with tarfile.open(fileobj=io.BytesIO(a)) as tar:
         members = tar.getmembers()
@@ -120,98 +91,12 @@ def test_build_tar_is_reproducible(tmp_path):
         assert f1.read() == f2.read() == a
 
 
-def test_read_tar_truncated_mid_member():
-    data = build_tar(_records(_random_set(4)))
-    with pytest.raises(DataError, match=r"corrupt or truncated tar shard-x\.tar"):
-        read_tar(data[:1536], "shard-x.tar")  # inside the first image's data
-    with pytest.raises(DataError, match=r"corrupt or truncated tar shard-x\.tar"):
-        read_tar(data[:100], "shard-x.tar")  # inside the first header
-
-
-def test_read_tar_truncated_at_member_boundary():
-    data = build_tar(_records(_random_set(4)))
-    with pytest.raises(DataError, match="truncated"):
-        read_tar(data[:4096], "shard-x.tar")  # two complete samples, then nothing
-
-
-def test_read_tar_member_not_an_image():
-    png = encode_png(np.zeros((4, 4, 1), np.uint8))
-    data = _tar({"a.png": png, "b.png": b"this is not a png", "b.json": b"{}"})
-    with pytest.raises(DataError, match=r"bad.tar: member b\.png is not a readable image"):
-        read_tar(data, "bad.tar")
-
-
-def test_read_tar_sample_without_image():
-    data = _tar(
-        {"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "b.json": b"{}", "b.txt": b"x"}
-    )
-    with pytest.raises(
-        DataError, match=r"sample 'b' has no image member \(found \['json', 'txt'\]\)"
-    ):
-        read_tar(data, "t.tar")
-
-
-def test_read_tar_mixed_sizes():
-    data = _tar(
-        {
-            "a.png": encode_png(np.zeros((4, 4, 1), np.uint8)),
-            "b.png": encode_png(np.zeros((8, 8, 1), np.uint8)),
-        }
-    )
-    with pytest.raises(DataError, match="mixed image sizes"):
-        read_tar(data, "m.tar")
-
-
 def test_read_image_shards_mixed_sizes_across_shards(tmp_path):
     store = open_store(str(tmp_path))
-    store.write_bytes(build_tar(_records(_random_set(2, size=8))), "d", shard_name(0))
-    store.write_bytes(build_tar(_records(_random_set(2, size=4, seed=1))), "d", shard_name(1))
+    store.write_bytes(build_tar(records(random_set(2, size=8))), "d", shard_name(0))
+    store.write_bytes(build_tar(records(random_set(2, size=4, seed=1))), "d", shard_name(1))
     with pytest.raises(DataError, match="shards hold mixed image sizes"):
         read_image_shards(store, "d")
-
-
-def test_read_tar_subfolders_and_jpeg():
-    buf = io.BytesIO()
-    Image.fromarray(np.full((4, 4, 3), 128, np.uint8)).save(buf, format="JPEG")
-    data = _tar({"dir/a.jpg": buf.getvalue(), "dir/a.json": json.dumps({"label": 3}).encode()})
-    out = read_tar(data, "j.tar")
-    assert out.keys == ["a"]
-    assert out.images.shape == (1, 4, 4, 3)
-    assert out.labels == [3]
-
-
-def test_read_tar_gzip_cls_labels_and_errors():
-    import gzip
-
-    from pipeline.data.shards import concat
-
-    data = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"7\n"})
-    out = read_tar(gzip.compress(data), "g.tar.gz")
-    assert out.keys == ["a"] and out.labels == [7]
-    with pytest.raises(DataError, match=r"corrupt or truncated tar g\.tar\.gz: bad gzip"):
-        read_tar(gzip.compress(data)[:-20], "g.tar.gz")
-    bad_cls = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"seven"})
-    with pytest.raises(DataError, match=r"b\.tar: sample 'a' has unreadable \.json/\.cls"):
-        read_tar(bad_cls, "b.tar")
-    # a .txt member is the caption, unless the JSON has one
-    captioned = _tar({
-        "a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.txt": b"a red chair\n",
-        "b.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "b.txt": b"ignored",
-        "b.json": b'{"caption": "kept"}',
-    })  # fmt: skip
-    assert [m["caption"] for m in read_tar(captioned, "c.tar").meta] == ["a red chair", "kept"]
-    bad_txt = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.txt": b"\xff\xfe"})
-    with pytest.raises(DataError, match=r"unreadable \.json/\.cls/\.txt"):
-        read_tar(bad_txt, "t.tar")
-    # resizing makes mixed sizes acceptable; grayscale + colour becomes RGB
-    mixed = _tar({
-        "a.png": encode_png(np.zeros((4, 6, 1), np.uint8)),
-        "b.png": encode_png(np.zeros((8, 8, 3), np.uint8)),
-    })  # fmt: skip
-    resized = read_tar(mixed, "m.tar", image_size=4)
-    assert resized.images.shape == (2, 4, 4, 3)
-    with pytest.raises(DataError, match=r"x: duplicate sample keys across shards \['a', 'b'\]"):
-        concat([resized, resized], "x")
 
 
 def test_write_dataset_rejects_mixed_split_sizes(tmp_path):
@@ -219,8 +104,8 @@ def test_write_dataset_rejects_mixed_split_sizes(tmp_path):
 
     with pytest.raises(DataError, match="every split needs one image size"):
         write_dataset(
-            open_store(str(tmp_path)), "d", {"train": _random_set(2, size=8),
-                                             "holdout": _random_set(2, size=4)}
+            open_store(str(tmp_path)), "d", {"train": random_set(2, size=8),
+                                             "holdout": random_set(2, size=4)}
         )  # fmt: skip
     assert not (tmp_path / "data").exists()
 
@@ -231,7 +116,7 @@ def _dataset(store, n_train=20, shard_size=5):
     from pipeline.data.shards import write_dataset
 
     return write_dataset(
-        store, "d", {"train": _random_set(n_train, seed=1), "holdout": _random_set(5, seed=2)},
+        store, "d", {"train": random_set(n_train, seed=1), "holdout": random_set(5, seed=2)},
         shard_size=shard_size,
     )  # fmt: skip
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.core.config import ConfigError
 from pipeline.data.imageset import DataError
-from pipeline.data.shards import build_tar, read_image_shards, verify_dataset
+from pipeline.data.shards import read_image_shards, verify_dataset
 from pipeline.data.sources import (
     FolderSource,
     SyntheticSource,
@@ -27,6 +27,7 @@ from pipeline.data.sources import (
     write_sharded,
 )
 from pipeline.data.storage import open_store
+from pipeline.data.tars import build_tar
 
 
 def _centred_cosines(images: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.core.diffusion import ddim_timesteps
 from pipeline.evaluation.sweep import (
     make_points,
     merge_points,
@@ -243,6 +244,10 @@ def test_sweep_with_ray_tune_writes_plot_matching_report(ray_local, tiny_store):
     for p in result["points"]:
         assert p["holdout_p95"] == pct["holdout_p95"] and p["holdout_p99"] == pct["holdout_p99"]
         assert 0.0 <= p["above_holdout_p99"] <= p["above_holdout_p95"] <= 1.0
+        # shares of the point's 12 samples
+        assert (p["above_holdout_p99"] * 12).is_integer() and (
+            p["above_holdout_p95"] * 12
+        ).is_integer()
         assert 0.0 <= p["mia_auc"] <= 1.0 and 0.0 <= p["mia_auc_first"] <= 1.0
     assert "rule" in result["recommended"] and result["target_above_p99"] == 1.0
     merge_report(tiny_store, "t", {"sweep": result})
@@ -253,10 +258,14 @@ def test_sweep_with_ray_tune_writes_plot_matching_report(ray_local, tiny_store):
     assert [p["label"] for p in pts] == ["ddim", "a=0.5 s=1", "a=0.5 s=50"]
     assert report["sweep"]["quality_metric"] == "fd"
     for p in pts:
-        assert p["num_samples"] == 12 and 0.0 <= p["replication_rate"] <= 1.0
-        assert p["quality"]["fd"] >= 0.0 and 0.0 <= p["quality"]["confident_fraction"] <= 1.0
+        assert p["num_samples"] == 12 and (p["replication_rate"] * 12).is_integer()
+        assert p["quality"]["fd"] >= 0.0 and (p["quality"]["confident_fraction"] * 12).is_integer()
     assert pts[0]["guidance_fired_fraction"] == 0.0
-    assert pts[2]["guidance_fired_fraction"] > 0.0  # alpha 0.5: guidance acts
+    # alpha 0.5 opens the gate for every sample: guidance fires at every DDIM step below
+    # guidance_t_max, 3 of the 4 steps (t = 750, 500, 250, 0 against 600)
+    below = float((ddim_timesteps(4) < sampler.guidance_t_max).float().mean())
+    assert below == 0.75
+    assert pts[1]["guidance_fired_fraction"] == pts[2]["guidance_fired_fraction"] == below
     # a target of 1.0 admits every point: the recommendation is the best-fd protected point
     best = min(pts[1:], key=lambda p: p["quality"]["fd"])
     assert report["sweep"]["recommended"]["label"] == best["label"]

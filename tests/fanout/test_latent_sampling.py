@@ -10,8 +10,9 @@ from pipeline.core.config import ClassifierArchConfig, SamplerConfig
 from pipeline.core.latent import TextGuidance
 from pipeline.core.models import CheckpointError, NoiseClassifier, save_classifier
 from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import build_tar, encode_png, put_shard, read_tar
+from pipeline.data.shards import put_shard
 from pipeline.data.storage import open_store
+from pipeline.data.tars import build_tar, encode_png, read_tar
 from pipeline.fanout.latent_sampling import latent_family, read_captions
 from pipeline.fanout.sampling import run_sampling, sample_seed
 

@@ -20,8 +20,9 @@ from pipeline.core.models import CheckpointError
 from pipeline.data.datasets import digits_source, split
 from pipeline.data.imageset import DataError
 from pipeline.data.provenance import StaleArtifactError, dir_digest, manifest_digest
-from pipeline.data.shards import build_tar, encode_png, read_manifest, verify_dataset
+from pipeline.data.shards import read_manifest, verify_dataset
 from pipeline.data.storage import open_store
+from pipeline.data.tars import build_tar, encode_png
 from pipeline.fanout.latents import (
     SIDECAR,
     caption_of,

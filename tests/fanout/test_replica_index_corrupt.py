@@ -13,8 +13,9 @@ import pytest
 
 from pipeline.core.config import ReplicaConfig
 from pipeline.data.imageset import DataError, ImageSet
-from pipeline.data.shards import read_tar, write_dataset
+from pipeline.data.shards import write_dataset
 from pipeline.data.storage import open_store
+from pipeline.data.tars import read_tar
 from pipeline.fanout.clusters import member_images
 from pipeline.fanout.replica_index import ensure_replica_index, index_folder
 from pipeline.fanout.replica_store import read_sidecar

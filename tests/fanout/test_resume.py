@@ -7,8 +7,9 @@ import pytest
 
 from pipeline.core.config import SamplerConfig
 from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import build_tar, encode_png, shard_name
+from pipeline.data.shards import shard_name
 from pipeline.data.storage import open_store
+from pipeline.data.tars import build_tar, encode_png
 from pipeline.fanout.resume import (
     check_existing_run,
     first_meta,

@@ -26,8 +26,9 @@ from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.data.imageset import ImageSet
 from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import read_image_shards, read_tar, write_image_shards
+from pipeline.data.shards import read_image_shards, write_image_shards
 from pipeline.data.storage import open_store
+from pipeline.data.tars import read_tar
 from pipeline.fanout.resume import sampler_settings
 from pipeline.fanout.sampling import run_sampling, sample_key, sample_seed
 from pipeline.orchestration.replica_report import replica_check_report
@@ -113,7 +114,7 @@ def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
     # a truncated tar and a tar with a member missing (count no longer matches its record)
     store.write_bytes(ref["shard-000001.tar"][:700], folder, "shard-000001.tar")
     two = read_tar(ref["shard-000002.tar"], "x")
-    from pipeline.data.shards import build_tar, encode_png
+    from pipeline.data.tars import build_tar, encode_png
 
     store.write_bytes(
         build_tar([(two.keys[0], encode_png(two.images[0]), two.meta[0])]),

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.core.config import ReplicaConfig
 from pipeline.data.imageset import ImageSet
-from pipeline.data.shards import read_tar, write_image_shards
+from pipeline.data.shards import write_image_shards
 from pipeline.data.storage import open_store
+from pipeline.data.tars import read_tar
 from pipeline.fanout.scoring import (
     TrainIndexSpec,
     annotate_shards,

@@ -26,9 +26,10 @@ from PIL import Image
 
 from pipeline.data.datasets import webdataset_source
 from pipeline.data.imageset import DataError
-from pipeline.data.shards import build_tar, encode_png, read_image_shards, read_tar
+from pipeline.data.shards import read_image_shards
 from pipeline.data.sources import is_train_key
 from pipeline.data.storage import Store, open_store
+from pipeline.data.tars import build_tar, encode_png, read_tar
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs"))

@@ -27,8 +27,8 @@ from pipeline.core.config import UNetConfig
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import build_unet, save_denoiser
 from pipeline.data.datasets import digits_source, split
-from pipeline.data.shards import build_tar, encode_png
 from pipeline.data.storage import open_store
+from pipeline.data.tars import build_tar, encode_png
 from pipeline.orchestration.stages import make_shards
 
 ROOT = Path(__file__).resolve().parents[2]

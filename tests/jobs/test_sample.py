@@ -23,7 +23,7 @@ import torch
 from pipeline.core.config import UNetConfig
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import build_unet, save_denoiser
-from pipeline.data.shards import read_tar
+from pipeline.data.tars import read_tar
 from pipeline.fanout.sampling import sample_key
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -209,7 +209,7 @@ def test_quick_demo_train_shards_hold_exactly_the_training_images(quick_demo):
     out, _ = quick_demo
     import numpy as np
 
-    from pipeline.data.shards import read_tar
+    from pipeline.data.tars import read_tar
 
     train = read_tar((out / "data/digits/train/shard-000000.tar").read_bytes(), "train")
     assert len(train) == 64 and train.images.shape[1:] == (16, 16, 1)

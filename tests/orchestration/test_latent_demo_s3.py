@@ -22,8 +22,9 @@ from pipeline.core.config import (
 )
 from pipeline.core.latent import TextGuidance, load_latent_model
 from pipeline.data.datasets import digits_source, split
-from pipeline.data.shards import read_manifest, read_tar
+from pipeline.data.shards import read_manifest
 from pipeline.data.storage import Store, open_store
+from pipeline.data.tars import read_tar
 from pipeline.fanout.index import make_embedding
 from pipeline.fanout.latent_sampling import latent_family, read_captions
 from pipeline.fanout.latents import encode_dataset

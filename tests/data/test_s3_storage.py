@@ -16,13 +16,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from pipeline.data.storage import (
-    ObjectNotFound,
-    StorageError,
-    open_store,
-    resolve_endpoint,
-    resolve_s3_access,
-)
+from pipeline.data.s3 import resolve_endpoint, resolve_s3_access
+from pipeline.data.storage import ObjectNotFound, StorageError, open_store
 from tests.conftest import S3_TEST_ENV, _free_port
 
 ROOT = Path(__file__).resolve().parents[2]

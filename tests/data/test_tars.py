@@ -32,7 +32,7 @@ def records(images: ImageSet):
     ]
 
 
-def _tar(members: dict[str, bytes]) -> bytes:
+def tar_of(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in members.items():
@@ -58,13 +58,13 @@ def test_read_tar_truncated_at_member_boundary():
 
 def test_read_tar_member_not_an_image():
     png = encode_png(np.zeros((4, 4, 1), np.uint8))
-    data = _tar({"a.png": png, "b.png": b"this is not a png", "b.json": b"{}"})
+    data = tar_of({"a.png": png, "b.png": b"this is not a png", "b.json": b"{}"})
     with pytest.raises(DataError, match=r"bad.tar: member b\.png is not a readable image"):
         read_tar(data, "bad.tar")
 
 
 def test_read_tar_sample_without_image():
-    data = _tar(
+    data = tar_of(
         {"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "b.json": b"{}", "b.txt": b"x"}
     )
     with pytest.raises(
@@ -74,7 +74,7 @@ def test_read_tar_sample_without_image():
 
 
 def test_read_tar_mixed_sizes():
-    data = _tar(
+    data = tar_of(
         {
             "a.png": encode_png(np.zeros((4, 4, 1), np.uint8)),
             "b.png": encode_png(np.zeros((8, 8, 1), np.uint8)),
@@ -87,7 +87,7 @@ def test_read_tar_mixed_sizes():
 def test_read_tar_subfolders_and_jpeg():
     buf = io.BytesIO()
     Image.fromarray(np.full((4, 4, 3), 128, np.uint8)).save(buf, format="JPEG")
-    data = _tar({"dir/a.jpg": buf.getvalue(), "dir/a.json": json.dumps({"label": 3}).encode()})
+    data = tar_of({"dir/a.jpg": buf.getvalue(), "dir/a.json": json.dumps({"label": 3}).encode()})
     out = read_tar(data, "j.tar")
     assert out.keys == ["a"]
     assert out.images.shape == (1, 4, 4, 3)
@@ -98,26 +98,26 @@ def test_read_tar_gzip_cls_labels_and_errors():
 
     from pipeline.data.tars import concat
 
-    data = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"7\n"})
+    data = tar_of({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"7\n"})
     out = read_tar(gzip.compress(data), "g.tar.gz")
     assert out.keys == ["a"] and out.labels == [7]
     with pytest.raises(DataError, match=r"corrupt or truncated tar g\.tar\.gz: bad gzip"):
         read_tar(gzip.compress(data)[:-20], "g.tar.gz")
-    bad_cls = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"seven"})
+    bad_cls = tar_of({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.cls": b"seven"})
     with pytest.raises(DataError, match=r"b\.tar: sample 'a' has unreadable \.json/\.cls"):
         read_tar(bad_cls, "b.tar")
     # a .txt member is the caption, unless the JSON has one
-    captioned = _tar({
+    captioned = tar_of({
         "a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.txt": b"a red chair\n",
         "b.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "b.txt": b"ignored",
         "b.json": b'{"caption": "kept"}',
     })  # fmt: skip
     assert [m["caption"] for m in read_tar(captioned, "c.tar").meta] == ["a red chair", "kept"]
-    bad_txt = _tar({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.txt": b"\xff\xfe"})
+    bad_txt = tar_of({"a.png": encode_png(np.zeros((4, 4, 1), np.uint8)), "a.txt": b"\xff\xfe"})
     with pytest.raises(DataError, match=r"unreadable \.json/\.cls/\.txt"):
         read_tar(bad_txt, "t.tar")
     # resizing makes mixed sizes acceptable; grayscale + colour becomes RGB
-    mixed = _tar({
+    mixed = tar_of({
         "a.png": encode_png(np.zeros((4, 6, 1), np.uint8)),
         "b.png": encode_png(np.zeros((8, 8, 3), np.uint8)),
     })  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import pickle
@@ -13,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from pipeline.data.shards import read_image_shards
 from pipeline.data.sources import is_train_key
 from pipeline.data.storage import Store, open_store
 from pipeline.data.tars import build_tar, encode_png, read_tar
+from tests.data.test_tars import tar_of
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -327,14 +326,6 @@ def test_cifar10_source(tmp_path, capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- bad input
-def _tar(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def _png(shape) -> bytes:
@@ -357,13 +348,13 @@ def _png(shape) -> bytes:
 def test_bad_webdataset_input_exits_2(
     ray_local, s3_bucket, s3_env, tmp_path, capsys, case, expected
 ):
-    good = _tar({"s0.png": _png((8, 8, 1)), "s1.png": _png((8, 8, 1))})
+    good = tar_of({"s0.png": _png((8, 8, 1)), "s1.png": _png((8, 8, 1))})
     data = {
         "corrupt": b"\x07" * 4096,
         "truncated": good[:1600],  # cut inside the second image
-        "not_image": _tar({"s0.png": _png((8, 8, 1)), "s1.png": b"this is not a png"}),
-        "no_image": _tar({"s0.png": _png((8, 8, 1)), "s1.txt": b"text only"}),
-        "mixed": _tar({"s0.png": _png((8, 8, 1)), "s1.png": _png((9, 8, 1))}),
+        "not_image": tar_of({"s0.png": _png((8, 8, 1)), "s1.png": b"this is not a png"}),
+        "no_image": tar_of({"s0.png": _png((8, 8, 1)), "s1.txt": b"text only"}),
+        "mixed": tar_of({"s0.png": _png((8, 8, 1)), "s1.png": _png((9, 8, 1))}),
     }[case]
     boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"]).put_object(
         Bucket=s3_bucket, Key="in/bad.tar", Body=data

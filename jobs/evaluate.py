@@ -80,6 +80,13 @@ def main() -> None:
     store = open_store(args.store, args.s3_endpoint, create=False)
     # models, data and samples are checked before anything is built, run or written
     checked = check_run(store, args.run, args.dataset)
+    if checked["models"] is None:  # the attacks need the run's own models
+        from pipeline.core.models import CheckpointError
+
+        raise CheckpointError(
+            f"model 'models/{args.run}/denoiser' is neither a local folder nor under {store.uri}: "
+            "evaluate attacks the run's own models; train them, or pass the --run that has them"
+        )
     index, sidecar = None, None
     if not args.no_shares:
         from pipeline.fanout.replica_index import LazyReplicaIndex, ensure_replica_index

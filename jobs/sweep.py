@@ -23,6 +23,7 @@ the report's "inputs" must name the same models, data and index: otherwise it ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -88,6 +89,7 @@ def main() -> None:
     replicas = override(sections["replicas"], threshold=args.threshold)
     import torch
 
+    from pipeline.data.checkpoints import preflight_models
     from pipeline.data.layout import data_folder
     from pipeline.data.storage import open_store
     from pipeline.data.subsets import pick_images
@@ -104,6 +106,11 @@ def main() -> None:
     store = open_store(args.store, args.s3_endpoint, create=False)
     # the run's models and the dataset they were trained on, before any work (no stored samples read)
     checked = check_run(store, args.run, args.dataset, samplers=())
+    # missing or unfit models fail here, before the domain CNN trains or the index is built
+    preflight_models(
+        store, f"models/{args.run}/denoiser", f"models/{args.run}/classifier",
+        dataclasses.replace(sampler, sampler="cpsample"),
+    )  # fmt: skip
     # the domain CNN trains on a seeded subset of the held-out images, never the whole split
     holdout, _ = pick_images(store, data_folder(args.dataset, "holdout"), 20_000, cfg.seed)
     evaluator = None

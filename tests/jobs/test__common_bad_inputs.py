@@ -145,6 +145,10 @@ CASES = {
         "check_replicas.py", ("--store", "{store}", "--run", "nothing-here"),
         "no sample shards under", store="store",
     ),
+    "sweep-missing-model": Case(
+        "sweep.py", ("--store", "{store}", "--run", "nothing-here"),
+        "models/nothing-here/denoiser", store="store",
+    ),
     "evaluate-missing-model": Case(
         "evaluate.py", ("--store", "{store}", "--run", "nothing-here"),
         "models/nothing-here/denoiser", store="store",

@@ -27,6 +27,7 @@ from pipeline.core.config import UNetConfig
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import build_unet, save_denoiser
 from pipeline.data.datasets import digits_source, split
+from pipeline.data.provenance import dir_digest
 from pipeline.data.storage import open_store
 from pipeline.data.tars import build_tar, encode_png
 from pipeline.orchestration.stages import make_shards
@@ -99,14 +100,19 @@ def tiny_denoiser(tmp_path_factory) -> str:
     return str(root / "denoiser")
 
 
-def make_dataset(store_uri: str) -> None:
+def make_dataset(store_uri: str, denoiser: str | None = None) -> None:
     """8x8 digits with a manifest, 40 training and 60 held-out images in shards of 10; one sample
-    shard (``samples/r/cpsample``) for check_replicas to score."""
+    shard (``samples/r/cpsample``) for check_replicas to score. ``denoiser``: put it in the store as
+    run r's model, which drew the sample (evaluate attacks the run's own models)."""
     store = open_store(store_uri)
     train, holdout = split(digits_source(8).subset(range(100)), 40, 0)
     make_shards(store, "digits", train, holdout, shard_size=10)
     # a sample records the models that drew it (evaluate and check_replicas check that first)
-    record = {"provenance": {"denoiser": "sha256:" + "0" * 64}, "run_fingerprint": "0" * 16}
+    digest = "sha256:" + "0" * 64
+    if denoiser is not None:
+        store.put_dir(denoiser, "models", "r", "denoiser")
+        digest = dir_digest(denoiser)
+    record = {"provenance": {"denoiser": digest}, "run_fingerprint": "0" * 16}
     sample = build_tar([("s0", encode_png(train.images[0]), record)])
     store.write_bytes(sample, "samples", "r", "cpsample", "shard-000000.tar")
 
@@ -136,12 +142,13 @@ LOCAL_CASES = [  # (job, split, corruption): every reading job, both corruptions
 @pytest.mark.parametrize(("job", "split_name", "how"), LOCAL_CASES)
 def test_local_corrupt_shard_fails_the_job(tmp_path, ray_tmp, tiny_denoiser, job, split_name, how):
     store = tmp_path / "store"
-    make_dataset(str(store))
+    make_dataset(str(store), tiny_denoiser if job == "evaluate" else None)
     shard = store / "data" / "digits" / split_name / "shard-000001.tar"
     shard.write_bytes(corrupt(shard.read_bytes(), how))
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
     done = run_job(job, job_args(job, str(store), tmp_path, tiny_denoiser), ray_tmp)
     assert_refused(done, str(shard))
-    assert not (store / "models").exists() and not (store / "checkpoints").exists()
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before  # nothing written
 
 
 @pytest.mark.parametrize(("job", "how"), [("train_denoiser", "garbage"), ("evaluate", "truncate")])
@@ -151,12 +158,16 @@ def test_s3_corrupt_shard_fails_the_job(
     """The Ray tasks stream the object through the store's S3 filesystem; evaluate reads it whole."""
     import boto3
 
-    make_dataset(f"s3://{s3_bucket}/p")
+    make_dataset(f"s3://{s3_bucket}/p", tiny_denoiser if job == "evaluate" else None)
     s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
     key = "p/data/digits/train/shard-000002.tar"
     data = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
     s3.put_object(Bucket=s3_bucket, Key=key, Body=corrupt(data, how))
+
+    def keys() -> list[str]:
+        return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", []))
+
+    before = keys()
     done = run_job(job, job_args(job, f"s3://{s3_bucket}/p", tmp_path, tiny_denoiser), ray_tmp)
     assert_refused(done, f"s3://{s3_bucket}/{key}")
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
-    assert not [k for k in keys if k.startswith(("p/models/", "p/checkpoints/"))]
+    assert keys() == before  # nothing written

@@ -96,6 +96,18 @@ def add_s3_endpoint_arg(parser) -> None:
     )
 
 
+def add_allow_unfit_arg(parser) -> None:
+    """``--allow-unfit``: CPSample with a classifier whose model card shows a fit on its own bits below
+    ``min_fit`` (refused by default). Read it with ``allow_unfit=args.allow_unfit or None`` in
+    :func:`override`, so that without the flag the config's value stands."""
+    parser.add_argument(
+        "--allow-unfit",
+        action="store_true",
+        help="cpsample: use a classifier whose model card shows a fit on its own bits below "
+        "min_fit (CPSample then barely protects); refused by default",
+    )
+
+
 def add_store_args(parser) -> None:
     """``--store``, ``--run``, ``--dataset`` and ``--s3-endpoint``: where a run's files live."""
     parser.add_argument(

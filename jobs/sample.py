@@ -39,7 +39,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_s3_endpoint_arg, load_sections, override, run_main
+from _common import (
+    add_allow_unfit_arg,
+    add_s3_endpoint_arg,
+    load_sections,
+    override,
+    run_main,
+)
 
 from pipeline.core.config import SamplerConfig
 
@@ -103,19 +109,9 @@ def parse_args() -> argparse.Namespace:
         help="discard samples/<run>/<sampler> when it was drawn from other models or settings (and "
         "start the run's report afresh when it describes other inputs)",
     )
-    p.add_argument(
-        "--allow-unfit",
-        action="store_true",
-        help="cpsample: sample with a classifier whose model card shows a fit on its own bits "
-        "below min_fit (CPSample then barely protects); refused by default",
-    )
+    add_allow_unfit_arg(p)
     add_s3_endpoint_arg(p)
     return p.parse_args()
-
-
-def unfit(args: argparse.Namespace) -> dict[str, bool]:
-    """``allow_unfit=True`` for ``--allow-unfit``; nothing otherwise (the config's value stands)."""
-    return {"allow_unfit": True} if args.allow_unfit else {}
 
 
 def prompt_lines(args: argparse.Namespace) -> list[str] | None:
@@ -169,7 +165,7 @@ def main() -> None:
         sampler=args.sampler, num_samples=args.num_samples, samples_per_shard=args.samples_per_shard,
         batch_size=args.batch_size, steps=args.steps, eta=args.eta, alpha=args.alpha,
         scale=args.scale, seed=args.seed, guard=args.guard, guard_budget=args.guard_budget,
-        guard_embedding=args.guard_embedding, **unfit(args),
+        guard_embedding=args.guard_embedding, allow_unfit=args.allow_unfit or None,
     )  # fmt: skip
     prompts = prompt_lines(args)  # bad flags and files fail before the store is created
     from pipeline.data.storage import open_store

@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_store_args, load_sections, override, run_main
+from _common import add_allow_unfit_arg, add_store_args, load_sections, override, run_main
 
 from pipeline.core.config import EvalConfig, ReplicaConfig, SamplerConfig, SweepConfig
 
@@ -62,11 +62,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="DDIM steps per sample")
     p.add_argument("--threshold", type=float, help="replica threshold (cosine)")
     p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument(
-        "--allow-unfit",
-        action="store_true",
-        help="sweep a classifier whose model card shows a fit below min_fit (refused by default)",
-    )
+    add_allow_unfit_arg(p)
     args = p.parse_args()
     sections = load_sections(
         args.config,
@@ -83,9 +79,7 @@ def main() -> None:
         sections["evaluation"], num_members=args.num_members, num_nonmembers=args.num_nonmembers,
         seed=cfg.seed,
     )  # fmt: skip
-    sampler = override(
-        sections["sampler"], steps=args.steps, allow_unfit=True if args.allow_unfit else None
-    )
+    sampler = override(sections["sampler"], steps=args.steps, allow_unfit=args.allow_unfit or None)
     replicas = override(sections["replicas"], threshold=args.threshold)
     import torch
 

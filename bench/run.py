@@ -21,6 +21,7 @@ sys.path.insert(0, str(HERE))
 
 def main() -> None:
     import classifier_scaling
+    import cost_projection
     import p1_guidance_overhead
     import p2_diffusers_ddim
     import p3_faiss
@@ -39,7 +40,9 @@ def main() -> None:
         "P4": lambda a: p4_s3_input.run(),
         "P6": lambda a: p6_sampling_scaleout.run(),
         "P7": lambda a: p7_cuda.run(),
-        "P8": lambda a: p8_scale.run(),
+        "P8": lambda a: p8_scale.run(previous=a.results.get("P8")),
+        # after P8 and classifier_scaling (sorted order): reads their entries, this run's included
+        "cost_projection": lambda a: cost_projection.run(results=a.results),
     }
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -52,6 +55,7 @@ def main() -> None:
     args = p.parse_args()
     path = Path(args.out)
     results = json.loads(path.read_text()) if path.exists() else {}
+    args.results = results  # the benches that build on others' entries read them here
     for bench_id in args.only or sorted(benches):
         print(f"==> {bench_id}", flush=True)
         res = benches[bench_id](args)

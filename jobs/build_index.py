@@ -4,13 +4,14 @@
     python jobs/build_index.py --store s3://bucket/prefix --dataset synth1000000 --ray-cpus 8
     python jobs/build_index.py --store photos-out --dataset photos --embedding module:/models/sscd.pt
 
-Embeds data/<dataset>/train with Ray tasks over groups of shards and writes
-indexes/<dataset>/<embedding>/<kind>/ (the FAISS index, the training images' uint8 rows and keys, the
-mean image) with sidecar.json last: the embedding, dims, parameters, the dataset manifest's digest,
+Embeds data/<dataset>/train with Ray tasks over groups of shards (one index part each, at most
+--rows-per-task rows) and writes indexes/<dataset>/<embedding>/<kind>/ (the FAISS index or its parts,
+the training images' uint8 rows and keys per part, the split's mean image) with sidecar.json last: the embedding, dims, parameters, the dataset manifest's digest,
 build time, measured recall@1 and replicate-decision agreement, and a build id. Up to
 --exact-max-images training images the index is exact (IndexFlatIP); above, PCA + IVF with exact
 re-ranking of the top candidates (--index flat|ivf forces a kind). A valid stored index (same manifest
-digest and parameters) is reused unless --rebuild; check_replicas and guard sampling load it. With
+digest, format and parameters) is reused unless --rebuild; --use-gpu makes k-means, module
+embeddings and the measurement's search request one GPU each; check_replicas and guard sampling load it. With
 --embedding module:PATH (a local TorchScript file) the folder is indexes/<dataset>/module-<sha256[:12]>/
 and the sidecar records the file's sha256: changed weights make the stored index stale (rebuilt).
 """
@@ -53,7 +54,11 @@ def main() -> None:
     p.add_argument("--ivf-codec", choices=["flat", "sq8"])
     p.add_argument("--rerank-k", type=int)
     p.add_argument("--threshold", type=float)
-    p.add_argument("--rows-per-task", type=int)
+    p.add_argument("--rows-per-task", type=int, help="rows per index part (one build task each)")
+    p.add_argument(
+        "--use-gpu", action="store_true", default=None,
+        help="k-means, module embeddings and searches ask Ray for GPUs (the autoscaler adds GPU nodes)",
+    )  # fmt: skip
     p.add_argument("--rebuild", action="store_true", help="build even when a valid index is stored")
     p.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (ignored under RAY_ADDRESS)")
     add_s3_endpoint_arg(p)
@@ -63,7 +68,7 @@ def main() -> None:
         index=args.index, exact_max_images=args.exact_max_images,
         nlist=args.nlist, nprobe=args.nprobe, pca_dims=args.pca_dims, ivf_codec=args.ivf_codec,
         rerank_k=args.rerank_k, threshold=args.threshold, rows_per_task=args.rows_per_task,
-        **embedding_overrides(args),
+        use_gpu=args.use_gpu, **embedding_overrides(args),
     )  # fmt: skip
     from pipeline.data.storage import open_store
     from pipeline.fanout.ray_init import init_ray

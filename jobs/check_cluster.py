@@ -1,12 +1,13 @@
-"""Check cluster files offline before `ray up` or `kubectl apply`: Ray's own validator, then GPU scaling.
+"""Check cluster files offline before `ray up` or `kubectl apply`: Ray's validator, then the groups.
 
     python jobs/check_cluster.py cluster/aws.yaml cluster/kuberay/raycluster.yaml
 
 A launcher YAML is merged with its provider's defaults and validated as `ray up` would (no cloud calls); a
-KubeRay RayCluster goes through Ray's KubeRay deriver. Then every GPU worker type must scale from zero
-(min_workers 0), may grow (max_workers > 0) and advertise at least one GPU, so that the sampling actors'
-and Ray Train's GPU requests make the autoscaler add nodes. Prints one JSON line per file; exits 2 naming
-the file and every problem otherwise.
+KubeRay RayCluster goes through Ray's KubeRay deriver. Then the head must advertise 0 CPUs, a CPU worker
+type and every GPU worker type must scale from zero (min_workers 0) and may grow (max_workers > 0), GPU
+types advertise at least one GPU (so the sampling actors' and Ray Train's GPU requests make the autoscaler
+add nodes), and (KubeRay) every Ray container mounts a memory-backed /dev/shm of at least 30% of its memory
+limit. Prints one JSON line per file; exits 2 naming the file and every problem otherwise.
 """
 
 from __future__ import annotations

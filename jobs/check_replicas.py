@@ -13,11 +13,18 @@ Loads the stored replica index of data/<dataset>/train (indexes/<dataset>/<embed
 once by jobs/build_index.py, or here when missing or stale): exact IndexFlatIP up to
 --exact-max-images training images, else PCA + IVF whose top --rerank-k candidates are re-ranked by
 the exact similarity (--index flat|ivf forces a kind), its recall@1 and decision agreement measured
-against exact brute force on --recall-queries samples; on the GPU when faiss-gpu and a GPU are present.
-Scores samples/<run>/<sampler>/ in parallel with Ray Data (the actors load the index), and
-writes under reports/<run>/: replicas-<sampler>.jsonl (key, nn_key, nn_similarity, is_replicate), the
-similarity histogram, a grid of the --pairs-k closest pairs, and the statistics merged into report.json.
-Each sample's <key>.json in the shards gains nn_key and nn_similarity.
+against exact brute force on at most min(--recall-queries, 512) samples spread over the shards.
+Scores samples/<run>/<sampler>/ with a Ray Data actor pool (--concurrency actors, each loading the
+index; --use-gpu: each asks Ray for a GPU, so an autoscaling cluster adds GPU nodes, and uses
+faiss-gpu when present). Per sample shard an actor writes, under reports/<run>/replicas-<sampler>/,
+<shard>.jsonl (key, nn_key, nn_similarity, is_replicate) and <shard>.summary.json (counts, a
+fixed-bin histogram, counts above the held-out p95/p99 and the threshold, the --pairs-k closest
+pairs), and adds nn_key and nn_similarity to each sample's <key>.json in the shard; the driver
+folds the summaries only.
+Then: the similarity histogram (from the folded counts), a grid of the --pairs-k closest pairs, and
+the statistics merged into report.json ("per_sample": "replicas-<sampler>/"). A killed or repeated
+check resumes shard by shard: a shard whose summary records the same index build, threshold,
+held-out percentiles, search settings, samples and shard bytes is not scored again.
 
 Before anything is built or scored, every shard's first record is checked: all shards were drawn from the
 same inputs, by models/<run>/ where the run has models there, whose denoiser was trained on
@@ -63,7 +70,10 @@ def main() -> None:
     p.add_argument("--recall-queries", type=int)
     p.add_argument("--pairs-k", type=int)
     p.add_argument(
-        "--use-gpu", action="store_true", default=None, help="faiss-gpu index if present"
+        "--use-gpu",
+        action="store_true",
+        default=None,
+        help="each scoring actor requests a GPU (faiss-gpu index if present)",
     )
     p.add_argument("--concurrency", type=int, default=1)
     args = p.parse_args()

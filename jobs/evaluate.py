@@ -19,6 +19,12 @@ Threshold-free replication ("threshold_free"; --no-shares skips it): the held-ou
 nearest-training similarity (a seeded subset of at most --max-holdout of them, searched in the stored
 replica index, built when missing) gives a p95 and a p99; each sampler's share of samples above them
 is reported (real images: 5% / 1% by construction).
+
+Every sampler folder is streamed, never held: FID's Inception features come from a Ray Data actor
+pool (--feature-actors, one GPU each with --use-gpu; a private local Ray without a GPU exits 2) that returns only
+per-batch mean and covariance moments; the nearest-sample attack searches the samples chunk by chunk
+(an exact FAISS index per chunk, a running top-1 per member and non-member); the threshold-free shares
+fold per-shard counts.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ def main() -> None:
         "--max-holdout", type=int, default=2000, help="held-out images setting the p95 / p99"
     )
     p.add_argument("--no-shares", action="store_true", help="skip the threshold-free shares")
+    p.add_argument(
+        "--use-gpu", action="store_true",
+        help="one GPU per FID feature actor (a cluster adds GPU nodes for them); exits 2 when the job's own local Ray has no GPU",
+    )  # fmt: skip
+    p.add_argument("--feature-actors", type=int, default=1, help="FID feature actors (Ray Data)")
     args = p.parse_args()
     sections = load_sections(args.config, {"evaluation": EvalConfig, "replicas": ReplicaConfig})
     cfg = override(
@@ -66,8 +77,11 @@ def main() -> None:
     )  # fmt: skip
     if args.max_holdout < 1:
         raise ConfigError(f"--max-holdout must be >= 1, got {args.max_holdout}")
+    if args.feature_actors < 1:
+        raise ConfigError(f"--feature-actors must be >= 1, got {args.feature_actors}")
     import torch
 
+    from pipeline.data.handle import open_dataset
     from pipeline.data.storage import open_store
     from pipeline.evaluation.evaluate import evaluate_run
     from pipeline.evaluation.fid import load_inception
@@ -77,9 +91,16 @@ def main() -> None:
     torch.set_num_threads(max(1, args.threads))
     if args.inception_weights:
         load_inception(args.inception_weights)  # a wrong file fails before any work or write
+    if args.inception_weights or args.use_gpu:  # FID's feature actors run on the Ray cluster
+        from pipeline.fanout.features import require_gpus
+        from pipeline.fanout.ray_init import init_ray
+
+        init_ray()
+        require_gpus(args.use_gpu)  # no GPU: exit 2 before any work
     store = open_store(args.store, args.s3_endpoint, create=False)
+    ds = open_dataset(store, args.dataset)  # its manifest read once, the handle passed down
     # models, data and samples are checked before anything is built, run or written
-    checked = check_run(store, args.run, args.dataset)
+    checked = check_run(store, args.run, ds)
     if checked["models"] is None:  # the attacks need the run's own models
         from pipeline.core.models import CheckpointError
 
@@ -97,8 +118,9 @@ def main() -> None:
     inputs = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
     require_inputs(store, args.run, inputs)
     updates, figures = evaluate_run(
-        store, args.run, args.dataset, cfg, args.inception_weights, args.alpha, args.scale,
+        store, args.run, ds, cfg, args.inception_weights, args.alpha, args.scale,
         replica_index=index, max_holdout=args.max_holdout, sidecar=sidecar, checked=checked,
+        use_gpu=args.use_gpu, feature_actors=args.feature_actors,
     )  # fmt: skip
     merge_report(store, args.run, updates, figures, inputs=updates.pop("inputs"))
     mi = updates["membership_inference"]

@@ -9,12 +9,15 @@ python jobs/make_shards.py --store s3://bucket/prefix --dataset digits --verify
 python jobs/make_shards.py --store out --source digits --num-train 1438 --duplicates 32:25
 
 Shards go to data/<dataset>/{train,holdout}/shard-NNNNNN.tar, then data/<dataset>/manifest.json.
-A rerun skips shards that are already complete (same sha256) and gives the same objects.
+A rerun skips shards that are already complete (same sha256) and gives the same objects; a streamed
+chunk whose completion record (data/<dataset>/.chunks/chunk-NNNNNN.json, put after its shards) matches
+its inputs (paths, sizes and mtimes or ETags; index range; input tar) is skipped without reading them.
 The S3 endpoint comes from --s3-endpoint or $AWS_ENDPOINT_URL; credentials from the AWS chain.
 
 digits and cifar10 are small: read in memory, split by an exact seeded permutation (--num-train).
 folder, webdataset and synthetic are streamed with one Ray task per chunk of --shard-size input
-images (one per input tar for webdataset), which writes that chunk's train shard and holdout shard;
+images (one per input tar for webdataset), which writes that chunk's train shard and holdout shard
+(a folder is listed in pages of --page-size and planned as tasks free up, never held whole);
 the split is a keyed hash of each key (--train-fraction, default 0.9; see
 pipeline.data.sources.is_train_key). --num-train N there means a fraction N / (number of images)
 (folder, synthetic), so about N training images; a WebDataset input refuses it. Ray: a private
@@ -42,7 +45,13 @@ from pipeline.data.duplicates import DuplicateSpec, add_near_duplicates
 from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
 from pipeline.data.shards import verify_dataset, write_dataset
-from pipeline.data.sources import FolderSource, SyntheticSource, WebDatasetSource, write_sharded
+from pipeline.data.sources import (
+    PAGE_SIZE,
+    FolderSource,
+    SyntheticSource,
+    WebDatasetSource,
+    write_sharded,
+)
 from pipeline.data.storage import open_store
 
 SOURCES = ("digits", "folder", "cifar10", "webdataset", "synthetic")
@@ -91,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "train and one holdout shard)",
     )
     p.add_argument(
+        "--page-size",
+        type=int,
+        default=PAGE_SIZE,
+        help="folder: input files listed per page; the driver holds about (chunks in flight + 1) x "
+        "--shard-size + --page-size paths, never the whole listing",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of the train/holdout split (and synthetic images)"
     )
     p.add_argument(
@@ -119,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--image-size must be in [1, 4096], got {args.image_size}")
     if args.shard_size <= 0:
         raise ConfigError(f"--shard-size must be > 0, got {args.shard_size}")
+    if args.page_size <= 0:
+        raise ConfigError(f"--page-size must be > 0, got {args.page_size}")
     if args.num_train is not None and args.num_train <= 0:
         raise ConfigError(f"--num-train must be > 0, got {args.num_train}")
     if args.source in ("folder", "cifar10", "webdataset") and not args.path and not args.verify:
@@ -191,6 +209,7 @@ def write_streamed(args: argparse.Namespace, store, dataset: str, source) -> dic
     return write_sharded(
         store, dataset, source, shard_size=args.shard_size, train_fraction=fraction,
         seed=args.seed, num_train=args.num_train, progress=not args.no_progress,
+        page_size=args.page_size,
     )  # fmt: skip
 
 
@@ -227,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{name}: {s['count']} images in {len(s['shards'])} shard(s) "
             f"({written} written, {len(s['shards']) - written} already complete)"
+        )
+    if "chunks" in manifest:
+        c = manifest["chunks"]
+        print(
+            f"chunks: {c['total']} ({c['loaded']} written, {c['skipped']} already complete by "
+            f"their records); at most {c['peak_items']} input items held by the driver"
         )
     print(f"split: {json.dumps(manifest['split'], sort_keys=True)}")
     print(f"manifest: {store.uri_of('data', dataset, 'manifest.json')}")

@@ -80,7 +80,7 @@ class DenoiserTrainConfig:
     use_gpu: bool = False
     checkpoint_every: int = 400
     num_to_keep: int = 2
-    max_failures: int = 0
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1: no limit
     lr_schedule: str = "constant"  # after the warm-up: "constant" or "cosine" (to 0 at `steps`)
     mixed_precision: bool = True  # bf16 autocast when the worker's device is CUDA; ignored on CPU
     # input: a worker whose share of the decoded images (uint8) is at most this many bytes reads it
@@ -158,7 +158,7 @@ class ClassifierTrainConfig:
     use_gpu: bool = False
     checkpoint_every: int = 400
     num_to_keep: int = 2
-    max_failures: int = 0
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1: no limit
     # the learning rate: linear warm-up over `warmup_steps`, then "cosine" (to 0 at `steps`, the
     # calibrated default) or "constant"; scale a large-N fit with steps, width and this schedule
     lr_schedule: str = "cosine"

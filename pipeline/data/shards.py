@@ -108,13 +108,18 @@ def read_manifest(store: Store, dataset_folder: str) -> dict[str, Any] | None:
     return manifest
 
 
-def dataset_manifest(store: Store, folder: str) -> tuple[dict[str, Any] | None, str]:
+def dataset_manifest(
+    store: Store, folder: str, manifest: dict[str, Any] | None = None
+) -> tuple[dict[str, Any] | None, str]:
     """(the ``manifest.json`` beside ``folder``, the split name): ``data/<dataset>/<split>`` ->
-    (``data/<dataset>/manifest.json``, ``<split>``); None when there is none.
+    (``data/<dataset>/manifest.json``, ``<split>``); None when there is none. ``manifest``: the
+    dataset's, already read (:class:`pipeline.data.handle.DatasetHandle`): not fetched again.
 
     A dataset folder without a manifest holds WebDataset shards put there by hand, not by make_shards:
     they are read unchecked, with a warning. Other folders (``samples/...``) have no manifest."""
     parent, _, split = folder.rstrip("/").rpartition("/")
+    if manifest is not None:
+        return manifest, split
     manifest = read_manifest(store, parent) if parent else None
     if manifest is None and folder.strip("/").count("/") == 2 and folder.startswith("data/"):
         log.warning(
@@ -213,11 +218,14 @@ def verify_shards(
         pool.shutdown(cancel_futures=True)  # the first mismatch stops the rest
 
 
-def manifest_shards(store: Store, folder: str) -> dict[str, dict[str, Any]] | None:
+def manifest_shards(
+    store: Store, folder: str, manifest: dict[str, Any] | None = None
+) -> dict[str, dict[str, Any]] | None:
     """The manifest's shard entries of the split ``folder`` (``data/<dataset>/<split>``) by name;
-    None for a folder without a manifest beside it (see :func:`dataset_manifest`). A manifest that
-    lacks the split is a :class:`DataError`: its shards could not be checked."""
-    manifest, split = dataset_manifest(store, folder)
+    None for a folder without a manifest beside it (see :func:`dataset_manifest`; ``manifest``: the
+    dataset's, already read). A manifest that lacks the split is a :class:`DataError`: its shards
+    could not be checked."""
+    manifest, split = dataset_manifest(store, folder, manifest)
     if manifest is None:
         return None
     entry = manifest["splits"].get(split)
@@ -230,24 +238,33 @@ def manifest_shards(store: Store, folder: str) -> dict[str, dict[str, Any]] | No
 
 
 def read_checked_shard(
-    store: Store, folder: str, name: str, entries: dict[str, dict[str, Any]] | None = None
+    store: Store,
+    folder: str,
+    name: str,
+    entries: dict[str, dict[str, Any]] | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> bytes:
     """One shard's bytes, their sha256 checked against the manifest (``entries``: from
-    :func:`manifest_shards`, looked up when None); the hash is of the bytes already read, so the
-    check costs no extra I/O. A corrupt shard raises :class:`DataError` naming it."""
+    :func:`manifest_shards`, taken from ``manifest`` or else looked up when None); the hash is of the
+    bytes already read, so the check costs no extra I/O. A corrupt shard raises :class:`DataError`."""
     data = store.read_bytes(folder, name)
     if entries is None:
-        entries = manifest_shards(store, folder)
+        entries = manifest_shards(store, folder, manifest)
     if entries is not None:
         check_blobs(store, folder, list(entries.values()), {name: data})
     return data
 
 
 def read_checked_tar(
-    store: Store, folder: str, name: str, entries: dict[str, dict[str, Any]] | None = None
+    store: Store,
+    folder: str,
+    name: str,
+    entries: dict[str, dict[str, Any]] | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> ImageSet:
     """:func:`read_tar` of :func:`read_checked_shard`."""
-    return read_tar(read_checked_shard(store, folder, name, entries), store.uri_of(folder, name))
+    data = read_checked_shard(store, folder, name, entries, manifest)
+    return read_tar(data, store.uri_of(folder, name))
 
 
 class _HashingReader:
@@ -269,14 +286,18 @@ class _HashingReader:
 
 @contextmanager
 def checked_stream(
-    store: Store, folder: str, name: str, entries: dict[str, dict[str, Any]] | None = None
+    store: Store,
+    folder: str,
+    name: str,
+    entries: dict[str, dict[str, Any]] | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> Iterator[_HashingReader]:
     """A shard opened as a stream (for ``tarfile.open(fileobj=..., mode="r|*")``) whose sha256 is
-    checked against the manifest (``entries``: :func:`manifest_shards`, looked up when None) once the
-    body is done: what it did not read is read then, so a reader that stops early is checked too. A
-    mismatch raises :class:`DataError` naming the shard before the caller can use what it read."""
+    checked against the manifest (``entries``: :func:`manifest_shards`, from ``manifest`` or looked up
+    when None) once the body is done: what it did not read is read then, so a reader that stops early
+    is checked too. A mismatch raises :class:`DataError` naming the shard before its use."""
     if entries is None:
-        entries = manifest_shards(store, folder)
+        entries = manifest_shards(store, folder, manifest)
     with store.fs.open_input_stream(store.join(folder, name)) as raw:
         stream = _HashingReader(raw)
         yield stream
@@ -288,11 +309,12 @@ def checked_stream(
             _check_digest(uri, entries[name], stream.digest.hexdigest(), stream.size)
 
 
-def verify_folder(store: Store, folder: str) -> int:
-    """Check every shard under ``folder`` against the manifest before a reader that cannot hash what
-    it reads (Ray Data's ``read_webdataset``) opens them: the names, then each sha256 streamed one
-    shard at a time. Returns the bytes checked (0 for a folder without a manifest)."""
-    manifest, split = dataset_manifest(store, folder)
+def verify_folder(store: Store, folder: str, manifest: dict[str, Any] | None = None) -> int:
+    """Check every shard under ``folder`` against the manifest (``manifest``: already read, or looked
+    up) before a reader that cannot hash what it reads (Ray Data's ``read_webdataset``) opens them:
+    the names, then each sha256 streamed one shard at a time. Returns the bytes checked (0 for a
+    folder without a manifest)."""
+    manifest, split = dataset_manifest(store, folder, manifest)
     if manifest is None:
         return 0
     return verify_shards(store, folder, check_shards(store, folder, manifest, split, None))
@@ -310,10 +332,12 @@ def shard_groups(entries: list[dict[str, Any]], groups: int) -> list[list[dict[s
     return [group for group in dealt if group]
 
 
-def verify_dataset(store: Store, dataset_folder: str, threads: int = 8) -> dict[str, Any]:
-    """Check every shard of a dataset against its manifest (names, and sha256 streamed in chunks
-    ``threads`` shards at a time); returns the manifest."""
-    manifest = read_manifest(store, dataset_folder)
+def verify_dataset(
+    store: Store, dataset_folder: str, threads: int = 8, manifest: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Check every shard of a dataset against its manifest (``manifest``: already read, or looked
+    up; names, and sha256 streamed in chunks ``threads`` shards at a time); returns the manifest."""
+    manifest = manifest if manifest is not None else read_manifest(store, dataset_folder)
     if manifest is None:
         raise DataError(f"no manifest at {store.uri_of(dataset_folder, MANIFEST)}")
     for split in manifest["splits"]:
@@ -380,17 +404,19 @@ def write_manifest(store: Store, dataset: str, manifest: dict[str, Any]) -> None
 
 
 # ------------------------------------------------------------------------------------------ readers
-def read_image_shards(store: Store, folder: str) -> ImageSet:
+def read_image_shards(
+    store: Store, folder: str, manifest: dict[str, Any] | None = None
+) -> ImageSet:
     """Read every ``shard-*.tar`` under ``folder`` into one :class:`ImageSet` (one size required).
 
-    When a ``manifest.json`` sits beside the folder (``data/<dataset>/<split>``), the shards must be
-    exactly the manifest's and their sha256 must match it (hashed from the bytes already read, so the
-    check costs no extra I/O); see :func:`dataset_manifest` for a dataset folder without one."""
+    When a ``manifest.json`` sits beside the folder (``data/<dataset>/<split>``; ``manifest``: already
+    read), the shards must be exactly the manifest's and their sha256 must match it (hashed from the
+    bytes already read: no extra I/O); see :func:`dataset_manifest` for a folder without one."""
     names = [n for n in store.listdir(folder) if n.startswith("shard-") and n.endswith(".tar")]
     if not names:
         raise DataError(f"no shards under {store.uri_of(folder)}")
     blobs = {n: store.read_bytes(folder, n) for n in names}
-    manifest, split_name = dataset_manifest(store, folder)
+    manifest, split_name = dataset_manifest(store, folder, manifest)
     if manifest is not None:
         check_shards(store, folder, manifest, split_name, blobs)
     parts = [read_tar(blobs[n], store.uri_of(folder, n)) for n in names]
@@ -398,10 +424,10 @@ def read_image_shards(store: Store, folder: str) -> ImageSet:
 
 
 def images_of(
-    rows: list[dict[str, Any]], store: Store, folder: str
+    rows: list[dict[str, Any]], store: Store, folder: str, manifest: dict[str, Any] | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """Images (N, H, W, C) under ``folder`` ordered like ``rows`` (by key)."""
-    images = read_image_shards(store, folder)
+    images = read_image_shards(store, folder, manifest)
     pos = {k: i for i, k in enumerate(images.keys)}
     order = [pos[r["key"]] for r in rows]
     return images.images[order], [images.keys[i] for i in order]

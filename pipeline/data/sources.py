@@ -1,37 +1,54 @@
 """Streamed image sources and the parallel shard writer: make_shards at any scale.
 
-A source is planned in the driver as small chunks of input items (an index range, a list of file
-paths, one input tar); :func:`write_sharded` runs one Ray task per chunk. Each task reads or draws
-the chunk's images, encodes PNGs, splits them by a keyed hash of each key (:func:`is_train_key`: no
-global permutation), builds the chunk's train tar and holdout tar (byte-reproducible), puts each
-atomically unless already stored with the same sha256, and returns ``{name, count, bytes, sha256,
-written}`` per split. The driver holds only the plan and these results and writes ``manifest.json``
-last. Memory per task depends on the chunk, never on the number of images.
+A source is listed in pages and planned, page by page, into small chunks of input items (an index
+range, a list of files with their sizes and mtimes or ETags, one input tar; see
+:mod:`pipeline.data.chunks`); :func:`write_sharded` runs one Ray task per chunk, a bounded number at
+a time. Each task (:func:`run_chunk`) skips its chunk when the chunk's completion record matches its
+inputs, else reads or draws the images, encodes PNGs, splits them by a keyed hash of each key
+(:func:`is_train_key`: no global permutation), puts the chunk's train tar and holdout tar
+(byte-reproducible) atomically unless already stored with the same sha256, then its record. The
+driver folds the chunks' small results into ``manifest.json``, written last. Memory per task
+depends on the chunk, never on the number of images.
 
 Output: chunk ``i`` gives ``train/shard-i.tar`` and ``holdout/shard-i.tar`` (a split that gets no
 image of the chunk has no shard ``i``), so ``shard_size`` is the number of input images per chunk
 (webdataset input: one chunk per input tar, whatever ``shard_size``).
 
 Sources: :class:`SyntheticSource` (procedural images, :func:`synthetic_image`), :class:`FolderSource`
-(PNG/JPEG files under a local or ``s3://`` folder, listed recursively through the store's
-filesystem) and :class:`WebDatasetSource` (existing WebDataset tars). The in-memory sources (digits,
-CIFAR-10) and their exact-count split stay in :mod:`pipeline.data.datasets`.
+(PNG/JPEG files under a local or ``s3://`` folder) and :class:`WebDatasetSource` (existing
+WebDataset tars). The in-memory sources (digits, CIFAR-10) stay in :mod:`pipeline.data.datasets`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import os
-import struct
-import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.config import ConfigError
+from pipeline.data.chunks import (
+    RECORD_FORMAT,
+    Held,
+    Item,
+    check_consistent,
+    chunked,
+    fingerprint,
+    key_hashes,
+    local_pages,
+    make_record,
+    read_record,
+    remove_stale_records,
+    result_of,
+    run_tasks,
+    s3_pages,
+    shards_intact,
+    write_record,
+)
 from pipeline.data.datasets import IMAGE_SUFFIXES, webdataset_inputs
 from pipeline.data.imageset import DataError, fit_square, safe_key, stack_images
 from pipeline.data.layout import data_folder
@@ -44,8 +61,10 @@ from pipeline.data.shards import (
     write_manifest,
 )
 from pipeline.data.storage import StorageError, Store, open_store
+from pipeline.data.synthetic import png_bytes, synthetic_image
 from pipeline.data.tars import build_tar, read_tar
 
+PAGE_SIZE = 4096  # input items listed per page (make_shards --page-size)
 SPLIT_HASH = (
     "blake2b-512 of the key (UTF-8) keyed with the seed (8 bytes, big-endian, signed); "
     "train when its first 8 bytes (big-endian) / 2**64 < train_fraction"
@@ -57,68 +76,6 @@ def is_train_key(key: str, seed: int, fraction: float) -> bool:
     shard sizes and machines; about ``fraction`` of the keys are chosen, independently."""
     h = hashlib.blake2b(key.encode(), key=seed.to_bytes(8, "big", signed=True)).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < fraction
-
-
-# ----------------------------------------------------------------------------------- synthetic images
-@functools.lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size  # pixel centres in (0, 1)
-    return np.broadcast_to(c[None, :], (size, size)), np.broadcast_to(c[:, None], (size, size))
-
-
-def synthetic_image(seed: int, index: int, size: int) -> np.ndarray:
-    """A deterministic procedural RGB image, (size, size, 3) uint8, a function of (seed, index) only.
-
-    All randomness comes from one draw of ``np.random.default_rng((seed, index))``: a linear gradient
-    between two random colours at a random angle, then 1-3 shapes of random colour, each a filled
-    circle (radius 10-35% of the side), a filled rectangle (sides 15-55%) or stripes (random angle,
-    period 15-45%, phase). Distinct images are far apart: the cosine similarity of their mean-centred
-    pixels stays well below 0.97, so nearest neighbours are meaningful. Vectorised numpy: about
-    0.1 ms for 32x32.
-    """
-    if size < 1:
-        raise ConfigError(f"image size must be >= 1, got {size}")
-    u = np.random.default_rng((seed, index)).random(38)
-    x, y = _grid(size)
-    theta = u[0] * 2 * np.pi
-    t = ((x - 0.5) * np.cos(theta) + (y - 0.5) * np.sin(theta)) * np.sqrt(2) + 0.5
-    c0, c1 = np.floor(u[1:4] * 256), np.floor(u[4:7] * 256)
-    img = (c0 + t[..., None] * (c1 - c0)).astype(np.float32)
-    for k in range(1 + int(u[7] * 3)):
-        p = u[8 + 10 * k : 18 + 10 * k]  # kind, colour (3), 6 parameters
-        kind = int(p[0] * 3)
-        if kind == 0:
-            r = 0.1 + 0.25 * p[6]
-            mask = (x - p[4]) ** 2 + (y - p[5]) ** 2 < r * r
-        elif kind == 1:
-            w, h = 0.15 + 0.4 * p[6], 0.15 + 0.4 * p[7]
-            mask = (np.abs(x - p[4]) < w / 2) & (np.abs(y - p[5]) < h / 2)
-        else:
-            phi, period = p[4] * np.pi, 0.15 + 0.3 * p[5]
-            mask = ((x * np.cos(phi) + y * np.sin(phi)) / period + p[6]) % 1.0 < 0.5
-        img[mask] = np.floor(p[1:4] * 256)
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """(H, W, C) uint8, C 1 or 3 -> PNG bytes, deterministic (8-bit, ``Sub`` filter, zlib level 3).
-
-    A few times faster than PIL's encoder on small images, which dominates at scale."""
-    h, w, c = image.shape
-    rows = image.reshape(h, w * c)
-    raw = np.empty((h, w * c + 1), np.uint8)
-    raw[:, 0] = 1  # filter type Sub: each byte minus the byte one pixel to the left
-    raw[:, 1 : 1 + c] = rows[:, :c]
-    raw[:, 1 + c :] = rows[:, c:] - rows[:, :-c]  # uint8 wraps modulo 256, as PNG wants
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    header = struct.pack(">IIBBBBB", w, h, 8, 2 if c == 3 else 0, 0, 0, 0)
-    idat = zlib.compress(raw.tobytes(), 3)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -141,9 +98,15 @@ class SyntheticSource:
         return {"source": self.name, "num_images": self.num_images, "image_size": self.image_size,
                 "seed": self.seed, "generator": "pipeline.data.sources.synthetic_image"}  # fmt: skip
 
-    def plan(self, shard_size: int) -> list[tuple[int, int]]:
+    def chunks(self, shard_size: int, page_size: int = 0, held=None) -> Iterator[tuple[int, int]]:
         n = self.num_images
-        return [(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
+        return ((a, min(a + shard_size, n)) for a in range(0, n, shard_size))
+
+    def count(self, page_size: int = 0) -> int:
+        return self.num_images
+
+    def fingerprint(self, spec: tuple[int, int]) -> Any:
+        return list(spec)
 
     def label(self, spec: tuple[int, int]) -> str:
         return f"synthetic images {spec[0]}..{spec[1] - 1}"
@@ -155,10 +118,11 @@ class SyntheticSource:
 
 
 class FolderSource:
-    """Every PNG/JPEG under ``path`` (a local folder or ``s3://`` prefix, nested subfolders listed
-    recursively through the store's filesystem), centre-cropped and resized to ``image_size``. Keys:
-    the relative path without suffix, ``/`` -> ``__``, made safe. A chunk whose images are all
-    grayscale is 1 channel; when chunks differ, the grayscale ones are redone as RGB."""
+    """Every PNG/JPEG under ``path`` (a local folder or ``s3://`` prefix, nested subfolders
+    included), listed in pages in sorted order (:func:`pipeline.data.chunks.local_pages`,
+    :func:`~pipeline.data.chunks.s3_pages`), centre-cropped and resized to ``image_size``. A chunk is
+    a list of ``(rel, size, mtime_ns or ETag)``: its own fingerprint. Keys: the relative path without
+    suffix, ``/`` -> ``__``, made safe. A chunk whose images are all grayscale is 1 channel."""
 
     name = "folder"
 
@@ -171,43 +135,55 @@ class FolderSource:
     def describe(self) -> dict[str, Any]:
         return {"source": self.name, "path": self.path, "image_size": self.image_size}
 
-    def plan(self, shard_size: int) -> list[list[str]]:
-        import pyarrow.fs as pafs
+    def pages(self, page_size: int, held: Held | None = None) -> Iterator[list[Item]]:
+        """The image files in sorted order of their relative path, ``page_size`` at most a page."""
+        if self.store.is_local:
+            return local_pages(self.store.path, page_size, _is_image, held)
+        return s3_pages(self.store, page_size, _is_image, held)
 
-        base = self.store.path.rstrip("/")
-        try:
-            selector = pafs.FileSelector(base, allow_not_found=True, recursive=True)
-            infos = self.store.fs.get_file_info(selector)
-        except OSError as exc:
-            text = self.store.s3.scrub(str(exc)) if self.store.s3 else str(exc)
-            raise StorageError(f"cannot list {self.store.uri}: {text}") from None
-        rels = sorted(
-            i.path[len(base) + 1 :] for i in infos
-            if i.type == pafs.FileType.File and f".{i.extension.lower()}" in IMAGE_SUFFIXES
-        )  # fmt: skip
-        del infos
-        if not rels:
+    def chunks(self, shard_size: int, page_size: int, held: Held | None = None) -> Iterator[list]:
+        empty = True
+        for chunk in chunked(self.pages(page_size, held), shard_size, held):
+            empty = False
+            yield chunk
+        if empty:
             raise DataError(f"data folder {self.store.uri} contains no PNG or JPEG images")
+
+    def count(self, page_size: int) -> int:
+        """The number of images (one listing, page by page)."""
+        if total := sum(len(page) for page in self.pages(page_size)):
+            return total
+        raise DataError(f"data folder {self.store.uri} contains no PNG or JPEG images")
+
+    def fingerprint(self, spec: list[Item]) -> Any:
+        return [list(item) for item in spec]
+
+    def explain_duplicate(self, key_hash: int, page_size: int) -> DataError | None:
+        """The error naming two files whose keys hash to ``key_hash`` (a second listing), None when
+        the keys differ (64-bit hashes of distinct keys can collide)."""
         seen: dict[str, str] = {}
-        for rel in rels:
-            key = self.key(rel)
-            if key in seen:
-                raise DataError(f"{self.store.uri}: {seen[key]} and {rel} both give key {key!r}")
-            seen[key] = rel
-        del seen
-        return [rels[a : a + shard_size] for a in range(0, len(rels), shard_size)]
+        for page in self.pages(page_size):
+            for rel, *_ in page:
+                key = self.key(rel)
+                if int(key_hashes([key])[0]) == key_hash:
+                    if key in seen:
+                        return DataError(
+                            f"{self.store.uri}: {seen[key]} and {rel} both give key {key!r}"
+                        )
+                    seen[key] = rel
+        return None
 
     @staticmethod
     def key(rel: str) -> str:
         stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
         return safe_key(stem.replace("/", "__"))
 
-    def label(self, spec: list[str]) -> str:
-        return f"{self.store.uri_of(spec[0])} (+{len(spec) - 1} more)"
+    def label(self, spec: list[Item]) -> str:
+        return f"{self.store.uri_of(spec[0][0])} (+{len(spec) - 1} more)"
 
-    def load(self, spec: list[str], force_rgb: bool = False) -> Loaded:
+    def load(self, spec: list[Item], force_rgb: bool = False) -> Loaded:
         loaded = []
-        for rel in spec:
+        for rel, *_ in spec:
             uri = self.store.uri_of(rel)
             try:
                 with self.store.fs.open_input_file(self.store.join(rel)) as fh:
@@ -215,11 +191,14 @@ class FolderSource:
                 with Image.open(io.BytesIO(data)) as im:
                     im.load()
                     loaded.append(fit_square(im.copy(), self.image_size))
-            except (UnidentifiedImageError, SyntaxError) as exc:
+            except (UnidentifiedImageError, SyntaxError, OSError) as exc:
                 raise DataError(f"unreadable image {uri}: {exc}") from None
-            except OSError as exc:
-                raise DataError(f"unreadable image {uri}: {exc}") from None
-        return [self.key(r) for r in spec], _rgb(stack_images(loaded), force_rgb), [{}] * len(spec)
+        keys = [self.key(rel) for rel, *_ in spec]
+        return keys, _rgb(stack_images(loaded), force_rgb), [{}] * len(spec)
+
+
+def _is_image(name: str) -> bool:
+    return "." in name and f".{name.rsplit('.', 1)[1].lower()}" in IMAGE_SUFFIXES
 
 
 class WebDatasetSource:
@@ -237,11 +216,21 @@ class WebDatasetSource:
     def describe(self) -> dict[str, Any]:
         return {"source": self.name, "path": self.spec, "image_size": self.image_size}
 
-    def plan(self, shard_size: int) -> list[tuple[Store, str, list[dict] | None]]:
-        return [
+    def chunks(self, shard_size: int = 0, page_size: int = 0, held=None) -> Iterator[tuple]:
+        return (
             (store, n, None if e is None else [sh for sh in e if sh["name"] == n])
             for store, n, e in webdataset_inputs(self.spec, self.s3_endpoint)
-        ]
+        )
+
+    def fingerprint(self, spec: tuple[Store, str, list[dict] | None]) -> Any:
+        """The input tar's URI, size and mtime (one stat, in the task) and its manifest entry."""
+        store, name, entries = spec
+        try:
+            info = store.fs.get_file_info(store.join(name))
+        except OSError as exc:
+            text = store.s3.scrub(str(exc)) if store.s3 else str(exc)
+            raise StorageError(f"cannot read {store.uri_of(name)}: {text}") from None
+        return [store.uri_of(name), info.size, info.mtime_ns, entries]
 
     def label(self, spec: tuple[Store, str, Any]) -> str:
         return spec[0].uri_of(spec[1])
@@ -262,33 +251,54 @@ def _rgb(images: np.ndarray, force: bool) -> np.ndarray:
     return np.repeat(images, 3, -1) if force and images.shape[-1] == 1 else images
 
 
-def _key_hashes(keys: list[str]) -> np.ndarray:
-    return np.array(
-        [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") for k in keys],
-        dtype=np.uint64,
-    )
-
-
 def write_chunk(
     store: Store, dataset: str, source, index: int, spec, seed: int, fraction: float,
     force_rgb: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """One task: chunk ``index`` of ``source`` -> ``train/shard-index.tar`` and
-    ``holdout/shard-index.tar`` (each only when it gets images). Returns the chunk's shape and
-    label, its key hashes (for the duplicate check) and per split :func:`put_shard`'s result."""
-    keys, images, metas = source.load(spec, force_rgb)
+    ``holdout/shard-index.tar`` (each only when it gets images). Returns the chunk's stored shape,
+    native channels (before ``force_rgb``) and label, its key hashes (for the duplicate check) and
+    per split :func:`put_shard`'s result."""
+    keys, images, metas = source.load(spec, False)
+    channels = int(images.shape[-1]) if len(keys) else None
+    images = _rgb(images, force_rgb)
     records: dict[str, list] = {"train": [], "holdout": []}
     for key, image, meta in zip(keys, images, metas):
         split = "train" if is_train_key(key, seed, fraction) else "holdout"
         records[split].append((key, png_bytes(image), meta))
     out: dict[str, Any] = {
-        "index": index, "label": source.label(spec), "hashes": _key_hashes(keys),
-        "shape": tuple(images.shape[1:]) if len(keys) else None,
+        "index": index, "label": source.label(spec), "hashes": key_hashes(keys),
+        "shape": tuple(images.shape[1:]) if len(keys) else None, "channels": channels,
     }  # fmt: skip
     for split, recs in records.items():
         folder, name = data_folder(dataset, split), shard_name(index)
         out[split] = put_shard(store, folder, name, build_tar(recs), len(recs)) if recs else None
     return out
+
+
+def run_chunk(
+    store: Store, dataset: str, source, index: int, spec, seed: int, fraction: float,
+    rgb: bool | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One task: chunk ``index`` done once. With ``rgb`` None, a completion record with the same
+    input fingerprint (source, chunk inputs, index, seed, fraction) and shards still stored with the
+    recorded sha256 gives the result without reading an input (``loaded`` False); otherwise (and
+    always with ``rgb`` set: store grayscale as RGB or not) :func:`write_chunk`, then its record."""
+    inputs = fingerprint({
+        "format": RECORD_FORMAT, "source": source.describe(), "inputs": source.fingerprint(spec),
+        "index": index, "seed": seed, "train_fraction": fraction,
+    })  # fmt: skip
+    if rgb is None:
+        record = read_record(store, dataset, index)
+        if (
+            record is not None
+            and record["inputs"] == inputs
+            and shards_intact(store, dataset, record)
+        ):
+            return {**result_of(record), "loaded": False}
+    out = write_chunk(store, dataset, source, index, spec, seed, fraction, bool(rgb))
+    write_record(store, dataset, index, make_record(out, inputs, bool(rgb)))
+    return {**out, "loaded": True}
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -303,19 +313,28 @@ def write_sharded(
     num_train: int | None = None,
     progress: bool = False,
     max_in_flight: int | None = None,
+    page_size: int = PAGE_SIZE,
 ) -> dict[str, Any]:
     """Write ``source`` as train/holdout shards under ``data/<dataset>``, one Ray task per chunk of
-    ``shard_size`` input images, then ``manifest.json`` (last, and only when every task succeeded).
+    ``shard_size`` input images (:func:`run_chunk`), then ``manifest.json`` (last, and only when
+    every task succeeded), folded from the chunks' results.
 
-    The split is keyed (:func:`is_train_key` with ``seed`` and ``train_fraction``). ``num_train``
-    instead of a fraction needs a source whose size the plan knows (synthetic, folder): the
-    fraction is then ``num_train / N`` and the training count is about, not exactly, ``num_train``.
-    Idempotent: a shard already stored with the same sha256 is not rewritten; ``shard-*.tar`` not in
-    the new manifest are removed. Call :func:`pipeline.fanout.ray_init.init_ray` first (else Ray
-    starts with its defaults). Returns the manifest plus ``"written"`` (the shards this call put).
+    The input is listed in pages of ``page_size`` and planned while at most ``max_in_flight`` tasks
+    run: the driver holds at most (in flight + 1) x ``shard_size`` + ``page_size`` input items
+    (plus, locally, one folder's names), reported as ``peak_items``, and per chunk its shard entries
+    and 8 bytes per key (the duplicate check). The split is keyed (:func:`is_train_key`).
+    ``num_train`` instead of a fraction needs a source that counts its images (synthetic; folder:
+    one more listing) and means the fraction ``num_train / N``. Idempotent: a chunk whose record
+    matches is skipped unread, a shard stored with the same sha256 is not rewritten, shards and
+    records beyond the plan are removed. Grayscale chunks become RGB when another chunk is colour.
+    Call :func:`pipeline.fanout.ray_init.init_ray` first. Returns the manifest plus ``"written"``
+    (the shards this call put) and ``"chunks"`` (``total``, ``loaded``, ``skipped``, ``peak_items``,
+    ``page_size``).
     """
     if shard_size <= 0:
         raise ConfigError(f"--shard-size must be > 0, got {shard_size}")
+    if page_size <= 0:
+        raise ConfigError(f"--page-size must be > 0, got {page_size}")
     if not -(2**63) <= seed < 2**63:
         raise ConfigError(f"--seed must fit in 64 bits, got {seed}")
     if num_train is not None and isinstance(source, WebDatasetSource):
@@ -323,34 +342,35 @@ def write_sharded(
             "--num-train needs the number of images up front, which a WebDataset input does not "
             "give without reading it: use --train-fraction"
         )
-    plan = source.plan(shard_size)
     split: dict[str, Any] = {"rule": "keyed-hash", "hash": SPLIT_HASH, "seed": seed}
     if num_train is not None:
-        total = sum(b - a for a, b in plan) if isinstance(source, SyntheticSource) else sum(
-            len(c) for c in plan
-        )  # fmt: skip
+        total = source.count(page_size)
         if not 0 < num_train < total:
             raise ConfigError(f"--num-train must be in [1, {total - 1}] for {total} images")
         train_fraction, split["num_train"] = num_train / total, num_train
     if train_fraction is None or not 0 < train_fraction < 1:
         raise ConfigError(f"--train-fraction must be in (0, 1), got {train_fraction}")
     split["train_fraction"] = train_fraction
-    args = (store, dataset, source)
-    results = _run_tasks(
-        [(i, spec, False) for i, spec in enumerate(plan)], args, seed, train_fraction, progress,
-        f"shards {dataset}", max_in_flight,
-    )  # fmt: skip
-    del plan
+
+    def run(rgb: bool | None, only: set[int] | None, desc: str) -> tuple[dict[int, dict], int]:
+        held = Held()
+        planned = enumerate(source.chunks(shard_size, page_size, held))
+        tasks = (
+            (i, spec, (store, dataset, source, i, spec, seed, train_fraction, rgb))
+            for i, spec in planned if only is None or i in only
+        )  # fmt: skip
+        return run_tasks(run_chunk, tasks, held, progress, desc, max_in_flight)
+
+    results, peak = run(None, None, f"shards {dataset}")
+    channels = {r["channels"] for r in results.values() if r["channels"] is not None}
+    target = max(channels, default=None)  # 3 when any chunk is colour: gray chunks stored as RGB
+    redo = {i for i, r in results.items() if r["shape"] is not None and r["shape"][-1] != target}
+    if redo:
+        more, peak2 = run(target == 3, redo, f"shards {dataset} (grayscale chunks, {target} ch)")
+        results.update(more)
+        peak = max(peak, peak2)
     shapes = {r["shape"] for r in results.values() if r["shape"] is not None}
-    if {s[-1] for s in shapes} == {1, 3}:  # grayscale and colour chunks: redo the gray ones as RGB
-        redo = [i for i, r in results.items() if r["shape"] is not None and r["shape"][-1] == 1]
-        specs = {i: spec for i, spec in enumerate(source.plan(shard_size)) if i in set(redo)}
-        results.update(_run_tasks(
-            [(i, specs[i], True) for i in redo], args, seed, train_fraction, progress,
-            f"shards {dataset} (grayscale chunks as RGB)", max_in_flight,
-        ))  # fmt: skip
-        shapes = {r["shape"] for r in results.values() if r["shape"] is not None}
-    _check_consistent(results, shapes, source)
+    check_consistent(results, shapes, source, page_size)
     manifest: dict[str, Any] = {
         "dataset": dataset, "format": "webdataset", "members": ["png", "json"],
         "image_size": list(next(iter(shapes))[:2]), "channels": next(iter(shapes))[2],
@@ -369,66 +389,9 @@ def write_sharded(
         remove_stale_shards(store, data_folder(dataset, name), {sh["name"] for sh in shards})
         manifest["splits"][name] = split_entry(shards)
         written += [f"{name}/{sh['name']}" for sh in shards if sh["written"]]
+    remove_stale_records(store, dataset, len(results))
     write_manifest(store, dataset, manifest)
-    return {**manifest, "written": written}
-
-
-def _check_consistent(results: dict[int, dict], shapes: set, source) -> None:
-    """One image size across chunks, and no key twice."""
-    if not shapes:
-        raise DataError(f"{source.describe().get('path') or source.name}: no images")
-    if len({s[:2] for s in shapes}) > 1:
-        first: dict[tuple, str] = {}
-        for r in results.values():
-            if r["shape"] is not None:
-                first.setdefault(r["shape"][:2], r["label"])
-        where = ", ".join(f"{label}: {h}x{w}" for (h, w), label in sorted(first.items()))
-        raise DataError(
-            f"mixed image sizes across inputs ({where}); one size is required (pass --image-size)"
-        )
-    hashes = np.concatenate([r["hashes"] for r in results.values()])
-    uniq, counts = np.unique(hashes, return_counts=True)
-    if (counts > 1).any():
-        dup = uniq[counts > 1][0]
-        where = [r["label"] for r in results.values() if (r["hashes"] == dup).any()]
-        raise DataError(f"duplicate sample keys across inputs: {where[:2]} hold the same key")
-
-
-def _run_tasks(
-    tasks: list[tuple[int, Any, bool]], args: tuple, seed: int, fraction: float, progress: bool,
-    desc: str, max_in_flight: int | None,
-) -> dict[int, dict]:  # fmt: skip
-    """Run :func:`write_chunk` for ``tasks`` (index, spec, force_rgb), at most ``max_in_flight``
-    (default: twice the cluster's CPUs) at a time; results by index. The first failure cancels the
-    rest and raises the task's own error (a :class:`DataError` naming the input, ...)."""
-    import ray
-    from ray.exceptions import RayTaskError
-    from tqdm import tqdm
-
-    remote = ray.remote(num_cpus=1)(write_chunk)
-    window = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict[Any, int] = {}
-    results: dict[int, dict] = {}
-    todo = iter(tasks)
-    with tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress) as bar:
-        try:
-            while True:
-                while len(pending) < window and (task := next(todo, None)) is not None:
-                    i, spec, rgb = task
-                    pending[remote.remote(*args, i, spec, seed, fraction, rgb)] = i
-                if not pending:
-                    return results
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for ref in done:
-                    i = pending.pop(ref)
-                    try:
-                        results[i] = ray.get(ref)
-                    except RayTaskError as exc:
-                        cause = getattr(exc, "cause", None)
-                        if isinstance(cause, (DataError, StorageError, ConfigError)):
-                            raise cause from None
-                        raise
-                    bar.update(1)
-        finally:
-            for ref in pending:
-                ray.cancel(ref)
+    loaded = sum(r["loaded"] for r in results.values())
+    chunks = {"total": len(results), "loaded": loaded, "skipped": len(results) - loaded,
+              "peak_items": peak, "page_size": page_size}  # fmt: skip
+    return {**manifest, "written": written, "chunks": chunks}

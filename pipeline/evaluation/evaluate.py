@@ -2,6 +2,8 @@
 replication shares, and the sweep with attacks.
 
 Reads the run's data and sample shards from the store, loads its models, and returns report sections.
+``dataset`` is a name or a :class:`pipeline.data.handle.DatasetHandle`: a job opens its dataset once
+and passes the handle down, so no stage fetches ``manifest.json`` again.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.core.labels import holdout_fraction, is_trained_holdout
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import ImageSet
-from pipeline.data.layout import data_folder, samples_folder
-from pipeline.data.shards import read_image_shards
-from pipeline.data.subsets import pick_images, shard_counts, split_mean
+from pipeline.data.subsets import iter_shards, pick_images, split_mean
 from pipeline.evaluation.domain import DomainEvaluator
-from pipeline.evaluation.inputs import classifier_bits, sampler_knobs
-from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
+from pipeline.evaluation.inputs import classifier_bits, sampler_folders, sampler_knobs
+from pipeline.evaluation.shares import holdout_percentiles, streamed_shares
 
 MemberGroups = Mapping[str, Collection[str]]  # group name -> member keys (a superset is fine)
 DEFAULT_MAX_HOLDOUT = 2000  # held-out images whose nearest-neighbour similarities set p95 / p99
@@ -40,13 +41,14 @@ class AttackSets(NamedTuple):
 
 def attack_sets(
     store,
-    dataset: str,
+    dataset: str | DatasetHandle,
     num_members: int,
     num_nonmembers: int,
     seed: int = 0,
     bits: int = 0,
     label_seed: int = 0,
     fraction: float | None = None,
+    mean: np.ndarray | None = None,
 ) -> AttackSets:
     """A seeded uniform subset of the denoiser's training images (members) and of the held-out images
     that no model has seen (non-members), read shard by shard (:func:`pipeline.data.subsets.pick_images`:
@@ -55,17 +57,20 @@ def attack_sets(
     The classifier trained on about ``bits`` held-out images, chosen by a keyed hash of their keys
     (:func:`pipeline.core.labels.is_trained_holdout` with ``label_seed`` and ``fraction``, the share
     the classifier records: :func:`classifier_bits`), so those are never non-members. ``fraction``
-    None: computed from ``bits`` and the held-out count, as the classifier's workers did."""
-    train_folder, holdout_folder = data_folder(dataset, "train"), data_folder(dataset, "holdout")
-    if fraction is None:
-        num_holdout = sum(c or 0 for _, c in shard_counts(store, holdout_folder))
-        fraction = holdout_fraction(bits, num_holdout)
+    None: computed from ``bits`` and the held-out count, as the classifier's workers did. ``mean``:
+    the split mean the index build stored (``sidecar_mean``); None: one pass over the split."""
+    ds = as_handle(store, dataset)
+    train_folder, holdout_folder, m = ds.split("train"), ds.split("holdout"), ds.manifest
+    if fraction is None:  # no manifest: no count, as the classifier's workers saw it
+        fraction = holdout_fraction(bits, ds.count("holdout") or 0)
 
     def never_seen(key: str) -> bool:
         return not is_trained_holdout(key, label_seed, fraction)
 
-    members, _ = pick_images(store, train_folder, num_members, seed)
-    nonmembers, info = pick_images(store, holdout_folder, num_nonmembers, seed + 1, never_seen)
+    members, _ = pick_images(store, train_folder, num_members, seed, manifest=m)
+    nonmembers, info = pick_images(
+        store, holdout_folder, num_nonmembers, seed + 1, never_seen, manifest=m
+    )
     pool = {
         "source": "held-out images no model has seen",
         "num_holdout": info["num_images"],
@@ -74,7 +79,8 @@ def attack_sets(
         "num_never_seen_candidates": info["num_kept_candidates"],
         "num_nonmembers": len(nonmembers),
     }
-    return AttackSets(members, nonmembers, split_mean(store, train_folder), pool)
+    mean = mean if mean is not None else split_mean(store, train_folder, m)
+    return AttackSets(members, nonmembers, mean, pool)
 
 
 def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> dict:
@@ -116,39 +122,41 @@ def nn_attack(
     train_mean: np.ndarray,
     cfg,
     groups: MemberGroups | None = None,
+    chunk: int = SEARCH_CHUNK,
 ) -> dict:
     """Attack 3: similarity to the nearest generated sample (pixels centred on ``train_mean``, the
     training split's flattened mean image in [0, 1]), per sampler whose shards exist under
-    ``samples/<run>/``; score = similarity (higher = member).
+    ``samples/<run>/``; score = similarity (higher = member). The samples stream shard by shard
+    through an exact search of ``chunk`` samples at a time
+    (:class:`pipeline.evaluation.mia.NearestSamples`): memory is (members + non-members) x chunk.
 
     ``groups`` (name -> member keys, e.g. ``duplicated`` / ``unique``) adds ``"groups": {name:
     {"auc", "num_members", "member_mean"}}`` per sampler: that group's members against all the
     non-members (``auc`` and ``member_mean`` None for a group without members)."""
     from pipeline.evaluation.mia import (
+        NearestSamples,
         group_masks,
-        nn_similarity_scores,
         permutation_test,
         roc_auc,
         roc_curve,
         tpr_at_fpr,
     )
 
-    mean = np.asarray(train_mean, dtype=np.float32)
     masks = group_masks(members.keys, groups)
+    queries = np.concatenate([members.images, nonmembers.images])
     out = {}
-    for name in ("ddim", "cpsample"):
-        folder = samples_folder(run, name)
-        if not store.exists(folder) or not store.listdir(folder):
-            continue
-        gen = read_image_shards(store, folder).images
-        sm = nn_similarity_scores(members.images, gen, mean)
-        sn = nn_similarity_scores(nonmembers.images, gen, mean)
+    for name, folder in sampler_folders(store, run).items():
+        nearest = NearestSamples(queries, train_mean, chunk)
+        for shard in iter_shards(store, folder):  # one shard at a time, `chunk` samples per search
+            nearest.update(shard.images)
+        scores = nearest.scores()
+        sm, sn = scores[: len(members)], scores[len(members) :]
         fpr, tpr = roc_curve(sm, sn)
         out[name] = {
             "auc": roc_auc(sm, sn), "tpr_at_fpr": tpr_at_fpr(sm, sn, 0.01), "fpr": 0.01,
             "p_value": permutation_test(sm, sn, cfg.num_permutations, cfg.seed),
             "member_mean": float(sm.mean()), "nonmember_mean": float(sn.mean()),
-            "num_members": len(sm), "num_nonmembers": len(sn), "num_generated": len(gen),
+            "num_members": len(sm), "num_nonmembers": len(sn), "num_generated": nearest.count,
             "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
         }  # fmt: skip
         if masks:
@@ -172,20 +180,21 @@ def search_similarities(index, images: np.ndarray, chunk: int = SEARCH_CHUNK) ->
 
 
 def holdout_similarities(
-    store, dataset: str, index, max_images: int = DEFAULT_MAX_HOLDOUT, seed: int = 0
+    store, dataset: str | DatasetHandle, index, max_images: int = DEFAULT_MAX_HOLDOUT, seed: int = 0
 ) -> np.ndarray:
     """The held-out real images' nearest-training similarities (the reference of the threshold-free
     shares, :mod:`pipeline.evaluation.shares`): a seeded uniform subset of at most ``max_images``
     held-out images (:func:`pipeline.data.subsets.pick_images`, shard by shard) searched in
     ``index``. No model trains the denoiser on held-out images, so all of them qualify."""
-    images, _ = pick_images(store, data_folder(dataset, "holdout"), max_images, seed)
+    ds = as_handle(store, dataset)
+    images, _ = pick_images(store, ds.split("holdout"), max_images, seed, manifest=ds.manifest)
     return search_similarities(index, images.images)
 
 
 def threshold_free_section(
     store,
     run: str,
-    dataset: str,
+    dataset: str | DatasetHandle,
     index,
     max_holdout: int = DEFAULT_MAX_HOLDOUT,
     seed: int = 0,
@@ -194,7 +203,7 @@ def threshold_free_section(
     """The report's ``threshold_free`` section: the held-out p95 / p99 of nearest-training similarity
     (``holdout``; from ``holdout_sims`` when given, else :func:`holdout_similarities`) and, per
     sampler with shards under ``samples/<run>/``, the share of its samples above each (held-out real
-    images: 5% and 1% by construction)."""
+    images: 5% and 1% by construction), folded from per-shard counts (one shard in memory)."""
     if holdout_sims is None:
         holdout_sims = holdout_similarities(store, dataset, index, max_holdout, seed)
     pct = holdout_percentiles(holdout_sims)
@@ -202,50 +211,61 @@ def threshold_free_section(
         "holdout": {**pct, "num_images": int(np.asarray(holdout_sims).size), "seed": seed},
         "samplers": {},
     }
-    for name in ("ddim", "cpsample"):
-        folder = samples_folder(run, name)
-        if not store.exists(folder) or not store.listdir(folder):
-            continue
-        sims = search_similarities(index, read_image_shards(store, folder).images)
-        shares = threshold_free_shares(sims, pct)
-        out["samplers"][name] = {"num_samples": int(sims.size),
-                                 **{k: v for k, v in shares.items() if k.startswith("above_")}}  # fmt: skip
+    for name, folder in sampler_folders(store, run).items():
+        sims = (search_similarities(index, sh.images) for sh in iter_shards(store, folder))
+        out["samplers"][name] = streamed_shares(sims, pct)  # one shard in memory at a time
     return out
 
 
 def fid_section(
     store,
     run: str,
-    dataset: str,
+    dataset: str | DatasetHandle,
     weights: str | None,
     batch_size: int = 32,
     max_reference: int = 10_000,
+    use_gpu: bool = False,
+    actors: int = 1,
+    block_size: int = 256,
 ) -> dict:
     """FID of each sampler's samples against the held-out real images (a seeded subset of at most
-    ``max_reference`` of them, read shard by shard), or why it was skipped."""
-    from pipeline.evaluation.fid import InceptionFeatures, frechet_distance_features
+    ``max_reference`` of them, read shard by shard), or why it was skipped.
+
+    Streamed (:mod:`pipeline.fanout.features`): ``actors`` feature actors (one GPU each with
+    ``use_gpu``) load the Inception once and return, per ``block_size`` images, only their partial
+    moments, which are folded here (:mod:`pipeline.evaluation.moments`); ``batch_size`` images go
+    through the network at a time. The driver holds moments, never the samples' features."""
+    import functools
+    from pathlib import Path
+
+    from pipeline.evaluation.fid import inception_embedder, load_inception
+    from pipeline.evaluation.moments import Moments, fold, frechet_distance_moments
+    from pipeline.fanout.features import array_moments, require_gpus, shard_moments
 
     if weights is None:
         return {
             "skipped": "no --inception-weights file given (the domain FD is the offline metric)"
         }
-    features = InceptionFeatures.from_file(weights, batch_size)  # a clear error before any work
-    reference, _ = pick_images(store, data_folder(dataset, "holdout"), max_reference, seed=0)
-    ref = features(reference.to_tensor())
+    require_gpus(use_gpu)
+    _, name = load_inception(weights)  # a clear error before any work
+    data = Path(weights).read_bytes()  # shipped once to the actors: nodes need not have the file
+    make = functools.partial(inception_embedder, weights, batch_size, data=data)
+    stream = {"actors": actors, "use_gpu": use_gpu, "batch_size": block_size}
+    ds = as_handle(store, dataset)
+    reference, _ = pick_images(store, ds.split("holdout"), max_reference, 0, manifest=ds.manifest)
+    ref = fold(Moments.from_partial(p) for p in array_moments(reference.images, make, **stream))
     values = {}
-    for name in ("ddim", "cpsample"):
-        folder = samples_folder(run, name)
-        if store.exists(folder) and store.listdir(folder):
-            feats = features(read_image_shards(store, folder).to_tensor())
-            values[name] = frechet_distance_features(feats, ref)
-    return {"name": features.name, "reference": "held-out real images",
+    for sampler, folder in sampler_folders(store, run).items():
+        parts = shard_moments(store, folder, make, **stream)
+        values[sampler] = frechet_distance_moments(fold(map(Moments.from_partial, parts)), ref)
+    return {"name": name, "reference": "held-out real images",
             "num_reference": len(reference), "values": values}  # fmt: skip
 
 
 def evaluate_run(
     store,
     run: str,
-    dataset: str,
+    dataset: str | DatasetHandle,
     cfg,
     inception_weights: str | None = None,
     alpha: float | None = None,
@@ -255,6 +275,8 @@ def evaluate_run(
     max_holdout: int = DEFAULT_MAX_HOLDOUT,
     sidecar: dict[str, Any] | None = None,
     checked: dict[str, Any] | None = None,
+    use_gpu: bool = False,
+    feature_actors: int = 1,
 ) -> tuple[dict, dict[str, bytes]]:
     """FID and the membership attacks for a run's models and samples: (report keys, figures).
 
@@ -269,37 +291,50 @@ def evaluate_run(
     (:func:`threshold_free_section`, at most ``max_holdout`` held-out images seeded by ``cfg.seed``).
     ``member_groups`` adds per-group AUCs to the nearest-sample attack. The report keys include
     ``inputs`` (:func:`pipeline.evaluation.inputs.run_inputs`); ``checked``: ``check_run``'s result
-    when the caller already checked.
+    when the caller already checked. FID's features come from ``feature_actors`` Ray actors, one GPU
+    each with ``use_gpu`` (:func:`fid_section`).
     """
     from pipeline.evaluation.inputs import check_run, run_inputs
 
-    checked = checked if checked is not None else check_run(store, run, dataset)
+    ds = as_handle(store, dataset)  # the dataset opened once (or by the caller), passed down
+    checked = checked if checked is not None else check_run(store, run, ds)
     sampler = sampler_knobs(checked["samples"], alpha, scale)
-    fid = fid_section(store, run, dataset, inception_weights, cfg.fid_batch_size)
-    mi = run_attacks(store, run, dataset, sampler, cfg, member_groups, checked=checked)
+    fid = fid_section(
+        store, run, ds, inception_weights, cfg.fid_batch_size, use_gpu=use_gpu,
+        actors=feature_actors,
+    )  # fmt: skip
+    sets = None
+    if sidecar is not None:  # the split mean the index build stored: no pass over the split
+        from pipeline.fanout.replica_store import sidecar_mean
+
+        if (mean := sidecar_mean(store, sidecar)) is not None:
+            sets = run_sets(store, run, ds, cfg, mean)
+    mi = run_attacks(store, run, ds, sampler, cfg, member_groups, sets, checked=checked)
     mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale,
                             "input_mode": sampler.input_mode, "guidance_t_max": sampler.guidance_t_max}  # fmt: skip
     out = {"fid": fid, "membership_inference": mi}
     if replica_index is not None:
         out["threshold_free"] = threshold_free_section(
-            store, run, dataset, replica_index, max_holdout, cfg.seed
+            store, run, ds, replica_index, max_holdout, cfg.seed
         )
     out["inputs"] = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
     return out, attack_figures(mi)
 
 
-def run_sets(store, run: str, dataset: str, cfg) -> AttackSets:
-    """:func:`attack_sets` for a run: ``cfg``'s sizes and seed, the run's classifier's held-out roles."""
+def run_sets(store, run: str, dataset: str | DatasetHandle, cfg, mean=None) -> AttackSets:
+    """:func:`attack_sets` for a run: ``cfg``'s sizes and seed, the run's classifier's held-out roles
+    (``mean``: the stored split mean, when known)."""
     bits, label_seed, fraction = classifier_bits(store, run)
     return attack_sets(
-        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, bits, label_seed, fraction
-    )
+        store, dataset, cfg.num_members, cfg.num_nonmembers, cfg.seed, bits, label_seed, fraction,
+        mean,
+    )  # fmt: skip
 
 
 def run_attacks(
     store,
     run: str,
-    dataset: str,
+    dataset: str | DatasetHandle,
     sampler,
     cfg,
     member_groups: MemberGroups | None = None,
@@ -321,9 +356,10 @@ def run_attacks(
     from pipeline.data.checkpoints import load_models
     from pipeline.evaluation.inputs import check_run
 
+    ds = as_handle(store, dataset)
     if checked is None:
-        check_run(store, run, dataset)
-    sets = sets if sets is not None else run_sets(store, run, dataset, cfg)
+        check_run(store, run, ds)
+    sets = sets if sets is not None else run_sets(store, run, ds, cfg)
     sampler = dataclasses.replace(sampler, allow_unfit=True)
     with tempfile.TemporaryDirectory() as tmp:
         unet, schedule, _, guidance = load_models(
@@ -349,25 +385,14 @@ def attack_figures(mi: dict[str, Any]) -> dict[str, bytes]:
 
 
 def sweep_and_attack(
-    store,
-    run: str,
-    dataset: str,
-    sampler,
-    replicas,
-    evaluator: DomainEvaluator | None = None,
-    seed: int = 0,
-    points=((0.5, 3.0), (0.5, 5.0), (0.5, 7.0)),
-    num_samples: int = 256,
-    target_rate: float = 0.02,
-    num_members: int = 64,
-    num_nonmembers: int = 256,
-    include_ddim: bool = True,
-    extra_rows: list[dict] | None = None,
-    holdout_sims=None,
-    member_groups: MemberGroups | None = None,
-    target_above_p99: float = 0.05,
+    store, run: str, dataset: str | DatasetHandle, sampler, replicas,
+    evaluator: DomainEvaluator | None = None, seed: int = 0,
+    points=((0.5, 3.0), (0.5, 5.0), (0.5, 7.0)), num_samples: int = 256,
+    target_rate: float = 0.02, num_members: int = 64, num_nonmembers: int = 256,
+    include_ddim: bool = True, extra_rows: list[dict] | None = None, holdout_sims=None,
+    member_groups: MemberGroups | None = None, target_above_p99: float = 0.05,
     extra_pixels: Mapping[str, np.ndarray] | None = None,
-) -> tuple[dict, dict[str, bytes]]:
+) -> tuple[dict, dict[str, bytes]]:  # fmt: skip
     """The demo's privacy block: the (alpha, s) sweep (Ray Tune) and the three membership attacks
     (:func:`run_attacks`) for DDIM and CPSample on this run.
 
@@ -395,12 +420,13 @@ def sweep_and_attack(
     from pipeline.evaluation.sweep import merge_points, run_sweep
     from pipeline.fanout.replica_index import ensure_replica_index
 
-    checked = check_run(store, run, dataset)  # the stored samples the attacks read are the run's
+    ds = as_handle(store, dataset)  # opened once, passed down
+    checked = check_run(store, run, ds)  # the stored samples the attacks read are the run's
     cfg = EvalConfig(num_members=num_members, num_nonmembers=num_nonmembers, seed=seed)
-    sets = run_sets(store, run, dataset, cfg)
+    sets = run_sets(store, run, ds, cfg)
     attack = sample_only_attack(sets, member_groups)
     sweep = run_sweep(
-        store, run, dataset, points, num_samples, seed, evaluator, target_rate, sampler, replicas,
+        store, run, ds, points, num_samples, seed, evaluator, target_rate, sampler, replicas,
         include_ddim, write_figure=False, holdout_sims=holdout_sims, attack=attack,
         target_above_p99=target_above_p99,
     )  # fmt: skip
@@ -412,11 +438,11 @@ def sweep_and_attack(
                 row.update(attack.aucs(np.asarray(pixels)))
         sweep = merge_points(sweep, extra, target_rate, target_above_p99)
     mi = run_attacks(
-        store, run, dataset, dataclasses.replace(sampler, sampler="cpsample"), cfg, member_groups,
+        store, run, ds, dataclasses.replace(sampler, sampler="cpsample"), cfg, member_groups,
         sets, checked,
     )  # fmt: skip
     mi["cpsample_knobs"] = {"alpha": sampler.alpha, "scale": sampler.scale}
     figures = {"pareto.png": pareto_figure(sweep), **attack_figures(mi)}
-    sidecar = ensure_replica_index(store, dataset, replicas)  # the one the sweep loaded
+    sidecar = ensure_replica_index(store, ds.dataset, replicas)  # the one the sweep loaded
     inputs = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
     return {"sweep": sweep, "membership_inference": mi, "inputs": inputs}, figures

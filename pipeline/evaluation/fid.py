@@ -14,6 +14,8 @@ Features are the 2048-d pool3 activations of images resized to 299x299 (bilinear
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,18 +108,20 @@ def _he_init(net: nn.Module) -> nn.Module:
     return net
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
+def _read_state_dict(path: Path, data: bytes | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in the file ``path``, or in ``data`` (that file's bytes, read elsewhere)."""
+    if data is None and not path.is_file():
         raise InceptionWeightsError(
             f"Inception weights file {str(path)!r} does not exist: {WEIGHTS_HELP}"
         )
+    source = str(path) if data is None else io.BytesIO(data)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load, load_file
 
-            state = load_file(str(path))
+            state = load_file(source) if data is None else load(data)
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refused, truncated file, not a tensor archive...
         raise InceptionWeightsError(
             f"{path}: not a readable weights file ({type(exc).__name__}: {exc}); {WEIGHTS_HELP}"
@@ -131,11 +135,12 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_inception(path: str | Path) -> tuple[nn.Module, str]:
-    """(network in eval mode, metric name) from a local weights file; the variant is read off the
-    classifier's size (1008 classes = the FID network, 1000 = torchvision's ImageNet weights)."""
+def load_inception(path: str | Path, data: bytes | None = None) -> tuple[nn.Module, str]:
+    """(network in eval mode, metric name) from a local weights file (or ``data``, its bytes, on a
+    node that does not have the file); the variant is read off the classifier's size (1008 classes =
+    the FID network, 1000 = torchvision's ImageNet weights)."""
     path = Path(path)
-    state = _read_state_dict(path)
+    state = _read_state_dict(path, data)
     classes = int(state["fc.weight"].shape[0])
     variant = {1008: "fid", 1000: "torchvision"}.get(classes)
     if variant is None:
@@ -157,23 +162,36 @@ class InceptionFeatures:
     net: nn.Module
     name: str
     batch_size: int = 32
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.net = self.net.to(self.device)
 
     @classmethod
-    def from_file(cls, path: str | Path, batch_size: int = 32) -> InceptionFeatures:
-        net, name = load_inception(path)
-        return cls(net, name, batch_size)
+    def from_file(
+        cls, path: str | Path, batch_size: int = 32, device: str = "cpu", data: bytes | None = None
+    ) -> InceptionFeatures:
+        net, name = load_inception(path, data)
+        return cls(net, name, batch_size, device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        """(N, C, H, W) images in [-1, 1], C in {1, 3} -> (N, 2048) float64."""
+        """(N, C, H, W) images in [-1, 1], C in {1, 3} -> (N, 2048) float64, ``batch_size`` images
+        at a time on ``device``."""
         out = []
         for xb in images.split(self.batch_size):
-            xb = xb.float()
+            xb = xb.to(self.device, torch.float32)
             if xb.shape[1] == 1:
                 xb = xb.expand(-1, 3, -1, -1)
             xb = F.interpolate(xb, size=(299, 299), mode="bilinear", align_corners=False)
-            out.append(self._pool3(xb).double())
+            out.append(self._pool3(xb).double().cpu())
         return torch.cat(out).numpy()
+
+    def of_uint8(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) images -> (N, 2048) float64 (scaled to [-1, 1] as the models use)."""
+        from pipeline.data.imageset import images_to_tensor
+
+        return self(images_to_tensor(np.ascontiguousarray(images)))
 
     def _pool3(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
@@ -183,6 +201,15 @@ class InceptionFeatures:
                      "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"):  # fmt: skip
             x = getattr(n, name)(x)
         return x.flatten(1)
+
+
+def inception_embedder(
+    path: str | Path, batch_size: int = 32, device: str = "cpu", data: bytes | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 (N, H, W, C) -> pool3 features (N, 2048), the network loaded once from ``path`` (or
+    ``data``, the file's bytes shipped with the factory to nodes without the file), on ``device``:
+    what each feature actor builds (:mod:`pipeline.fanout.features`, ``make_embed``)."""
+    return InceptionFeatures.from_file(path, batch_size, device, data).of_uint8
 
 
 def frechet_distance_features(f1: np.ndarray, f2: np.ndarray) -> float:

@@ -21,16 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.layout import data_folder
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.provenance import (
     StaleArtifactError,
     changed_inputs,
     dir_digest,
-    manifest_digest,
     read_provenance,
     value_digest,
 )
-from pipeline.data.shards import read_manifest
 from pipeline.data.storage import Store
 from pipeline.fanout.resume import first_meta
 
@@ -72,14 +70,18 @@ def run_models(
     return out
 
 
-def check_dataset(store: Store, dataset: str, trained_on: str | None, what: str) -> str | None:
-    """The manifest digest of ``data/<dataset>``; refuses a dataset other than the one the model
-    ``what`` was trained on (``trained_on``, from its provenance; None: not recorded, not checked)."""
-    digest = manifest_digest(read_manifest(store, data_folder(dataset)))
+def check_dataset(
+    store: Store, dataset: str | DatasetHandle, trained_on: str | None, what: str
+) -> str | None:
+    """The manifest digest of ``data/<dataset>`` (a name, or a handle already opened: not read
+    again); refuses a dataset other than the one the model ``what`` was trained on (``trained_on``,
+    from its provenance; None: not recorded, not checked)."""
+    ds = as_handle(store, dataset)
+    digest = ds.digest
     if trained_on is not None and digest != trained_on:
         raise StaleArtifactError(
             f"{what} was trained on data with manifest digest {trained_on[:19]}... but "
-            f"{store.uri_of(data_folder(dataset))} has {str(digest)[:19]}...: a wrong --dataset, or "
+            f"{store.uri_of(ds.folder)} has {str(digest)[:19]}...: a wrong --dataset, or "
             "the data changed since training; pass the dataset the model was trained on, or retrain"
         )
     return digest
@@ -192,13 +194,17 @@ def conflicts(report_inputs: dict[str, Any] | None, fragment_inputs: dict[str, A
 
 
 def check_run(
-    store: Store, run: str, dataset: str, samplers: tuple[str, ...] = SAMPLERS, threads: int = 8
+    store: Store,
+    run: str,
+    dataset: str | DatasetHandle,
+    samplers: tuple[str, ...] = SAMPLERS,
+    threads: int = 8,
 ) -> dict[str, Any]:
     """Check what a job about to read ``run``'s samples will combine: the run's models
     (:func:`run_models`; none in the store: not compared), the dataset they were trained on
     (:func:`check_dataset`) and each sampler's shards (:func:`check_samples`). Returns ``{"models",
     "data", "samples": {sampler: ...}}`` for :func:`run_inputs`; raises
-    :class:`StaleArtifactError` naming what differs."""
+    :class:`StaleArtifactError` naming what differs. ``dataset``: a name, or the job's handle."""
     models = run_models(store, run)
     trained_on = (models or {}).get("trained_on")
     data = check_dataset(store, dataset, trained_on, store.uri_of("models", run, "denoiser"))

@@ -10,7 +10,9 @@ Attacks (each returns per-image *errors*; members are expected to have the small
   with DDIM to ``x_t``, take one deterministic step up to ``x_{t+k}`` and one DDIM step back down, and
   measure ``||x_t - x~_t||^2``.
 - :func:`nn_similarity_scores`: the nearest-generated-sample attack: a member's similarity to its
-  nearest generated sample is higher than a non-member's when the model copies.
+  nearest generated sample is higher than a non-member's when the model copies. The samples stream
+  through :class:`NearestSamples` in bounded chunks (an exact FAISS index per chunk, a running top-1
+  per query), never as a dense (queries x samples) matrix.
   :class:`SampleOnlyAttack` runs it on any set of samples (one sweep point), per member group too.
 
 The attacks work in eps whatever the network predicts: the denoiser adapter converts a v-prediction
@@ -224,19 +226,66 @@ def secmi_errors(
     return torch.cat(out).numpy()
 
 
+def pixel_embedding(images: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (N, H, W, C) -> L2-normalised float32 (N, H W C) rows of ``x / 255 - mean`` (``mean``:
+    the training split's flattened mean image in [0, 1]; None: raw pixels); inner product = cosine."""
+    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    flat = flat - mean if mean is not None else flat
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+
+
+class NearestSamples:
+    """Running top-1: each query's cosine similarity to its nearest generated sample, with the
+    samples streamed in chunks (:meth:`update`) and never held together.
+
+    Each chunk of at most ``chunk`` samples is embedded (:func:`pixel_embedding`), put in an exact
+    FAISS ``IndexFlatIP`` and searched with all the queries; ``best = max(best, top-1 of the chunk)``.
+    Memory: the queries' embeddings plus one chunk's, whatever the number of samples, and the result
+    equals the dense ``max_j <q_i, g_j>`` (float32 inner products)."""
+
+    def __init__(self, queries: np.ndarray, mean: np.ndarray | None = None, chunk: int = 2048):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1 sample, got {chunk}")
+        self.mean = None if mean is None else np.asarray(mean, dtype=np.float32).reshape(-1)
+        self.queries = pixel_embedding(np.asarray(queries), self.mean)
+        self.chunk = chunk
+        self.best = np.full(len(self.queries), -np.inf, dtype=np.float32)
+        self.count = 0  # samples seen
+
+    def update(self, generated: np.ndarray) -> NearestSamples:
+        """Fold a batch of generated uint8 (G, H, W, C) samples (any G), ``chunk`` at a time."""
+        import faiss
+
+        generated = np.asarray(generated)
+        dim = int(np.prod(generated.shape[1:])) if generated.ndim > 1 else -1
+        if dim != self.queries.shape[1]:
+            raise ValueError(
+                f"generated samples of shape {generated.shape[1:]} ({dim} values) do not match the "
+                f"queries' {self.queries.shape[1]} values per image"
+            )
+        for lo in range(0, len(generated), self.chunk):
+            emb = pixel_embedding(generated[lo : lo + self.chunk], self.mean)
+            index = faiss.IndexFlatIP(emb.shape[1])
+            index.add(emb)
+            sims, _ = index.search(self.queries, 1)  # (Q, 1)
+            np.maximum(self.best, sims[:, 0], out=self.best)
+            self.count += len(emb)
+        return self
+
+    def scores(self) -> np.ndarray:
+        """Each query's nearest-sample similarity (Q,), float32."""
+        if self.count == 0:
+            raise ValueError("no generated samples to attack with")
+        return self.best.copy()
+
+
 def nn_similarity_scores(
-    queries: np.ndarray, generated: np.ndarray, mean: np.ndarray | None = None
+    queries: np.ndarray, generated: np.ndarray, mean: np.ndarray | None = None, chunk: int = 2048
 ) -> np.ndarray:
     """Cosine similarity of each query image to its nearest generated image (N,), on mean-centred
     pixels when ``mean`` (the training mean image, flattened, in [0, 1]) is given. Images are uint8
-    (N, H, W, C)."""
-
-    def embed(images: np.ndarray) -> np.ndarray:
-        flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
-        flat = flat - mean if mean is not None else flat
-        return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
-
-    return (embed(queries) @ embed(generated).T).max(axis=1)
+    (N, H, W, C); the samples are searched ``chunk`` at a time (:class:`NearestSamples`)."""
+    return NearestSamples(queries, mean, chunk).update(generated).scores()
 
 
 def group_masks(

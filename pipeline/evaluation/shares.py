@@ -10,12 +10,14 @@ By construction 5% of held-out real images lie above the held-out p95 and 1% abo
 ties and interpolation on a finite held-out set), so a sampler that generates like the data
 distribution, never closer to the training images than unseen real images are, scores about 5% and
 1%; shares well above those mean samples closer to training images than real data ever is, whatever
-the threshold. Ray-free and numpy only.
+the threshold. The shares fold from per-shard counts (:func:`share_counts`), so a sampler's folder is
+never held at once. Ray-free and numpy only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -65,10 +67,47 @@ def threshold_free_shares(nn_sims, percentiles: Mapping[str, float]) -> dict[str
     ``percentiles``: :func:`holdout_percentiles`' dict (any ``holdout_p<q>`` keys)."""
     s = _flat(nn_sims, "sample")
     pct = as_percentiles(percentiles)
-    out: dict[str, float] = dict(pct)
-    for key, p in pct.items():
-        out[SHARE_PREFIX + key[len(PERCENTILE_PREFIX) :]] = float((s > p).mean())
+    return {**pct, **shares_from_counts(share_counts(s, pct))}
+
+
+def share_counts(nn_sims, percentiles: Mapping[str, float]) -> dict[str, int]:
+    """One shard's part of the shares: ``{"num_samples": N, "above_holdout_p95": #{s > p95}, ...}``
+    (integers; fold shards with :func:`fold_share_counts`, then :func:`shares_from_counts`). An empty
+    shard counts zeros."""
+    s = np.asarray(nn_sims, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(s)):
+        raise ValueError("sample similarities must be finite")
+    out = {"num_samples": int(s.size)}
+    for key, p in as_percentiles(percentiles).items():
+        out[SHARE_PREFIX + key[len(PERCENTILE_PREFIX) :]] = int((s > p).sum())
     return out
+
+
+def fold_share_counts(parts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Per-shard :func:`share_counts` summed key by key (every part must have the same keys)."""
+    total: dict[str, int] = {}
+    for part in parts:
+        if total and set(part) != set(total):
+            raise ValueError(f"share counts with keys {sorted(part)} and {sorted(total)}")
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + int(value)
+    return total
+
+
+def shares_from_counts(counts: Mapping[str, int]) -> dict[str, float]:
+    """``{"above_holdout_p<q>": count / num_samples}`` from (folded) :func:`share_counts`."""
+    n = int(counts.get("num_samples", 0))
+    if n == 0:
+        raise ValueError("no sample similarities given")
+    return {k: int(v) / n for k, v in counts.items() if k.startswith(SHARE_PREFIX)}
+
+
+def streamed_shares(sims_per_shard: Iterable, percentiles: Mapping[str, float]) -> dict[str, Any]:
+    """``{"num_samples", "above_holdout_p<q>": ...}`` of a sampler whose nearest-training similarities
+    arrive one shard at a time (an iterable of arrays): per-shard counts folded, equal to
+    :func:`threshold_free_shares` on all of them at once."""
+    counts = fold_share_counts(share_counts(sims, percentiles) for sims in sims_per_shard)
+    return {"num_samples": counts.get("num_samples", 0), **shares_from_counts(counts)}
 
 
 def share_keys(row: Mapping) -> list[str]:

@@ -31,6 +31,7 @@ import torch
 from pipeline.core.config import ReplicaConfig, SamplerConfig
 from pipeline.core.guidance import cpsample_guidance, validate_knobs
 from pipeline.core.sampler import derive_seed, sample, unet_denoiser
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import images_from_tensor
 from pipeline.evaluation.fid import frechet_distance_features
 from pipeline.evaluation.shares import SHARE_PREFIX, as_percentiles, threshold_free_shares
@@ -311,7 +312,7 @@ def _trial(config: dict[str, Any], *, context: dict[str, Any]) -> dict[str, Any]
 def run_sweep(
     store,
     run: str,
-    dataset: str,
+    dataset: str | DatasetHandle,
     points: Sequence[tuple[float, float]] = ((0.5, 3.0), (0.5, 5.0), (0.5, 7.0)),
     num_samples: int = 256,
     seed: int = 0,
@@ -333,6 +334,7 @@ def run_sweep(
 
     ``sampler`` supplies steps, eta, batch size, input mode and the guided t range (its alpha, scale,
     num_samples and seed are ignored). Writes ``reports/<run>/pareto.png`` when ``write_figure``.
+    ``dataset``: a name, or the job's :class:`~pipeline.data.handle.DatasetHandle` (not read again).
 
     ``holdout_sims`` (held-out real images' nearest-training similarities in the replica index's
     embedding, or their percentiles) adds the threshold-free shares to every row and the p99 share
@@ -342,7 +344,6 @@ def run_sweep(
     from ray import tune
 
     from pipeline.data.checkpoints import preflight_models
-    from pipeline.data.layout import data_folder
     from pipeline.data.subsets import pick_images
     from pipeline.evaluation.report import pareto_figure
     from pipeline.fanout.ray_init import init_ray
@@ -360,12 +361,16 @@ def run_sweep(
         )
     else:
         preflight_models(store, denoiser, None, dataclasses.replace(sampler, sampler="ddim"))
+    ds = as_handle(store, dataset)  # a name, or the job's handle: its manifest is not read again
     # the stored replica index (built once when missing or stale), loaded by each trial
-    train_index = LazyReplicaIndex(store, ensure_replica_index(store, dataset, replicas), replicas)
+    train_index = LazyReplicaIndex(
+        store, ensure_replica_index(store, ds.dataset, replicas), replicas
+    )
     reference = None
     if evaluator is None:
         # a seeded subset of the held-out images (all of them up to 10,000), read shard by shard
-        reference = pick_images(store, data_folder(dataset, "holdout"), 10_000, seed)[0].to_tensor()
+        held = pick_images(store, ds.split("holdout"), 10_000, seed, manifest=ds.manifest)[0]
+        reference = held.to_tensor()
     percentiles = None if holdout_sims is None else as_percentiles(holdout_sims)
     context = {
         "store_uri": store.uri, "denoiser": denoiser, "classifier": classifier, "sampler": sampler,

@@ -38,15 +38,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import ConfigError, ReplicaConfig, to_dict
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import DataError
-from pipeline.data.layout import data_folder
 from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import (
-    manifest_shards,
-    read_checked_tar,
-    read_image_shards,
-    read_manifest,
-)
+from pipeline.data.shards import manifest_shards, read_checked_tar, read_image_shards
 from pipeline.data.storage import ObjectNotFound, StorageError, Store
 from pipeline.fanout.index import make_embedding
 from pipeline.fanout.replica_store import resolve_kind, train_shards
@@ -187,23 +182,23 @@ def cluster_folder(dataset: str, embedding: str) -> str:
     return f"clusters/{dataset}/{embedding}"
 
 
-def _state(store: Store, dataset: str, replicas: ReplicaConfig) -> dict[str, Any]:
-    """The training set's shards, digest and size, and the search kind a build would use."""
-    if read_manifest(store, data_folder(dataset)) is None and not store.listdir(
-        data_folder(dataset, "train")
-    ):
+def _state(store: Store, dataset: str | DatasetHandle, replicas: ReplicaConfig) -> dict[str, Any]:
+    """The training set's shards, digest and size, the search kind a build would use, and the
+    dataset's handle (``ds``: its manifest read once, here or by the caller)."""
+    ds = as_handle(store, dataset)
+    if ds.manifest is None and not store.listdir(ds.split("train")):
         raise DataError(
-            f"no dataset {dataset!r} under {store.uri_of(data_folder(dataset))} (no manifest, no "
+            f"no dataset {ds.dataset!r} under {store.uri_of(ds.folder)} (no manifest, no "
             "training shards): write it with jobs/make_shards.py"
         )
-    shards, digest = train_shards(store, dataset)
+    shards, digest = train_shards(store, ds)
     n = sum(c for _, c in shards)
     if n == 0:
-        raise DataError(f"no training images under {store.uri_of(data_folder(dataset, 'train'))}")
-    return {"shards": shards, "digest": digest, "n": n, "kind": resolve_kind(replicas, n)}
+        raise DataError(f"no training images under {store.uri_of(ds.split('train'))}")
+    return {"shards": shards, "digest": digest, "n": n, "kind": resolve_kind(replicas, n), "ds": ds}
 
 
-def search_kind(store: Store, dataset: str, replicas: ReplicaConfig) -> str:
+def search_kind(store: Store, dataset: str | DatasetHandle, replicas: ReplicaConfig) -> str:
     """``flat`` (exact, in process) or ``ivf`` (the stored replica index, Ray tasks)."""
     return _state(store, dataset, replicas)["kind"]
 
@@ -242,15 +237,17 @@ def _from_stored(sidecar: dict, members: dict[str, str]) -> Clusters:
     return Clusters(sidecar["threshold"], sidecar["embedding"], members, sidecar)
 
 
-def load_clusters(store: Store, dataset: str, embedding: str) -> Clusters | None:
-    """The stored clusters of ``dataset``; None when none are stored. Clusters of another training
-    set (manifest digest) or a damaged members.json raise :class:`StaleClustersError`."""
-    folder = cluster_folder(dataset, embedding)
+def load_clusters(store: Store, dataset: str | DatasetHandle, embedding: str) -> Clusters | None:
+    """The stored clusters of ``dataset`` (a name, or a handle: its manifest is not read again);
+    None when none are stored. Clusters of another training set (manifest digest) or a damaged
+    members.json raise :class:`StaleClustersError`."""
+    name = dataset.dataset if isinstance(dataset, DatasetHandle) else dataset
+    folder = cluster_folder(name, embedding)
     sidecar, members = _read(store, folder)
     if sidecar is None:
-        return None
+        return None  # nothing stored: the manifest is not read
     _, digest = train_shards(store, dataset)
-    hint = f"run jobs/cluster_duplicates.py --dataset {dataset} --embedding {embedding}"
+    hint = f"run jobs/cluster_duplicates.py --dataset {name} --embedding {embedding}"
     if sidecar.get("manifest_digest") != digest:
         raise StaleClustersError(
             f"the clusters under {store.uri_of(folder)} were made from another training set "
@@ -274,27 +271,31 @@ def _pixel_embedding(replicas: ReplicaConfig) -> None:
 
 
 def ensure_clusters(
-    store: Store, dataset: str, replicas: ReplicaConfig, threshold: float, k: int = 32
+    store: Store,
+    dataset: str | DatasetHandle,
+    replicas: ReplicaConfig,
+    threshold: float,
+    k: int = 32,
 ) -> Clusters:
     """The stored clusters when made from this training set with this threshold, embedding and
     search kind (and ``k``, for IVF); else :func:`build_clusters`."""
     threshold = check_threshold(threshold)
     _pixel_embedding(replicas)
     state = _state(store, dataset, replicas)
-    sidecar, members = _read(store, cluster_folder(dataset, replicas.embedding))
+    sidecar, members = _read(store, cluster_folder(state["ds"].dataset, replicas.embedding))
     if (
         sidecar is not None
         and members is not None
         and not _stale_reasons(sidecar, state, threshold, replicas.embedding, k)
     ):
         return _from_stored(sidecar, members)
-    return build_clusters(store, dataset, replicas, threshold, k=k, state=state)
+    return build_clusters(store, state["ds"], replicas, threshold, k=k, state=state)
 
 
 # ------------------------------------------------------------------------------------ the builds
 def build_clusters(
     store: Store,
-    dataset: str,
+    dataset: str | DatasetHandle,
     replicas: ReplicaConfig,
     threshold: float,
     rebuild: bool = False,
@@ -309,13 +310,15 @@ def build_clusters(
     if k < 2:
         raise ConfigError(f"k must be >= 2 (each row finds itself first), got {k}")
     state = state or _state(store, dataset, replicas)
+    ds = state.get("ds") or as_handle(store, dataset)
+    dataset = ds.dataset
     folder = cluster_folder(dataset, replicas.embedding)
     t0 = time.time()
     store.delete(folder, SIDECAR)  # first: a crash from here on leaves no clusters, not old ones
     store.delete_dir(folder)
     extra: dict[str, Any] = {}
     if state["kind"] == "flat":
-        train = read_image_shards(store, data_folder(dataset, "train"))
+        train = read_image_shards(store, ds.split("train"), ds.manifest)
         emb = make_embedding(replicas.embedding, train.images)(train.images)  # (N, D) float32
         label_of = union_find_clusters(train.keys, find_duplicate_pairs(emb, threshold))
         extra["search"] = "exact: every pair, blockwise in process"
@@ -379,7 +382,8 @@ def _ivf_clusters(store, dataset, replicas, threshold, k, rebuild):
         sidecar = build_replica_index(store, dataset, replicas)
     else:
         sidecar = ensure_replica_index(store, dataset, replicas)
-    task = ray.remote(num_cpus=1, max_retries=2)(_part_links)
+    gpus = 1 if replicas.use_gpu else 0  # asked: each search task requests a GPU (autoscaling)
+    task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=2)(_part_links)
     cfg = to_dict(replicas)
     refs = [task.remote(store, sidecar, cfg, p, threshold, k) for p in sidecar["parts"]]
     links, keys = [], {}
@@ -400,13 +404,16 @@ def _ivf_clusters(store, dataset, replicas, threshold, k, rebuild):
 
 
 # ---------------------------------------------------------------------------------------- figure
-def member_images(store: Store, dataset: str, keys: set[str]) -> dict[str, np.ndarray]:
+def member_images(
+    store: Store, dataset: str | DatasetHandle, keys: set[str]
+) -> dict[str, np.ndarray]:
     """The training images of ``keys``, reading the training shards one at a time and stopping once
-    every key is found."""
-    folder = data_folder(dataset, "train")
+    every key is found (``dataset``: a name, or a handle: its manifest is not read again)."""
+    ds = as_handle(store, dataset)
+    folder = ds.split("train")
     found: dict[str, np.ndarray] = {}
-    entries = manifest_shards(store, folder)  # each shard's sha256 checked as it is read
-    for name, _ in train_shards(store, dataset)[0]:
+    entries = manifest_shards(store, folder, ds.manifest)  # each shard's sha256 checked on read
+    for name, _ in train_shards(store, ds)[0]:
         if len(found) == len(keys):
             break
         shard = read_checked_tar(store, folder, name, entries)

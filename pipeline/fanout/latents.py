@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import tarfile
 import tempfile
@@ -43,6 +44,7 @@ from pipeline.core.models import CheckpointError
 from pipeline.data import shards as sh
 from pipeline.data import tars as tarfmt
 from pipeline.data.checkpoints import resolve_model_dir
+from pipeline.data.handle import open_dataset
 from pipeline.data.imageset import DataError
 from pipeline.data.layout import data_folder
 from pipeline.data.provenance import StaleArtifactError, changed_inputs, dir_digest, value_digest
@@ -53,6 +55,7 @@ MEMBERS = ["latent.npy", "pooled.npy", "hidden.npy", "txt", "json"]
 SIDECAR = ".provenance.json"
 DTYPES = ("float32", "float16")
 OWN_ERRORS = (DataError, StorageError, CheckpointError, StaleArtifactError, ConfigError)
+log = logging.getLogger(__name__)
 PLAN = ("split", "name", "sha256", "bytes")  # a row per input shard (sha256 "": no manifest)
 SHARD = ("name", "count", "bytes", "sha256")  # a shard's manifest entry
 EMPTY_ROW = dict(count=0, bytes=0, sha256="", written=False, skipped=False, error="", message="")
@@ -338,8 +341,6 @@ def encode_dataset(
     shards_written, shards_skipped, splits: {split: {images, shards}}, seconds, encode_seconds,
     images_per_s}`` (``encode_seconds``: the Ray pass, actor start-up included). Ray starts only
     when a shard needs encoding (``ray_cpus``: CPUs of a private local Ray)."""
-    from pipeline.data.provenance import manifest_digest
-
     t0, out_dataset = time.time(), out_dataset or f"{dataset}-latents"
     if not splits or len(set(splits)) != len(splits) or min(batch_size, num_actors) < 1:
         raise ConfigError(f"need distinct splits (got {list(splits)}), batch_size and num_actors "
@@ -349,8 +350,12 @@ def encode_dataset(
     if out_dataset == dataset:
         raise ConfigError(f"the output dataset must differ from the input {dataset!r}")
     store = open_store(store, s3_endpoint, create=False)
-    source, _ = sh.dataset_manifest(store, data_folder(dataset, splits[0]))  # warns if none
-    plan = [row for split in splits for row in shard_plan(store, dataset, split, source)]
+    src = open_dataset(store, dataset)  # the one read of its manifest.json
+    if src.manifest is None:
+        log.warning(
+            "no %s in %s: its shards are read unchecked", sh.MANIFEST, store.uri_of(src.folder)
+        )
+    plan = [row for split in splits for row in shard_plan(store, dataset, split, src.manifest)]
     with tempfile.TemporaryDirectory(prefix="cpsample-sd-") as tmp:
         root = resolve_model_dir(store, model, tmp)
         spec, digest = encoder_spec(root), dir_digest(root)
@@ -368,7 +373,7 @@ def encode_dataset(
     if todo:  # a complete rerun starts no actor
         rows += _run_pool(job, todo, num_actors, ray_cpus)
     encode_s = time.time() - t1
-    manifest = write_latent_manifest(job, splits, rows, manifest_digest(source))
+    manifest = write_latent_manifest(job, splits, rows, src.digest)
     encoded = [r for r in rows if not r["skipped"]]
     n_encoded, uri = sum(r["count"] for r in encoded), store.uri_of(data_folder(out_dataset))
     return {

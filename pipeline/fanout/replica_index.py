@@ -1,39 +1,40 @@
-"""The replica index: built once with Ray, stored beside the data, loaded by every scorer and guard.
+"""The replica index: built once with Ray, stored beside the data, opened by every scorer and guard.
 
 Layout under the store (``indexes/<dataset>/<embedding>/<kind>/``)::
 
-    sidecar.json          written last: names the build folder, the parameters, the manifest digest,
-                          the measured recall@1 and replicate-decision agreement
-    <build_id>/index.faiss  the FAISS index (IndexFlatIP, or IndexPreTransform(PCA) over an IVF index)
-    <build_id>/mean.npy     the centred embedding's mean image (flattened, in [0, 1]); absent for raw
-    <build_id>/rows-<part>.u8, keys-<part>.json   the training images' uint8 rows and keys, in parts
+    sidecar.json          written last: names the build folder, the parameters (format 3), the
+                          manifest digest, the parts, the measured recall@1 and decision agreement
+    <build_id>/split-mean.npy   the training split's mean image (flattened, [0, 1]), a fold of the
+                          parts' float64 pixel sums (:func:`stored_mean`)
+    <build_id>/mean.npy   the centred embedding's mean image (absent for raw and module embeddings)
+    <build_id>/rows-<p>.u8, keys-<p>.json   per part: the training images' uint8 rows and keys
+    <build_id>/index.faiss          flat: IndexFlatIP over the full-dimensional embedding
+    <build_id>/trained.faiss, ivf-<p>.faiss   ivf: the trained empty index (PCA, quantiser, SQ
+                          ranges) and per part its rows' codes under their global ids
 
 A build writes a fresh ``<build_id>/`` folder, then the sidecar (one atomic put), then removes older
 build folders: a crashed build leaves a folder no sidecar names, which is never loaded. A sidecar whose
-manifest digest or build parameters differ from the current ones is stale: the index is rebuilt by
-:func:`ensure_replica_index` and refused by :func:`load_replica_index`, never silently used.
+manifest digest, format or build parameters differ from the current ones is stale: the index is rebuilt
+by :func:`ensure_replica_index` and refused by :func:`load_replica_index`, never silently used.
 
 Two kinds (``ReplicaConfig.index``; "auto" picks by the number of training images N):
 
-- ``flat`` (N <= ``exact_max_images``): exact ``IndexFlatIP`` over the full-dimensional embedding,
-  built in one Ray task exactly as the in-memory index always was (same mean image, same embeddings),
-  so similarities and nearest keys equal plain exact search bit for bit.
-- ``ivf``: Ray tasks over groups of shards (``rows_per_task`` rows each) write the uint8 rows and sum
-  the pixels (the mean image); one task trains PCA (to ``pca_dims``, when the embedding is larger) and
-  the IVF quantiser (``nlist`` about 4 sqrt(N)) on a seeded sample; tasks add their rows to copies of
-  the trained empty index and a merge task joins them. A search takes the top ``rerank_k`` candidates
-  of the IVF index, reads their rows (positioned reads, never a whole-file map) and re-ranks them by
-  the exact full-dimensional similarity: the reported similarity and the replicate decision are exact
-  for every candidate found; recall@1 and decision agreement against exact brute force (streamed over
-  the rows in chunks) are measured at build time and recorded in the sidecar.
+- ``flat`` (N <= ``exact_max_images``): exact ``IndexFlatIP`` built in one Ray task exactly as the
+  in-memory index always was, so similarities and nearest keys equal plain exact search bit for bit.
+- ``ivf``: parts of at most ``rows_per_task`` rows, each built by its own task at bounded memory;
+  PCA and the quantiser trained once on a capped sample (:mod:`pipeline.fanout.index_build`). A
+  search runs the parts one after another on one coarse assignment and re-ranks the top ``rerank_k``
+  candidates by the exact full-dimensional similarity of their rows, fetched by byte ranges
+  (:mod:`pipeline.fanout.index_parts`, :mod:`pipeline.fanout.index_files`): the reported similarity
+  and the replicate decision are exact for every candidate found; recall@1 and decision agreement
+  against exact brute force are measured at build time and recorded in the sidecar. Nothing merges
+  the parts, so 100M images is more parts, not bigger tasks.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -45,52 +46,58 @@ from pipeline.core.config import ConfigError, ReplicaConfig
 from pipeline.data.imageset import DataError
 from pipeline.data.layout import data_folder
 from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import manifest_shards, read_checked_tar, read_image_shards
+from pipeline.data.shards import manifest_shards, read_checked_tar
 from pipeline.data.storage import StorageError, Store, open_store
-from pipeline.fanout.embedders import RowEmbedder
-from pipeline.fanout.index import import_faiss, l2_normalise, make_embedding
+from pipeline.fanout.index_build import build_flat, build_ivf, remote
 from pipeline.fanout.replica_store import (
     EXACT_CHUNK_ROWS,
     SIDECAR,
     LazyReplicaIndex,
     ReplicaIndex,
     TrainingRows,
-    _local_file,
     build_params,
     current_state,
     exact_search,
     exact_search_ray,
+    fetch_rows,
     index_folder,
     index_spec,
     load_replica_index,
     local_index_dir,
-    measure_index,
-    measure_recall,
     open_replica_index,
     read_sidecar,
     stale_reasons,
+    stored_mean,
 )
 
 __all__ = [
-    "LazyReplicaIndex", "ReplicaIndex", "TrainingRows", "build_params", "build_replica_index",
-    "ensure_replica_index", "exact_search", "exact_search_ray", "index_folder", "index_spec",
-    "load_replica_index", "local_index_dir", "measure_index", "measure_recall", "measurement_queries",
-    "open_replica_index", "stale_reasons",
+    "EXACT_CHUNK_ROWS", "LazyReplicaIndex", "ReplicaIndex", "TrainingRows", "build_params",
+    "build_replica_index", "ensure_replica_index", "exact_search", "exact_search_ray", "fetch_rows",
+    "index_folder", "index_spec", "load_replica_index", "local_index_dir", "measure_index",
+    "measure_recall", "measurement_queries", "open_replica_index", "stale_reasons", "stored_mean",
 ]  # fmt: skip
 
 NOISE = 6  # +- grey levels of the perturbed training queries
 
 
 def ensure_replica_index(
-    store: Store, dataset: str, cfg: ReplicaConfig, s3_endpoint: str | None = None
+    store: Store,
+    dataset: str,
+    cfg: ReplicaConfig,
+    s3_endpoint: str | None = None,
+    use_gpu: bool | None = None,
 ) -> dict[str, Any]:
     """The sidecar of a valid stored index, building one (:func:`build_replica_index`) when there is
-    none or the stored one is stale."""
+    none or the stored one is stale (``use_gpu``: the build's tasks ask for GPUs; default
+    ``cfg.use_gpu``)."""
     state = current_state(store, dataset, cfg)
     sidecar = read_sidecar(store, state["folder"])
-    if not stale_reasons(sidecar, state) and store.exists(sidecar["path"], "index.faiss"):
+    main = "index.faiss" if state["params"]["kind"] == "flat" else "trained.faiss"
+    if not stale_reasons(sidecar, state) and store.exists(sidecar["path"], main):
         return sidecar
-    return build_replica_index(store, dataset, cfg, state=state, s3_endpoint=s3_endpoint)
+    return build_replica_index(
+        store, dataset, cfg, state=state, s3_endpoint=s3_endpoint, use_gpu=use_gpu
+    )
 
 
 # --------------------------------------------------------------------------------------- build
@@ -100,15 +107,22 @@ def build_replica_index(
     cfg: ReplicaConfig | None = None,
     state: dict[str, Any] | None = None,
     s3_endpoint: str | None = None,
+    use_gpu: bool | None = None,
 ) -> dict[str, Any]:
     """Build the replica index of ``data/<dataset>/train`` with Ray tasks, store it and return its
     sidecar (always builds; :func:`ensure_replica_index` reuses a valid one). The driver holds no
-    training embeddings: only counts, pixel sums and the measurement's few hundred queries."""
+    training embeddings: only counts, one pixel-sum vector and the measurement's few hundred
+    queries. ``use_gpu`` (default ``cfg.use_gpu``): k-means, module embeddings and the
+    measurement's search ask for one GPU each, so an autoscaler launches GPU nodes."""
+    import dataclasses
+
     import ray
 
     from pipeline.fanout.ray_init import init_ray
 
     cfg = cfg or ReplicaConfig()
+    if use_gpu is not None:
+        cfg = dataclasses.replace(cfg, use_gpu=use_gpu)
     store = open_store(store, s3_endpoint, create=False)
     state = state or current_state(store, dataset, cfg)
     init_ray()
@@ -119,12 +133,13 @@ def build_replica_index(
     params = state["params"]
     try:
         if params["kind"] == "flat":
-            build = _remote(_build_flat).remote(
+            gpu = cfg.use_gpu and state["module"] is not None
+            build = remote(build_flat, gpu).remote(
                 store, dataset, path, cfg.embedding, state["module"]
             )
-            parts, extra = ray.get(build)
+            parts = ray.get(build)
         else:
-            parts, extra = _build_ivf(store, dataset, path, cfg, state)
+            parts = build_ivf(store, dataset, path, cfg, state)
     except ray.exceptions.RayTaskError as exc:  # a corrupt shard, a bad module: its own error
         own = DataError | StorageError | ConfigError | StaleArtifactError
         raise exc.cause if isinstance(exc.cause, own) else exc from None
@@ -135,7 +150,7 @@ def build_replica_index(
         "dims": state["dims"], "index_dims": params.get("pca_dims") or state["dims"],
         "module": state["module"],  # a module embedding: its file, sha256, preprocessing
         "parts": parts, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "build_s": None, **extra,
+        "build_s": None, "use_gpu": cfg.use_gpu,
     }  # fmt: skip
     if params["kind"] == "flat":
         sidecar["measurement"] = {
@@ -152,12 +167,6 @@ def build_replica_index(
     return sidecar
 
 
-def _remote(fn, **options):
-    import ray
-
-    return ray.remote(num_cpus=1, max_retries=2, **options)(fn)
-
-
 def _remove_other_builds(store: Store, folder: str, keep: str) -> None:
     if store.is_local:
         root = Path(store.join(folder))
@@ -169,202 +178,6 @@ def _remove_other_builds(store: Store, folder: str, keep: str) -> None:
         rel = obj["Key"].split(f"{folder.strip('/')}/", 1)[-1]
         if "/" in rel and rel.split("/", 1)[0] < keep:
             store.delete(folder, rel)
-
-
-def _put_file(store: Store, local: Path, *parts: str) -> None:
-    """Copy a local file into the store (streamed; atomic on a local store)."""
-    if store.is_local:
-        target = Path(store.join(*parts))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, target)
-        return
-    with open(local, "rb") as src, store.fs.open_output_stream(store.join(*parts)) as dst:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
-
-
-def _write_index(store: Store, index, *parts: str) -> None:
-    faiss = import_faiss()
-    with tempfile.TemporaryDirectory(prefix="cpsample-index-") as tmp:
-        local = Path(tmp) / "index.faiss"
-        faiss.write_index(index, str(local))
-        _put_file(store, local, *parts)
-
-
-def _build_flat(store: Store, dataset: str, path: str, embedding: str, module: dict | None):
-    """One task: exactly the in-memory exact index (same reader, same mean, same embeddings)."""
-    faiss = import_faiss()
-    train = read_image_shards(store, data_folder(dataset, "train"))
-    if module is None:
-        embed = make_embedding(embedding, train.images)
-    else:  # the module the sidecar will name (its digest checked)
-        embed = RowEmbedder(train.images.shape[1:], None, module)
-    emb = np.ascontiguousarray(embed(train.images), dtype=np.float32)
-    index = faiss.IndexFlatIP(emb.shape[1])
-    index.add(emb)
-    _write_index(store, index, path, "index.faiss")
-    mean = getattr(embed, "mean", None)
-    if mean is not None:
-        store.write_bytes(_npy(mean), path, "mean.npy")
-    store.write_bytes(np.ascontiguousarray(train.images).tobytes(), path, "rows-00000.u8")
-    store.write_bytes(json.dumps(train.keys).encode(), path, "keys-00000.json")
-    return [{"part": 0, "start": 0, "count": len(train)}], {}
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(array))
-    return buf.getvalue()
-
-
-def _plan_parts(shards: list[tuple[str, int]], rows_per_task: int) -> list[dict[str, Any]]:
-    """Contiguous groups of shards (name order) of at most ``rows_per_task`` rows (a bigger shard
-    is a group of its own); each with its first global row."""
-    parts, current, start, count = [], [], 0, 0
-    for name, n in shards:
-        if current and count + n > rows_per_task:
-            parts.append({"part": len(parts), "start": start, "count": count, "shards": current})
-            start, current, count = start + count, [], 0
-        current.append(name)
-        count += n
-    if current:
-        parts.append({"part": len(parts), "start": start, "count": count, "shards": current})
-    return parts
-
-
-def _scan_part(store: Store, dataset: str, path: str, part: dict, picks: np.ndarray):
-    """Write a part's rows and keys; return (count and pixel sums, the rows at ``picks`` (local))."""
-    folder = data_folder(dataset, "train")
-    rows, keys, total = [], [], None
-    entries = manifest_shards(store, folder)  # each shard's sha256 checked as it is read
-    for name in part["shards"]:
-        shard = read_checked_tar(store, folder, name, entries)
-        flat = shard.images.reshape(len(shard), -1)
-        rows.append(np.ascontiguousarray(flat))
-        keys += shard.keys
-        s = flat.sum(0, dtype=np.float64)
-        total = s if total is None else total + s
-    block = np.concatenate(rows)
-    if len(block) != part["count"]:
-        raise DataError(f"{store.uri_of(folder)}: a shard holds other counts than the manifest's")
-    store.write_bytes(block.tobytes(), path, f"rows-{part['part']:05d}.u8")
-    store.write_bytes(json.dumps(keys).encode(), path, f"keys-{part['part']:05d}.json")
-    return {"count": len(block), "sum": total}, block[picks]
-
-
-def _train_ivf(sample_refs: list, embed: RowEmbedder, params: dict[str, Any], dim: int):
-    """One task: PCA (on at most 32768 rows) and the IVF quantiser, on the sample (``embed``: the
-    embedding of uint8 rows, ``dim`` its dimension); returns the serialised trained empty index."""
-    import ray
-
-    faiss = import_faiss()
-    sample = np.concatenate([ray.get(r) for r in sample_refs[0]])
-    rng = np.random.default_rng(params["seed"])
-    pca = None
-    d = dim
-    if params["pca_dims"]:
-        d = params["pca_dims"]
-        pca = faiss.PCAMatrix(dim, d, 0.0, False)
-        few = np.sort(rng.choice(len(sample), min(len(sample), 32768), replace=False))
-        pca.train(np.ascontiguousarray(embed(sample[few])))
-    quantizer = faiss.IndexFlatIP(d)
-    if params["codec"] == "sq8":
-        ivf = faiss.IndexIVFScalarQuantizer(
-            quantizer, d, params["nlist"], faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
-        )
-    else:
-        ivf = faiss.IndexIVFFlat(quantizer, d, params["nlist"], faiss.METRIC_INNER_PRODUCT)
-    ivf.cp.seed = params["seed"]
-    if pca is None:
-        index = ivf
-    else:  # PCA, then L2-normalise: the coarse lists and the ranking compare directions
-        index = faiss.IndexPreTransform(faiss.NormalizationTransform(d, 2.0), ivf)
-        index.prepend_transform(pca)
-    reduced = np.concatenate([
-        _reduce(pca, embed(sample[lo : lo + 8192]))
-        for lo in range(0, len(sample), 8192)
-    ])  # fmt: skip
-    ivf.train(reduced)
-    index.is_trained = True
-    return faiss.serialize_index(index)
-
-
-def _reduce(pca, x: np.ndarray) -> np.ndarray:
-    if pca is None:
-        return np.ascontiguousarray(x)
-    return np.ascontiguousarray(l2_normalise(pca.apply(np.ascontiguousarray(x))))
-
-
-def _add_part(store: Store, path: str, part: dict, embed, trained: np.ndarray, row_bytes: int):
-    """One task: the part's rows added (global ids) to a copy of the trained empty index."""
-    faiss = import_faiss()
-    index = faiss.deserialize_index(trained)
-    name = f"rows-{part['part']:05d}.u8"
-    with tempfile.TemporaryDirectory(prefix="cpsample-rows-") as tmp:
-        local = _local_file(store, path, name, Path(tmp))
-        with open(local, "rb") as fh:
-            for lo in range(0, part["count"], EXACT_CHUNK_ROWS):
-                n = min(EXACT_CHUNK_ROWS, part["count"] - lo)
-                rows = np.frombuffer(os.pread(fh.fileno(), n * row_bytes, lo * row_bytes), np.uint8)
-                emb = np.ascontiguousarray(embed(rows.reshape(n, row_bytes)))
-                ids = np.arange(part["start"] + lo, part["start"] + lo + n, dtype=np.int64)
-                index.add_with_ids(emb, ids)
-    return faiss.serialize_index(index)
-
-
-def _merge(store: Store, path: str, trained: np.ndarray, part_refs: list) -> int:
-    """One task: the parts' inverted lists merged into the trained index, written to the store."""
-    import ray
-
-    faiss = import_faiss()
-    index = faiss.deserialize_index(trained)
-    ivf = faiss.extract_index_ivf(index)
-    for ref in part_refs[0]:
-        other = faiss.deserialize_index(ray.get(ref))
-        ivf.merge_from(faiss.extract_index_ivf(other), 0)
-        del other
-    index.ntotal = ivf.ntotal
-    _write_index(store, index, path, "index.faiss")
-    return int(index.ntotal)
-
-
-def _build_ivf(store: Store, dataset: str, path: str, cfg: ReplicaConfig, state: dict[str, Any]):
-    import ray
-
-    params, n = state["params"], state["n"]
-    dim = int(np.prod(state["shape"]))
-    parts = _plan_parts(state["shards"], cfg.rows_per_task)
-    rng = np.random.default_rng(params["seed"])
-    train_pick = np.sort(rng.choice(n, params["train_samples"], replace=False))
-    scan = _remote(_scan_part, num_returns=2)
-    stats_refs, sample_refs = [], []
-    for p in parts:
-        lo, hi = p["start"], p["start"] + p["count"]
-        local = train_pick[(train_pick >= lo) & (train_pick < hi)] - lo
-        s, r = scan.remote(store, dataset, path, p, local)
-        stats_refs.append(s)
-        sample_refs.append(r)
-    total, count = None, 0
-    for ref in stats_refs:  # one part's sums at a time
-        st = ray.get(ref)
-        count += st["count"]
-        total = st["sum"] if total is None else total + st["sum"]
-    mean = (total / count / 255.0).astype(np.float32) if cfg.embedding == "centred" else None
-    if mean is not None:
-        store.write_bytes(_npy(mean), path, "mean.npy")
-    embed_ref = ray.put(RowEmbedder(state["shape"], mean, state["module"]))
-    trained = _remote(_train_ivf).remote([sample_refs], embed_ref, params, state["dims"])
-    del sample_refs
-    add = _remote(_add_part)
-    added = [add.remote(store, path, p, embed_ref, trained, dim) for p in parts]
-    ntotal = ray.get(_remote(_merge).remote(store, path, trained, [added]))
-    if ntotal != n:
-        raise RuntimeError(f"the merged index holds {ntotal} vectors, expected {n}")
-    return [{k: p[k] for k in ("part", "start", "count")} for p in parts], {}
 
 
 def _search_task(store: Store, sidecar: dict[str, Any], cfg: ReplicaConfig, images: np.ndarray):
@@ -380,7 +193,7 @@ def search_in_task(store: Store, sidecar: dict[str, Any], cfg: ReplicaConfig, im
     loads the index)."""
     import ray
 
-    return ray.get(_remote(_search_task).remote(store, sidecar, cfg, images))
+    return ray.get(remote(_search_task, cfg.use_gpu).remote(store, sidecar, cfg, images))
 
 
 def _measure_build(store: Store, dataset: str, cfg: ReplicaConfig, sidecar: dict[str, Any]):
@@ -400,14 +213,12 @@ def measurement_queries(
     store: Store, dataset: str, sidecar: dict[str, Any], num: int, seed: int = 1
 ) -> np.ndarray:
     """Half (or all, without held-out images) seeded training rows with uniform noise, the rest the
-    first held-out images. Only these rows are read (positioned reads of the stored rows)."""
+    first held-out images. Only these rows are read (byte ranges of the stored rows)."""
     rng = np.random.default_rng(seed)
     held = _holdout_images(store, dataset, num - num // 2, tuple(sidecar["image_shape"]))
     n_train = num - len(held)
-    index = TrainingRows(local_index_dir(store, sidecar), sidecar)  # no FAISS index loaded
     pick = np.sort(rng.choice(sidecar["num_images"], min(n_train, sidecar["num_images"]), False))
-    rows = index.rows(pick).astype(np.int16)
-    index.close()
+    rows = fetch_rows(store, sidecar, pick).astype(np.int16)  # byte ranges of those rows only
     noisy = np.clip(rows + rng.integers(-NOISE, NOISE + 1, rows.shape), 0, 255).astype(np.uint8)
     return np.concatenate([noisy, held]) if len(held) else noisy
 
@@ -415,8 +226,9 @@ def measurement_queries(
 def _holdout_images(store: Store, dataset: str, num: int, shape: tuple) -> np.ndarray:
     folder = data_folder(dataset, "holdout")
     out, have = [], 0
-    entries = manifest_shards(store, folder)
-    for name in sorted(n for n in store.listdir(folder) if n.endswith(".tar")):
+    names = sorted(n for n in store.listdir(folder) if n.endswith(".tar"))
+    entries = manifest_shards(store, folder) if names else None  # no held-out split: none
+    for name in names:
         if have >= num:
             break
         images = read_checked_tar(store, folder, name, entries).images
@@ -446,3 +258,31 @@ def ivf_report(
         "guarantee": "exact similarity for every candidate found; recall@1 and decision "
         "agreement measured against exact brute force",
     }  # fmt: skip
+
+
+def measure_recall(
+    sims: np.ndarray, exact_sims: np.ndarray, threshold: float, tol: float = 1e-5
+) -> dict[str, Any]:
+    """recall@1 (the found neighbour is as similar as the exact one, up to ``tol``) and the share of
+    queries whose replicate decision (similarity >= threshold) equals the exact one."""
+    a = np.asarray(sims, dtype=np.float64).reshape(-1)
+    e = np.asarray(exact_sims, dtype=np.float64).reshape(-1)
+    return {
+        "queries": int(a.size),
+        "recall_at_1": float((a >= e - tol).mean()),
+        "decision_agreement": float(((a >= threshold) == (e >= threshold)).mean()),
+        "replicates_exact": int((e >= threshold).sum()),
+        "replicates_index": int((a >= threshold).sum()),
+        "threshold": threshold,
+    }
+
+
+def measure_index(index: ReplicaIndex, queries: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Search ``queries`` with the index and by exact brute force (in process); compare."""
+    t0 = time.perf_counter()
+    sims, _ = index.search(queries)
+    t_index = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exact, _ = exact_search(index, queries)
+    t_exact = time.perf_counter() - t0
+    return {**measure_recall(sims, exact, threshold), "index_s": t_index, "exact_s": t_exact}

@@ -1,31 +1,29 @@
 """The stored replica index, read side: where it lives, when it is stale, loading and searching it.
 
 Built by :mod:`pipeline.fanout.replica_index` (Ray tasks); see there for the layout and the two kinds.
-This module loads a build folder (:class:`ReplicaIndex`: the FAISS index memory-mapped where FAISS can,
-the training rows read by positioned reads, never mapped whole), re-ranks IVF candidates by the exact
-similarity, and searches exactly by brute force streamed over the stored rows.
+This module opens a build in its store, never copying its folder (:class:`ReplicaIndex`: the flat
+index or the IVF parts memory-mapped, from a bounded node cache on S3; training rows fetched by byte
+ranges, keys read per part: :mod:`pipeline.fanout.index_files`), searches the IVF parts one after
+another and re-ranks their candidates by the exact similarity, and searches exactly by brute force
+streamed over the stored rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
-import os
-import shutil
-import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from pipeline.core.config import ReplicaConfig
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import DataError
-from pipeline.data.layout import data_folder
-from pipeline.data.provenance import StaleArtifactError, manifest_digest, value_digest
-from pipeline.data.shards import read_manifest
+from pipeline.data.provenance import StaleArtifactError, value_digest
 from pipeline.data.storage import ObjectNotFound, Store, open_store
 from pipeline.data.tars import read_tar
 from pipeline.fanout.embedders import (
@@ -36,9 +34,13 @@ from pipeline.fanout.embedders import (
     row_embedder,
 )
 from pipeline.fanout.index import gpu_available, import_faiss
+from pipeline.fanout.index_files import BuildRows, ivf_name
+from pipeline.fanout.index_parts import MAX_TRAIN_SAMPLES, PartSearch, read_part
 
 SIDECAR = "sidecar.json"
-FORMAT = 2  # 2: PCA output re-normalised (inner product = cosine in the reduced space)
+FORMAT = (
+    3  # 2: PCA output re-normalised; 3: IVF in parts (trained.faiss, ivf-<p>.faiss), split-mean.npy
+)
 EXACT_CHUNK_ROWS = 8192  # rows embedded at a time by exact brute-force search
 RERANK_QUERIES = 64  # queries re-ranked at a time (bounds the candidate rows held)
 
@@ -50,15 +52,16 @@ def index_folder(dataset: str, embedding: str, kind: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- the shards
-def train_shards(store: Store, dataset: str) -> tuple[list[tuple[str, int]], str]:
+def train_shards(store: Store, dataset: str | DatasetHandle) -> tuple[list[tuple[str, int]], str]:
     """``[(shard name, count)]`` of ``data/<dataset>/train`` in name order and the dataset's digest:
     the manifest's digest, or (shards put there by hand, no manifest) a digest of the shards' sha256,
-    counted by reading them one at a time."""
-    folder = data_folder(dataset, "train")
-    manifest = read_manifest(store, data_folder(dataset))
-    if manifest is not None and "train" in manifest["splits"]:
-        entries = manifest["splits"]["train"]["shards"]
-        return sorted((sh["name"], int(sh["count"])) for sh in entries), manifest_digest(manifest)
+    counted by reading them one at a time. ``dataset``: a name, or a handle already opened (its
+    manifest is not read again)."""
+    ds = as_handle(store, dataset)
+    folder = ds.split("train")
+    if ds.manifest is not None and "train" in ds.manifest["splits"]:
+        entries = ds.manifest["splits"]["train"]["shards"]
+        return sorted((sh["name"], int(sh["count"])) for sh in entries), ds.digest
     names = sorted(
         n for n in store.listdir(folder) if n.startswith("shard-") and n.endswith(".tar")
     )
@@ -95,7 +98,7 @@ def build_params(cfg: ReplicaConfig, n: int, dim: int) -> dict[str, Any]:
     if kind == "ivf":
         nlist = cfg.nlist or round(4 * math.sqrt(n))
         nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants >= 39 training points per list
-        train = cfg.train_samples or max(39 * nlist, 20_000)
+        train = min(cfg.train_samples or max(39 * nlist, 20_000), MAX_TRAIN_SAMPLES)
         params.update(
             pca_dims=cfg.pca_dims if cfg.pca_dims < dim else None, nlist=nlist,
             codec=cfg.ivf_codec, train_samples=min(n, train), seed=0,
@@ -113,29 +116,30 @@ def read_sidecar(store: Store, folder: str) -> dict[str, Any] | None:
         return None  # a damaged sidecar is no index
 
 
-def current_state(store: Store, dataset: str, cfg: ReplicaConfig) -> dict[str, Any]:
-    """The shards, their digest, N, the image shape and the build parameters a valid index must have."""
-    shards, digest = train_shards(store, dataset)
+def current_state(store: Store, dataset: str | DatasetHandle, cfg: ReplicaConfig) -> dict[str, Any]:
+    """The shards, their digest, N, the image shape and the build parameters a valid index must have
+    (``dataset``: a name, or a handle: its manifest is read once, here or by the caller)."""
+    ds = as_handle(store, dataset)
+    shards, digest = train_shards(store, ds)
     n = sum(c for _, c in shards)
     if n == 0:
-        raise DataError(f"no training images under {store.uri_of(data_folder(dataset, 'train'))}")
-    manifest = read_manifest(store, data_folder(dataset))
-    shape = _image_shape(store, dataset, shards, manifest)
+        raise DataError(f"no training images under {store.uri_of(ds.split('train'))}")
+    shape = _image_shape(store, ds, shards)
     module = module_spec(cfg)
     dims = module_dims(module, shape) if module else int(np.prod(shape))  # a module: one probe
     params = build_params(cfg, n, dims)
-    folder = index_folder(dataset, params["embedding"], params["kind"])
+    folder = index_folder(ds.dataset, params["embedding"], params["kind"])
     return {"shards": shards, "digest": digest, "n": n, "shape": shape, "params": params,
             "folder": folder, "dims": dims, "module": module}  # fmt: skip
 
 
-def _image_shape(store, dataset, shards, manifest) -> list[int]:
+def _image_shape(store: Store, ds: DatasetHandle, shards) -> list[int]:
+    manifest = ds.manifest
     if manifest is not None and "image_size" in manifest:
         h, w = manifest["image_size"]
         return [int(h), int(w), int(manifest.get("channels", 1))]
     first = shards[0][0]
-    folder = data_folder(dataset, "train")
-    return list(read_tar(store.read_bytes(folder, first), first).images.shape[1:])
+    return list(read_tar(store.read_bytes(ds.split("train"), first), first).images.shape[1:])
 
 
 def stale_reasons(sidecar: dict[str, Any] | None, state: dict[str, Any]) -> list[str]:
@@ -143,6 +147,9 @@ def stale_reasons(sidecar: dict[str, Any] | None, state: dict[str, Any]) -> list
     if sidecar is None:
         return ["no stored index"]
     reasons = []
+    old_format, new_format = (sidecar.get("params") or {}).get("format"), state["params"]["format"]
+    if old_format != new_format:
+        return [f"the index format changed ({old_format} -> {new_format}): it is rebuilt"]
     if sidecar.get("manifest_digest") != state["digest"]:
         reasons.append("the dataset changed (manifest digest)")
     old, new = sidecar.get("params") or {}, state["params"]
@@ -153,112 +160,103 @@ def stale_reasons(sidecar: dict[str, Any] | None, state: dict[str, Any]) -> list
     return reasons
 
 
-def _local_file(store: Store, folder: str, name: str, scratch: Path) -> Path:
-    if store.is_local:
-        return Path(store.join(folder, name))
-    dest = scratch / name
-    with store.fs.open_input_stream(store.join(folder, name)) as src, open(dest, "wb") as dst:
-        while chunk := src.read(1 << 24):
-            dst.write(chunk)
-    return dest
-
-
 # ---------------------------------------------------------------------------------------- load
-class TrainingRows:
-    """The stored training images of a build: keys, uint8 rows by positioned reads, the mean image."""
+class IndexLocation(NamedTuple):
+    """Where a build's files are: the store and the build folder (nothing is copied)."""
 
-    def __init__(self, local_dir: str | Path, sidecar: dict[str, Any]):
-        self.dir = Path(local_dir)
-        self.sidecar = sidecar
-        self.build_id = sidecar["build_id"]
-        self.shape = tuple(sidecar["image_shape"])
-        self.row_bytes = int(np.prod(self.shape))
-        self.ntotal = int(sidecar["num_images"])
-        mean_path = self.dir / "mean.npy"
-        self.mean = np.load(mean_path) if mean_path.exists() else None
-        self.embed_rows = row_embedder(sidecar, self.mean)  # pixels, or the module (loaded lazily)
-        self.parts = sidecar["parts"]
-        self.starts = np.asarray([p["start"] for p in self.parts], dtype=np.int64)
-        self._fds: dict[int, int] = {}
-        self._keys: list[str] | None = None
+    store: Store
+    path: str
 
-    # ------------------------------------------------------------------------------- rows, keys
-    @property
-    def keys(self) -> list[str]:
-        if self._keys is None:
-            keys: list[str] = []
-            for p in self.parts:
-                keys += json.loads((self.dir / f"keys-{p['part']:05d}.json").read_text())
-            self._keys = keys
-        return self._keys
 
-    def keys_of(self, idx) -> list[str]:
-        keys = self.keys
-        return [keys[int(i)] for i in np.asarray(idx).reshape(-1)]
+def local_index_dir(store: Store, sidecar: dict[str, Any]) -> IndexLocation:
+    """The build folder a sidecar names, as a location to read from (kept for callers that built
+    :class:`TrainingRows` from a local copy: nothing is copied any more)."""
+    return IndexLocation(store, sidecar["path"])
 
-    def _fd(self, part: int) -> int:
-        if part not in self._fds:
-            self._fds[part] = os.open(self.dir / f"rows-{part:05d}.u8", os.O_RDONLY)
-        return self._fds[part]
 
-    def rows(self, idx) -> np.ndarray:
-        """The uint8 training images (n, H, W, C) at global rows ``idx``, by positioned reads."""
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        out = np.empty((len(idx), self.row_bytes), dtype=np.uint8)
-        parts = np.searchsorted(self.starts, idx, side="right") - 1
-        for j in np.argsort(idx, kind="stable"):
-            p = int(parts[j])
-            off = (int(idx[j]) - int(self.starts[p])) * self.row_bytes
-            out[j] = np.frombuffer(os.pread(self._fd(p), self.row_bytes, off), np.uint8)
-        return out.reshape(len(idx), *self.shape)
+def _rows_source(where, sidecar: dict[str, Any]) -> tuple[Store, dict[str, Any]]:
+    """(store, sidecar) for a location, or a local build folder (its path replaces the sidecar's)."""
+    if isinstance(where, IndexLocation):
+        return where.store, {**sidecar, "path": where.path}
+    folder = Path(where).resolve()
+    return open_store(str(folder.parent), create=False), {**sidecar, "path": folder.name}
 
-    def iter_rows(self, chunk: int = EXACT_CHUNK_ROWS):
-        """(first global row, uint8 rows (n, D)) over the whole training set, ``chunk`` at a time."""
-        for p in self.parts:
-            for lo in range(0, p["count"], chunk):
-                n = min(chunk, p["count"] - lo)
-                data = os.pread(self._fd(p["part"]), n * self.row_bytes, lo * self.row_bytes)
-                yield p["start"] + lo, np.frombuffer(data, np.uint8).reshape(n, self.row_bytes)
+
+class TrainingRows(BuildRows):
+    """The stored training images of a build: keys per part, uint8 rows by byte-range reads, the
+    mean image, and the embedding of rows (pixels, or the module, loaded lazily)."""
+
+    def __init__(self, where: IndexLocation | str | Path, sidecar: dict[str, Any]):
+        store, sidecar = _rows_source(where, sidecar)
+        super().__init__(store, sidecar)
+        self.store = store
+        self.mean = (
+            _read_npy(self.files.read_file("mean.npy")) if self.files.exists("mean.npy") else None
+        )
+        self.embed_rows = row_embedder(sidecar, self.mean)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         return self.embed_rows(images)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
 
 
+def _read_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 class ReplicaIndex(TrainingRows):
     """A loaded replica index: ``search`` (exact similarity for every candidate found), the training
-    keys, the training rows by positioned reads, and exact brute force over the rows."""
+    keys per part, the training rows by byte ranges, and exact brute force over the rows. Memory:
+    the flat index (N <= ``exact_max_images``) or, for IVF, the trained index (quantiser, PCA) plus
+    per part its list sizes; the parts' codes are memory-mapped files, paged in as lists are scanned."""
 
-    def __init__(self, local_dir: str | Path, sidecar: dict[str, Any], cfg: ReplicaConfig):
-        super().__init__(local_dir, sidecar)
+    def __init__(
+        self, where: IndexLocation | str | Path, sidecar: dict[str, Any], cfg: ReplicaConfig
+    ):
+        super().__init__(where, sidecar)
         faiss = import_faiss()
-        self.kind = sidecar["kind"]
+        self.kind = self.sidecar["kind"]
         self.rerank_k = cfg.rerank_k
-        self.index = _read_index(faiss, self.dir / "index.faiss")
-        if self.kind == "ivf":
-            self.ivf = faiss.extract_index_ivf(self.index)
-            self.ivf.nprobe = min(cfg.nprobe, self.ivf.nlist)
         self.gpu = False
+        self._parts: dict[int, Any] = {}
+        if self.kind == "flat":
+            self.index = _read_index(faiss, self.files.local_path("index.faiss"))
+        else:
+            trained = np.frombuffer(self.files.read_file("trained.faiss"), dtype=np.uint8)
+            self.index = faiss.deserialize_index(trained)  # quantiser, PCA, SQ ranges: no rows
+            self.searcher = PartSearch(self.index, cfg.nprobe)
         if cfg.use_gpu and gpu_available():
-            try:
-                self.index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, self.index)
-                self.gpu = True
-            except RuntimeError:  # an index type the GPU build cannot hold: search on the CPU
-                pass
+            self._to_gpu(faiss)
+
+    def _to_gpu(self, faiss) -> None:
+        """Flat: the whole index on the GPU; IVF: the coarse assignment (the lists stay mapped)."""
+        try:
+            res = faiss.StandardGpuResources()
+            if self.kind == "flat":
+                self.index = faiss.index_cpu_to_gpu(res, 0, self.index)
+            else:
+                self.searcher.quantizer = faiss.index_cpu_to_gpu(res, 0, self.searcher.quantizer)
+            self._gpu_res, self.gpu = res, True
+        except RuntimeError:  # an index type the GPU build cannot hold: search on the CPU
+            pass
+
+    def _part(self, pos: int):
+        if pos not in self._parts:
+            name = ivf_name(self.parts[pos]["part"])
+            self._parts[pos] = read_part(self.files.local_path(name), self.index)
+        return self._parts[pos]
+
+    def _iter_parts(self):
+        return (self._part(pos) for pos in range(len(self.parts)))
 
     # ---------------------------------------------------------------------------------- search
     def search(self, images: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(N, H, W, C) uint8 -> nearest similarities and training rows: (N,) each for k=1, else
-        (N, k). Flat: plain exact search. IVF: the top ``rerank_k`` candidates re-ranked by the
-        exact similarity (ties: the lower row)."""
+        (N, k). Flat: plain exact search. IVF: the top ``rerank_k`` candidates over the parts,
+        re-ranked by the exact similarity (ties: the lower row)."""
         q = np.ascontiguousarray(self.embed(images), dtype=np.float32)
         if self.kind == "flat":
             sims, idx = self.index.search(q, k)
@@ -268,11 +266,11 @@ class ReplicaIndex(TrainingRows):
 
     def _rerank(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         kk = max(k, self.rerank_k)
+        _, cands = self.searcher.search(q, kk, self._iter_parts())  # (Q, kk) global rows
         out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
         out_i = np.full((len(q), k), -1, dtype=np.int64)
         for lo in range(0, len(q), RERANK_QUERIES):
-            qb = q[lo : lo + RERANK_QUERIES]
-            _, cand = self.index.search(qb, kk)
+            qb, cand = q[lo : lo + RERANK_QUERIES], cands[lo : lo + RERANK_QUERIES]
             uniq, inv = np.unique(cand[cand >= 0], return_inverse=True)
             if not len(uniq):
                 continue
@@ -289,9 +287,13 @@ class ReplicaIndex(TrainingRows):
             out_i[lo : lo + len(qb)] = np.where(np.isfinite(out_s[lo : lo + len(qb)]), chosen, -1)
         return out_s, out_i
 
+    def close(self) -> None:
+        self._parts.clear()
+        super().close()
+
 
 def _read_index(faiss, path: Path):
-    """Memory-map the index file where FAISS can (IVF lists, flat codes); else read it."""
+    """Memory-map the index file where FAISS can (flat codes); else read it."""
     for flags in (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_MMAP, faiss.IO_FLAG_MMAP, 0):
         try:
             return faiss.read_index(str(path), flags)
@@ -300,31 +302,23 @@ def _read_index(faiss, path: Path):
     raise RuntimeError(f"cannot read the FAISS index {path}")
 
 
-def local_index_dir(store: Store, sidecar: dict[str, Any]) -> Path:
-    """The build folder on local disk: the store's own folder, or (s3://) a copy in local scratch,
-    made once per node and build (a finished copy is renamed into place)."""
-    if store.is_local:
-        return Path(store.join(sidecar["path"]))
-    scratch = Path(tempfile.gettempdir()) / f"cpsample-index-{sidecar['build_id']}"
-    if (scratch / ".complete").exists():
-        return scratch
-    stage = Path(tempfile.mkdtemp(prefix=f".{scratch.name}-", dir=scratch.parent))
-    for name in store.listdir(sidecar["path"]):  # streamed: the index file may be large
-        _local_file(store, sidecar["path"], name, stage)
-    (stage / ".complete").write_text(sidecar["build_id"])
-    try:
-        stage.rename(scratch)
-    except OSError:  # another actor on this node finished first
-        shutil.rmtree(stage, ignore_errors=True)
-    return scratch
-
-
 def open_replica_index(
     store: Store | str, sidecar: dict[str, Any], cfg: ReplicaConfig, s3_endpoint: str | None = None
 ) -> ReplicaIndex:
-    """Load the index a sidecar names (actors: the driver checked the sidecar; nothing is built)."""
+    """Open the index a sidecar names (actors: the driver checked the sidecar; nothing is built,
+    nothing copied but the flat index or the IVF part files, on S3, into the node's bounded cache)."""
     store = open_store(store, s3_endpoint, create=False)
     return ReplicaIndex(local_index_dir(store, sidecar), sidecar, cfg)
+
+
+def valid_sidecar(
+    store: Store, dataset: str | DatasetHandle, cfg: ReplicaConfig
+) -> tuple[dict | None, list, str]:
+    """The stored sidecar of ``dataset``'s index (a name or a handle), why it cannot serve (empty:
+    it can), its folder."""
+    state = current_state(store, dataset, cfg)
+    sidecar = read_sidecar(store, state["folder"])
+    return sidecar, stale_reasons(sidecar, state), state["folder"]
 
 
 def load_replica_index(
@@ -334,61 +328,59 @@ def load_replica_index(
     :class:`StaleArtifactError` (build it with :func:`build_replica_index`, jobs/build_index.py)."""
     cfg = cfg or ReplicaConfig()
     store = open_store(store, s3_endpoint, create=False)
-    state = current_state(store, dataset, cfg)
-    sidecar = read_sidecar(store, state["folder"])
-    reasons = stale_reasons(sidecar, state)
+    sidecar, reasons, folder = valid_sidecar(store, dataset, cfg)
     if reasons:
         raise StaleArtifactError(
-            f"the replica index {store.uri_of(state['folder'])} cannot be used "
+            f"the replica index of {dataset} ({store.uri_of(folder)}) cannot be used "
             f"({'; '.join(reasons)}): run jobs/build_index.py --dataset {dataset}"
         )
     return ReplicaIndex(local_index_dir(store, sidecar), sidecar, cfg)
 
 
+def fetch_rows(store: Store, sidecar: dict[str, Any], rows: list[int]) -> np.ndarray:
+    """The raw uint8 training images (n, H, W, C) of global ``rows`` of the build ``sidecar``
+    names, by byte-range reads of its rows files only (adjacent rows in one read)."""
+    reader = BuildRows(store, sidecar)
+    try:
+        return reader.rows(np.asarray(rows, dtype=np.int64))
+    finally:
+        reader.close()
+
+
+def stored_mean(
+    store: Store, dataset: str | DatasetHandle, cfg: ReplicaConfig
+) -> np.ndarray | None:
+    """The mean training image of ``dataset`` (flattened, float32 in [0, 1]: ``(1/N) sum_i x_i /
+    255``) that the valid stored index build computed as a fold of per-part float64 sums and
+    stored as ``split-mean.npy``; None without a valid stored index (then compute it otherwise)."""
+    sidecar, reasons, _ = valid_sidecar(store, dataset, cfg)
+    return None if reasons else sidecar_mean(store, sidecar)
+
+
+def sidecar_mean(store: Store, sidecar: dict[str, Any]) -> np.ndarray | None:
+    """The split mean stored with the index build that ``sidecar`` describes (``split-mean.npy``,
+    as :func:`stored_mean`); None when that build has none."""
+    try:
+        return _read_npy(store.read_bytes(sidecar["path"], "split-mean.npy"))
+    except ObjectNotFound:
+        return None
+
+
 # ------------------------------------------------------------------------------- exact search
 def exact_search(index: TrainingRows, images: np.ndarray, rows=None, chunk: int = EXACT_CHUNK_ROWS):
     """Exact brute force: the nearest training row of each image, streamed over the stored rows
-    ``chunk`` at a time (``rows``: only the parts whose numbers are given). Returns (sims, rows)."""
+    ``chunk`` at a time by byte-range reads (``rows``: a (first, end) span, only the parts
+    starting in it). Returns (sims, rows)."""
     q = np.ascontiguousarray(index.embed(images), dtype=np.float32)
     best_s = np.full(len(q), -np.inf, dtype=np.float32)
     best_i = np.full(len(q), -1, dtype=np.int64)
-    for start, block in index.iter_rows(chunk):
-        if rows is not None and not (rows[0] <= start < rows[1]):
-            continue
+    for start, block in index.iter_rows(chunk, rows):
         s = index.embed(block) @ q.T  # (n, Q)
         j = np.argmax(s, axis=0)
         top = s[j, np.arange(len(q))]
         better = top > best_s
         best_s[better], best_i[better] = top[better], start + j[better]
     return best_s, best_i
-
-
-def measure_recall(
-    sims: np.ndarray, exact_sims: np.ndarray, threshold: float, tol: float = 1e-5
-) -> dict[str, Any]:
-    """recall@1 (the found neighbour is as similar as the exact one, up to ``tol``) and the share of
-    queries whose replicate decision (similarity >= threshold) equals the exact one."""
-    a = np.asarray(sims, dtype=np.float64).reshape(-1)
-    e = np.asarray(exact_sims, dtype=np.float64).reshape(-1)
-    return {
-        "queries": int(a.size),
-        "recall_at_1": float((a >= e - tol).mean()),
-        "decision_agreement": float(((a >= threshold) == (e >= threshold)).mean()),
-        "replicates_exact": int((e >= threshold).sum()),
-        "replicates_index": int((a >= threshold).sum()),
-        "threshold": threshold,
-    }
-
-
-def measure_index(index: ReplicaIndex, queries: np.ndarray, threshold: float) -> dict[str, Any]:
-    """Search ``queries`` with the index and by exact brute force (in process); compare."""
-    t0 = time.perf_counter()
-    sims, _ = index.search(queries)
-    t_index = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    exact, _ = exact_search(index, queries)
-    t_exact = time.perf_counter() - t0
-    return {**measure_recall(sims, exact, threshold), "index_s": t_index, "exact_s": t_exact}
 
 
 def index_spec(

@@ -25,15 +25,12 @@ import torch
 
 from pipeline.core.config import ConfigError, ReplicaConfig, SamplerConfig, from_dict
 from pipeline.core.sampler import derive_seed, sample, unet_denoiser
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import DataError, ImageSet, images_from_tensor
-from pipeline.data.layout import data_folder, samples_folder
-from pipeline.data.provenance import (
-    StaleArtifactError,
-    changed_inputs,
-    manifest_digest,
-    value_digest,
-)
-from pipeline.data.shards import read_manifest, shard_name
+from pipeline.data.layout import samples_folder
+from pipeline.data.parallel import private_local_ray
+from pipeline.data.provenance import StaleArtifactError, changed_inputs, value_digest
+from pipeline.data.shards import shard_name
 from pipeline.data.storage import Store, open_store
 from pipeline.data.tars import build_tar, encode_png, read_tar
 from pipeline.fanout.index import GuardIndex
@@ -272,21 +269,11 @@ def _placement(
         raise ConfigError("--use-gpu with num_gpus_per_actor=0: give a GPU share > 0, or drop one")
     if gpus_per_actor < 0:
         raise ConfigError(f"num_gpus_per_actor must be >= 0, got {gpus_per_actor}")
-    if gpus_per_actor > 0 and gpus == 0 and _private_local_ray():
+    if gpus_per_actor > 0 and gpus == 0 and private_local_ray():
         raise ConfigError(
             f"num_gpus_per_actor={gpus_per_actor} but the Ray cluster has no GPUs; use 0 for CPU"
         )
     return gpus_per_actor, max(1, int(cpus_per_actor))
-
-
-def _private_local_ray() -> bool:
-    """True when this process started its own Ray (``init_ray`` without an address): nothing can add
-    GPU nodes to it. On a cluster (``RAY_ADDRESS``, ``ray job submit``) GPU workers may start at zero and
-    the autoscaler adds them when the actors ask (cluster/aws.yaml, cluster/kuberay/)."""
-    import ray._private.worker
-
-    node = ray._private.worker._global_node
-    return node is not None and node.head
 
 
 def run_sampling(
@@ -299,7 +286,7 @@ def run_sampling(
     cpus_per_actor: float = 1.0,
     gpus_per_actor: float | None = 0.0,
     s3_endpoint: str | None = None,
-    guard_dataset: str | None = None,
+    guard_dataset: str | DatasetHandle | None = None,
     overwrite: bool = False,
     use_gpu: bool = False,
     family: ModelFamily | None = None,
@@ -314,7 +301,7 @@ def run_sampling(
     same models, settings and guard data (:func:`check_existing_run`); ``overwrite`` deletes them
     first. ``gpus_per_actor=None`` means 1 with ``use_gpu`` or when the cluster has GPUs, else 0;
     fractions (0.25) pack several actors on one GPU. Guard mode needs ``guard_dataset``: the training
-    shards under ``data/<guard_dataset>/train`` that no shipped sample may copy.
+    shards under ``data/<guard_dataset>/train`` that no shipped sample may copy (a name, or a handle).
 
     ``family``: another model family than the pixel-space UNet, e.g. a Stable Diffusion directory
     sampled in latent space with prompts and classifier-free guidance
@@ -333,9 +320,10 @@ def run_sampling(
     family = family or ModelFamily(ShardSampler, open_models)
     with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
         models = family.open(store, denoiser, classifier, sampler, "cpu", tmp)[-1]
-    guard_data = None
-    if sampler.guard is not None:
-        guard_data = manifest_digest(read_manifest(store, data_folder(guard_dataset)))
+    guard, guard_data = None, None
+    if sampler.guard is not None:  # its manifest read once, here or by the caller
+        guard = as_handle(store, guard_dataset)
+        guard_data = guard.digest
     provenance = sampling_provenance(
         sampler, models["denoiser"], models.get("classifier"), guard_data
     )
@@ -352,8 +340,8 @@ def run_sampling(
     guard_ref, guard_sidecar = None, None
     if sampler.guard is not None:  # the stored index: built here only when missing or stale
         rcfg = ReplicaConfig(embedding=sampler.guard_embedding, use_gpu=use_gpu)
-        guard_sidecar = ensure_replica_index(store, guard_dataset, rcfg, s3_endpoint)
-        guard_ref = index_spec(store, guard_dataset, rcfg, guard_sidecar)
+        guard_sidecar = ensure_replica_index(store, guard.dataset, rcfg, s3_endpoint)
+        guard_ref = index_spec(store, guard.dataset, rcfg, guard_sidecar)
     ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
         family.actor,
         fn_constructor_kwargs={**family.settings,

@@ -1,29 +1,45 @@
 """Cluster configs (``cluster/aws.yaml``, ``cluster/kuberay/``): shape checks and a fake-node twin.
 
-``gpu_worker_problems`` is the check that protects the autoscaling contract: every GPU worker type
-starts at zero (``min_workers: 0``), may grow (``max_workers > 0``) and advertises at least one GPU,
-so that ``num_gpus`` requests can be satisfied by scaling up and idle GPUs are released.
+The checks protect the autoscaling contract (DESIGN.md section 8):
+
+- ``gpu_worker_problems``: every GPU worker type starts at zero (``min_workers: 0``), may grow
+  (``max_workers > 0``) and advertises at least one GPU, so that ``num_gpus`` requests can be satisfied
+  by scaling up and idle GPUs are released.
+- ``cpu_worker_problems``: a CPU worker type (no GPUs, ``resources.CPU >= 1``, from zero) exists, so
+  that CPU-only work (make_shards, index builds) scales out instead of queueing.
+- ``head_problems`` / ``kuberay_problems``: the head advertises no CPU (Ray's ``num-cpus: 0``), so no
+  task lands on the node that runs the GCS; in KubeRay every Ray container mounts a memory-backed
+  ``/dev/shm`` big enough for Ray's default object store.
 
 ``fake_autoscaling_config`` turns a launcher config into one for Ray's ``fake_multinode`` provider,
 which starts each "node" as extra Ray processes on this machine, so that the real autoscaler can
 scale the real node types (same names, same logical GPUs) up and down without a cloud account.
 
 ``check_cluster_file`` is what ``jobs/check_cluster.py`` runs before ``ray up`` or ``kubectl apply``:
-Ray's own validator (offline), then the GPU check. Ray is imported only there.
+Ray's own validator (offline), then all of the above. Ray is imported only there.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 # The fake provider tags the head it runs on with this node type name (it is fixed in Ray).
 FAKE_HEAD_NODE_TYPE = "ray.head.default"
+# Ray's default object store is this share of a node's memory
+# (ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION); it lives in /dev/shm only if that holds it.
+OBJECT_STORE_SHARE = 0.3
+# Binary and decimal suffixes of Kubernetes quantities, in bytes.
+_QUANTITY_UNITS = {
+    "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
 
 
 class ClusterConfigError(ValueError):
-    """A cluster config that would not autoscale GPU workers as the project expects."""
+    """A cluster config Ray refuses, or one that would not place and scale work as the project expects."""
 
 
 def load_cluster_yaml(path: str | Path) -> dict[str, Any]:
@@ -42,36 +58,85 @@ def worker_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in (config.get("available_node_types") or {}).items() if k != head}
 
 
+def is_gpu_type(name: str, spec: dict[str, Any]) -> bool:
+    """A GPU worker type: its name contains ``gpu`` or its resources list a GPU (even 0)."""
+    return "gpu" in name.lower() or "GPU" in (spec.get("resources") or {})
+
+
+def _bounds_problems(name: str, spec: dict[str, Any]) -> list[str]:
+    """``min_workers`` must be 0 (nothing runs, or costs, when idle) and ``max_workers`` positive."""
+    problems = []
+    if spec.get("min_workers", 0) != 0:
+        problems.append(
+            f"worker type {name!r}: min_workers must be 0 (scale from zero), "
+            f"got {spec.get('min_workers')!r}"
+        )
+    max_workers = spec.get("max_workers")
+    if not (isinstance(max_workers, int) and max_workers > 0):
+        problems.append(
+            f"worker type {name!r}: max_workers must be a positive integer, got {max_workers!r}"
+        )
+    return problems
+
+
 def gpu_worker_problems(config: dict[str, Any]) -> list[str]:
     """Why the config's GPU worker types would not autoscale; empty when they would.
 
-    A GPU worker type is one whose name contains ``gpu`` or whose resources list a GPU. The config
-    needs at least one, and each must have ``resources.GPU >= 1``, ``min_workers == 0`` and
-    ``max_workers > 0``.
+    A GPU worker type is one :func:`is_gpu_type` accepts. The config needs at least one, and each
+    must have ``resources.GPU >= 1``, ``min_workers == 0`` and ``max_workers > 0``.
     """
     problems = []
-    gpu_types = {
-        name: spec
-        for name, spec in worker_types(config).items()
-        if "gpu" in name.lower() or "GPU" in (spec.get("resources") or {})
-    }
+    gpu_types = {n: s for n, s in worker_types(config).items() if is_gpu_type(n, s)}
     if not gpu_types:
         problems.append("no GPU worker type (a worker type named *gpu* with resources.GPU >= 1)")
     for name, spec in sorted(gpu_types.items()):
         gpus = (spec.get("resources") or {}).get("GPU", 0)
         if not (isinstance(gpus, (int, float)) and gpus >= 1):
             problems.append(f"worker type {name!r}: resources.GPU must be >= 1, got {gpus!r}")
-        if spec.get("min_workers", 0) != 0:
-            problems.append(
-                f"worker type {name!r}: min_workers must be 0 (scale from zero), "
-                f"got {spec.get('min_workers')!r}"
-            )
-        max_workers = spec.get("max_workers")
-        if not (isinstance(max_workers, int) and max_workers > 0):
-            problems.append(
-                f"worker type {name!r}: max_workers must be a positive integer, got {max_workers!r}"
-            )
+        problems += _bounds_problems(name, spec)
     return problems
+
+
+def cpu_worker_problems(
+    config: dict[str, Any], field: str = "available_node_types"
+) -> list[str]:  # fmt: skip
+    """Why the config has no CPU worker type for ingest and index builds; empty when it has one.
+
+    A CPU worker type is a worker type that :func:`is_gpu_type` rejects. The config needs at least
+    one, and each must have ``resources.CPU >= 1``, ``min_workers == 0`` and ``max_workers > 0``.
+    ``field`` names where the worker types live in the file (the error names it).
+    """
+    cpu_types = {n: s for n, s in worker_types(config).items() if not is_gpu_type(n, s)}
+    if not cpu_types:
+        return [
+            f"{field}: no CPU worker type (a worker type without GPUs, resources.CPU >= 1, "
+            "min_workers 0, max_workers > 0) for make_shards and index builds"
+        ]
+    problems = []
+    for name, spec in sorted(cpu_types.items()):
+        cpus = (spec.get("resources") or {}).get("CPU")
+        if not (isinstance(cpus, (int, float)) and cpus >= 1):
+            problems.append(f"worker type {name!r}: resources.CPU must be >= 1, got {cpus!r}")
+        problems += _bounds_problems(name, spec)
+    return problems
+
+
+def head_problems(config: dict[str, Any]) -> list[str]:
+    """Why tasks could land on a launcher config's head; empty when its resources say ``CPU: 0``.
+
+    Without an explicit 0 the autoscaler gives the head its instance's CPUs and Ray schedules
+    tasks there, next to the GCS."""
+    head = config.get("head_node_type")
+    spec = (config.get("available_node_types") or {}).get(head)
+    if spec is None:
+        return [f"head_node_type {head!r} is not one of available_node_types"]
+    cpus = (spec.get("resources") or {}).get("CPU")
+    if cpus != 0:
+        return [
+            f"available_node_types.{head}.resources.CPU must be 0 (no task on the head, Ray's "
+            f"num-cpus 0), got {cpus!r}"
+        ]
+    return []
 
 
 def check_gpu_worker_types(config: dict[str, Any], where: str = "cluster config") -> None:
@@ -79,6 +144,95 @@ def check_gpu_worker_types(config: dict[str, Any], where: str = "cluster config"
     problems = gpu_worker_problems(config)
     if problems:
         raise ClusterConfigError(f"{where}: " + "; ".join(problems))
+
+
+def k8s_bytes(quantity: Any) -> float:
+    """Bytes of a Kubernetes quantity (``32Gi``, ``500M``, ``1024``); a clear error otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)([KMGTPE]i|[kMGTPE])?\s*", str(quantity))
+    if not match:
+        raise ClusterConfigError(f"{quantity!r} is not a Kubernetes quantity such as 16Gi")
+    return float(match.group(1)) * _QUANTITY_UNITS[match.group(2) or ""]
+
+
+def shm_problems(template: dict[str, Any], where: str) -> list[str]:
+    """Why a pod template's Ray container (KubeRay's: the first) lacks a usable ``/dev/shm``.
+
+    It needs a volume mounted at ``/dev/shm`` that is an ``emptyDir`` with ``medium: Memory`` and a
+    ``sizeLimit`` of at least :data:`OBJECT_STORE_SHARE` of the container's memory limit: otherwise
+    Ray finds Docker's 64 MB ``/dev/shm`` too small and puts the object store on disk (/tmp)."""
+    pod = template.get("spec") or {}
+    containers = pod.get("containers") or []
+    if not containers:
+        return [f"{where}.template.spec.containers: no Ray container"]
+    container, at = containers[0], f"{where}.template.spec"
+    mounts = [m for m in container.get("volumeMounts") or [] if m.get("mountPath") == "/dev/shm"]
+    if not mounts:
+        return [
+            f"{at}.containers[{container.get('name')!r}].volumeMounts: nothing at /dev/shm (Ray's "
+            "object store needs an emptyDir with medium: Memory and a sizeLimit mounted there)"
+        ]
+    name = mounts[0].get("name")
+    volume = next((v for v in pod.get("volumes") or [] if v.get("name") == name), None)
+    if volume is None:
+        return [f"{at}.volumes: no volume named {name!r} for the /dev/shm mount"]
+    empty = volume.get("emptyDir")
+    if not isinstance(empty, dict) or empty.get("medium") != "Memory":
+        return [
+            f"{at}.volumes[{name!r}]: /dev/shm must be an emptyDir with medium: Memory, "
+            f"got { ({k: v for k, v in volume.items() if k != 'name'})!r}"
+        ]
+    size = empty.get("sizeLimit")
+    if size is None:
+        return [
+            f"{at}.volumes[{name!r}].emptyDir.sizeLimit is missing (without it the volume may "
+            "fill the node's memory)"
+        ]
+    memory = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    try:
+        too_small = memory is not None and k8s_bytes(size) < OBJECT_STORE_SHARE * k8s_bytes(memory)
+    except ClusterConfigError as exc:
+        return [f"{at}.volumes[{name!r}].emptyDir.sizeLimit or the memory limit: {exc}"]
+    if too_small:
+        return [
+            f"{at}.volumes[{name!r}].emptyDir.sizeLimit {size} is below "
+            f"{OBJECT_STORE_SHARE:.0%} of the memory limit {memory}: Ray's object store would not fit"
+        ]
+    return []
+
+
+def kuberay_problems(cr: dict[str, Any]) -> list[str]:
+    """What a ``RayCluster`` manifest lacks beyond Ray's validator: the head's ``num-cpus: "0"`` and a
+    memory-backed ``/dev/shm`` in every Ray container (head and each worker group)."""
+    spec = cr.get("spec") or {}
+    head = spec.get("headGroupSpec") or {}
+    problems = []
+    cpus = (head.get("rayStartParams") or {}).get("num-cpus")
+    if str(cpus) != "0":
+        problems.append(
+            'spec.headGroupSpec.rayStartParams.num-cpus must be "0" (no task on the head), '
+            f"got {cpus!r}"
+        )
+    groups = [("spec.headGroupSpec", head)] + [
+        (f"spec.workerGroupSpecs[{g.get('groupName')!r}]", g)
+        for g in spec.get("workerGroupSpecs") or []
+    ]
+    for where, group in groups:
+        problems += shm_problems(group.get("template") or {}, where)
+    return problems
+
+
+def cluster_problems(data: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Every problem of a cluster file: ``data`` as written, ``config`` the autoscaler's view of it.
+
+    A launcher file is checked as written (Ray's defaults would fill in a missing ``max_workers``);
+    a ``RayCluster`` through its derived node types (named by ``groupName``) plus the manifest."""
+    if data.get("kind") == "RayCluster":
+        return (
+            gpu_worker_problems(config)
+            + cpu_worker_problems(config, "spec.workerGroupSpecs")
+            + kuberay_problems(data)
+        )
+    return gpu_worker_problems(data) + cpu_worker_problems(data) + head_problems(data)
 
 
 def autoscaling_config(data: dict[str, Any]) -> dict[str, Any]:
@@ -100,15 +254,17 @@ def autoscaling_config(data: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         config = prepare_config(copy.deepcopy(data))
+    from jsonschema.exceptions import ValidationError  # Ray's dependency; not a ValueError
+
     try:
         validate_config(config)
-    except ValueError as exc:  # jsonschema's ValidationError is a ValueError too
+    except (ValueError, ValidationError) as exc:
         raise ClusterConfigError(f"Ray's validator refuses it: {str(exc).splitlines()[0]}") from exc
     return config
 
 
 def check_cluster_file(path: str | Path) -> dict[str, Any]:
-    """Validate a cluster file offline and check its GPU workers; a summary of its worker types.
+    """Validate a cluster file offline, then :func:`cluster_problems`; a summary of its node types.
 
     Raises :class:`ClusterConfigError` naming the file and every problem found."""
     data = load_cluster_yaml(path)
@@ -116,11 +272,15 @@ def check_cluster_file(path: str | Path) -> dict[str, Any]:
         config = autoscaling_config(data)
     except ClusterConfigError as exc:
         raise ClusterConfigError(f"{path}: {exc}") from exc
-    check_gpu_worker_types(config, str(path))
+    problems = cluster_problems(data, config)
+    if problems:
+        raise ClusterConfigError(f"{path}: " + "; ".join(problems))
+    head = config.get("head_node_type")
     return {
         "file": str(path),
         "kind": data.get("kind", "launcher"),
-        "head": config.get("head_node_type"),
+        "head": head,
+        "head_cpus": (config["available_node_types"][head].get("resources") or {}).get("CPU"),
         "workers": {
             name: {
                 "GPU": (spec.get("resources") or {}).get("GPU", 0),
@@ -160,7 +320,7 @@ def fake_node_types(
 def fake_autoscaling_config(
     config: dict[str, Any],
     gcs_address: str,
-    head_cpus: int = 1,
+    head_cpus: int | None = None,
     max_workers_per_type: int = 1,
     idle_timeout_minutes: float = 0.1,
 ) -> dict[str, Any]:
@@ -168,8 +328,12 @@ def fake_autoscaling_config(
 
     The head type is renamed to the fake provider's fixed ``ray.head.default``. ``gcs_address``
     (``127.0.0.1:<port>``) tells the provider where the fake nodes join; without it they would
-    look for a head on port 6379.
+    look for a head on port 6379. ``head_cpus`` defaults to the head's own CPUs (0 in our files),
+    at most 1; the fake head must be started with the same ``--num-cpus``.
     """
+    if head_cpus is None:
+        head = (config.get("available_node_types") or {}).get(config.get("head_node_type")) or {}
+        head_cpus = min(int((head.get("resources") or {}).get("CPU", 1)), 1)
     workers = fake_node_types(config, max_workers_per_type)
     if FAKE_HEAD_NODE_TYPE in workers:
         raise ClusterConfigError(f"worker type name {FAKE_HEAD_NODE_TYPE!r} is reserved")

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.core.config import ClassifierTrainConfig
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.storage import Store
 
 
-def resolve_labels(store: Store, dataset: str, train: ClassifierTrainConfig):
+def resolve_labels(store: Store, dataset: str | DatasetHandle, train: ClassifierTrainConfig):
     """``(labels, clusters)``: the classifier's bit source as trained, ``"key"`` or ``"cluster"``, and
     the near-duplicate clusters it draws cluster bits from (None for key bits).
 
@@ -22,17 +23,17 @@ def resolve_labels(store: Store, dataset: str, train: ClassifierTrainConfig):
     that makes them. Stale clusters (made from other shards) raise from :func:`load_clusters`. A
     latent dataset (:mod:`pipeline.fanout.latents`) keeps its images' keys, so its bits come from
     the clusters of the image dataset it was encoded from (its manifest's ``latent.source_dataset``):
-    near-duplicates are found among images, not latents."""
+    near-duplicates are found among images, not latents. ``dataset``: a name, or a handle already
+    opened (its manifest is not read again; key bits read nothing)."""
     from pipeline.core.config import ConfigError
-    from pipeline.data.layout import data_folder
-    from pipeline.data.shards import read_manifest
     from pipeline.fanout.clusters import cluster_folder, load_clusters
 
     if train.labels == "key":
         return "key", None
-    latent = (read_manifest(store, data_folder(dataset)) or {}).get("latent")
-    if isinstance(latent, dict) and latent.get("source_dataset"):
-        dataset = str(latent["source_dataset"])
+    ds = as_handle(store, dataset)
+    dataset = ds.dataset
+    if ds.latent is not None and ds.latent.get("source_dataset"):
+        dataset = str(ds.latent["source_dataset"])
     clusters = load_clusters(store, dataset, train.clusters_embedding)
     if clusters is None and train.labels == "cluster":
         raise ConfigError(

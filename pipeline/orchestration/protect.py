@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.config import ClassifierArchConfig, ConfigError, from_dict, to_dict
-from pipeline.data.layout import data_folder
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.provenance import dir_digest
-from pipeline.data.shards import read_manifest
 from pipeline.data.storage import Store
 
 log = logging.getLogger(__name__)
@@ -49,24 +48,27 @@ def schedule_reading(schedule) -> dict[str, Any]:
     }
 
 
-def check_image_shape(store: Store, dataset: str, channels: int, size: int, model: str) -> None:
+def check_image_shape(
+    store: Store, dataset: str | DatasetHandle, channels: int, size: int, model: str
+) -> None:
     """The dataset's images (its manifest's ``channels`` and ``image_size``) must be the model's
-    (C, H, W): a UNet runs on any size its downsampling divides, so a mismatch would train silently."""
-    manifest = read_manifest(store, data_folder(dataset))
-    if manifest is None:
+    (C, H, W): a UNet runs on any size its downsampling divides, so a mismatch would train silently.
+    ``dataset``: a name, or a handle already opened (its manifest is not read again)."""
+    ds = as_handle(store, dataset)
+    if ds.manifest is None:
         return
-    h, w = manifest.get("image_size", (size, size))
-    c = manifest.get("channels", channels)
+    h, w = ds.manifest.get("image_size", (size, size))
+    c = ds.manifest.get("channels", channels)
     if (c, h, w) != (channels, size, size):
         raise ConfigError(
-            f"dataset {dataset!r} has images (C, H, W) = {(c, h, w)} but the {model} is configured "
+            f"dataset {ds.dataset!r} has images (C, H, W) = {(c, h, w)} but the {model} is configured "
             f"for {(channels, size, size)}; set its sample_size and channels to the data's"
         )
 
 
 def classifier_target(
     store: Store,
-    dataset: str,
+    dataset: str | DatasetHandle,
     arch: ClassifierArchConfig,
     betas: list[float] | None = None,
     denoiser: str | None = None,
@@ -75,21 +77,22 @@ def classifier_target(
 ) -> ClassifierTarget:
     """The classifier's inputs for ``data/<dataset>``: images (optionally of a pixel ``denoiser``)
     or latents (optionally of a Stable Diffusion ``model``; ``text_cond`` conditions on the
-    dataset's pooled text embeddings). Mismatches raise :class:`ConfigError` before any training."""
+    dataset's pooled text embeddings). Mismatches raise :class:`ConfigError` before any training.
+    ``dataset``: a name, or a handle already opened (its manifest is not read again)."""
+    ds = as_handle(store, dataset)
+    dataset = ds.dataset
     if denoiser is not None and model is not None:
         raise ConfigError(
             "give either a denoiser (a pixel UNet2DModel directory) or a model (a Stable "
             "Diffusion directory), not both"
         )
-    manifest = read_manifest(store, data_folder(dataset))
-    latent = (manifest or {}).get("latent")
-    if isinstance(latent, dict):
+    if ds.latent is not None:
         if denoiser is not None:
             raise ConfigError(
                 f"dataset {dataset!r} holds latents: give the Stable Diffusion directory that made "
                 f"them as model (--model), not a pixel denoiser ({denoiser!r})"
             )
-        return _latent_target(store, dataset, manifest, arch, betas, model, text_cond)
+        return _latent_target(store, dataset, ds.manifest, arch, betas, model, text_cond)
     if model is not None or text_cond or arch.cond_dim:
         raise ConfigError(
             f"dataset {dataset!r} holds images, not latents (its manifest has no 'latent' section): "
@@ -97,13 +100,13 @@ def classifier_target(
             "a latent dataset"
         )
     if denoiser is None:
-        check_image_shape(store, dataset, arch.channels, arch.sample_size, "classifier (arch)")
+        check_image_shape(store, ds, arch.channels, arch.sample_size, "classifier (arch)")
         return ClassifierTarget(arch, betas, {"denoiser": None})
-    return _denoiser_target(store, dataset, arch, denoiser)
+    return _denoiser_target(store, ds, arch, denoiser)
 
 
 def _denoiser_target(
-    store: Store, dataset: str, arch: ClassifierArchConfig, denoiser: str
+    store: Store, dataset: DatasetHandle, arch: ClassifierArchConfig, denoiser: str
 ) -> ClassifierTarget:
     """The arch with the denoiser's image shape, its betas and its directory's digest; checks the
     dataset's shape."""

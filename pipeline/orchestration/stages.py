@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,20 +23,14 @@ from pipeline.core.config import (
 )
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
+from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
-from pipeline.data.provenance import (
-    PROVENANCE,
-    manifest_digest,
-    require_same,
-    value_digest,
-    write_provenance,
-)
-from pipeline.data.shards import read_manifest, write_dataset
+from pipeline.data.provenance import PROVENANCE, require_same, value_digest, write_provenance
+from pipeline.data.shards import write_dataset
 from pipeline.data.storage import Store
 from pipeline.fanout.index import ReplicaStats, replica_stats
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec
-from pipeline.fanout.scoring import annotate_shards, score_shards, write_jsonl
 from pipeline.orchestration.labels import labels_record, resolve_labels
 from pipeline.orchestration.protect import check_image_shape, classifier_target
 from pipeline.train.ingest import holdout_datasets, split_info, training_dataset
@@ -94,11 +88,16 @@ def _run_config(store: Store, name: str, num_to_keep: int, max_failures: int):
 
 
 def worker_cpus(num_workers: int) -> float:
-    """Logical CPUs per training worker: 1, or less on a small cluster, so that at least one CPU stays
-    free for the Ray Data read and decode tasks that stream to the workers every epoch (otherwise
-    ingest waits forever). Workers still run their own number of torch threads."""
+    """Logical CPUs per training worker: 1, or less on a private local Ray, so that at least one CPU
+    stays free for the Ray Data read and decode tasks that stream to the workers every epoch (otherwise
+    ingest waits forever). On a cluster 1: its head advertises no CPUs and the autoscaler adds nodes.
+    Workers still run their own number of torch threads."""
     import ray
 
+    from pipeline.data.parallel import private_local_ray
+
+    if not private_local_ray():
+        return 1.0
     total = float(ray.cluster_resources().get("CPU", 1.0))
     return max(0.25, min(1.0, (total - 1.0) / max(1, num_workers)))
 
@@ -122,18 +121,18 @@ EXECUTION_FIELDS = ("num_workers", "use_gpu", "max_failures", "num_to_keep", "ch
 
 
 def training_provenance(
-    store: Store, dataset: str, config: dict[str, Any], **inputs: str | None
+    store: Store, dataset: str | DatasetHandle, config: dict[str, Any], **inputs: str | None
 ) -> dict[str, str | None]:
     """The inputs of a training run as digests (:mod:`pipeline.data.provenance`): ``config`` (the
     resolved loop config less :data:`EXECUTION_FIELDS`), ``data`` (the dataset's manifest: every
-    shard's sha256; None for shards without one) and any further ``inputs`` (the classifier's
-    ``denoiser``)."""
+    shard's sha256; None for shards without one; a handle's manifest is not read again) and any
+    further ``inputs`` (the classifier's ``denoiser``)."""
     learned = {
         **config,
         "train": {k: v for k, v in config["train"].items() if k not in EXECUTION_FIELDS},
     }
-    manifest = read_manifest(store, data_folder(dataset))
-    return {"config": value_digest(learned), "data": manifest_digest(manifest), **inputs}
+    data = as_handle(store, dataset).digest
+    return {"config": value_digest(learned), "data": data, **inputs}
 
 
 def claim_checkpoints(
@@ -186,10 +185,22 @@ def _fit(
     return result
 
 
+def denoiser_plan(
+    ds: DatasetHandle, unet: UNetConfig, train: DenoiserTrainConfig
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str | None]]:
+    """``(config, input, provenance)`` of a denoiser run on the opened dataset ``ds``: the image
+    shape checked against the UNet's, the training split's rows and bytes per row, the digests.
+    Reads nothing: everything comes from the handle's manifest."""
+    check_image_shape(ds.store, ds, unet.channels, unet.sample_size, "denoiser (unet)")
+    config = {"unet": to_dict(unet), "train": to_dict(train)}
+    inputs = {"train": split_info(ds.manifest, "train")}
+    return config, inputs, training_provenance(ds.store, ds, config)
+
+
 def train_denoiser(
     store: Store,
     run: str,
-    dataset: str,
+    dataset: str | DatasetHandle,
     unet: UNetConfig,
     train: DenoiserTrainConfig,
     threads: int = 1,
@@ -202,14 +213,12 @@ def train_denoiser(
     ``checkpoints/<run>-denoiser``) when its config and data are the same (:func:`claim_checkpoints`;
     ``overwrite`` starts afresh). The checkpoints and the exported model record those inputs
     (``state.json``, ``provenance.json``). ``loop_config``: extra worker-loop keys (``step_delay_s``
-    for fault-injection tests)."""
-    check_image_shape(store, dataset, unet.channels, unet.sample_size, "denoiser (unet)")
+    for fault-injection tests). ``dataset``: a name, or a handle the caller opened (the manifest is
+    read once: :func:`pipeline.data.handle.open_dataset`)."""
+    ds = as_handle(store, dataset)
+    config, inputs, provenance = denoiser_plan(ds, unet, train)
     schedule = linear_schedule()
-    config = {"unet": to_dict(unet), "train": to_dict(train)}
-    folder = data_folder(dataset, "train")
-    datasets = {"train": training_dataset(store, folder, train.seed)}
-    inputs = {"train": split_info(read_manifest(store, data_folder(dataset)), "train")}
-    provenance = training_provenance(store, dataset, config)
+    datasets = {"train": training_dataset(store, ds.split("train"), train.seed, ds.manifest)}
     claim_checkpoints(store, f"{run}-denoiser", provenance, overwrite)
     loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
     result = _fit(
@@ -222,7 +231,7 @@ def train_denoiser(
     model.load_state_dict(tensors["ema"])
     run_config = {
         "run": run,
-        "dataset": dataset,
+        "dataset": ds.dataset,
         "step": state["step"],
         "resumed_from": state.get("resumed_from", []),
         **config,
@@ -234,10 +243,49 @@ def train_denoiser(
     return {"uri": store.uri_of("models", run, "denoiser"), "metrics": dict(result.metrics or {})}
 
 
+class ClassifierPlan(NamedTuple):
+    """What a classifier run learns, decided before any Ray work: ``target`` (the arch with the
+    data's shape, the betas: :func:`classifier_target`), ``config``, ``labels`` and ``clusters``
+    (:func:`resolve_labels`) and the ``provenance`` its checkpoints record."""
+
+    target: Any
+    config: dict[str, Any]
+    labels: str
+    clusters: Any
+    provenance: dict[str, str | None]
+
+
+def classifier_plan(
+    ds: DatasetHandle,
+    arch: ClassifierArchConfig,
+    train: ClassifierTrainConfig,
+    schedule_betas: list[float] | None = None,
+    denoiser: str | None = None,
+    model: str | None = None,
+    text_cond: bool = False,
+) -> ClassifierPlan:
+    """The :class:`ClassifierPlan` of a run on the opened dataset ``ds``: its manifest is not read
+    again (cluster bits read the clusters, and their check reads the training manifest)."""
+    store = ds.store
+    target = classifier_target(store, ds, arch, schedule_betas, denoiser, model, text_cond)
+    config = {
+        "arch": to_dict(target.arch),
+        "train": to_dict(train),
+        "betas": target.betas,
+        "betas_from": denoiser or model,
+    }
+    labels, clusters = resolve_labels(store, ds, train)
+    extra = {"clusters": clusters.digest} if clusters is not None else {}
+    provenance = training_provenance(
+        store, ds, {**config, "betas_from": None}, **target.inputs, **extra
+    )
+    return ClassifierPlan(target, config, labels, clusters, provenance)
+
+
 def train_classifier(
     store: Store,
     run: str,
-    dataset: str,
+    dataset: str | DatasetHandle,
     arch: ClassifierArchConfig,
     train: ClassifierTrainConfig,
     threads: int = 1,
@@ -266,37 +314,25 @@ def train_classifier(
     (:func:`pipeline.core.models.schedule_record`: every beta's digest and how the model reads them)
     and its model card ``fit`` (:func:`pipeline.train.loops.fit_card`, measured at the last
     checkpoint), which sampling checks (:func:`pipeline.data.checkpoints.check_classifier_fits`).
-    Returns ``{"uri", "metrics", "fit"}``.
+    Returns ``{"uri", "metrics", "fit"}``. ``dataset``: a name, or a handle the caller opened.
     """
-    target = classifier_target(store, dataset, arch, schedule_betas, denoiser, model, text_cond)
-    arch, schedule_betas = target.arch, target.betas
+    ds = as_handle(store, dataset)
+    plan = classifier_plan(ds, arch, train, schedule_betas, denoiser, model, text_cond)
+    target, config, provenance = plan.target, plan.config, plan.provenance
+    labels, clusters = plan.labels, plan.clusters
     # the held-out roles are a keyed hash of each key (``is_trained_holdout``), applied in Ray Data
     # before the split: "holdout" holds the rows trained on with their bits, "never" at most
     # metrics_samples never-seen rows for rank 0's fit metrics
     bits, never, held = holdout_datasets(
-        store, data_folder(dataset, "holdout"), train.label_seed, train.holdout_images,
-        train.metrics_samples, train.seed,
+        store, ds.split("holdout"), train.label_seed, train.holdout_images,
+        train.metrics_samples, train.seed, ds.manifest,
     )  # fmt: skip
     datasets = {
-        "train": training_dataset(store, data_folder(dataset, "train"), train.seed),
+        "train": training_dataset(store, ds.split("train"), train.seed, ds.manifest),
         "holdout": bits,
         "never": never,
     }
-    inputs = {
-        "train": split_info(read_manifest(store, data_folder(dataset)), "train"),
-        "holdout": held,
-    }
-    config = {
-        "arch": to_dict(arch),
-        "train": to_dict(train),
-        "betas": schedule_betas,
-        "betas_from": denoiser or model,
-    }
-    labels, clusters = resolve_labels(store, dataset, train)
-    extra = {"clusters": clusters.digest} if clusters is not None else {}
-    provenance = training_provenance(
-        store, dataset, {**config, "betas_from": None}, **target.inputs, **extra
-    )
+    inputs = {"train": split_info(ds.manifest, "train"), "holdout": held}
     claim_checkpoints(store, f"{run}-classifier", provenance, overwrite)
     loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
     loop["label_of"] = clusters.label_of if clusters is not None else None  # cluster bits
@@ -310,11 +346,11 @@ def train_classifier(
     )  # fmt: skip
     with result.checkpoint.as_directory() as d:
         tensors, state, _ = read_checkpoint(d)
-    model = NoiseClassifier(arch)
+    model = NoiseClassifier(target.arch)
     model.load_state_dict(tensors["model"])
     run_config = {
         "run": run,
-        "dataset": dataset,
+        "dataset": ds.dataset,
         "step": state["step"],
         "train": to_dict(train),
         # with the held-out share it trained on (its bits' keys are never non-members): evaluation
@@ -350,23 +386,24 @@ def check_replicas(
     name: str | None = None,
     s3_endpoint: str | None = None,
 ) -> tuple[ReplicaStats, list[dict[str, Any]]]:
-    """Score every image under ``folder``; write per-sample results and (optionally) annotate shards.
+    """Score every image under ``folder`` shard by shard (:mod:`pipeline.fanout.scoring_stream`): per
+    sample shard a part and a summary under ``reports/<run>/replicas-<name>/`` (the layout of
+    ``jobs/check_replicas.py``), shards annotated unless ``annotate`` is false. Returns the stats and,
+    for the demo's figures, every sample's row read back from the parts, ordered by key: a demo's
+    sample counts are small; the scale path is :func:`pipeline.orchestration.replica_report`.
 
     ``dataset``: the training dataset, whose stored replica index is built first when it has no valid
     one (:func:`pipeline.fanout.replica_index.ensure_replica_index`), or an ``index_spec`` naming an
     index already ensured. The scoring actors load the stored index; nothing is built per actor."""
-    rows = score_shards(store, folder, dataset, replicas, concurrency, s3_endpoint)
-    if annotate:
-        annotate_shards(store, folder, rows, s3_endpoint)
+    from pipeline.fanout.scoring_stream import score_shard_summaries
+    from pipeline.orchestration.replica_report import iter_per_sample, parts_folder
+
     name = name or folder.rstrip("/").rsplit("/", 1)[-1]
-    internal = ("path", "nn_row", "index_build")
-    write_jsonl(
-        store,
-        [{k: v for k, v in r.items() if k not in internal} for r in rows],
-        "reports",
-        run,
-        f"replicas-{name}.jsonl",
-    )
+    score_shard_summaries(
+        store, folder, dataset, replicas, parts_folder(run, name), concurrency=concurrency,
+        annotate=annotate, s3_endpoint=s3_endpoint,
+    )  # fmt: skip
+    rows = sorted(iter_per_sample(store, run, name), key=lambda r: r["key"])
     return replica_stats(np.asarray([r["nn_similarity"] for r in rows]), replicas.threshold), rows
 
 
@@ -378,8 +415,8 @@ def check_samplers_and_holdout(
     replicas: ReplicaConfig,
     concurrency: int = 1,
 ) -> tuple[dict[str, tuple[ReplicaStats, list[dict[str, Any]]]], tuple[ReplicaStats, list]]:
-    """A demo's replica checks: each sampler's ``folders[name]`` (annotated, reported as
-    ``replicas-<name>.jsonl``) and the held-out real images (not annotated) against the training
+    """A demo's replica checks: each sampler's ``folders[name]`` (annotated, reported under
+    ``replicas-<name>/``) and the held-out real images (not annotated) against the training
     split's stored index, ensured once. Returns ``({name: (stats, rows)}, (stats, rows) held-out)``."""
     index_ref = index_spec(store, dataset, replicas, ensure_replica_index(store, dataset, replicas))
     checked = {

@@ -15,7 +15,9 @@ worker's rows at a time, in an order seeded by ``(seed, epoch, rank)``, without 
 * :class:`StreamRows` (``input: "stream"``): each epoch is a fresh pass over the Ray Data shard
   through a bounded seeded shuffle buffer (``shuffle_buffer`` rows; Ray's own
   ``local_shuffle_buffer_size`` is not used: it emits short batches mid-stream, and DDP ranks that run
-  different step counts hang).
+  different step counts hang, ray-project/ray#66085). A pass whose rows need no keys (the
+  denoiser's) arrives on the device already: :func:`device_batches`, Ray Data's
+  ``iter_torch_batches(device=..., prefetch_batches=2)``; the buffer then permutes device tensors.
 
 :class:`EpochBatches` re-batches consecutive epochs of a source into batches of exactly the
 per-worker size, so the step-driven loops run the same number of steps on every rank whatever its
@@ -33,12 +35,17 @@ import numpy as np
 
 from pipeline.data.imageset import DataError
 
+CLUSTER_VERIFY_GROUPS = 64  # shard-hash groups on a cluster (its head has no CPUs to size them by)
 CHUNK = 256  # rows per Ray Data batch that a worker pulls from its shard
+PREFETCH_BATCHES = 2  # Ray Data batches fetched, decoded and (on CUDA) copied ahead of the loop
+TENSOR_COLUMNS = ("image", "latent", "pooled")  # what device_batches moves (never the str "key")
 Rows = dict[str, Any]  # column -> array (numpy or torch), all with the same number of rows
 
 
 # ------------------------------------------------------------------------------- driver side (Ray)
-def shard_paths(store, folder: str) -> tuple[list[str], dict[str, Any] | None, str]:
+def shard_paths(
+    store, folder: str, manifest: dict[str, Any] | None = None
+) -> tuple[list[str], dict[str, Any] | None, str]:
     """(the shard paths under ``folder``, the dataset's manifest or None, the split name).
 
     With a manifest beside ``folder`` (``data/<dataset>/<split>``) the shards are checked before this
@@ -46,19 +53,22 @@ def shard_paths(store, folder: str) -> tuple[list[str], dict[str, Any] | None, s
     object's sha256, streamed in 1 MiB chunks, must match it, in parallel Ray tasks (about four per
     cluster CPU, each hashing a group of shards of equal total size). The first mismatch cancels the
     rest and raises :class:`DataError` naming the shard's URI. Cost: one extra read of the split, no
-    decoding. Without a manifest the shards are read unchecked, with a warning."""
+    decoding. Without a manifest the shards are read unchecked, with a warning. ``manifest``: the
+    dataset's, already read by the job (:class:`pipeline.data.handle.DatasetHandle`): not fetched again."""
     import ray
 
+    from pipeline.data.parallel import parallelism
     from pipeline.data.shards import check_shards, dataset_manifest, shard_groups, verify_shards
     from pipeline.data.storage import StorageError
 
     names = [n for n in store.listdir(folder) if n.endswith(".tar")]
     if not names:
         raise DataError(f"no shards under {store.uri_of(folder)}")
-    manifest, split = dataset_manifest(store, folder)
+    manifest, split = dataset_manifest(store, folder, manifest)
     if manifest is not None:
         entries = check_shards(store, folder, manifest, split, None)
-        groups = shard_groups(entries, 4 * max(1, int(ray.cluster_resources().get("CPU", 1))))
+        local_cap = 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        groups = shard_groups(entries, parallelism(CLUSTER_VERIFY_GROUPS, local_cap))
         verify = ray.remote(num_cpus=1, max_retries=1)(verify_shards)
         pending = [verify.remote(store, folder, group) for group in groups]
         try:
@@ -133,14 +143,35 @@ def _read(store, paths: list[str], seed: int, keep=None):
     return ds.map_batches(decode_rows, batch_format="numpy", batch_size=CHUNK)
 
 
-def training_dataset(store, folder: str, seed: int = 0):
+def training_dataset(store, folder: str, seed: int = 0, manifest: dict[str, Any] | None = None):
     """The shards under ``folder`` (checked against the manifest, see :func:`shard_paths`) as a
     ``ray.data.Dataset`` of rows ``{"key": str, "image": uint8 (H, W, C)}`` (or ``"latent"``,
     ``"pooled"``: see :func:`decode_rows`), decoded in Ray Data
     ``map_batches`` tasks. Each execution (epoch) reads the files in another order seeded by
     ``seed``. A stable entry point: the input benchmark iterates its ``iter_batches``."""
-    paths, _, _ = shard_paths(store, folder)
+    paths, _, _ = shard_paths(store, folder, manifest)
     return _read(store, paths, seed)
+
+
+def device_batches(shard, device, batch_size: int = CHUNK):
+    """One pass over a Ray Data shard (a ``DataIterator``) as ``{"image" | "latent" [, "pooled"]:
+    tensor}`` batches already on ``device``: ``iter_torch_batches(device=device,
+    prefetch_batches=PREFETCH_BATCHES)``, pinned and copied without blocking on Ray's own threads when
+    ``device`` is CUDA. The ``"key"`` column (strings, which Ray moves to no device) is dropped: for
+    loops that need no keys (the denoiser)."""
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class Tensors(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            # a copy: Ray's arrays may be read-only views of the object store
+            return {k: torch.from_numpy(np.array(batch[k])) for k in TENSOR_COLUMNS if k in batch}
+
+    device = torch.device(device)
+    return shard.iter_torch_batches(
+        batch_size=batch_size, device=device, prefetch_batches=PREFETCH_BATCHES,
+        collate_fn=Tensors(), pin_memory=device.type == "cuda",
+    )  # fmt: skip
 
 
 class _RoleFilter:
@@ -165,8 +196,9 @@ class _RoleFilter:
 
 
 def holdout_datasets(
-    store, folder: str, label_seed: int, holdout_images: int, never_limit: int, seed: int = 0
-):
+    store, folder: str, label_seed: int, holdout_images: int, never_limit: int, seed: int = 0,
+    manifest: dict[str, Any] | None = None,
+):  # fmt: skip
     """(bits, never, info) for the classifier's held-out split under ``folder`` (checked as in
     :func:`training_dataset`): ``bits`` the rows it trains on with their own random bits, ``never``
     at most ``never_limit`` never-seen rows (for fit metrics only), ``info`` ``{"rows", "row_bytes",
@@ -175,7 +207,7 @@ def holdout_datasets(
     manifest are counted in one extra pass (the fraction needs the count)."""
     from pipeline.core.labels import holdout_fraction
 
-    paths, manifest, split = shard_paths(store, folder)
+    paths, manifest, split = shard_paths(store, folder, manifest)
     info = split_info(manifest, split)
     if info is None:  # hand-made shards: one counting pass (no decoding)
         import ray
@@ -196,8 +228,19 @@ def num_rows(rows: Rows) -> int:
 
 
 def take(rows: Rows, idx) -> Rows:
-    """Rows at ``idx`` (an index array or a slice)."""
-    return {k: v[idx] for k, v in rows.items()}
+    """Rows at ``idx`` (an index array or a slice); an index array for columns on a GPU is copied
+    there without blocking the host (:func:`pipeline.train.device.to_device`)."""
+    return {k: v[_index_for(v, idx)] for k, v in rows.items()}
+
+
+def _index_for(column, idx):
+    if isinstance(idx, np.ndarray) and getattr(column, "is_cuda", False):
+        import torch
+
+        from pipeline.train.device import to_device
+
+        return to_device(torch.from_numpy(idx), column.device)
+    return idx
 
 
 def concat(parts: list[Rows]) -> Rows:

@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +21,14 @@ from pipeline.core.config import MIN_FIT
 from pipeline.core.diffusion import Schedule, q_sample
 from pipeline.core.models import channels_last
 from pipeline.train.batches import batch_bits, batch_images, batch_pooled
+from pipeline.train.device import (
+    LossWindows,
+    Prefetch,
+    beta_symmetric,
+    draw_device,
+    schedule_on,
+    step_generator,
+)
 from pipeline.train.ingest import EpochBatches, MemoryRows
 
 T_RANGES: tuple[tuple[int, int], ...] = ((0, 100), (100, 300), (300, 600), (600, 1000))
@@ -70,10 +77,13 @@ def denoiser_loss(
     x_start: torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """``E ||eps - eps_theta(x_t, t)||^2`` at uniform t (Ho et al. 2020, eq. 14, "L_simple")."""
-    b = x_start.shape[0]
-    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator).to(x_start.device)
-    noise = torch.randn(x_start.shape, generator=generator).to(x_start.device)
+    """``E ||eps - eps_theta(x_t, t)||^2`` at uniform t (Ho et al. 2020, eq. 14, "L_simple").
+
+    ``t`` and ``eps`` are drawn from ``generator`` on its own device (a CUDA generator: no copy)."""
+    b, dev = x_start.shape[0], draw_device(generator, x_start)
+    t = torch.randint(0, schedule.num_train_timesteps, (b,), generator=generator, device=dev)
+    noise = torch.randn(x_start.shape, generator=generator, device=dev).to(x_start.device)
+    t = t.to(x_start.device)
     x_t = q_sample(schedule, x_start, t, noise)
     return nn.functional.mse_loss(unet(channels_last(x_t), t).sample.float(), noise)
 
@@ -93,22 +103,22 @@ def classifier_loss(
     ``mixup > 0`` blends pairs of images and their bits with ``lambda ~ Beta(mixup, mixup)`` (Zhang et al.
     2018), which makes the classifier less confident between training points. ``cond``: (B, D) pooled
     text embeddings for a text-conditioned classifier, ``c_phi(x_t, t, cond)`` (blended alike).
+    Every draw (lambda by :func:`beta_symmetric`, the pairing, t, eps) comes from ``generator`` on
+    its own device, so a CUDA step needs no host round trip.
     """
-    b = x_start.shape[0]
+    b, dev = x_start.shape[0], draw_device(generator, x_start)
     y = bits.float()
     if mixup > 0:
-        # Beta draws through numpy, seeded from `generator`, so mixup runs are reproducible
-        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-        lam = torch.from_numpy(rng.beta(mixup, mixup, size=b)).float().to(x_start.device)
-        perm = torch.randperm(b, generator=generator).to(x_start.device)
+        lam = beta_symmetric(mixup, b, generator, dev).to(x_start.device)
+        perm = torch.randperm(b, generator=generator, device=dev).to(x_start.device)
         x_start = (
             lam[:, None, None, None] * x_start + (1 - lam[:, None, None, None]) * x_start[perm]
         )
         y = lam * y + (1 - lam) * y[perm]
         if cond is not None:
             cond = lam[:, None] * cond + (1 - lam[:, None]) * cond[perm]
-    t = torch.randint(0, t_max, (b,), generator=generator).to(x_start.device)
-    noise = torch.randn(x_start.shape, generator=generator).to(x_start.device)
+    t = torch.randint(0, t_max, (b,), generator=generator, device=dev).to(x_start.device)
+    noise = torch.randn(x_start.shape, generator=generator, device=dev).to(x_start.device)
     args = () if cond is None else (cond,)
     logits = clf(q_sample(schedule, x_start, t, noise), t, *args)
     return nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
@@ -259,6 +269,13 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _steps(name: str, start: int, total: int, progress: bool):
+    """Steps ``start .. total - 1``, with a tqdm bar when ``progress``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(range(start, total), desc=name, disable=not progress, initial=start, total=total)
+
+
 def fit_denoiser(
     model: nn.Module,
     ema: EMA,
@@ -282,27 +299,24 @@ def fit_denoiser(
     ``(cfg.seed, epoch, rank)`` order without replacement. The loop is step-driven, so every rank runs
     the same number of steps whatever its shard size. ``position`` (``{"train": {"epoch",
     "offset"}}`` from a checkpoint) resumes inside an epoch. ``model`` may be DDP-wrapped; ``ema``
-    tracks the underlying module. The metrics carry ``"data"``: ``{"train": EpochBatches.state()}``,
-    which is also returned.
+    tracks the underlying module. The metrics carry ``"data"``: ``{"train": EpochBatches.state()}``
+    after the last batch trained on, which is also returned. On CUDA the step never syncs the host:
+    draws on the device (:func:`step_generator`), batches copied :data:`PREFETCH` ahead, the loss
+    read back only at log and checkpoint steps (:mod:`pipeline.train.device`).
     """
-    from tqdm.auto import tqdm
-
     per_worker = max(1, cfg.batch_size // world)
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + start)
     base = model.module if hasattr(model, "module") else model
     device = _device(base)
+    gen, schedule = step_generator(cfg.seed, rank, start, device), schedule_on(schedule, device)
     batches = _batches(_source(data, cfg.seed, rank), per_worker, (position or {}).get("train"))
-    losses, t0 = [], time.time()
-    for step in tqdm(
-        range(start, cfg.steps),
-        desc="denoiser",
-        disable=not progress,
-        initial=start,
-        total=cfg.steps,
-    ):
+    feed = Prefetch(
+        lambda: (batch_images(batches.next(), device), batches.state()), cfg.steps - start
+    )
+    losses, state, t0 = LossWindows(device, "log", "checkpoint"), batches.state(), time.time()
+    for step in _steps("denoiser", start, cfg.steps, progress):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
-        x = batch_images(batches.next(), device)
+        x, state = feed.next()
         with autocast(device, cfg.mixed_precision):
             loss = denoiser_loss(model, schedule, x, gen)
         opt.zero_grad(set_to_none=True)
@@ -310,22 +324,18 @@ def fit_denoiser(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         ema.update(base, step)
-        losses.append(float(loss.detach()))
+        losses.add(loss)
         done = step + 1
         _log_progress("denoiser", done, cfg.steps, losses, log_every, rank)
         if on_checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            rate = per_worker * world * len(losses) / max(time.time() - t0, 1e-9)
+            n, mean = losses.count("checkpoint"), losses.mean("checkpoint")  # syncs: then time
+            rate = per_worker * world * n / max(time.time() - t0, 1e-9)
             on_checkpoint(
                 done,
-                {
-                    "step": done,
-                    "loss": sum(losses) / len(losses),
-                    "images_per_s": rate,
-                    "data": {"train": batches.state()},
-                },
+                {"step": done, "loss": mean, "images_per_s": rate, "data": {"train": state}},
             )
-            losses, t0 = [], time.time()
-    return {"train": batches.state()}
+            t0 = time.time()
+    return {"train": state}
 
 
 def train_log(rank: int, msg: str) -> None:
@@ -337,14 +347,13 @@ def train_log(rank: int, msg: str) -> None:
 
 
 def _log_progress(
-    name: str, done: int, total: int, losses: list[float], every: int, rank: int
+    name: str, done: int, total: int, losses: LossWindows, every: int, rank: int
 ) -> None:
-    """A progress line every ``every`` steps from rank 0."""
-    if every > 0 and done % every == 0:
-        recent = losses[-every:]
-        train_log(
-            rank, f"{name} {done}/{total} ({done / total:.0%}) loss {sum(recent) / len(recent):.4f}"
-        )
+    """A progress line every ``every`` steps from rank 0: the mean loss of the ``every`` steps
+    before (the window "log", read back from the device here and only here)."""
+    if every > 0 and done % every == 0 and rank == 0:
+        mean = losses.mean("log")
+        train_log(rank, f"{name} {done}/{total} ({done / total:.0%}) loss {mean:.4f}")
 
 
 def mix_sizes(size: int, train_fraction: float, n_train: int, n_bits: int) -> tuple[int, int]:
@@ -392,8 +401,6 @@ def fit_classifier(
     :func:`fit_denoiser`, including ``position`` for a resume). The metrics carry ``"data"``:
     ``{"train": ..., "bits": ...}`` (:meth:`EpochBatches.state`), which is also returned.
     """
-    from tqdm.auto import tqdm
-
     if isinstance(train, torch.Tensor):
         x_fit, y_fit = train, bits
         n = len(x_fit) if n_train is None else n_train
@@ -409,40 +416,33 @@ def fit_classifier(
     streams = {"train": _batches(train, k_train, pos.get("train"))}
     if bits is not None and k_bits:
         streams["bits"] = _batches(bits, k_bits, pos.get("bits"))
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 7919 + start)
     device = _device(model)
+    gen, schedule = step_generator(cfg.seed, rank, start, device), schedule_on(schedule, device)
     arch = getattr(getattr(model, "module", model), "config", None)  # DDP wraps the classifier
     text = getattr(arch, "cond_dim", 0) > 0  # c_phi(x_t, t, pooled)
-    losses = []
-    for step in tqdm(
-        range(start, cfg.steps),
-        desc="classifier",
-        disable=not progress,
-        initial=start,
-        total=cfg.steps,
-    ):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
+
+    def make() -> tuple[tuple, dict]:  # one step's (x, y, cond) on the device, and the position
         parts = [b.next() for b in streams.values()]
         x = torch.cat([batch_images(p, device) for p in parts])
         y = torch.cat([batch_bits(p, cfg.label_seed, device, label_of) for p in parts])
         c = torch.cat([batch_pooled(p, device) for p in parts]) if text else None
+        return (x, y, c), {k: b.state() for k, b in streams.items()}
+
+    feed = Prefetch(make, cfg.steps - start)
+    losses = LossWindows(device, "log", "checkpoint")
+    state = {k: b.state() for k, b in streams.items()}
+    for step in _steps("classifier", start, cfg.steps, progress):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.lr_schedule, cfg.steps)
+        (x, y, c), state = feed.next()
         with autocast(device, cfg.mixed_precision):
             loss = classifier_loss(model, schedule, x, y, cfg.t_max, cfg.mixup, gen, c)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss.detach()))
+        losses.add(loss)
         done = step + 1
         _log_progress("classifier", done, cfg.steps, losses, log_every, rank)
         if on_checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            on_checkpoint(
-                done,
-                {
-                    "step": done,
-                    "loss": sum(losses) / len(losses),
-                    "data": {k: b.state() for k, b in streams.items()},
-                },
-            )
-            losses = []
-    return {k: b.state() for k, b in streams.items()}
+            on_checkpoint(done, {"step": done, "loss": losses.mean("checkpoint"), "data": state})
+    return state

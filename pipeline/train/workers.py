@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,9 +34,11 @@ from pipeline.data.provenance import require_same
 from pipeline.train.batches import batch_bits, batch_images, batch_pooled
 from pipeline.train.ingest import (
     CHUNK,
+    PREFETCH_BATCHES,
     StreamRows,
     cache_rows,
     concat,
+    device_batches,
     expected_bytes,
     take,
 )
@@ -60,24 +64,30 @@ def shard_source(
     stream: int = 0,
     keep: int = 0,
     rows: int | None = None,
+    device: torch.device | None = None,
 ):
     """This worker's shard of dataset ``name`` (rows ``{"key", "image"}`` from
     :func:`pipeline.train.ingest.training_dataset`) as a row source: cached in memory when its
     expected decoded size (``info``: the manifest's rows and bytes per row; ``rows`` overrides the
     count) is at most ``tcfg.cache_max_bytes``, else streamed every epoch through a seeded shuffle
-    buffer. The decision comes from the manifest, so it is the same on every rank."""
+    buffer. The decision comes from the manifest, so it is the same on every rank. Ray Data fetches
+    and decodes ``PREFETCH_BATCHES`` batches ahead; with ``device`` (a loop that needs no keys) a
+    streamed pass arrives on it keyless (:func:`pipeline.train.ingest.device_batches`)."""
     import ray.train
 
     shard = ray.train.get_dataset_shard(name)
 
     def open_epoch():
-        return shard.iter_batches(batch_size=CHUNK, batch_format="numpy", prefetch_batches=1)
+        return shard.iter_batches(
+            batch_size=CHUNK, batch_format="numpy", prefetch_batches=PREFETCH_BATCHES
+        )
 
     expected = None if info is None else (info["rows"] if rows is None else rows)
     if expected_bytes(info, world, expected) <= tcfg.cache_max_bytes:
         return cache_rows(open_epoch(), tcfg.seed, rank, stream)
     size = None if expected is None else -(-expected // world)
-    return StreamRows(open_epoch, tcfg.shuffle_buffer, tcfg.seed, rank, stream, size, keep)
+    opened = open_epoch if device is None else (lambda: device_batches(shard, device))
+    return StreamRows(opened, tcfg.shuffle_buffer, tcfg.seed, rank, stream, size, keep)
 
 
 def read_rows(name: str, limit: int) -> dict[str, Any] | None:
@@ -168,13 +178,25 @@ def _resume(
     return tensors, {**state, "optimizer": optimizer_state}
 
 
-def _slow_down(model: torch.nn.Module, seconds: float) -> None:
-    """Sleep ``seconds`` before every forward pass: fault-injection tests use it (config key
-    ``step_delay_s``) to have time to kill a worker mid-run; never set in normal runs."""
-    if seconds > 0:
-        import time
+def _faults(model: torch.nn.Module, config: dict[str, Any], rank: int) -> None:
+    """Fault injection for tests, never set in normal runs. ``step_delay_s``: sleep that long before
+    every forward pass (time to kill a worker mid-run). ``exit_at`` ``{"rank", "step", "marker"}``:
+    that rank's process exits hard (``os._exit(1)``: no cleanup, as a killed one) before its
+    ``step``-th forward pass of an attempt where the file ``marker`` does not exist yet, creating it
+    (once: the restarted group runs on, whatever checkpoint it resumed from)."""
+    delay, spec, calls = config.get("step_delay_s", 0.0), config.get("exit_at") or {}, [0]
+    exit_step = spec["step"] if spec.get("rank") == rank else None
 
-        model.register_forward_pre_hook(lambda *_: time.sleep(seconds))
+    def hook(*_) -> None:
+        calls[0] += 1
+        if calls[0] == exit_step and not os.path.exists(spec["marker"]):
+            Path(spec["marker"]).touch()  # once across attempts
+            os._exit(1)
+        if delay > 0:
+            time.sleep(delay)
+
+    if delay > 0 or spec:
+        model.register_forward_pre_hook(hook)
 
 
 def set_niceness(target: int = 0) -> int:
@@ -186,8 +208,6 @@ def set_niceness(target: int = 0) -> int:
     yields the CPU to every ordinary process on the node (bench P5 measures the cost). Lowering
     niceness needs CAP_SYS_NICE (root in a container); without it the worker keeps Ray's value.
     """
-    import os
-
     current = os.getpriority(os.PRIO_PROCESS, 0)
     step = 1 if target < current else -1
     for value in range(target, current, step):
@@ -246,9 +266,10 @@ def denoiser_worker(config: dict[str, Any]) -> None:
         start, history = state["step"], [*state.get("resumed_from", []), state["step"]]
         position = resume_position(state, rank)
         train_log(rank, f"resumed denoiser from step {start} at {position}")
-    _slow_down(unet, config.get("step_delay_s", 0.0))
+    _faults(unet, config, rank)
     model = ray.train.torch.prepare_model(unet)
-    source = shard_source("train", tcfg, rank, world, (config.get("input") or {}).get("train"))
+    info = (config.get("input") or {}).get("train")
+    source = shard_source("train", tcfg, rank, world, info, device=device)  # keyless: no bits
     state = {
         "kind": "denoiser",
         "unet": config["unet"],
@@ -304,7 +325,7 @@ def classifier_worker(config: dict[str, Any]) -> None:
         start, history = state["step"], [*state.get("resumed_from", []), state["step"]]
         position = resume_position(state, rank)
         train_log(rank, f"resumed classifier from step {start} at {position}")
-    _slow_down(clf, config.get("step_delay_s", 0.0))
+    _faults(clf, config, rank)
     model = ray.train.torch.prepare_model(clf)
     inputs = config.get("input") or {}
     label_of = config.get("label_of") or None  # key -> near-duplicate cluster id (cluster bits)
@@ -396,7 +417,7 @@ def add_train_flags(p) -> None:
         "--use-gpu", action="store_true", help="ScalingConfig(use_gpu=True): 1 GPU/worker"
     )
     g.add_argument(
-        "--max-failures", type=int, help="FailureConfig: worker-group restarts (-1: inf)"
+        "--max-failures", type=int, help="FailureConfig: worker-group restarts (2; 0: off; -1: inf)"
     )
     g.add_argument("--num-to-keep", type=int, help="CheckpointConfig: checkpoints kept")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (and metrics)")

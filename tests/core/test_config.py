@@ -122,6 +122,17 @@ def test_min_fit_and_allow_unfit_defaults_and_bounds():
     assert from_dict(SamplerConfig, {"min_fit": 0.51, "allow_unfit": True}).allow_unfit is True
 
 
+def test_training_restarts_after_worker_failures_by_default():
+    """A lost worker restarts the group from the last checkpoint (twice) unless a run says otherwise;
+    -1 is no limit, below it is refused."""
+    for cls in (DenoiserTrainConfig, ClassifierTrainConfig):
+        assert cls().max_failures == 2
+        assert from_dict(cls, {"max_failures": -1}).max_failures == -1
+        assert from_dict(cls, {"max_failures": 0}).max_failures == 0
+        with pytest.raises(ConfigError, match="max_failures must be >= -1"):
+            from_dict(cls, {"max_failures": -3})
+
+
 def test_int_coerced_to_float():
     cfg = from_dict(SamplerConfig, {"scale": 2, "alpha": 0.25})
     assert cfg.scale == 2.0

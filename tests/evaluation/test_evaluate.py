@@ -103,10 +103,11 @@ def test_attack_sets_are_seeded_capped_subsets_read_shard_by_shard(digits_store)
     holdout = read_image_shards(digits_store, "data/digits/holdout")
     assert (len(train), len(holdout)) == (32, 300)
     members, nonmembers, train_mean, pool = attack_sets(digits_store, "digits", 10, 20, seed=3)
+    drawn = pool.pop("num_candidates")  # rows pick_images drew: at least k, at most the split
+    assert 20 <= drawn <= 300 and pool.pop("num_never_seen_candidates") == drawn  # all kept
     assert pool == {
         "source": "held-out images no model has seen", "num_holdout": 300,
-        "classifier_trained_fraction": 0.0, "num_candidates": 300,
-        "num_never_seen_candidates": 300, "num_nonmembers": 20,
+        "classifier_trained_fraction": 0.0, "num_nonmembers": 20,
     }  # fmt: skip
     assert (len(members), len(nonmembers)) == (10, 20)
     # the training split's mean image, streamed shard by shard
@@ -182,6 +183,61 @@ def test_fid_section_rejects_a_missing_weights_file_before_reading_data(tmp_path
         fid_section(empty, "r", "digits", str(tmp_path / "pt_inception.pth"))
 
 
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory) -> Path:
+    """An FID Inception with random (He) weights, saved as a plain state dict like the real file."""
+    from pipeline.evaluation.fid import FID_WEIGHTS_NAME, build_inception
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("inception") / FID_WEIGHTS_NAME
+    torch.save(build_inception("fid", random_init=True).state_dict(), path)
+    return path
+
+
+def test_fid_section_streams_moments_equal_to_the_in_memory_fid(
+    ray_local, run_store, random_inception
+):
+    """The samples' features stream through the actor pool as per-block moments (blocks of 3 of the
+    8 samples and 10 reference images) and give the FID of the features computed in one process."""
+    from pipeline.data.subsets import pick_images
+    from pipeline.evaluation.fid import InceptionFeatures, frechet_distance_features
+    from pipeline.fanout.features import GpuUnavailableError
+
+    weights = str(random_inception)
+    out = fid_section(run_store, "e", "digits", weights, 4, max_reference=10, block_size=3)
+    assert out["name"] == "FID" and out["num_reference"] == 10 and set(out["values"]) == {"ddim"}
+    features = InceptionFeatures.from_file(weights, batch_size=4)
+    reference, _ = pick_images(run_store, "data/digits/holdout", 10, seed=0)
+    samples = read_image_shards(run_store, "samples/e/ddim")
+    expected = frechet_distance_features(
+        features(samples.to_tensor()), features(reference.to_tensor())
+    )
+    assert out["values"]["ddim"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(GpuUnavailableError, match="the Ray cluster has no GPU"):
+        fid_section(run_store, "e", "digits", weights, 4, max_reference=10, use_gpu=True)
+
+
+def test_nn_attack_streams_the_samples_in_chunks_to_the_dense_scores(digits_store, tmp_path):
+    """Chunks of 3 samples (several per shard, several shards) give the dense computation's scores."""
+    from pipeline.evaluation.mia import pixel_embedding
+
+    members, nonmembers, train_mean, _ = attack_sets(digits_store, "digits", 8, 40, seed=0)
+    store = open_store(str(tmp_path / "s"))
+    holdout = read_image_shards(digits_store, "data/digits/holdout")
+    gen = np.concatenate([members.images[:3], holdout.images[200:217]])  # 20 samples, 5 shards
+    _samples(store, "r", "ddim", gen)
+    cfg = EvalConfig(num_permutations=50, seed=0)
+    out = nn_attack(store, "r", members, nonmembers, train_mean, cfg, chunk=3)["ddim"]
+    g = pixel_embedding(gen, train_mean)
+    dense_m = (pixel_embedding(members.images, train_mean) @ g.T).max(1)
+    dense_n = (pixel_embedding(nonmembers.images, train_mean) @ g.T).max(1)
+    assert out["num_generated"] == 20
+    assert out["member_mean"] == pytest.approx(float(dense_m.mean()), abs=1e-6)
+    assert out["nonmember_mean"] == pytest.approx(float(dense_n.mean()), abs=1e-6)
+    whole = nn_attack(store, "r", members, nonmembers, train_mean, cfg, chunk=4096)["ddim"]
+    assert out["auc"] == whole["auc"] and out["roc"] == whole["roc"]
+
+
 # --------------------------------------------------------------------------- membership_inference
 def test_membership_inference_attacks_ddim_and_the_guided_model(digits_store, tiny_models16):
     from pipeline.core.models import load_classifier, load_denoiser, load_schedule
@@ -251,6 +307,33 @@ def test_evaluate_run_reports_attacks_and_roc_figures(run_store):
         assert data[:8] == PNG
         assert Image.open(io.BytesIO(data)).size[0] > 100
     json.dumps(report)
+
+
+def test_a_job_opens_its_dataset_once_and_passes_it_down(run_store):
+    """attack_sets fetched data/<dataset>/manifest.json for the held-out count, each pick and the
+    split mean; evaluate_run once more per check. Now: once per job, none given a handle."""
+    from pipeline.data.handle import open_dataset
+    from pipeline.evaluation.inputs import check_run
+    from tests.data.test_handle import CountingStore
+
+    store = CountingStore(run_store.uri, run_store.fs, run_store.path)
+    manifest = "data/digits/manifest.json"
+    sets = attack_sets(store, "digits", 4, 6, seed=0, bits=100)
+    assert store.reads.count(manifest) == 1
+    assert sets.nonmember_pool["classifier_trained_fraction"] == 100 / 300  # the manifest's count
+    ds = open_dataset(store, "digits")
+    store.reads.clear()
+    checked = check_run(store, "e", ds)
+    again = attack_sets(store, ds, 4, 6, seed=0, bits=100)
+    assert again.members.keys == sets.members.keys and again.nonmembers.keys == sets.nonmembers.keys
+    np.testing.assert_array_equal(again.train_mean, sets.train_mean)
+    assert store.reads.count(manifest) == 0 and checked["data"] == ds.digest
+    train = read_image_shards(run_store, "data/digits/train")
+    store.reads.clear()
+    report, _ = evaluate_run(store, "e", "digits", FAST, replica_index=ExactIndex(train.images))
+    assert report["threshold_free"]["holdout"]["num_images"] == 300
+    assert report["membership_inference"]["nonmembers"]["num_nonmembers"] == 6
+    assert store.reads.count(manifest) == 1  # evaluate_run opened it; every stage took the handle
 
 
 def test_evaluate_run_takes_the_knobs_its_cpsample_samples_record(run_store, tiny_models16):
@@ -558,3 +641,20 @@ def test_evaluate_job_after_retraining_exits_2_naming_the_stale_samples(run_stor
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert "samples/e/ddim are stale" in lines[0] and "(changed: denoiser)" in lines[0]
     assert json.loads(run_store.read_bytes("reports", "e", "report.json")) == report
+
+
+def test_evaluate_job_with_use_gpu_on_a_cluster_without_gpus_exits_2(run_store):
+    """--use-gpu asks one GPU per feature actor: on a cluster with none, exit 2 naming it, before
+    any work (no report)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "jobs" / "evaluate.py"), "--store", run_store.uri,
+           "--run", "e", "--no-shares", "--use-gpu"]  # fmt: skip
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "--use-gpu: the Ray cluster has no GPU" in lines[0]
+    assert not run_store.exists("reports", "e", "report.json")

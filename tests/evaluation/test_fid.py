@@ -54,6 +54,40 @@ def test_fid_of_a_set_with_itself_is_zero(random_weights):
     )
 
 
+def test_the_uint8_embedder_is_the_tensor_pipeline(random_weights):
+    """What a feature actor builds (``inception_embedder``) embeds uint8 images as the models scale
+    them: the same features as the tensor path."""
+    from pipeline.data.imageset import images_to_tensor
+    from pipeline.evaluation.fid import inception_embedder
+
+    images = np.random.default_rng(2).integers(0, 256, (3, 12, 12, 1), dtype=np.uint8)
+    embed = inception_embedder(random_weights, 2, "cpu")
+    got = embed(images)
+    features = InceptionFeatures.from_file(random_weights, batch_size=2)
+    assert got.shape == (3, 2048) and got.dtype == np.float64
+    np.testing.assert_array_equal(got, features(images_to_tensor(images)))
+    assert next(features.net.parameters()).device.type == "cpu"
+
+
+def test_the_embedder_builds_from_shipped_bytes_where_the_file_is_absent(random_weights, tmp_path):
+    """Feature actors on other nodes get the weights file's bytes, not its path."""
+    from safetensors.torch import save_file
+
+    from pipeline.evaluation.fid import inception_embedder
+
+    images = np.random.default_rng(3).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    local = inception_embedder(random_weights, 2)(images)
+    absent = tmp_path / "other-node" / FID_WEIGHTS_NAME
+    shipped = inception_embedder(absent, 2, "cpu", data=random_weights.read_bytes())
+    np.testing.assert_array_equal(shipped(images), local)
+    st = tmp_path / "w.safetensors"
+    save_file(torch.load(random_weights, weights_only=True), str(st))
+    from_st = inception_embedder(tmp_path / "absent.safetensors", 2, data=st.read_bytes())
+    np.testing.assert_array_equal(from_st(images), local)
+    with pytest.raises(InceptionWeightsError, match="not a readable weights file"):
+        inception_embedder(absent, 2, data=b"not a weights file")
+
+
 def test_missing_weights_file_names_what_to_provide(tmp_path):
     with pytest.raises(InceptionWeightsError) as err:
         load_inception(tmp_path / "nope.pth")

@@ -74,6 +74,16 @@ def test_check_dataset_refuses_data_the_model_was_not_trained_on(tmp_path):
     assert check_dataset(store, "d", None, "models/r/denoiser") == digest  # not recorded
     with pytest.raises(StaleArtifactError, match="models/r/denoiser was trained on data with"):
         check_dataset(store, "d", "sha256:" + "0" * 64, "models/r/denoiser")
+    # an opened dataset: its digest, no read of the manifest
+    from pipeline.data.handle import open_dataset
+    from tests.data.test_handle import CountingStore
+
+    counting = CountingStore(store.uri, store.fs, store.path)
+    ds = open_dataset(counting, "d")
+    assert check_dataset(counting, ds, digest, "models/r/denoiser") == digest
+    with pytest.raises(StaleArtifactError, match=rf"but {tmp_path}/data/d has sha256:"):
+        check_dataset(counting, ds, "sha256:" + "0" * 64, "models/r/denoiser")
+    assert counting.reads == ["data/d/manifest.json"]
 
 
 def test_sampler_knobs_come_from_the_samples_and_given_ones_must_agree():

@@ -16,6 +16,7 @@ from pipeline.core.guidance import cpsample_guidance
 from pipeline.core.models import NoiseClassifier, build_unet
 from pipeline.core.sampler import unet_denoiser
 from pipeline.evaluation.mia import (
+    NearestSamples,
     attack_metrics,
     nn_similarity_scores,
     permutation_test,
@@ -105,6 +106,41 @@ def test_nn_similarity_scores():
     s = nn_similarity_scores(queries, gen)
     assert s[0] == pytest.approx(1.0)
     assert s[1] < 1.0
+
+
+def _dense_nn(queries: np.ndarray, generated: np.ndarray, mean) -> np.ndarray:
+    """The dense (queries x samples) computation the streamed search replaced."""
+
+    def embed(images):
+        flat = images.reshape(len(images), -1).astype(np.float64) / 255.0 - mean
+        return flat / np.linalg.norm(flat, axis=1, keepdims=True)
+
+    return (embed(queries) @ embed(generated).T).max(axis=1)
+
+
+def test_nearest_samples_folds_chunks_to_the_dense_result():
+    """Small chunks force many FAISS searches whose running top-1 must equal the dense maximum,
+    whatever the chunking and however the samples arrive."""
+    rng = np.random.default_rng(5)
+    queries = rng.integers(0, 256, (13, 6, 6, 3), dtype=np.uint8)
+    generated = rng.integers(0, 256, (101, 6, 6, 3), dtype=np.uint8)
+    generated[40] = queries[2]  # an exact copy somewhere in the middle chunk
+    mean = rng.uniform(0.3, 0.7, 6 * 6 * 3)
+    dense = _dense_nn(queries, generated, mean)
+    for chunk in (1, 7, 64, 1000):
+        got = nn_similarity_scores(queries, generated, mean, chunk=chunk)
+        np.testing.assert_allclose(got, dense, atol=2e-6)
+    streamed = NearestSamples(queries, mean, chunk=9)
+    for part in np.array_split(generated, [3, 50, 51]):  # shards of uneven sizes
+        streamed.update(part)
+    assert streamed.count == 101 and streamed.scores()[2] == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(streamed.scores(), dense, atol=2e-6)
+    with pytest.raises(ValueError, match="no generated samples"):
+        NearestSamples(queries, mean).scores()
+    with pytest.raises(ValueError, match=r"\(108 values\) do not match the queries' 36"):
+        NearestSamples(queries[..., :1], None).update(generated)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        NearestSamples(queries, mean, chunk=0)
 
 
 @pytest.fixture(scope="module")

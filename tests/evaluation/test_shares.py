@@ -8,8 +8,12 @@ import pytest
 from pipeline.evaluation.mia import SampleOnlyAttack, group_masks
 from pipeline.evaluation.shares import (
     as_percentiles,
+    fold_share_counts,
     holdout_percentiles,
+    share_counts,
     share_keys,
+    shares_from_counts,
+    streamed_shares,
     threshold_free_shares,
 )
 
@@ -53,6 +57,26 @@ def test_shares_count_samples_strictly_above_each_percentile():
     assert threshold_free_shares(piled, pct)["above_holdout_p95"] == 1.0
     with pytest.raises(ValueError, match="no sample"):
         threshold_free_shares([], pct)
+
+
+def test_shares_streamed_shard_by_shard_equal_the_shares_of_all_samples():
+    pct = holdout_percentiles(HOLDOUT)
+    sims = np.random.default_rng(0).uniform(0.9, 1.0, 157)
+    shards = np.split(sims, [10, 11, 11, 90])  # uneven, one empty
+    whole = threshold_free_shares(sims, pct)
+    streamed = streamed_shares(iter(shards), pct)
+    assert streamed == {"num_samples": 157, **{k: v for k, v in whole.items() if "above" in k}}
+    counts = [share_counts(s, pct) for s in shards]
+    assert counts[2] == {"num_samples": 0, "above_holdout_p95": 0, "above_holdout_p99": 0}
+    total = fold_share_counts(counts)
+    assert total["above_holdout_p95"] == int((sims > pct["holdout_p95"]).sum())
+    assert {"num_samples": total["num_samples"], **shares_from_counts(total)} == streamed
+    with pytest.raises(ValueError, match="no sample similarities"):
+        streamed_shares([], pct)
+    with pytest.raises(ValueError, match="finite"):
+        share_counts([np.inf], pct)
+    with pytest.raises(ValueError, match="share counts with keys"):
+        fold_share_counts([counts[0], {"num_samples": 1}])
 
 
 def test_percentiles_given_as_similarities_or_as_a_dict_agree():

@@ -214,6 +214,7 @@ def test_sweep_with_ray_tune_writes_plot_matching_report(ray_local, tiny_store):
     import numpy as np
 
     from pipeline.core.config import ReplicaConfig, SamplerConfig
+    from pipeline.data.handle import open_dataset
     from pipeline.data.shards import read_image_shards
     from pipeline.evaluation.domain import train_domain_evaluator
     from pipeline.evaluation.evaluate import attack_sets, holdout_similarities, sample_only_attack
@@ -229,12 +230,14 @@ def test_sweep_with_ray_tune_writes_plot_matching_report(ray_local, tiny_store):
     replicas = ReplicaConfig()
     sidecar = ensure_replica_index(tiny_store, "digits", replicas)
     index = LazyReplicaIndex(tiny_store, sidecar, replicas)
-    holdout_sims = holdout_similarities(tiny_store, "digits", index, 100, seed=0)
+    ds = open_dataset(tiny_store, "digits")  # as a job does: opened once, passed down
+    holdout_sims = holdout_similarities(tiny_store, ds, index, 100, seed=0)
     assert holdout_sims.shape == (100,) and np.all(holdout_sims < 1.0)
-    sets = attack_sets(tiny_store, "digits", 8, 16, seed=0)
+    assert np.array_equal(holdout_sims, holdout_similarities(tiny_store, "digits", index, 100))
+    sets = attack_sets(tiny_store, ds, 8, 16, seed=0)
     attack = sample_only_attack(sets, {"first": set(sets.members.keys[:4])})
     result = run_sweep(
-        tiny_store, "t", "digits", [(0.5, 1.0), (0.5, 50.0)], num_samples=12, seed=3,
+        tiny_store, "t", ds, [(0.5, 1.0), (0.5, 50.0)], num_samples=12, seed=3,
         evaluator=evaluator, target_rate=1.0, sampler=sampler, verbose=0,
         holdout_sims=holdout_sims, attack=attack, target_above_p99=1.0,
     )  # fmt: skip

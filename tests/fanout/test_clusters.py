@@ -212,6 +212,29 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
         ensure_clusters(open_store(str(tmp_path)), "nope", EXACT, 0.97)
 
 
+def test_a_job_that_opened_the_dataset_reads_its_manifest_once(tmp_path):
+    from pipeline.data.handle import open_dataset
+    from pipeline.fanout.clusters import member_images
+    from tests.data.test_handle import CountingStore
+
+    store, train, _ = _write(tmp_path / "s", n=60, k=2, m=2)
+    counting = CountingStore(store.uri, store.fs, store.path)
+    made = build_clusters(counting, "dup", EXACT, 0.97)
+    assert counting.manifest_reads() == 1  # was 3: the dataset check, the shard list, the read
+    assert made.sidecar["num_images"] == 64 and made.sidecar["num_multi_clusters"] == 2
+    counting.reads.clear()
+    assert ensure_clusters(counting, "dup", EXACT, 0.97).sidecar == made.sidecar  # reused
+    assert counting.manifest_reads() == 1
+    ds = open_dataset(counting, "dup")
+    counting.reads.clear()
+    assert ensure_clusters(counting, ds, EXACT, 0.97).sidecar == made.sidecar
+    assert load_clusters(counting, ds, "centred").digest == made.digest
+    keys = {train.keys[0], train.keys[-1]}
+    got = member_images(counting, ds, keys)
+    assert sorted(got) == sorted(keys) and got[train.keys[-1]].shape == (SIZE, SIZE, 3)
+    assert counting.manifest_reads() == 0  # the handle's manifest, passed down
+
+
 # ------------------------------------------------------------------------------------ IVF path
 def test_ivf_path_finds_the_same_clusters_with_ray_tasks(built, ray_local):
     store, _, _, exact = built

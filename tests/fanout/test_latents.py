@@ -165,11 +165,15 @@ def _stamps(store) -> dict[str, tuple[int, bytes]]:
 
 
 def test_rerun_writes_nothing(encoded, tiny_sd_dir):
+    from tests.data.test_handle import CountingStore
+
     store, _ = encoded
     before = _stamps(store)
-    out = encode_dataset(store, "dg", str(tiny_sd_dir), caption_template=TEMPLATE, batch_size=7)
+    counting = CountingStore(store.uri, store.fs, store.path)
+    out = encode_dataset(counting, "dg", str(tiny_sd_dir), caption_template=TEMPLATE, batch_size=7)
     assert out["shards_skipped"] == 3 and out["shards_written"] == 0 and out["images_encoded"] == 0
     assert _stamps(store) == before
+    assert counting.reads.count("data/dg/manifest.json") == 1  # the source opened once
 
 
 def test_output_of_another_model_or_settings_is_refused(encoded, tiny_sd_dir, tmp_path):

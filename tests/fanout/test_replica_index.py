@@ -23,7 +23,8 @@ from pipeline.fanout.replica_index import (
     load_replica_index,
     measure_recall,
 )
-from pipeline.fanout.scoring import score_shards
+from pipeline.fanout.scoring_stream import score_shard_summaries
+from pipeline.orchestration.replica_report import iter_per_sample, parts_folder
 
 N, SIZE = 3000, 8
 IVF = ReplicaConfig(index="ivf", pca_dims=48, rows_per_task=1000, measure_queries=256)
@@ -64,7 +65,8 @@ def test_ivf_index_is_built_once_stored_and_measured(ivf_store):
     assert sidecar["params"]["nlist"] == N // 39  # 4 sqrt(N) = 219, capped at N / 39
     assert [p["count"] for p in sidecar["parts"]] == [1000, 1000, 1000]  # three build tasks
     names = set(store.listdir(sidecar["path"]))
-    assert {"index.faiss", "mean.npy", "rows-00002.u8", "keys-00002.json"} <= names
+    assert {"trained.faiss", "ivf-00002.faiss", "mean.npy", "split-mean.npy"} <= names
+    assert {"rows-00002.u8", "keys-00002.json"} <= names and "index.faiss" not in names
     m = sidecar["measurement"]
     assert m["queries"] == 256 and m["recall_at_1"] >= 0.95 and m["decision_agreement"] >= 0.99
     # a valid stored index is reused; search settings (nprobe, rerank_k) rebuild nothing
@@ -81,21 +83,26 @@ def test_actors_load_the_stored_index_and_rerank_exactly(ivf_store):
     )
     keys = [f"ddim-{i:06d}" for i in range(len(queries))]
     write_image_shards(store, "samples/q/ddim", ImageSet(keys=keys, images=queries), 16)
-    rows = score_shards(store, "samples/q/ddim", "syn", IVF, concurrency=2)
-    assert [str(r["key"]) for r in rows] == keys
+    summaries = score_shard_summaries(
+        store, "samples/q/ddim", "syn", IVF, parts_folder("q", "ddim"), concurrency=2
+    )
+    rows = list(iter_per_sample(store, "q", "ddim"))
+    assert [r["key"] for r in rows] == keys
     # every actor loaded the one stored build; nothing was rebuilt
-    assert {str(r["index_build"]) for r in rows} == {sidecar["build_id"]}
+    assert {s.inputs["index_build"] for s in summaries} == {sidecar["build_id"]}
     assert json.loads(store.read_bytes(index_folder("syn", "centred", "ivf"), SIDECAR)) == sidecar
+    row_of = {k: i for i, k in enumerate(train.keys)}
     for i, t in enumerate(copies):
-        assert str(rows[i]["nn_key"]) == train.keys[t] and int(rows[i]["nn_row"]) == t
-        assert bool(rows[i]["is_replicate"])
+        assert rows[i]["nn_key"] == train.keys[t] and rows[i]["is_replicate"]
+    closest = [p for s in summaries for p in s.closest]
+    assert closest and all(p["nn_row"] == row_of[p["nn_key"]] for p in closest)
     # the reported similarity is the exact full-dimensional one of the candidate found
     index = load_replica_index(store, "syn", IVF)
-    nn = np.asarray([int(r["nn_row"]) for r in rows])
+    nn = np.asarray([row_of[r["nn_key"]] for r in rows])
     exact_of_found = np.sum(embed_pixels(train.images[nn], index.mean) * index.embed(queries), 1)
     sims = np.asarray([float(r["nn_similarity"]) for r in rows])
     np.testing.assert_allclose(sims, exact_of_found, atol=1e-6)
-    assert index.keys_of(nn) == [str(r["nn_key"]) for r in rows]
+    assert index.keys_of(nn) == [r["nn_key"] for r in rows]
     np.testing.assert_array_equal(index.rows(nn), train.images[nn])  # positioned reads
     # against exact brute force streamed over the stored rows
     exact, exact_idx = exact_search(index, queries, chunk=700)

@@ -1,6 +1,6 @@
 """Every reader of a dataset shard checks its sha256 against the manifest: one byte changed in a
 shard (in a tar's padding, so the tar itself still parses and decodes) makes the IVF index build, the
-held-out reader of its measurement, the held-out scoring and the cluster member reader raise
+held-out reader of its measurement, the streaming check scoring held-out shards and the cluster member reader raise
 DataError naming the shard, and no valid index is left behind (real local Ray, real FAISS)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pipeline.data.tars import read_tar
 from pipeline.fanout.clusters import member_images
 from pipeline.fanout.replica_index import ensure_replica_index, index_folder
 from pipeline.fanout.replica_store import read_sidecar
-from pipeline.fanout.scoring import score_shards
+from pipeline.fanout.scoring_stream import score_shard_summaries
 
 IVF = ReplicaConfig(index="ivf", pca_dims=16, rows_per_task=200, measure_queries=32)
 
@@ -72,8 +72,12 @@ def test_held_out_scoring_refuses_a_corrupt_shard(syn_store, ray_local):
     cfg = ReplicaConfig()
     ensure_replica_index(syn_store, "syn", cfg)  # a valid exact index; then a held-out shard rots
     corrupt_one_byte(_shard(syn_store, "holdout", "shard-000000.tar"))
+    before = syn_store.read_bytes("data", "syn", "holdout", "shard-000000.tar")
     with pytest.raises(DataError, match=r"checksum mismatch for \S*/data/syn/holdout/shard-000000"):
-        score_shards(syn_store, "data/syn/holdout", "syn", cfg)
+        score_shard_summaries(syn_store, "data/syn/holdout", "syn", cfg, "reports/h/held-out",
+                              annotate=False)  # fmt: skip
+    assert not any("000000" in n for n in syn_store.listdir("reports/h/held-out"))
+    assert syn_store.read_bytes("data", "syn", "holdout", "shard-000000.tar") == before
 
 
 def test_cluster_member_reader_refuses_a_corrupt_shard(syn_store):

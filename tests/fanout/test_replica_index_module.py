@@ -26,7 +26,8 @@ from pipeline.fanout.replica_index import (
     stale_reasons,
 )
 from pipeline.fanout.replica_store import current_state
-from pipeline.fanout.scoring import score_shards
+from pipeline.fanout.scoring_stream import score_shard_summaries
+from pipeline.orchestration.replica_report import iter_per_sample, parts_folder
 from tests.fanout.test_embedders import save_module
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -94,11 +95,17 @@ def test_ivf_index_and_the_scorers_find_copies(module_store):
     queries = np.concatenate([train.images[copies], _images(rng, 5)])
     keys = [f"ddim-{i:06d}" for i in range(len(queries))]
     write_image_shards(store, "samples/m/ddim", ImageSet(keys=keys, images=queries), 4)
-    rows = score_shards(store, "samples/m/ddim", "ph", cfg, concurrency=1)
-    assert {str(r["index_build"]) for r in rows} == {sidecar["build_id"]}
+    out = parts_folder("m", "ddim")
+    summaries = score_shard_summaries(store, "samples/m/ddim", "ph", cfg, out, concurrency=1)
+    assert {s.inputs["index_build"] for s in summaries} == {sidecar["build_id"]}
+    rows = list(iter_per_sample(store, "m", "ddim"))
+    assert [r["key"] for r in rows] == keys
     for i, t in enumerate(copies):
-        assert int(rows[i]["nn_row"]) == t and str(rows[i]["nn_key"]) == train.keys[t]
-        assert float(rows[i]["nn_similarity"]) >= 0.999 and bool(rows[i]["is_replicate"])
+        assert rows[i]["nn_key"] == train.keys[t]
+        assert rows[i]["nn_similarity"] >= 0.999 and rows[i]["is_replicate"]
+    # the closest pairs name the copies' training rows
+    pairs = [p for s in summaries for p in s.closest if p["key"] in keys[: len(copies)]]
+    assert pairs and all(p["nn_row"] == copies[keys.index(p["key"])] for p in pairs)
 
 
 def test_changed_weights_make_the_index_stale_and_it_is_rebuilt(module_store, tmp_path):

@@ -24,14 +24,15 @@ from pipeline.core.config import (
 )
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
+from pipeline.data.handle import open_dataset
 from pipeline.data.imageset import ImageSet
 from pipeline.data.provenance import StaleArtifactError
-from pipeline.data.shards import read_image_shards, write_image_shards
+from pipeline.data.shards import read_image_shards, write_dataset, write_image_shards
 from pipeline.data.storage import open_store
 from pipeline.data.tars import read_tar
 from pipeline.fanout.resume import sampler_settings
 from pipeline.fanout.sampling import run_sampling, sample_key, sample_seed
-from pipeline.orchestration.replica_report import replica_check_report
+from pipeline.orchestration.replica_report import iter_per_sample, replica_check_report
 
 TINY_UNET = UNetConfig(sample_size=8, channels=1, block_out_channels=(8, 16), norm_num_groups=8)
 TINY_CLF = ClassifierArchConfig(
@@ -236,8 +237,7 @@ def test_guard_never_ships_a_copy(ray_local, tmp_path, tiny_models):
     md = store.read_bytes("reports", "plain", "report.md").decode()
     assert "## Replica check: ddim" in md and "![replicas_ddim_hist.png]" in md
     assert f"- replication_rate: {len(copied) / 8}" in md
-    lines = store.read_bytes("reports", "plain", "replicas-ddim.jsonl").decode().splitlines()
-    rows = [json.loads(line) for line in lines]
+    rows = list(iter_per_sample(store, "plain", "ddim"))
     assert sorted(r["key"] for r in rows if r["nn_similarity"] >= 0.99) == [
         plain.keys[i] for i in copied
     ]
@@ -246,14 +246,20 @@ def test_guard_never_ships_a_copy(ray_local, tmp_path, tiny_models):
 def test_guard_budget_zero_leaves_slots_empty_and_resumes(ray_local, tmp_path, tiny_models):
     den, _ = tiny_models
     store, _, _, copied = _copy_store(tmp_path, den)
+    train = read_image_shards(store, "data/copies/train")
+    write_dataset(store, "kept", {"train": train}, 10)  # the same images, with a manifest
     cfg = _cfg(
         sampler="ddim", num_samples=8, samples_per_shard=4, batch_size=4, guard=0.99, guard_budget=0
     )
-    out = run_sampling(store.uri, "b0", cfg, den, None, guard_dataset="copies")
+    out = run_sampling(store.uri, "b0", cfg, den, None, guard_dataset="kept")
     assert out["guard"]["rejected"] == len(copied) == out["guard"]["unfilled"]
     assert out["num_samples"] == 8 - len(copied)
-    again = run_sampling(store.uri, "b0", cfg, den, None, guard_dataset="copies")
+    kept = open_dataset(store, "kept")
+    assert out["provenance"]["guard_data"] == kept.digest is not None
+    # the job's opened dataset instead of its name: the same guard data, so the run resumes
+    again = run_sampling(store.uri, "b0", cfg, den, None, guard_dataset=kept)
     assert again["skipped_shards"] == 2 and again["guard"] == out["guard"]
+    assert again["provenance"] == out["provenance"]
     with pytest.raises(ConfigError, match="guard mode needs the training dataset"):
         run_sampling(store.uri, "b1", cfg, den, None)
 

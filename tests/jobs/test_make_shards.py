@@ -225,10 +225,12 @@ def test_folder_source_to_s3(ray_local, s3_bucket, s3_env, tmp_path, capsys):
         Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
             tmp_path / "in" / f"p{i}.jpg"
         )
-    code, _, err = run_job(["--store", f"s3://{s3_bucket}/f", "--source", "folder", "--path",
-                            str(tmp_path / "in"), "--image-size", "12", "--num-train", "6",
-                            "--dataset", "photos"], capsys)  # fmt: skip
+    argv = ["--store", f"s3://{s3_bucket}/f", "--source", "folder", "--path", str(tmp_path / "in"),
+            "--image-size", "12", "--num-train", "6", "--dataset", "photos", "--shard-size", "4",
+            "--page-size", "3"]  # fmt: skip
+    code, stdout, err = run_job(argv, capsys)
     assert code == 0, err
+    assert "chunks: 3 (3 written, 0 already complete by their records)" in stdout
     store = open_store(f"s3://{s3_bucket}/f")
     manifest = json.loads(store.read_bytes("data/photos/manifest.json"))
     assert manifest["mode"] == "RGB" and manifest["image_size"] == [12, 12]
@@ -238,6 +240,11 @@ def test_folder_source_to_s3(ray_local, s3_bucket, s3_env, tmp_path, capsys):
     train = read_image_shards(store, "data/photos/train")
     assert sorted(train.keys) == expected and train.images.shape == (len(expected), 12, 12, 3)
     assert manifest["splits"]["holdout"]["count"] == 10 - len(expected)
+    # a rerun: every chunk skipped by its completion record, the same manifest
+    code, stdout, err = run_job(argv, capsys)
+    assert code == 0 and "chunks: 3 (0 written, 3 already complete by their records)" in stdout
+    assert "(0 written, " in stdout and "holdout: " in stdout
+    assert json.loads(store.read_bytes("data/photos/manifest.json")) == manifest
 
 
 def _write_shardwriter(folder: Path, n: int, size=(10, 10), bad_size_at: int | None = None) -> str:
@@ -417,6 +424,7 @@ def test_bad_arguments_exit_2(ray_local, tmp_path, capsys):
         ),
         (["--source", "folder"], "--source folder needs --path"),
         (["--shard-size", "0"], "--shard-size must be > 0"),
+        (["--page-size", "0"], "--page-size must be > 0, got 0"),
         (
             ["--source", "folder", "--path", str(tmp_path / "nope")],
             "does not exist or is not a folder",

@@ -2,9 +2,11 @@
 
 A private head (``ray start --head --block`` in its own process group, its own ports and temp dir)
 runs the ``fake_multinode`` provider: each "node" the autoscaler launches is a set of extra Ray
-processes on this machine with the node type's logical resources, GPUs included. The sampling stage
-asks for one GPU per actor; the cluster must scale from 0 to >= 1 GPU worker, finish the job (the
-actor falls back to the CPU: no CUDA here), and remove the GPU worker once idle.
+processes on this machine with the node type's logical resources, GPUs included. The head advertises
+0 CPUs, as in aws.yaml. A CPU-only task (make_shards' and the index build's kind) must scale the CPU
+type from zero and run there, with no GPU node launched. The sampling stage then asks for one GPU per
+actor; the cluster must launch the GPU sampling type, finish the job (the actor falls back to the
+CPU: no CUDA here), and remove every worker once idle.
 
 Isolation: these tests never run ``ray stop``. Every process of the fake cluster carries a marker in
 its environment (and the private temp dir in most command lines); teardown ends exactly those.
@@ -68,10 +70,12 @@ def _free_ports(n: int) -> list[int]:
 def start_fake_cluster(config: dict, workdir: Path, timeout_s: float = 90.0) -> FakeCluster:
     """``ray start --head --block`` with the fake provider; returns once the head is up."""
     port, dash, client, agent = _free_ports(4)
-    from pipeline.orchestration.cluster_config import fake_autoscaling_config
+    from pipeline.orchestration.cluster_config import FAKE_HEAD_NODE_TYPE, fake_autoscaling_config
 
+    fake = fake_autoscaling_config(config, f"127.0.0.1:{port}")
+    head_cpus = fake["available_node_types"][FAKE_HEAD_NODE_TYPE]["resources"]["CPU"]
     cfg_path = workdir / "fake-autoscaling.json"
-    cfg_path.write_text(json.dumps(fake_autoscaling_config(config, f"127.0.0.1:{port}")))
+    cfg_path.write_text(json.dumps(fake))
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: socket paths live under it
     marker = secrets.token_hex(8)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -82,7 +86,7 @@ def start_fake_cluster(config: dict, workdir: Path, timeout_s: float = 90.0) -> 
     })  # fmt: skip
     cmd = [
         str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
-        f"--autoscaling-config={cfg_path}", "--num-cpus=1", "--num-gpus=0",
+        f"--autoscaling-config={cfg_path}", f"--num-cpus={head_cpus}", "--num-gpus=0",
         f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
         f"--dashboard-port={dash}",
         f"--ray-client-server-port={client}",
@@ -207,11 +211,17 @@ def make_tiny_store(root: Path, run: str) -> str:
 
 
 # ------------------------------------------------------------------------------- the behaviour test
-def test_gpu_workers_scale_up_for_sampling_and_down_when_idle(tmp_path):
-    from pipeline.orchestration.cluster_config import check_gpu_worker_types, load_cluster_yaml
+def test_cpu_and_gpu_groups_scale_up_for_their_demand_and_down_when_idle(tmp_path):
+    from pipeline.orchestration.cluster_config import (
+        check_gpu_worker_types,
+        cpu_worker_problems,
+        head_problems,
+        load_cluster_yaml,
+    )
 
     aws = load_cluster_yaml(AWS_YAML)
     check_gpu_worker_types(aws, str(AWS_YAML))
+    assert cpu_worker_problems(aws) == [] and head_problems(aws) == []
     store = make_tiny_store(tmp_path / "store", "tiny")
     cluster = start_fake_cluster(aws, tmp_path)
     logs = tmp_path / "logs"
@@ -226,18 +236,21 @@ def test_gpu_workers_scale_up_for_sampling_and_down_when_idle(tmp_path):
     )
     out = json.loads(driver.stdout.strip().splitlines()[-1])
 
-    assert out["gpus_before"] == 0 and out["gpu_nodes_before"] == 0
-    # scale up: the GPU demand of the sampling actor launched a worker of a GPU type of aws.yaml
+    assert out["cpus_before"] == 0 and out["gpus_before"] == 0 and out["workers_before"] == 0
+    # a CPU-only demand: the CPU type, from zero, was the only type launched, and ran the task
+    assert out["cpu_phase_types"] == ["cpu_ingest"]
+    assert out["cpu_task_node"] == {"on_head": False, "GPU": 0, "CPU": 1}  # fake cpu_ingest: 1 CPU
+    # a GPU demand: the sampling actor launched a worker of the GPU sampling type
     assert out["peak_gpus"] >= 1
-    assert set(out["gpu_node_types"]) <= set(aws["available_node_types"])
-    assert out["gpu_node_types"] == ["gpu_sample_1x"]  # the best fit for 1 CPU + 1 GPU
+    assert set(out["gpu_phase_types"]) <= set(aws["available_node_types"])
+    assert [t for t in out["gpu_phase_types"] if "gpu" in t] == ["gpu_sample_1x"]  # 1 CPU + 1 GPU
     # the job finished, on the CPU, and wrote its shards
     assert out["result"]["num_samples"] == 8 and out["result"]["num_shards"] == 2
     shards = sorted((Path(store) / "samples" / "tiny" / "cpsample").glob("shard-*.tar"))
     assert [p.name for p in shards] == ["shard-000000.tar", "shard-000001.tar"]
     assert out["actor_device"] == "cpu"
-    # scale down: the idle GPU worker went away
-    assert out["gpus_after"] == 0 and out["gpu_nodes_after"] == 0, out
+    # scale down: every idle worker went away, CPU and GPU
+    assert out["gpus_after"] == 0 and out["workers_after"] == 0, out
     # teardown left nothing of this cluster behind
     assert leftovers == [], f"processes of the fake cluster still alive: {leftovers}"
     # Ray's own shutdown may log a traceback once the head gets SIGTERM (draining the node races the
@@ -245,14 +258,17 @@ def test_gpu_workers_scale_up_for_sampling_and_down_when_idle(tmp_path):
     head_log = (tmp_path / "head.log").read_text().split("received SIGTERM", 1)[0]
     assert "Traceback" not in head_log, "head logged a traceback before teardown"
     print(
-        f"first GPU node {out['scale_up_s']:.1f} s after run_sampling started, job "
-        f"{out['job_s']:.1f} s, GPU node gone {out['scale_down_s']:.1f} s after the job"
+        f"CPU node ran the task {out['cpu_task_s']:.1f} s after it was submitted; first GPU node "
+        f"{out['scale_up_s']:.1f} s after run_sampling started, job {out['job_s']:.1f} s, "
+        f"workers gone {out['scale_down_s']:.1f} s after the job"
     )
 
 
 # ------------------------------------------------------------------- driver (runs as a subprocess)
-def _gpu_nodes(ray) -> list[dict]:
-    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) > 0]
+def _workers(ray) -> list[dict]:
+    """Alive nodes other than the head (the driver's node: it connects through the head's raylet)."""
+    head = ray.get_runtime_context().get_node_id()
+    return [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != head]
 
 
 def _launched_node_types() -> set[str]:
@@ -268,10 +284,47 @@ def _launched_node_types() -> set[str]:
     return types - {FAKE_HEAD_NODE_TYPE}
 
 
-def _driver(address: str, store: str, run: str) -> dict:
-    """Connect, sample with 1 GPU per actor while watching the nodes, then wait for scale-down."""
-    import threading
+class _Watcher:
+    """Polls the autoscaler's launched node types and the cluster's GPUs every 0.5 s."""
 
+    def __init__(self, ray):
+        import threading
+
+        self.ray, self.types, self.peak_gpus, self.first_gpu_at = ray, set(), 0.0, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):  # a slow GCS reply only skips one look
+                self.types.update(_launched_node_types())
+                gpus = self.ray.cluster_resources().get("GPU", 0)
+                if gpus and self.first_gpu_at is None:
+                    self.first_gpu_at = time.monotonic()
+                self.peak_gpus = max(self.peak_gpus, gpus)
+            self._stop.wait(0.5)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self.types.update(_launched_node_types())
+        return sorted(self.types)
+
+
+def _node_of_this_task() -> dict:
+    """The ID and logical CPUs and GPUs of the node this task runs on."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+    return {"id": node_id, **{r: node["Resources"].get(r, 0) for r in ("CPU", "GPU")}}
+
+
+def _driver(address: str, store: str, run: str) -> dict:
+    """Connect; run a CPU-only task, then sample with 1 GPU per actor while watching the node
+    types the autoscaler launches; then wait for every worker to go."""
     import ray
 
     from pipeline.core.config import SamplerConfig
@@ -279,23 +332,19 @@ def _driver(address: str, store: str, run: str) -> dict:
 
     ray.init(address=address, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    out = {"gpus_before": ray.cluster_resources().get("GPU", 0)}
-    out["gpu_nodes_before"] = len(_gpu_nodes(ray))
-    types: set[str] = set()  # worker node types the autoscaler launched
-    peak, first_gpu_at, stop = [0.0], [None], threading.Event()
+    out = {
+        "cpus_before": ray.cluster_resources().get("CPU", 0),
+        "gpus_before": ray.cluster_resources().get("GPU", 0),
+        "workers_before": len(_workers(ray)),
+    }
+    watcher, t0 = _Watcher(ray), time.monotonic()
+    node = ray.get(ray.remote(num_cpus=1)(_node_of_this_task).remote())
+    node["on_head"] = node.pop("id") == ray.get_runtime_context().get_node_id()
+    out["cpu_task_node"] = node
+    out["cpu_task_s"] = time.monotonic() - t0
+    out["cpu_phase_types"] = watcher.stop()
 
-    def watch():
-        while not stop.is_set():
-            with contextlib.suppress(Exception):  # a slow GCS reply only skips one look
-                types.update(_launched_node_types())
-                if _gpu_nodes(ray):
-                    first_gpu_at[0] = first_gpu_at[0] or time.monotonic()
-                peak[0] = max(peak[0], ray.cluster_resources().get("GPU", 0))
-            stop.wait(0.5)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    t0 = time.monotonic()
-    watcher.start()
+    watcher, t0 = _Watcher(ray), time.monotonic()
     cfg = SamplerConfig(
         sampler="cpsample", num_samples=8, steps=4, batch_size=4, samples_per_shard=4, seed=0
     )
@@ -304,20 +353,16 @@ def _driver(address: str, store: str, run: str) -> dict:
         concurrency=1, cpus_per_actor=1, gpus_per_actor=1.0,
     )  # fmt: skip
     t_job = time.monotonic()
-    stop.set()
-    watcher.join()
-    out.update(peak_gpus=peak[0], gpu_node_types=sorted(types))
-    out["job_s"] = t_job - t0
-    out["scale_up_s"] = (first_gpu_at[0] - t0) if first_gpu_at[0] else None
+    out["gpu_phase_types"] = watcher.stop()
+    out.update(peak_gpus=watcher.peak_gpus, job_s=t_job - t0)
+    out["scale_up_s"] = (watcher.first_gpu_at - t0) if watcher.first_gpu_at else None
     out["actor_device"] = ray.get(_device_on_gpu_node.remote())
     deadline = time.monotonic() + 120
-    while (
-        _gpu_nodes(ray) or ray.cluster_resources().get("GPU", 0)
-    ) and time.monotonic() < deadline:
+    while (_workers(ray) or ray.cluster_resources().get("GPU", 0)) and time.monotonic() < deadline:
         time.sleep(1)
     out["scale_down_s"] = time.monotonic() - t_job
     out["gpus_after"] = ray.cluster_resources().get("GPU", 0)
-    out["gpu_nodes_after"] = len(_gpu_nodes(ray))
+    out["workers_after"] = len(_workers(ray))
     ray.shutdown()
     return out
 

@@ -65,3 +65,24 @@ def test_auto_takes_the_clusters_and_every_copy_gets_its_pictures_bit(store):
     )
     with pytest.raises(ConfigError, match=r"--dataset nodup"):
         resolve_labels(st, "lat2", ClassifierTrainConfig(labels="cluster"))
+
+
+def test_a_handle_resolves_cluster_bits_without_reading_its_manifest_again(store):
+    from pipeline.data.handle import open_dataset
+    from tests.data.test_handle import CountingStore
+
+    st, _ = store
+    made = build_clusters(st, "dup", ReplicaConfig(), 0.97)
+    write_manifest(
+        st, "lat3", {"dataset": "lat3", "splits": {}, "latent": {"source_dataset": "dup"}}
+    )
+    counting = CountingStore(st.uri, st.fs, st.path)
+    lat = open_dataset(counting, "lat3")
+    assert resolve_labels(counting, lat, ClassifierTrainConfig(labels="key")) == ("key", None)
+    labels, clusters = resolve_labels(counting, lat, ClassifierTrainConfig(labels="cluster"))
+    assert labels == "cluster" and clusters.digest == made.digest
+    # lat3's manifest once (the open); the source dataset's once, by the clusters' staleness check
+    assert [r for r in counting.reads if r.endswith("manifest.json")] == [
+        "data/lat3/manifest.json",
+        "data/dup/manifest.json",
+    ]

@@ -29,6 +29,7 @@ from pipeline.fanout.index import make_embedding
 from pipeline.fanout.latent_sampling import latent_family, read_captions
 from pipeline.fanout.latents import encode_dataset
 from pipeline.fanout.sampling import run_sampling
+from pipeline.orchestration.replica_report import iter_per_sample
 from pipeline.orchestration.stages import check_replicas, make_shards, train_classifier
 
 TEMPLATE = "a handwritten {label}"
@@ -152,8 +153,7 @@ def _run_pipeline(store: Store, sd_dir, model: str, text_cond: bool) -> None:
         assert stats.mean_nn_similarity == pytest.approx(
             float(np.mean([r["nn_similarity"] for r in rows])), abs=1e-6
         )
-        report = store.read_bytes("reports", "lp", f"replicas-{sampler}.jsonl").decode()
-        lines = [json.loads(line) for line in report.splitlines() if line.strip()]
+        lines = sorted(iter_per_sample(store, "lp", sampler), key=lambda x: x["key"])
         assert [(x["key"], x["nn_key"]) for x in lines] == [(r["key"], r["nn_key"]) for r in rows]
         annotated = {}  # the sample shards now carry each key's neighbour; the pixels are unchanged
         for name in sorted(n for n in store.listdir(run["folder"]) if n.endswith(".tar")):

@@ -118,3 +118,21 @@ def test_text_conditioning_needs_pooled_embeddings_in_the_data(tmp_path):
 def test_latent_shape_falls_back_to_channels_and_image_size():
     assert latent_shape({"latent": LATENT}) == (4, 8, 8)
     assert latent_shape({"channels": 16, "image_size": [4, 4], "latent": {}}) == (16, 4, 4)
+
+
+def test_an_opened_dataset_is_not_read_again(tmp_path):
+    from pipeline.data.handle import open_dataset
+    from pipeline.orchestration.protect import check_image_shape
+    from tests.data.test_handle import counting_store
+
+    _store(tmp_path)
+    store = counting_store(tmp_path / "store")
+    lat, img = open_dataset(store, "lat"), open_dataset(store, "img")
+    target = classifier_target(store, lat, ClassifierArchConfig())
+    assert (target.arch.channels, target.arch.sample_size) == (4, 8)
+    assert classifier_target(store, img, ClassifierArchConfig()).latent is None
+    with pytest.raises(ConfigError, match=r"dataset 'img' has images \(C, H, W\) = \(1, 16, 16\)"):
+        check_image_shape(store, img, 3, 16, "denoiser (unet)")
+    assert store.manifest_reads() == 2  # the two opens
+    classifier_target(store, "lat", ClassifierArchConfig())  # a name: opened here
+    assert store.manifest_reads() == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -13,7 +14,7 @@ from pipeline.data.provenance import StaleArtifactError
 from pipeline.data.shards import write_image_shards
 from pipeline.data.storage import open_store
 from pipeline.fanout.resume import run_fingerprint
-from pipeline.orchestration.replica_report import replica_check_report
+from pipeline.orchestration.replica_report import iter_per_sample, replica_check_report
 
 # what ShardSampler records in every sample: the digests of its inputs and their short hash
 PROV = {"sampler": "sha256:" + "a" * 64, "denoiser": "sha256:" + "d" * 64}
@@ -40,13 +41,17 @@ def test_ivf_replica_check_reports_recall(ray_local, tmp_path):
     probe_one = ReplicaConfig(index="ivf", nlist=8, nprobe=1, threshold=0.99, recall_queries=25)
     out1 = replica_check_report(store, "q", "rand", "ddim", probe_one)
     assert out1["ivf"]["recall_queries"] == 25
-    # recall@1 recomputed here: the found similarity of the 25 picked samples vs brute force
+    # recall@1 recomputed here: the found similarity of the 25 samples spread over the two shards
+    # (at most min(recall_queries, 512) samples, never all of them) vs brute force
     from pipeline.fanout.index import embed_pixels
+    from pipeline.fanout.replica_summary import spread_picks
 
-    rows = [
-        json.loads(x) for x in store.read_bytes("reports", "q", "replicas-ddim.jsonl").splitlines()
-    ]
-    pick = np.unique(np.linspace(0, 39, 25).astype(int))
+    names = store.listdir("reports", "q", "replicas-ddim")
+    assert names == [f"shard-00000{i}.{x}" for i in (0, 1) for x in ("jsonl", "summary.json")]
+    assert not store.exists("reports", "q", "replicas-ddim.jsonl")  # parts, not one object
+    rows = list(iter_per_sample(store, "q", "ddim"))
+    pick = [20 * i + r for i, rs in spread_picks([20, 20], 25) for r in rs]
+    assert len(pick) == 25
     mean = train.reshape(400, -1).astype(np.float32).mean(0) / 255.0
     exact = (embed_pixels(queries, mean) @ embed_pixels(train, mean).T).max(1)
     found = np.asarray([r["nn_similarity"] for r in rows])
@@ -55,7 +60,9 @@ def test_ivf_replica_check_reports_recall(ray_local, tmp_path):
     # exact copies are always found (their own list is probed first), whatever the recall
     assert out1["replication_rate"] == pytest.approx(10 / 40)
     report = json.loads(store.read_bytes("reports", "q", "report.json"))
-    assert report["replica_check"]["ddim"]["ivf"]["nprobe"] == 1
+    section = report["replica_check"]["ddim"]
+    assert section["ivf"]["nprobe"] == 1 and section["per_sample"] == "replicas-ddim/"
+    assert section["num_shards"] == 2 and report["samplers"]["ddim"]["num_samples"] == 40
 
 
 def test_the_report_carries_the_shares_above_the_held_out_percentiles(ray_local, tmp_path):
@@ -82,6 +89,20 @@ def test_the_report_carries_the_shares_above_the_held_out_percentiles(ray_local,
         assert out[f"holdout_p{q}"] == pytest.approx(p, abs=1e-5)
         assert out[f"above_holdout_p{q}"] == float((sims > p).mean())
     assert out["above_holdout_p99"] >= 10 / 40  # the 10 copies at least
+    # the histogram comes from the folded counts, the held-out percentiles marked on it
+    from PIL import Image
+
+    png = Image.open(io.BytesIO(store.read_bytes("reports", "q", "replicas_ddim_hist.png")))
+    described = json.loads(png.info["Description"])
+    assert [ln["name"] for ln in described["lines"]] == ["threshold", "holdout_p95", "holdout_p99"]
+    assert described["lines"][2]["x"] == out["holdout_p99"] and described["counts"] == {"ddim": 40}
+    # the closest pairs: the 16 kept are exact copies first (similarity 1)
+    assert store.exists("reports", "q", "replicas_ddim_closest.png")
+    # a rerun resumes every shard from its summary and reports the same numbers
+    summary = ("reports", "q", "replicas-ddim", "shard-000000.summary.json")
+    scored_id = json.loads(store.read_bytes(*summary))["scored_id"]
+    again = replica_check_report(store, "q", "r", "ddim", ReplicaConfig(threshold=0.99))
+    assert again == out and json.loads(store.read_bytes(*summary))["scored_id"] == scored_id
 
 
 def test_stale_samples_and_a_wrong_dataset_are_refused_before_anything_is_scored(tmp_path):

@@ -1,7 +1,10 @@
 """Fault tolerance of the Ray Train (V2) runs, with real process kills.
 
-(a) SIGKILL one training worker (its pid found with Ray's state API) during a 2-worker run with
-    ``FailureConfig(max_failures=1)``: the worker group restarts from the latest checkpoint and finishes.
+(a) SIGKILL one training worker (its pid found with Ray's state API) during a 2-worker denoiser run
+    that streams its input (the keyless ``iter_torch_batches`` path) with the default ``max_failures``:
+    the worker group restarts from the latest checkpoint and finishes.
+(a') the classifier: rank 1 exits hard (``os._exit``, fault-injection key ``exit_at``) at a given
+    step, once; the default ``max_failures`` restarts the group from the last registered checkpoint.
 (b) SIGKILL the driver of ``jobs/train_denoiser.py`` after a checkpoint exists, then rerun the same
     command: the run continues from that checkpoint instead of starting again from step 0.
 """
@@ -23,8 +26,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.core.config import DenoiserTrainConfig, UNetConfig
-from pipeline.core.models import load_denoiser, load_schedule
+from pipeline.core.config import (
+    ClassifierArchConfig,
+    ClassifierTrainConfig,
+    DenoiserTrainConfig,
+    UNetConfig,
+)
+from pipeline.core.models import load_classifier_config, load_denoiser, load_schedule
 from pipeline.train.workers import read_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -66,10 +74,13 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, digits_store):
     from pipeline.orchestration.stages import train_denoiser
 
     steps, every = 24, 6
+    # the default FailureConfig(max_failures) restarts the group; cache_max_bytes=0: each rank
+    # streams its 16 rows every epoch, arriving as tensors via iter_torch_batches(device=...)
     train = DenoiserTrainConfig(
         steps=steps, batch_size=16, num_workers=2, checkpoint_every=every, num_to_keep=2,
-        max_failures=1,
+        cache_max_bytes=0, shuffle_buffer=8,
     )  # fmt: skip
+    assert train.max_failures >= 1
     run_dir = Path(digits_store.join("checkpoints", "ft-worker-denoiser"))
     killed: dict = {}
 
@@ -111,9 +122,9 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, digits_store):
     tensors, state, _ = read_checkpoint(_checkpoints(run_dir)[-1])
     assert state["step"] == steps and state["resumed_from"] == [resumed]
     # the restarted workers continued the data order at the recorded epoch and position: 24 steps of
-    # 8 rows over each rank's 16 cached rows end at the end of epoch 11, as without the kill
+    # 8 rows over each rank's 16 streamed rows end at the end of epoch 11, as without the kill
     data = [d["train"] for d in state["data"]]
-    assert [(d["input"], d["epoch"], d["offset"]) for d in data] == [("cache", 11, 16)] * 2
+    assert [(d["input"], d["epoch"], d["offset"]) for d in data] == [("stream", 11, 16)] * 2
     assert [d["rows"] for d in data] == [(steps - resumed) * 8] * 2  # rows since the restart
     assert {"model", "ema"} <= set(tensors)
     assert run_cfg["train"]["num_workers"] == 2 and out["metrics"]["loss"] > 0
@@ -125,6 +136,41 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_local, digits_store):
     with torch.no_grad():
         eps = unet(torch.zeros(2, 1, 16, 16), torch.tensor([10, 500])).sample
     assert eps.shape == (2, 1, 16, 16) and torch.isfinite(eps).all()
+
+
+def test_classifier_worker_that_exits_restarts_from_the_last_checkpoint(
+    ray_local, digits_store, tmp_path
+):
+    from pipeline.orchestration.stages import train_classifier
+
+    steps, every, exit_step = 24, 4, 14
+    train = ClassifierTrainConfig(
+        steps=steps, batch_size=16, holdout_images=100, train_fraction=0.5, num_workers=2,
+        checkpoint_every=every, warmup_steps=0, metrics_samples=16,
+    )  # fmt: skip
+    assert train.max_failures >= 1  # the default
+    arch = ClassifierArchConfig(base_channels=8, channel_mults=(1, 2))
+    # rank 1 dies before step 14's forward pass; 0.2 s steps give Ray Train time to register the
+    # checkpoints before it (it restores the latest registered one)
+    marker = tmp_path / "exited"
+    out = train_classifier(
+        digits_store, "ft-exit", "digits", arch, train,
+        loop_config={"exit_at": {"rank": 1, "step": exit_step, "marker": str(marker)},
+                     "step_delay_s": 0.2},
+    )  # fmt: skip
+    assert marker.exists()  # it did exit
+    run_cfg = load_classifier_config(out["uri"])
+    (resumed,) = run_cfg["resumed_from"]  # one restart, from a checkpoint before step 14
+    assert resumed in (4, 8, 12)
+    assert out["metrics"]["train_rows"] == 16 and out["fit"]["step"] == steps
+    run_dir = Path(digits_store.join("checkpoints", "ft-exit-classifier"))
+    _, state, _ = read_checkpoint(_checkpoints(run_dir)[-1])
+    assert state["step"] == steps and [d["step"] for d in state["data"]] == [steps] * 2
+    # both ranks ran the steps after the restart, 4 training rows each (train_fraction 0.5 of 8),
+    # and stand where an uninterrupted run would: 96 of their 16 cached rows, epoch 5's end
+    for d in state["data"]:
+        assert d["train"]["rows"] == (steps - resumed) * 4
+        assert (d["train"]["input"], d["train"]["epoch"], d["train"]["offset"]) == ("cache", 5, 16)
 
 
 # ----------------------------------------------------------------------------------- driver killed

@@ -186,8 +186,10 @@ def marginal_ratio(intervals: list[dict], goal: float = 1.1) -> dict:
         return {"ratio": None, "goal": f"<= {goal}", "met": None,
                 "note": "two sizes give one marginal cost: add a middle size to compare"}  # fmt: skip
     first, last = intervals[0]["s_per_unit"], intervals[-1]["s_per_unit"]
-    r = last / first if first > 0 else None
-    return {"ratio": r, "goal": f"<= {goal}", "met": None if r is None else r <= goal}
+    if first <= 0 or last <= 0:  # a wall time fell as the work grew: noise exceeds the work
+        return {"ratio": None, "goal": f"<= {goal}", "met": None,
+                "note": "a marginal cost <= 0: the sizes are too close for this machine's noise"}  # fmt: skip
+    return {"ratio": last / first, "goal": f"<= {goal}", "met": last / first <= goal}
 
 
 # ------------------------------------------------------------------------ index decision quality

@@ -292,6 +292,7 @@ def run(
         result[f"{part}_measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["checks"] = dict(sorted(checks.items()))
     result["all_met"] = all(c.get("met") is not False for c in checks.values())
+    result["no_verdict"] = sorted(k for k, c in checks.items() if "met" in c and c["met"] is None)
     return result
 
 

@@ -84,7 +84,7 @@ def main() -> None:
     import torch
 
     from pipeline.data.checkpoints import preflight_models
-    from pipeline.data.layout import data_folder
+    from pipeline.data.handle import open_dataset
     from pipeline.data.storage import open_store
     from pipeline.data.subsets import pick_images
     from pipeline.evaluation.domain import train_domain_evaluator
@@ -98,15 +98,16 @@ def main() -> None:
     pairs = [(a, s) for a in cfg.alphas for s in cfg.scales]
     make_points(pairs)  # bad knobs fail before anything starts
     store = open_store(args.store, args.s3_endpoint, create=False)
+    ds = open_dataset(store, args.dataset)  # its manifest read once, passed down
     # the run's models and the dataset they were trained on, before any work (no stored samples read)
-    checked = check_run(store, args.run, args.dataset, samplers=())
+    checked = check_run(store, args.run, ds, samplers=())
     # missing or unfit models fail here, before the domain CNN trains or the index is built
     preflight_models(
         store, f"models/{args.run}/denoiser", f"models/{args.run}/classifier",
         dataclasses.replace(sampler, sampler="cpsample"),
     )  # fmt: skip
     # the domain CNN trains on a seeded subset of the held-out images, never the whole split
-    holdout, _ = pick_images(store, data_folder(args.dataset, "holdout"), 20_000, cfg.seed)
+    holdout, _ = pick_images(store, ds.split("holdout"), 20_000, cfg.seed, manifest=ds.manifest)
     evaluator = None
     if holdout.labels is not None and len(set(holdout.labels)) > 1:
         evaluator = train_domain_evaluator(
@@ -118,12 +119,12 @@ def main() -> None:
     inputs = run_inputs(checked["models"], checked["data"], None, sidecar)
     require_inputs(store, args.run, inputs)
     index = LazyReplicaIndex(store, sidecar, replicas)
-    holdout_sims = holdout_similarities(store, args.dataset, index, cfg.max_holdout, cfg.seed)
+    holdout_sims = holdout_similarities(store, ds, index, cfg.max_holdout, cfg.seed)
     attack = None
     if not args.no_attack:
-        attack = sample_only_attack(run_sets(store, args.run, args.dataset, ecfg))
+        attack = sample_only_attack(run_sets(store, args.run, ds, ecfg))
     result = run_sweep(
-        store, args.run, args.dataset, pairs, cfg.num_samples, cfg.seed, evaluator,
+        store, args.run, ds, pairs, cfg.num_samples, cfg.seed, evaluator,
         cfg.target_rate, sampler, replicas, cfg.include_ddim, cfg.cpus_per_trial,
         holdout_sims=holdout_sims, attack=attack, target_above_p99=cfg.target_above_p99,
     )  # fmt: skip

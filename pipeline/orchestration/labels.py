@@ -34,7 +34,9 @@ def resolve_labels(store: Store, dataset: str | DatasetHandle, train: Classifier
     dataset = ds.dataset
     if ds.latent is not None and ds.latent.get("source_dataset"):
         dataset = str(ds.latent["source_dataset"])
-    clusters = load_clusters(store, dataset, train.clusters_embedding)
+    clusters = load_clusters(
+        store, ds if dataset == ds.dataset else dataset, train.clusters_embedding
+    )
     if clusters is None and train.labels == "cluster":
         raise ConfigError(
             f"labels='cluster' needs near-duplicate clusters under "

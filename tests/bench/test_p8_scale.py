@@ -69,6 +69,8 @@ def test_marginal_cost_subtracts_start_up_and_compares_the_two_halves():
     assert m.startup_s(walls, units) == pytest.approx(30.0)
     r = m.marginal_ratio(iv)
     assert r["ratio"] == pytest.approx(1.2) and r["met"] is False
+    noisy = {20_000: 70.0, 110_000: 60.0, 200_000: 250.0}  # a wall fell as N grew: no verdict
+    assert m.marginal_ratio(m.marginal_costs(noisy, units))["met"] is None
     linear = {n: 30 + 0.002 * n for n in walls}
     assert m.marginal_ratio(m.marginal_costs(linear, units))["met"] is True
 

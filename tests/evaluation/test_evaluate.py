@@ -414,7 +414,8 @@ def test_evaluate_run_reports_its_inputs(run_store, tiny_models16):
     from pipeline.data.shards import read_manifest
     from pipeline.fanout.resume import first_meta
 
-    sidecar = {"embedding": "centred", "kind": "flat", "build_id": "b1"}
+    # a build that stored no split mean: the attacks take it from one pass over the split
+    sidecar = {"embedding": "centred", "kind": "flat", "build_id": "b1", "path": "indexes/b1"}
     report, _ = evaluate_run(run_store, "e", "digits", FAST, sidecar=sidecar)
     heads = [
         first_meta(run_store, "samples/e/ddim", n) for n in ("shard-000000.tar", "shard-000001.tar")

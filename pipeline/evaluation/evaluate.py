@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pipeline.core.labels import holdout_fraction, is_trained_holdout
 from pipeline.data.handle import DatasetHandle, as_handle
-from pipeline.data.imageset import ImageSet
+from pipeline.data.imageset import DataError, ImageSet
 from pipeline.data.subsets import iter_shards, pick_images, split_mean
 from pipeline.evaluation.domain import DomainEvaluator
 from pipeline.evaluation.inputs import classifier_bits, sampler_folders, sampler_knobs
@@ -68,9 +68,10 @@ def attack_sets(
         return not is_trained_holdout(key, label_seed, fraction)
 
     members, _ = pick_images(store, train_folder, num_members, seed, manifest=m)
-    nonmembers, info = pick_images(
-        store, holdout_folder, num_nonmembers, seed + 1, never_seen, manifest=m
-    )
+    try:
+        nonmembers, info = pick_images(store, holdout_folder, num_nonmembers, seed + 1, never_seen, manifest=m)  # fmt: skip
+    except DataError as exc:  # every held-out image got bits: none is a non-member
+        raise DataError(f"{exc}: the classifier trained on about {bits} held-out images (fraction {fraction:.3g}), so none is a never-seen non-member; retrain it with a lower --holdout-images or use a larger held-out split") from None  # fmt: skip
     pool = {
         "source": "held-out images no model has seen",
         "num_holdout": info["num_images"],

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,7 +206,13 @@ class ShardScorer:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
-def score_shard_summaries(
+def score_shard_summaries(*args: Any, **kwargs: Any) -> list[ShardSummary]:
+    """:func:`iter_shard_summaries` as a list sorted by shard name (a fold needs no list: the driver
+    of :func:`pipeline.orchestration.replica_report.replica_check_report` folds as they arrive)."""
+    return sorted(iter_shard_summaries(*args, **kwargs), key=lambda s: s.shard)
+
+
+def iter_shard_summaries(
     store_uri: str | Store,
     folder: str,
     spec_ref: Any,
@@ -217,10 +223,10 @@ def score_shard_summaries(
     concurrency: int = 1,
     annotate: bool = True,
     s3_endpoint: str | None = None,
-) -> list[ShardSummary]:
+) -> Iterator[ShardSummary]:
     """Score every shard under ``folder`` with a Ray Data actor pool (:class:`ShardScorer`), writing
-    each shard's part and summary under ``out``; returns the per-shard summaries, by shard name (the
-    driver never receives per-sample rows). Shards already scored with the same inputs are resumed.
+    each shard's part and summary under ``out``; yields each shard's summary as it arrives (the
+    driver never receives per-sample rows, and need not keep the summaries). Shards already scored with the same inputs are resumed.
 
     ``spec_ref``: :func:`pipeline.fanout.replica_index.index_spec` (or its ObjectRef), or a dataset
     name whose index is ensured first. ``percentiles``: the held-out percentiles, known before
@@ -249,16 +255,15 @@ def score_shard_summaries(
         ),
         num_cpus=1, num_gpus=gpus,
     )  # fmt: skip
-    summaries, scored = [], 0
+    scored = 0
     for row in ds.iter_rows():
         if row["error"]:
             raise {e.__name__: e for e in OWN_ERRORS}[str(row["error"])](str(row["message"]))
-        summaries.append(ShardSummary.from_json(row["summary"]))
         scored += bool(row["scored"])
+        yield ShardSummary.from_json(row["summary"])
     log.info("%d shards under %s: %d scored, %d resumed", len(names), store.uri_of(folder),
              scored, len(names) - scored)  # fmt: skip
     _remove_stale_parts(store, out, names)
-    return sorted(summaries, key=lambda s: s.shard)
 
 
 def scorer_gpus(use_gpu: bool) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,7 +33,7 @@ from pipeline.fanout.replica_summary import (
     hist_edges,
     spread_picks,
 )
-from pipeline.fanout.scoring_stream import part_names, score_shard_summaries, scorer_gpus
+from pipeline.fanout.scoring_stream import iter_shard_summaries, part_names, scorer_gpus
 
 MAX_HOLDOUT = 2000  # held-out images searched for the threshold-free shares' percentiles
 MAX_RECALL_QUERIES = 512  # samples whose IVF neighbour is checked against exact search, at most
@@ -95,12 +95,20 @@ def replica_check_report(
     require_inputs(store, run, inputs)  # a refused update scores and writes nothing
     pct = _holdout_percentiles(store, dataset, sidecar, cfg)  # before scoring: shards count above
     fingerprint = checked["samples"].get(sampler, {}).get("fingerprint")
-    summaries = score_shard_summaries(
+    counts: list[ShardCount] = []  # (shard, samples) per shard: the recall sample's frame
+
+    def counted(summaries):
+        for s in summaries:
+            counts.append(ShardCount(s.shard, s.num_samples))
+            yield s
+
+    summaries = iter_shard_summaries(
         store, folder, index_spec(store, dataset, cfg, sidecar), cfg, out, pct, fingerprint,
         concurrency, s3_endpoint=s3_endpoint,
     )  # fmt: skip
+    total = fold(counted(summaries), cfg.threshold, pct, cfg.pairs_k)  # as they arrive
+    counts.sort()
     store.delete("reports", run, f"replicas-{sampler}.jsonl")  # the single-file form, now stale
-    total = fold(summaries, cfg.threshold, pct, cfg.pairs_k)
     summary: dict[str, Any] = {
         **total.stats(), "threshold": cfg.threshold, "embedding": cfg.embedding,
         "index": sidecar["kind"], "index_build": sidecar["build_id"],
@@ -109,7 +117,7 @@ def replica_check_report(
     }  # fmt: skip
     if sidecar["kind"] == "ivf":
         q = min(cfg.recall_queries, MAX_RECALL_QUERIES)
-        queries, found = recall_sample(store, folder, out, summaries, q)
+        queries, found = recall_sample(store, folder, out, counts, q)
         summary["ivf"] = ivf_report(store, sidecar, cfg, queries, found)
     summary.update(total.shares())
     images, neighbours, sims = closest_pairs(store, folder, sidecar, total.closest)
@@ -154,8 +162,13 @@ def _shard_rows(store: Store, folder: str, out: str, shard: str):
     return images, lines
 
 
+class ShardCount(NamedTuple):
+    shard: str
+    num_samples: int
+
+
 def recall_sample(
-    store: Store, folder: str, out: str, summaries: list[ShardSummary], q: int
+    store: Store, folder: str, out: str, summaries: list[ShardCount] | list[ShardSummary], q: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(images, found similarities)`` of at most ``q`` samples spread over the shards
     (:func:`pipeline.fanout.replica_summary.spread_picks`); at most ``q`` shards read, one at a

@@ -15,7 +15,7 @@ from pipeline.core.config import ClassifierArchConfig, ConfigError, EvalConfig, 
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.guidance import cpsample_guidance
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
-from pipeline.data.imageset import ImageSet
+from pipeline.data.imageset import DataError, ImageSet
 from pipeline.data.provenance import StaleArtifactError, value_digest
 from pipeline.data.shards import read_image_shards, write_image_shards
 from pipeline.data.storage import open_store
@@ -144,6 +144,9 @@ def test_attack_sets_never_take_a_non_member_the_classifier_trained_on(digits_st
     assert pool["classifier_trained_fraction"] == 250 / 300
     _, some, _, _ = attack_sets(digits_store, "digits", 4, 20, 0, 250, label_seed=7)
     assert len(some) == 20 and not set(some.keys) & seen
+    # a classifier that trained on every held-out image leaves no non-member: said, with the fix
+    with pytest.raises(DataError, match=r"trained on about 300 held-out images.*--holdout-images"):
+        attack_sets(digits_store, "digits", 4, 20, 0, 300, label_seed=7, fraction=1.0)
 
 
 # -------------------------------------------------------------------------------------- nn_attack

@@ -86,8 +86,10 @@ def sample(
     noise = _PerSampleNoise(seeds, shape, device)
     x = noise.draw()  # (B, C, H, W) = x_T
     batch = x.shape[0]
-    fired_steps = torch.zeros(batch, dtype=torch.long)
-    last_p = torch.full((batch,), float("nan"))
+    # per-step bookkeeping stays on the device (no host sync per step); read back once at the end
+    fired_steps = torch.zeros(batch, dtype=torch.long, device=device)
+    last_p = torch.full((batch,), float("nan"), device=device)
+    abar_table = schedule.alphas_cumprod.to(device).float()  # copied once, indexed on the device
     timesteps = ddim_timesteps(
         num_steps, schedule.num_train_timesteps, schedule.timestep_spacing, schedule.steps_offset
     )
@@ -97,18 +99,18 @@ def sample(
         with torch.no_grad():
             eps = denoiser(x, t_batch).float()
         if guidance is not None:
-            out = guidance(x, t_batch, eps, schedule.abar(t_batch))
+            out = guidance(x, t_batch, eps, abar_table[t_batch])
             eps = out.eps
-            fired_steps += out.fired.long().cpu()
-            last_p = out.p.float().cpu()
+            fired_steps += out.fired.long().to(device)
+            last_p = out.p.float().to(device)
         step_noise = noise.draw() if eta > 0 else None
         x, _ = ddim_step(schedule, x, eps, t, t - ratio, eta, step_noise, clip_sample)
     return SampleResult(
         images=(x.clamp(-1.0, 1.0) if final_clamp else x).cpu(),
         seeds=[int(s) for s in seeds],
-        fired_steps=fired_steps,
+        fired_steps=fired_steps.cpu(),
         num_steps=num_steps,
-        last_p=last_p,
+        last_p=last_p.cpu(),
     )
 
 

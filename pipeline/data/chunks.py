@@ -82,9 +82,14 @@ def local_pages(
     folders are not followed), as pages of at most ``page_size`` ``(rel, size, st_mtime_ns)`` in
     sorted order of ``rel``. One folder's entries are read at a time (``os.scandir``)."""
     held = held if held is not None else Held()
+    return _paged(_local_items(root, keep, held), page_size, held)
+
+
+def _local_items(root: str, keep: Callable[[str], bool], held: Held) -> Iterator[Item]:
+    """:func:`local_pages`' files one by one; ``held.listed`` counts the entries listed and not yet
+    handed on (the open folders' remaining entries)."""
     stack = [_entries(root, "", keep)]
     held.listed += len(stack[0])
-    page: list[Item] = []
     while stack:
         if not stack[-1]:
             stack.pop()
@@ -94,14 +99,7 @@ def local_pages(
             stack.append(_entries(root, rel, keep))
             held.listed += len(stack[-1]) - 1
             continue
-        page.append((rel, size, mtime))
-        if len(page) == page_size:
-            held.listed -= len(page)
-            yield page
-            page = []
-    held.listed -= len(page)
-    if page:
-        yield page
+        yield (rel, size, mtime)
 
 
 def s3_pages(
@@ -111,6 +109,13 @@ def s3_pages(
     most ``page_size`` ``(rel, size, etag)``, listed by ``ListObjectsV2`` pages (in key order, the
     sorted order of ``rel`` for UTF-8 keys); one response (<= 1000 keys) is held at a time."""
     held = held if held is not None else Held()
+    return _paged(_s3_items(store, page_size, keep, held), page_size, held)
+
+
+def _s3_items(
+    store: Store, page_size: int, keep: Callable[[str], bool], held: Held
+) -> Iterator[Item]:
+    """:func:`s3_pages`' objects one by one, each counted in ``held.listed`` as it is listed."""
     bucket, _, key = store.path.partition("/")
     prefix = key.strip("/") + "/" if key.strip("/") else ""
     responses = iter(
@@ -118,24 +123,31 @@ def s3_pages(
         .get_paginator("list_objects_v2")
         .paginate(Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": min(page_size, 1000)})
     )
-    page: list[Item] = []
     while True:
         try:
             resp = next(responses, None)
         except Exception as exc:  # boto3 raises many types
             raise s3_error(exc, store.uri, "list", store.s3) from None
         if resp is None:
-            break
+            return
         for obj in resp.get("Contents", []):
             k = obj["Key"]
             if k.endswith("/") or not keep(k.rsplit("/", 1)[-1]):
                 continue
-            page.append((k[len(prefix) :], int(obj["Size"]), obj["ETag"].strip('"')))
             held.listed += 1
-            if len(page) == page_size:
-                held.listed -= len(page)
-                yield page
-                page = []
+            yield (k[len(prefix) :], int(obj["Size"]), obj["ETag"].strip('"'))
+
+
+def _paged(items: Iterator[Item], page_size: int, held: Held) -> Iterator[list[Item]]:
+    """``items`` as pages of at most ``page_size``, in order; an item leaves ``held.listed`` (where
+    its source counted it) when its page is handed on."""
+    page: list[Item] = []
+    for item in items:
+        page.append(item)
+        if len(page) == page_size:
+            held.listed -= len(page)
+            yield page
+            page = []
     held.listed -= len(page)
     if page:
         yield page

@@ -24,3 +24,19 @@ def parallelism(requested: int, local_cap: int) -> int:
     """Tasks or actors to run at once: ``requested`` on a cluster (the autoscaler supplies the nodes),
     at most ``local_cap`` (what this machine's CPUs allow) on a private local Ray; at least 1."""
     return max(1, requested if not private_local_ray() else min(requested, local_cap))
+
+
+def read_fed_pool(requested: int) -> int:
+    """Actors of one CPU each fed by Ray Data read tasks: :func:`parallelism` with one of a private
+    local Ray's CPUs left to the reads (on a cluster, ``requested``)."""
+    import ray
+
+    return parallelism(requested, int(ray.cluster_resources().get("CPU", 1)) - 1)
+
+
+def gpus_never_come() -> bool:
+    """True when a GPU request can never be granted: a private local Ray with no GPU (nothing adds
+    nodes to it). On a cluster a GPU request makes the autoscaler add a GPU node."""
+    import ray
+
+    return not ray.cluster_resources().get("GPU", 0) and private_local_ray()

@@ -80,10 +80,10 @@ def require_gpus(use_gpu: bool) -> None:
         return
     import ray
 
-    from pipeline.data.parallel import private_local_ray
+    from pipeline.data.parallel import gpus_never_come
 
     resources = ray.cluster_resources()
-    if float(resources.get("GPU", 0)) < 1 and private_local_ray():
+    if gpus_never_come():
         raise GpuUnavailableError(
             f"--use-gpu: the Ray cluster has no GPU (CPU {resources.get('CPU', 0):g}, GPU 0): "
             "add a GPU node (or a GPU worker group), or drop --use-gpu to embed on CPUs"
@@ -95,12 +95,11 @@ def _pool_size(requested: int, use_gpu: bool) -> int:
     the reads; on a cluster ``requested`` (the autoscaler adds the nodes)."""
     import ray
 
-    from pipeline.data.parallel import parallelism
+    from pipeline.data.parallel import parallelism, read_fed_pool
 
-    resources = ray.cluster_resources()
     if use_gpu:
-        return parallelism(requested, int(resources.get("GPU", 1)))
-    return parallelism(requested, int(resources.get("CPU", 1)) - 1)
+        return parallelism(requested, int(ray.cluster_resources().get("GPU", 1)))
+    return read_fed_pool(requested)
 
 
 def _check_batch(batch_size: int) -> None:

@@ -28,7 +28,7 @@ from pipeline.core.sampler import derive_seed, sample, unet_denoiser
 from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import DataError, ImageSet, images_from_tensor
 from pipeline.data.layout import samples_folder
-from pipeline.data.parallel import private_local_ray
+from pipeline.data.parallel import gpus_never_come
 from pipeline.data.provenance import StaleArtifactError, changed_inputs, value_digest
 from pipeline.data.shards import shard_name
 from pipeline.data.storage import Store, open_store
@@ -269,7 +269,7 @@ def _placement(
         raise ConfigError("--use-gpu with num_gpus_per_actor=0: give a GPU share > 0, or drop one")
     if gpus_per_actor < 0:
         raise ConfigError(f"num_gpus_per_actor must be >= 0, got {gpus_per_actor}")
-    if gpus_per_actor > 0 and gpus == 0 and private_local_ray():
+    if gpus_per_actor > 0 and gpus_never_come():
         raise ConfigError(
             f"num_gpus_per_actor={gpus_per_actor} but the Ray cluster has no GPUs; use 0 for CPU"
         )

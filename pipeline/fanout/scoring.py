@@ -57,11 +57,9 @@ def train_index_spec(
 def scorer_pool(requested: int) -> int:
     """Scorers hold one CPU each. On a private local Ray, leave one of its CPUs for the read tasks that
     feed them; on a cluster, ``requested`` (the autoscaler adds the nodes)."""
-    import ray
+    from pipeline.data.parallel import read_fed_pool
 
-    from pipeline.data.parallel import parallelism
-
-    return parallelism(requested, int(ray.cluster_resources().get("CPU", 1)) - 1)
+    return read_fed_pool(requested)
 
 
 def write_jsonl(store: Store, rows: list[dict[str, Any]], *parts: str) -> str:

@@ -269,13 +269,11 @@ def iter_shard_summaries(
 def scorer_gpus(use_gpu: bool) -> float:
     """GPUs per scoring actor: 1 with ``use_gpu`` (a request an autoscaling cluster answers with a
     GPU node), else 0. A Ray this process started itself, without GPUs, can never grant it."""
-    import ray
-
-    from pipeline.data.parallel import private_local_ray
+    from pipeline.data.parallel import gpus_never_come
 
     if not use_gpu:
         return 0.0
-    if not ray.cluster_resources().get("GPU", 0) and private_local_ray():
+    if gpus_never_come():
         raise ConfigError(
             "use_gpu: the scorers ask for a GPU each, but the Ray cluster has no GPUs"
         )

@@ -42,3 +42,10 @@ def test_a_driver_that_joined_a_cluster_asks_for_what_it_requested(ray_local):
     assert child.returncode == 0, child.stderr[-2000:]
     result = json.loads(child.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert result == {"private": False, "n": 16}
+
+
+def test_gpus_never_come_to_a_private_local_ray_without_them(ray_local):
+    from pipeline.data.parallel import gpus_never_come, read_fed_pool
+
+    assert gpus_never_come()  # the fixture's Ray: started here, no GPUs
+    assert read_fed_pool(8) == 1  # 2 CPUs: one left to the reads

@@ -12,8 +12,9 @@ process whatever its name** (``largest_mb``) and the **driver on its own** (``dr
 
 Work that grows with N, at each size N (dataset ``synth<N>``, synthetic 32x32x3 images):
 - make_shards (N images), one epoch of the training input (the Ray Data read + decode a training
-  worker streams, no model: N x 0.9 images) and build_index (``--index`` auto: exact up to 50,000
-  training images, IVF above, as a user gets it);
+  worker streams, no model: N x 0.9 images) and build_index (``--index ivf`` at every size, with its
+  recall measurement, so that one kind of index is compared; the default exact index, used up to
+  50,000 training images, is bounded by those 50,000 rows);
 - sampling, check_replicas and evaluate over N/10 samples: CPSample in guard mode (0.97) against the
   stored index, with the tiniest denoiser that runs the real stage (a UNet2DModel of 8/16 channels,
   ~25k parameters) and 2 DDIM steps (t = 500, 0: guidance fires at both, t < 600); evaluate runs the
@@ -151,7 +152,8 @@ def stage_commands(n: int, store: str, work: Path, steps: int) -> dict[str, list
         "train_denoiser": ["jobs/train_denoiser.py", *train, "--config", str(den)],
         "train_classifier": ["jobs/train_classifier.py", *train, "--config", str(clf),
                              "--holdout-images", str(classifier_holdout(n))],
-        "build_index": ["jobs/build_index.py", "--store", store, "--dataset", ds, *ray_cpus],
+        "build_index": ["jobs/build_index.py", "--store", store, "--dataset", ds, "--index", "ivf",
+                        *ray_cpus],
         "sample_guarded": ["jobs/sample.py", "--store", store, "--run", run, "--sampler", "cpsample",
                            "--num-samples", str(samples), "--samples-per-shard",
                            str(min(SAMPLES_PER_SHARD, samples)), "--batch-size", "50",

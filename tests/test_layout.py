@@ -1,7 +1,7 @@
 """The architecture as a test: the import graph of ``pipeline/``, read with ``ast``, obeys the layers.
 
     orchestration  (4)   stages, demo, cluster configs
-    evaluation     (3)   FID/FD, membership inference, sweep, reports
+    evaluation | integrations (3)   FID/FD, membership inference, sweep, reports | diffusers pipelines
     train | fanout (2)   Ray Train edge | Ray Data edges and the FAISS index (peers: neither imports the other)
     data           (1)   stores, layout, shards, sources, model directories
     core           (0)   maths, models, configs: no ray/boto3/pyarrow/faiss, no data module
@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RANKS = {"core": 0, "data": 1, "train": 2, "fanout": 2, "evaluation": 3, "orchestration": 4}
+RANKS = {
+    "core": 0,
+    "data": 1,
+    "train": 2,
+    "fanout": 2,
+    "evaluation": 3,
+    "integrations": 3,
+    "orchestration": 4,
+}
 CORE_FORBIDDEN = {"ray", "boto3", "botocore", "pyarrow", "faiss", "s3fs", "fsspec"}
 MAX_LINES = 450
 

@@ -126,6 +126,27 @@ def eps_from_model_output(
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def model_output_from_eps(
+    eps: torch.Tensor, x_t: torch.Tensor, abar_t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The inverse of :func:`eps_from_model_output`: a network output of ``prediction_type`` that
+    carries the noise estimate ``eps`` at ``x_t``; abar_t (B,).
+
+    With ``x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)`` (Song et al. 2021, eq. 12), ``sample`` is
+    ``x_0`` and ``v_prediction`` is ``v = sqrt(abar) eps - sqrt(1 - abar) x_0`` (Salimans & Ho 2022,
+    sec. 4). A guided eps is handed to a scheduler that reads another parametrisation this way.
+    """
+    if prediction_type == "epsilon":
+        return eps
+    abar = _expand(abar_t, x_t).to(eps.dtype)
+    x0 = (x_t - (1.0 - abar).sqrt() * eps) / abar.sqrt()
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * eps - (1.0 - abar).sqrt() * x0
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
 def ddim_timesteps(
     num_steps: int,
     num_train_timesteps: int = 1000,

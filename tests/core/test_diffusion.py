@@ -147,3 +147,20 @@ def test_ddim_step_eta_validation():
         ddim_step(sched, x, x, 500, 480, eta=-0.1)
     with pytest.raises(ValueError, match="needs `noise`"):
         ddim_step(sched, x, x, 500, 480, eta=0.5, noise=None)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_model_output_from_eps_inverts_eps_from_model_output(kind):
+    from pipeline.core.diffusion import eps_from_model_output, model_output_from_eps
+
+    gen = torch.Generator().manual_seed(0)
+    x_t, out = torch.randn(3, 1, 4, 4, generator=gen), torch.randn(3, 1, 4, 4, generator=gen)
+    abar = torch.tensor([0.99, 0.5, 0.02])
+    eps = eps_from_model_output(out, x_t, abar, kind)
+    assert torch.allclose(model_output_from_eps(eps, x_t, abar, kind), out, atol=1e-5)
+    if kind == "v_prediction":  # v = sqrt(abar) eps - sqrt(1 - abar) x_0, by the definition
+        x0 = pred_xstart_from_eps(x_t, eps, abar)
+        a = abar.reshape(-1, 1, 1, 1)
+        assert torch.allclose(out, a.sqrt() * eps - (1 - a).sqrt() * x0, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction_type"):
+        model_output_from_eps(eps, x_t, abar, "flow")

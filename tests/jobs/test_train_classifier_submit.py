@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +32,9 @@ from pipeline.train.workers import read_checkpoint
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = ROOT / ".venv" / "bin"
+# the bin folder of the interpreter running the tests (a venv's, conda's, the system's): its `ray`
+# CLI and its `python`, whichever environment the package was installed into
+VENV_BIN = Path(sys.executable).parent
 # what `--working-dir .` must never upload (Ray also honours .gitignore; these make it explicit)
 EXCLUDES = [".venv", ".git", "demo-out", "out", "build", "**/__pycache__", ".pytest_cache"]
 

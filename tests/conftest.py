@@ -133,3 +133,12 @@ def tiny_sd_dir(tmp_path_factory):
 
     model = build_latent_model(LatentArchConfig(image_size=16, image_channels=1), seed=0)
     return save_latent_model(model, tmp_path_factory.mktemp("tiny-sd") / "sd")
+
+
+@pytest.fixture(scope="session")
+def headline_models():
+    """The headline's 8x8-digits denoiser (it memorises its 8 training images) and random-label
+    classifier, trained once per session (about 40 s on one thread): :mod:`tests.headline_models`."""
+    from tests.headline_models import train_headline_models
+
+    return train_headline_models()

@@ -27,8 +27,9 @@ from pipeline.integrations.protection import redraw_generators
 
 @dataclass
 class GuardResult:
-    """Per sample: nearest training similarity of the returned image, redraws spent, and whether
-    it is still a copy (then blacked out); ``keys`` names each image's nearest training image."""
+    """Per sample: the nearest training similarity of the last image drawn (for a flagged sample,
+    the copy that was blacked out), redraws spent, and whether it is still a copy (then blacked
+    out); ``keys`` names each last image's nearest training image."""
 
     images: torch.Tensor
     similarity: np.ndarray

@@ -8,10 +8,13 @@ Every number is ``{"value": x, "unit": u, "basis": "measured" | "projected" | "a
 "projected" ones are arithmetic on measured numbers and stated assumptions; "assumption" are inputs
 (prices, sustained GPU throughput) to be replaced by measurements when a GPU is lent (P7).
 
-- Classifier training: optimizer steps to fit N random bits, from the measured scaling curve
-  (``classifier_scaling``: steps to 95% at t < 100 for N = 64...1,024, batch 128; steps ~ N^k, k fitted
-  between the two largest N), times the FLOPs of one training image (forward + backward, counted with
-  ``torch.utils.flop_counter.FlopCounterMode`` on the scaling bench's classifier at 64x64x3).
+- Classifier training: what ``jobs/train_classifier.py`` would choose at N
+  (:func:`pipeline.core.classifier_sizing.size_classifier`) from the measured per-width fits in
+  results.json (``classifier_scaling.fits``: steps to 95% at t < 100 ~ a N^k, batch 128): the width
+  with the least predicted compute and its steps (the fit x the sizing margin), times the FLOPs of one
+  training image of that width (forward + backward, counted with
+  ``torch.utils.flop_counter.FlopCounterMode`` at 64x64x3). An older entry without fits uses its
+  curve's two largest N.
 - Sampling: the FLOPs of one DDIM step of a stated realistic 64x64 diffusers ``UNet2DModel`` (counted
   the same way), plus CPSample's classifier forward and input-gradient backward on the steps with
   t < 600, at a stated sustained TFLOP/s on an H100 and an A10G.
@@ -129,6 +132,34 @@ def steps_to_fit(scaling: dict, n: int) -> tuple[float, float]:
     return s1 * (n / n1) ** k, k
 
 
+def classifier_choice(scaling: dict, n: int, flops: dict) -> dict:
+    """The classifier at ``n`` bits: ``width``, ``steps`` (trained), ``predicted`` (fitted steps to
+    95%), ``train``/``guide`` FLOPs per image and ``source``. With per-width ``fits`` and
+    ``flops["clf_by_width"]`` it is the job's sizing rule on the measured fits; else the two-point
+    curve (:func:`steps_to_fit`) and ``flops["clf_train"]``/``["clf_guide"]``."""
+    from pipeline.core.classifier_sizing import MARGIN, WidthFit, size_classifier
+
+    by_width = flops.get("clf_by_width")
+    if scaling.get("fits") and by_width:
+        fits = tuple(
+            WidthFit(int(w), f["a"], f["k"], f["n_max"], by_width[int(w)]["train"])
+            for w, f in scaling["fits"].items()
+            if f and int(w) in by_width
+        )
+        s = size_classifier(n, 128, fits=fits)  # the job's rule and floors
+        fit = next(f for f in fits if f.base_channels == s.base_channels)
+        source = (f"width {s.base_channels} (least predicted compute of the widths >= 16): steps "
+                  f"to 95% ~ {fit.a:.3g} N^{fit.k:.2f}, measured at N <= {fit.n_max:,} (8x8 RGB), "
+                  f"x {MARGIN:g} (the job's sizing margin), batch 128")  # fmt: skip
+        w = by_width[s.base_channels]
+        return {"width": s.base_channels, "steps": s.steps, "predicted": s.predicted_steps_to_95,
+                "train": w["train"], "guide": w["guide"], "params": w["params"], "source": source}  # fmt: skip
+    steps, k = steps_to_fit(scaling, n)
+    source = f"steps to 95% ~ N^{k:.2f}, batch 128, measured at N <= 1,024 (16x16 digits)"
+    return {"width": None, "steps": steps, "predicted": steps, "train": flops["clf_train"],
+            "guide": flops["clf_guide"], "params": None, "source": source}  # fmt: skip
+
+
 def gpu_hours(flops: float, tflops: float) -> float:
     """Hours at a sustained ``tflops`` TFLOP/s."""
     return flops / (tflops * 1e12) / 3600
@@ -221,17 +252,20 @@ def project(results: dict, flops: dict, sizes: tuple[int, ...] = SIZES) -> dict:
     scaling, p8 = results["classifier_scaling"], results.get("P8", {})
     req = s3_requests_per_image(p8)
     batch = 128  # the scaling curve's batch
-    per_sample = DDIM_STEPS * (flops["unet"] + flops["fired"] * flops["clf_guide"])
     out = {}
     for n in sizes:
-        steps, k = steps_to_fit(scaling, n)
-        clf = steps * batch * flops["clf_train"]
+        choice = classifier_choice(scaling, n, flops)
+        steps = choice["steps"]
+        per_sample = DDIM_STEPS * (flops["unet"] + flops["fired"] * choice["guide"])
+        clf = steps * batch * choice["train"]
         den = EPOCHS_DENOISER * n * 3 * flops["unet"]  # forward + backward ~ 3 forwards
         samples = n // 10
         block = {
-            "classifier_steps": tag(steps, "steps", "projected",
-                                    f"steps to 95% ~ N^{k:.2f}, batch {batch}, measured at N <= 1,024 (16x16 digits)"),
-            "classifier_train": gpu_costs(clf, f"steps x {batch} x {flops['clf_train']:.3g} FLOP"),
+            "classifier_steps": tag(steps, "steps", "projected", choice["source"]),
+            "classifier_steps_to_95": tag(choice["predicted"], "steps", "projected",
+                                          "the fit alone, without the margin"),
+            "classifier_width": {"base_channels": choice["width"], "params": choice["params"]},
+            "classifier_train": gpu_costs(clf, f"steps x {batch} x {choice['train']:.3g} FLOP"),
             "denoiser_train": gpu_costs(den, f"{EPOCHS_DENOISER} epochs (assumption) x 3 x UNet forward"),
             "samples": tag(samples, "samples", "assumption", "N/10, as P8"),
             "sampling": gpu_costs(samples * per_sample,
@@ -256,14 +290,22 @@ def run(results_path: str | Path = HERE / "results.json", results: dict | None =
     entries; default: read from ``results_path``)."""
     if results is None:
         results = json.loads(Path(results_path).read_text())
-    arch = {k: v for k, v in results["classifier_scaling"]["arch"].items()}
+    scaling = results["classifier_scaling"]
+    widths = scaling.get("arch", {}).get("widths") or [scaling["arch"]["base_channels"]]
+    mults = list(scaling["arch"].get("channel_mults", (1, 2, 2)))
     unet, unet_params = unet_step_flops()
-    clf = classifier_flops(arch)
+    by_width = {int(w): classifier_flops({"base_channels": int(w), "channel_mults": mults})
+                for w in widths}  # fmt: skip
+    arch = {"base_channels": int(widths[-1]), "channel_mults": mults}
+    clf = by_width[int(widths[-1])]
     flops = {"unet": unet, "clf_guide": clf["guide"], "clf_train": clf["train"],
-             "fired": fired_fraction()}  # fmt: skip
+             "clf_by_width": by_width, "fired": fired_fraction()}  # fmt: skip
     return {
         "unet": {"config": REALISTIC_UNET, "params": unet_params,
                  "flops_per_step": tag(unet, "FLOP/image", "measured", "FlopCounterMode, batch 1")},
+        "classifier_by_width": {str(w): {k: tag(v, "FLOP/image", "measured", f"{k}, 64x64x3")
+                                         for k, v in f.items() if k != "params"} | {"params": f["params"]}
+                                for w, f in by_width.items()},
         "classifier": {"arch": arch, "size": 64, "params": clf["params"],
                        "guide_flops": tag(clf["guide"], "FLOP/image", "measured", "forward + input grad"),
                        "train_flops": tag(clf["train"], "FLOP/image", "measured", "forward + backward")},

@@ -19,6 +19,11 @@ Ray input (:func:`ray_input_rate`): rows of a Ray Data dataset through ``iter_to
 (:func:`gpu_stages`): ``train_denoiser`` and ``train_classifier`` with ``use_gpu=True`` on a local
 digits store (Ray Train's ScalingConfig asks for a GPU per worker), wall seconds and their device.
 
+Classifier scaling (:func:`classifier_scaling_curve`): bench/classifier_scaling.py's measurement
+(steps to 95% on N random bits at t < 100, 8x8 synthetic RGB, batch 128) at larger N and widths on
+the device, under a wall-clock budget; its summary carries the per-width fits (steps ~ a N^k) to
+extend the CPU curve in results.json.
+
 Without CUDA the run records why it was skipped; ``device="cpu"`` with a small batch and few steps
 exercises the same code on the CPU (the test suite does that).
 """
@@ -246,6 +251,26 @@ def _cuda_only_parts(repeats: int, faiss_shape: tuple[int, int, int]) -> dict:
     return out
 
 
+def classifier_scaling_curve(
+    device: str,
+    ns: tuple[int, ...] = (16_384, 65_536, 262_144),
+    widths: tuple[int, ...] = (16, 32, 64),
+    max_steps: int = 400_000,
+    seconds: float | None = 300.0,
+) -> dict:
+    """bench/classifier_scaling.py's curve on ``device`` (``ns`` x ``widths``, widest first at each
+    N), stopping new work after ``seconds``: the bench's summary (fits, cheapest width by N, rows)
+    plus the device's name. A row cut by the budget is kept with ``stopped`` (a lower bound)."""
+    import classifier_scaling as cs  # bench/ is on sys.path
+
+    deadline = time.time() + seconds if seconds else None
+    rows = cs.measure(ns, widths, max_steps, "synthetic", device, deadline)
+    out = cs.summarise(rows, "synthetic")
+    dev = torch.device(device)
+    out["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return out
+
+
 def run(
     device: str | None = None,
     batch: int = 256,
@@ -253,9 +278,11 @@ def run(
     repeats: int = 3,
     faiss_shape: tuple[int, int, int] = (50_000, 10_000, 3 * 32 * 32),
     train_steps: int | None = None,
+    scaling_seconds: float | None = 300.0,
 ) -> dict:
     """P7's record on ``device`` (default: CUDA, else a skip record); ``train_steps`` defaults to
-    ``min(steps, 50)``."""
+    ``min(steps, 50)``; on CUDA also :func:`classifier_scaling_curve` for ``scaling_seconds``
+    (None or 0: skip it)."""
     if device is None:
         if not torch.cuda.is_available():
             return {"skipped": "no CUDA device on this machine", "goal": "recorded"}
@@ -264,5 +291,12 @@ def run(
     out.update(training_rates(device, batch, train_steps or min(steps, 50), repeats))
     if torch.device(device).type == "cuda":
         out.update(_cuda_only_parts(repeats, faiss_shape))
+        if scaling_seconds:
+            try:
+                out["classifier_scaling"] = classifier_scaling_curve(
+                    device, seconds=scaling_seconds
+                )
+            except Exception as exc:  # recorded, not fatal, as the other CUDA parts
+                out.setdefault("errors", []).append(f"{type(exc).__name__}: {str(exc)[:300]}")
     out["goal"] = "recorded"
     return out

@@ -34,7 +34,7 @@ def main() -> None:
     benches = {
         "P1": lambda a: p1_guidance_overhead.run(a.model_dir),
         "P5": lambda a: p5_train_throughput.run(),
-        "classifier_scaling": lambda a: classifier_scaling.run(),
+        "classifier_scaling": lambda a: classifier_scaling.run(a.results.get("classifier_scaling")),
         "P2": lambda a: p2_diffusers_ddim.run(a.model_dir),
         "P3": lambda a: p3_faiss.run(),
         "P4": lambda a: p4_s3_input.run(),

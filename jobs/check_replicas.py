@@ -57,7 +57,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_store_args(p)
-    p.add_argument("--sampler", choices=["ddim", "cpsample"], default="cpsample")
+    p.add_argument("--sampler", choices=["ddim", "cpsample", "amg"], default="cpsample")
     p.add_argument("--config", help="YAML with a 'replicas' section")
     p.add_argument("--threshold", type=float)
     add_embedding_args(p)

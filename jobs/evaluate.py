@@ -3,10 +3,12 @@
     python jobs/evaluate.py --store demo-out --run demo [--inception-weights pt_inception-2015-12-05-6726825d.pth]
 
 Attack 1: reconstruction loss (Matsumoto et al. 2023); attack 2: SecMI t-error (Duan et al. 2023);
-attack 3: similarity to the nearest generated sample (when samples/<run>/<sampler> exist). Each against
+PIA (Kong et al. 2024, proximal initialisation); attack 3: similarity to the nearest generated
+sample (when samples/<run>/<sampler> exist). Each against
 plain DDIM and the CPSample classifier-corrected noise estimate: ROC AUC, TPR at 1% FPR, permutation
 p-value. Members are data/<dataset>/train, non-members data/<dataset>/holdout. Results are merged into
-reports/<run>/report.json (keys "fid", "membership_inference" and "threshold_free"), report.md and
+reports/<run>/report.json (keys "fid", "membership_inference", "threshold_free" and "extraction":
+Carlini et al. 2023's extraction criterion per sampler and for held-out images), report.md and
 roc_*.png. FID needs the standard FID Inception weights as a local file; nothing is downloaded.
 
 Before any work the inputs are checked: every sample shard must have been drawn by models/<run>/
@@ -128,9 +130,10 @@ def main() -> None:
         attack: {
             m: {k: r[k] for k in ("auc", "tpr_at_fpr", "p_value")} for m, r in mi[attack].items()
         }
-        for attack in ("reconstruction", "secmi", "nn_distance")
+        for attack in ("reconstruction", "secmi", "pia", "nn_distance")
     }
     out = {"fid": updates["fid"], "membership_inference": summary}
+    out["extraction"] = {k: v for k, v in updates["extraction"].items() if k != "criterion"}
     if "threshold_free" in updates:
         out["threshold_free"] = updates["threshold_free"]
     print(json.dumps(out, indent=2))

@@ -4,6 +4,8 @@ r"""Generate samples, plain DDIM or CPSample-protected, as WebDataset shards wit
     python jobs/sample.py --store s3://bucket/batch-42 --denoiser /models/ddpm-cifar10-32 \
         --classifier models/demo/classifier --num-gpus-per-actor 0.5 --concurrency 8
     python jobs/sample.py --store demo-out --run demo --guard 0.9 --guard-budget 64 --dataset digits
+    python jobs/sample.py --store demo-out --run demo --sampler amg --amg-threshold 0.97 --amg-scale 300 \
+        --dataset digits
 
 Each shard is one task with seeds derived from (seed, shard, index): the images do not depend on the
 number of actors. Shards are written atomically to samples/<run>/<sampler>/; a rerun skips complete ones
@@ -19,6 +21,12 @@ Guard mode (--guard T): every sample is compared with the training images of --d
 search, mean-centred pixels by default); one at or above T is discarded and redrawn with a fresh derived
 seed while the shard's --guard-budget lasts. No shipped sample is at or above T. The counts are merged
 into reports/<run>/report.json.
+
+Anti-Memorization Guidance (--sampler amg; Chen et al. 2024, its dissimilarity guidance, the baseline
+pipeline/core/amg.py implements): at every step the predicted image is searched in the same stored
+index of --dataset, and where its nearest training image is at or above --amg-threshold, the step is
+steered down the gradient of that similarity with scale --amg-scale. It needs the training images at
+sampling time; CPSample does not.
 
 Latent text-to-image models (a diffusers Stable Diffusion directory, local or in the store):
 
@@ -76,7 +84,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt (default empty)")
     p.add_argument("--config", help="YAML with a 'sampler' section")
-    p.add_argument("--sampler", choices=["ddim", "cpsample"])
+    p.add_argument("--sampler", choices=["ddim", "cpsample", "amg"])
     p.add_argument("--num-samples", type=int)
     p.add_argument("--samples-per-shard", type=int)
     p.add_argument("--batch-size", type=int)
@@ -84,11 +92,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--eta", type=float)
     p.add_argument("--alpha", type=float, help="confidence threshold, in (0, 0.5]")
     p.add_argument("--scale", type=float, help="guidance scale s, >= 0")
+    p.add_argument(
+        "--amg-threshold", type=float, help="amg: guide where the x0 NN similarity >= this"
+    )
+    p.add_argument("--amg-scale", type=float, help="amg: dissimilarity guidance scale, >= 0")
     p.add_argument("--seed", type=int)
     p.add_argument("--guard", type=float, help="reject samples with NN similarity >= this")
     p.add_argument("--guard-budget", type=int, help="regenerations allowed per shard")
     p.add_argument("--guard-embedding", choices=["centred", "raw"])
-    p.add_argument("--dataset", default="digits", help="training shards data/<dataset>/train")
+    p.add_argument(
+        "--dataset", default="digits", help="training shards data/<dataset>/train (guard, amg)"
+    )
     p.add_argument("--concurrency", type=int, default=1, help="number of sampling actors")
     p.add_argument("--num-cpus-per-actor", type=float, default=1.0)
     p.add_argument(
@@ -166,7 +180,12 @@ def main() -> None:
         batch_size=args.batch_size, steps=args.steps, eta=args.eta, alpha=args.alpha,
         scale=args.scale, seed=args.seed, guard=args.guard, guard_budget=args.guard_budget,
         guard_embedding=args.guard_embedding, allow_unfit=args.allow_unfit or None,
+        amg_threshold=args.amg_threshold, amg_scale=args.amg_scale,
     )  # fmt: skip
+    if cfg.sampler == "amg" and args.model is not None:
+        from pipeline.core.config import ConfigError
+
+        raise ConfigError("--sampler amg works on pixel models (--denoiser), not on --model")
     prompts = prompt_lines(args)  # bad flags and files fail before the store is created
     from pipeline.data.storage import open_store
     from pipeline.evaluation.inputs import check_samples, run_inputs

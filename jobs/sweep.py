@@ -4,8 +4,9 @@
 
 Every point samples --num-samples images with the same seeds (plus plain DDIM as the reference), finds
 each sample's nearest training image (mean-centred pixels, the replica threshold) and measures quality:
-the domain Fréchet distance when held-out labels exist, else the pixel-space Fréchet distance to the
-held-out images. Writes reports/<run>/pareto.png (replication rate vs quality, each point labelled),
+the domain Fréchet distance when held-out labels exist (the digits, or an image folder's label
+subfolders) and, for an image folder, the Fréchet distance in the code of an autoencoder trained on
+its held-out images (pipeline/evaluation/folder_quality.py). Writes reports/<run>/pareto.png (replication rate vs quality, each point labelled),
 merges the "sweep" key into reports/<run>/report.json and report.md, and names the recommended
 setting: the best quality with replication rate <= --target-rate and share above the held-out p99
 <= --target-above-p99.
@@ -81,14 +82,12 @@ def main() -> None:
     )  # fmt: skip
     sampler = override(sections["sampler"], steps=args.steps, allow_unfit=args.allow_unfit or None)
     replicas = override(sections["replicas"], threshold=args.threshold)
-    import torch
-
     from pipeline.data.checkpoints import preflight_models
     from pipeline.data.handle import open_dataset
     from pipeline.data.storage import open_store
     from pipeline.data.subsets import pick_images
-    from pipeline.evaluation.domain import train_domain_evaluator
     from pipeline.evaluation.evaluate import holdout_similarities, run_sets, sample_only_attack
+    from pipeline.evaluation.folder_quality import quality_evaluator
     from pipeline.evaluation.inputs import check_run, run_inputs
     from pipeline.evaluation.report import merge_report, require_inputs
     from pipeline.evaluation.sweep import make_points, run_sweep
@@ -108,11 +107,8 @@ def main() -> None:
     )  # fmt: skip
     # the domain CNN trains on a seeded subset of the held-out images, never the whole split
     holdout, _ = pick_images(store, ds.split("holdout"), 20_000, cfg.seed, manifest=ds.manifest)
-    evaluator = None
-    if holdout.labels is not None and len(set(holdout.labels)) > 1:
-        evaluator = train_domain_evaluator(
-            holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, cfg.seed, True
-        )
+    # digits: the domain CNN; an image folder: the held-out-trained encoder (+ label subfolders)
+    evaluator, _ = quality_evaluator(holdout, cfg.quality_epochs, cfg.seed)
     init_ray()
     # the held-out reference of the threshold-free shares, in the replica index the sweep uses
     sidecar = ensure_replica_index(store, args.dataset, replicas)

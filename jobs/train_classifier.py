@@ -22,8 +22,14 @@ on its own bits at t < 100 on a seeded sample of training rows, the confident fr
 images, and the threshold min_fit, 0.9, below which sample --sampler cpsample refuses it unless
 --allow-unfit). With near-duplicate clusters in the store
 (jobs/cluster_duplicates.py), every copy of a picture gets its cluster's bit (--labels cluster, the
-default wherever clusters exist); --labels key keeps the paper's bit per key. Scale to large N with --steps, the width (arch.base_channels, arch.channel_mults) and
---lr-schedule/--warmup-steps.
+default wherever clusters exist); --labels key keeps the paper's bit per key.
+
+Sizing: by default the steps and the width (arch.base_channels) follow the measured scaling fit
+(bench/classifier_scaling.py; pipeline.core.classifier_sizing) for N = the training images plus the
+held-out images trained on with their own bits (from the dataset's manifest): never below the
+calibrated 1,600 steps and width 16, growing with N. --steps and --base-channels (or train.steps and
+arch.base_channels in --config) win. The choice is logged and recorded as train.sized_for (N; 0: set
+by hand) in the classifier's config.json.
 """
 
 from __future__ import annotations
@@ -65,7 +71,11 @@ def main() -> None:
     )
     p.add_argument("--config", help="YAML with 'arch' and 'train' sections")
     p.add_argument("--holdout-images", type=int, help="held-out images given their own random bits")
-    p.add_argument("--base-channels", type=int, help="classifier width (arch.base_channels)")
+    p.add_argument(
+        "--base-channels",
+        type=int,
+        help="classifier width (arch.base_channels; default: sized from N with --steps, see above)",
+    )
     p.add_argument(
         "--labels",
         choices=("auto", "key", "cluster"),
@@ -82,16 +92,25 @@ def main() -> None:
         **train_overrides(args),
     )
     arch = override(cfg["arch"], base_channels=args.base_channels)
+    from pipeline.data.handle import open_dataset
     from pipeline.data.storage import open_store
     from pipeline.fanout.ray_init import init_ray
     from pipeline.orchestration.stages import train_classifier
 
     store = open_store(args.store, args.s3_endpoint)
+    ds = open_dataset(store, args.dataset)
+    given = given_keys(args.config)
+    arch, train, line = sized_configs(
+        arch, train, bits_in(ds, train.holdout_images),
+        steps_given=args.steps is not None or "steps" in given["train"],
+        width_given=args.base_channels is not None or "base_channels" in given["arch"],
+    )  # fmt: skip
+    print(line, flush=True)
     init_ray(num_cpus=args.ray_cpus)  # joins the cluster of `ray job submit` through RAY_ADDRESS
     out = train_classifier(
         store,
         args.run,
-        args.dataset,
+        ds,
         arch,
         train,
         args.threads,
@@ -102,6 +121,55 @@ def main() -> None:
     )
     print(f"classifier: {out['uri']}  metrics: {out['metrics']}")
     print(fit_line(out.get("fit")))
+
+
+def given_keys(path: str | None) -> dict[str, set[str]]:
+    """The keys the --config YAML sets in its 'train' and 'arch' sections (what sizing must not touch)."""
+    from pipeline.core.config_base import read_yaml
+
+    data = (read_yaml(path) or {}) if path else {}
+    return {name: set(data.get(name) or {}) for name in ("train", "arch")}
+
+
+def bits_in(ds, holdout_images: int) -> int | None:
+    """N: the training images plus the held-out images trained on with their own bits, from the
+    dataset's manifest (None without one: hand-made shards)."""
+    from pipeline.core.classifier_sizing import images_with_bits
+
+    if ds.manifest is None:
+        return None
+    n_holdout = ds.count("holdout") if "holdout" in ds.manifest["splits"] else 0
+    return images_with_bits(ds.count("train"), n_holdout, holdout_images)
+
+
+def sized_configs(arch, train, n_bits: int | None, steps_given: bool, width_given: bool):
+    """(arch, train, log line): the configs with the steps and width that
+    :func:`pipeline.core.classifier_sizing.size_classifier` gives for ``n_bits``, except what was
+    given (flag or --config); ``train.sized_for`` records N when anything was sized."""
+    from pipeline.core.classifier_sizing import size_classifier
+
+    if n_bits is None:
+        return (
+            arch,
+            train,
+            "sizing: no manifest (hand-made shards), so the config's steps and width",
+        )
+    if steps_given and width_given:
+        return arch, train, f"sizing: N={n_bits}; --steps and --base-channels given, kept"
+    s = size_classifier(n_bits, train.batch_size)
+    if not width_given:
+        arch = override(arch, base_channels=s.base_channels)
+    if not steps_given:
+        train = override(train, steps=s.steps)
+    train = override(train, sized_for=n_bits)
+    kept = (
+        " (--steps given, kept)" if steps_given else " (width given, kept)" if width_given else ""
+    )
+    return (
+        arch,
+        train,
+        (f"sizing: base_channels {arch.base_channels}, {train.steps} steps{kept}; {s.reason}"),
+    )
 
 
 def fit_line(card: dict | None) -> str:

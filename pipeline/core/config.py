@@ -144,7 +144,10 @@ class ClassifierArchConfig:
 class ClassifierTrainConfig:
     """Training of the classifier on random bits: BCE on x_t at uniform t (CPSample, Algorithm 1)."""
 
+    # 1,600: calibrated at the demo's ~1,000 bits; jobs/train_classifier.py sizes steps and width
+    # from N (pipeline.core.classifier_sizing) and records that N here (sized_for; 0: by hand)
     steps: int = 1600
+    sized_for: int = 0
     batch_size: int = 128
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -159,8 +162,7 @@ class ClassifierTrainConfig:
     checkpoint_every: int = 400
     num_to_keep: int = 2
     max_failures: int = 2  # worker-group restarts from the latest checkpoint; -1: no limit
-    # the learning rate: linear warm-up over `warmup_steps`, then "cosine" (to 0 at `steps`, the
-    # calibrated default) or "constant"; scale a large-N fit with steps, width and this schedule
+    # the learning rate: linear warm-up over `warmup_steps`, then "cosine" (to 0 at `steps`) or "constant"
     lr_schedule: str = "cosine"
     warmup_steps: int = 100
     mixed_precision: bool = True  # bf16 autocast when the worker's device is CUDA; ignored on CPU
@@ -200,6 +202,7 @@ class ClassifierTrainConfig:
             f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}",
         )
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.sized_for >= 0, f"sized_for must be >= 0 (0: not sized), got {self.sized_for}")
         _check(self.holdout_images >= 0, f"holdout_images must be >= 0, got {self.holdout_images}")
         _check(1 <= self.t_max <= 1000, f"t_max must be in [1, 1000], got {self.t_max}")
         _check(0.0 <= self.mixup <= 1.0, f"mixup must be in [0, 1], got {self.mixup}")
@@ -211,7 +214,7 @@ class ClassifierTrainConfig:
 
 @dataclass
 class SamplerConfig:
-    """DDIM sampling, plain (``ddim``) or protected (``cpsample``)."""
+    """DDIM sampling, plain (``ddim``) or protected (``cpsample``; ``amg``: the baseline, pipeline.core.amg)."""
 
     sampler: str = "cpsample"
     num_samples: int = 512
@@ -231,28 +234,23 @@ class SamplerConfig:
     guard: float | None = None
     guard_budget: int = 128
     guard_embedding: str = "centred"
+    # amg: dissimilarity guidance where the predicted x0's nearest training image (guard_embedding,
+    # the stored index) is at or above amg_threshold, the replica rule's own 0.97; amg_scale is its s
+    amg_threshold: float = 0.97
+    amg_scale: float = 300.0
     # cpsample refuses a classifier whose model card (config.json "fit") is below min_fit unless
     # allow_unfit; neither changes a sample, so neither is in the samples' fingerprint
     min_fit: float = MIN_FIT
     allow_unfit: bool = False
 
     def __post_init__(self) -> None:
-        _check(
-            self.sampler in ("ddim", "cpsample"),
-            f"sampler must be 'ddim' or 'cpsample', got {self.sampler!r}",
-        )
+        _check(self.sampler in ("ddim", "cpsample", "amg"), f"sampler must be 'ddim' or 'cpsample' (or 'amg', the baseline), got {self.sampler!r}")  # fmt: skip
         _check(0.0 < self.alpha <= 0.5, f"alpha must be in (0, 0.5], got {self.alpha}")
         _check(self.scale >= 0, f"scale must be >= 0, got {self.scale}")
         _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
         _check(1 <= self.steps <= 1000, f"steps must be in [1, 1000], got {self.steps}")
-        _check(
-            self.input_mode in ("x_t", "x0"),
-            f"input_mode must be 'x_t' or 'x0', got {self.input_mode!r}",
-        )
-        _check(
-            1 <= self.guidance_t_max <= 1000,
-            f"guidance_t_max must be in [1, 1000], got {self.guidance_t_max}",
-        )
+        _check(self.input_mode in ("x_t", "x0"), f"input_mode must be 'x_t' or 'x0', got {self.input_mode!r}")  # fmt: skip
+        _check(1 <= self.guidance_t_max <= 1000, f"guidance_t_max must be in [1, 1000], got {self.guidance_t_max}")  # fmt: skip
         for name in ("num_samples", "batch_size", "samples_per_shard"):
             _positive(name, getattr(self, name))
         _check(
@@ -264,6 +262,8 @@ class SamplerConfig:
             self.guard_embedding in ("centred", "raw"),
             f"guard_embedding must be 'centred' or 'raw', got {self.guard_embedding!r}",
         )
+        _check(-1.0 <= self.amg_threshold <= 1.0, f"amg_threshold must be a cosine similarity in [-1, 1], got {self.amg_threshold}")  # fmt: skip
+        _check(self.amg_scale >= 0, f"amg_scale must be >= 0 (the dissimilarity guidance scale), got {self.amg_scale}")  # fmt: skip
         _check(0.5 < self.min_fit <= 1.0, f"min_fit must be in (0.5, 1] (an accuracy on random bits; 0.5 is chance), got {self.min_fit}")  # fmt: skip
 
 
@@ -397,22 +397,23 @@ class EvalConfig:
     draws: int = 2  # attack 1: noise draws per t
     secmi_t: int = 100  # attack 2: SecMI's t
     secmi_k: int = 10  # attack 2: SecMI's DDIM interval
+    pia_t: int = 200  # PIA (Kong et al. 2024): the one t attacked, eps_theta(x_0, 0) as its noise
+    pia_p: float = 4.0  # PIA: the l_p norm of eps_theta(x_t, t) - eps_theta(x_0, 0) (authors: 4)
     num_permutations: int = 10_000
     seed: int = 0
     fid_batch_size: int = 32
 
     def __post_init__(self) -> None:
         for name in ("num_members", "num_nonmembers", "draws", "num_permutations",
-                     "fid_batch_size"):  # fmt: skip
+                     "fid_batch_size", "pia_p"):  # fmt: skip
             _positive(name, getattr(self, name))
         _check(len(self.timesteps) >= 1, "timesteps must not be empty")
         for t in self.timesteps:
             _check(0 <= t < 1000, f"timesteps entries must be in [0, 1000), got {t}")
         _positive("secmi_k", self.secmi_k)
-        _check(
-            0 < self.secmi_t < 1000 - self.secmi_k and self.secmi_t % self.secmi_k == 0,
-            f"secmi_t must be a multiple of secmi_k in (0, {1000 - self.secmi_k}), got {self.secmi_t}",
-        )
+        _check(0 < self.secmi_t < 1000 - self.secmi_k and self.secmi_t % self.secmi_k == 0,
+               f"secmi_t must be a multiple of secmi_k in (0, {1000 - self.secmi_k}), got {self.secmi_t}")  # fmt: skip
+        _check(0 < self.pia_t < 1000, f"pia_t must be in (0, 1000) (PIA's t), got {self.pia_t}")
 
 
 @dataclass

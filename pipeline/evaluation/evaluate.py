@@ -9,7 +9,7 @@ and passes the handle down, so no stage fetches ``manifest.json`` again.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,10 +20,11 @@ from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import DataError, ImageSet
 from pipeline.data.subsets import iter_shards, pick_images, split_mean
 from pipeline.evaluation.domain import DomainEvaluator
+from pipeline.evaluation.extraction import extraction_section
 from pipeline.evaluation.inputs import classifier_bits, sampler_folders, sampler_knobs
+from pipeline.evaluation.nn_attack import MemberGroups, nn_attack
 from pipeline.evaluation.shares import holdout_percentiles, streamed_shares
 
-MemberGroups = Mapping[str, Collection[str]]  # group name -> member keys (a superset is fine)
 DEFAULT_MAX_HOLDOUT = 2000  # held-out images whose nearest-neighbour similarities set p95 / p99
 SEARCH_CHUNK = 4096
 
@@ -85,13 +86,15 @@ def attack_sets(
 
 
 def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> dict:
-    """Attack 1 (reconstruction loss) and attack 2 (SecMI t-error) against plain DDIM (``ddim``) and
-    the classifier-corrected noise estimate (``cpsample``). ``cfg`` is an ``EvalConfig``."""
+    """Attack 1 (reconstruction loss), attack 2 (SecMI t-error) and PIA (Kong et al. 2024,
+    :mod:`pipeline.evaluation.pia`) against plain DDIM (``ddim``) and the classifier-corrected noise
+    estimate (``cpsample``). ``cfg`` is an ``EvalConfig``."""
     from pipeline.evaluation.mia import reconstruction_attack, secmi_attack
+    from pipeline.evaluation.pia import pia_attack
 
     xm, xn = members.to_tensor(), nonmembers.to_tensor()
     models = {"ddim": None, "cpsample": guidance}
-    rec, sec = {}, {}
+    rec, sec, pia = {}, {}, {}
     for name, g in tqdm(models.items(), desc="membership attacks", leave=False):
         if name == "cpsample" and g is None:
             continue
@@ -101,7 +104,8 @@ def membership_inference(unet, schedule, guidance, members, nonmembers, cfg) -> 
         sec[name] = secmi_attack(
             unet, schedule, xm, xn, g, cfg.secmi_t, cfg.secmi_k, cfg.seed, cfg.num_permutations
         )
-    return {"reconstruction": rec, "secmi": sec}
+        pia[name] = pia_attack(unet, schedule, xm, xn, g, cfg.pia_t, cfg.pia_p, cfg.seed, cfg.num_permutations)  # fmt: skip
+    return {"reconstruction": rec, "secmi": sec, "pia": pia}
 
 
 def sample_only_attack(sets: AttackSets, member_groups: MemberGroups | None = None):
@@ -113,60 +117,6 @@ def sample_only_attack(sets: AttackSets, member_groups: MemberGroups | None = No
         sets.members.images, sets.nonmembers.images, np.asarray(sets.train_mean, np.float32),
         group_masks(sets.members.keys, member_groups) or None,
     )  # fmt: skip
-
-
-def nn_attack(
-    store,
-    run: str,
-    members,
-    nonmembers,
-    train_mean: np.ndarray,
-    cfg,
-    groups: MemberGroups | None = None,
-    chunk: int = SEARCH_CHUNK,
-) -> dict:
-    """Attack 3: similarity to the nearest generated sample (pixels centred on ``train_mean``, the
-    training split's flattened mean image in [0, 1]), per sampler whose shards exist under
-    ``samples/<run>/``; score = similarity (higher = member). The samples stream shard by shard
-    through an exact search of ``chunk`` samples at a time
-    (:class:`pipeline.evaluation.mia.NearestSamples`): memory is (members + non-members) x chunk.
-
-    ``groups`` (name -> member keys, e.g. ``duplicated`` / ``unique``) adds ``"groups": {name:
-    {"auc", "num_members", "member_mean"}}`` per sampler: that group's members against all the
-    non-members (``auc`` and ``member_mean`` None for a group without members)."""
-    from pipeline.evaluation.mia import (
-        NearestSamples,
-        group_masks,
-        permutation_test,
-        roc_auc,
-        roc_curve,
-        tpr_at_fpr,
-    )
-
-    masks = group_masks(members.keys, groups)
-    queries = np.concatenate([members.images, nonmembers.images])
-    out = {}
-    for name, folder in sampler_folders(store, run).items():
-        nearest = NearestSamples(queries, train_mean, chunk)
-        for shard in iter_shards(store, folder):  # one shard at a time, `chunk` samples per search
-            nearest.update(shard.images)
-        scores = nearest.scores()
-        sm, sn = scores[: len(members)], scores[len(members) :]
-        fpr, tpr = roc_curve(sm, sn)
-        out[name] = {
-            "auc": roc_auc(sm, sn), "tpr_at_fpr": tpr_at_fpr(sm, sn, 0.01), "fpr": 0.01,
-            "p_value": permutation_test(sm, sn, cfg.num_permutations, cfg.seed),
-            "member_mean": float(sm.mean()), "nonmember_mean": float(sn.mean()),
-            "num_members": len(sm), "num_nonmembers": len(sn), "num_generated": nearest.count,
-            "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
-        }  # fmt: skip
-        if masks:
-            out[name]["groups"] = {
-                g: {"auc": roc_auc(sm[m], sn) if m.any() else None, "num_members": int(m.sum()),
-                    "member_mean": float(sm[m].mean()) if m.any() else None}
-                for g, m in masks.items()
-            }  # fmt: skip
-    return out
 
 
 def search_similarities(index, images: np.ndarray, chunk: int = SEARCH_CHUNK) -> np.ndarray:
@@ -244,9 +194,7 @@ def fid_section(
     from pipeline.fanout.features import array_moments, require_gpus, shard_moments
 
     if weights is None:
-        return {
-            "skipped": "no --inception-weights file given (the domain FD is the offline metric)"
-        }
+        return {"skipped": "no --inception-weights file given (offline: each sampler's `quality`)"}
     require_gpus(use_gpu)
     _, name = load_inception(weights)  # a clear error before any work
     data = Path(weights).read_bytes()  # shipped once to the actors: nodes need not have the file
@@ -290,7 +238,9 @@ def evaluate_run(
     With ``replica_index`` (the stored replica index, anything with ``search(images)``; its
     ``sidecar`` goes into ``inputs``) the report also gets ``threshold_free``
     (:func:`threshold_free_section`, at most ``max_holdout`` held-out images seeded by ``cfg.seed``).
-    ``member_groups`` adds per-group AUCs to the nearest-sample attack. The report keys include
+    ``member_groups`` adds per-group AUCs to the nearest-sample attack. ``extraction``: Carlini et
+    al.'s criterion per sampler (:func:`pipeline.evaluation.extraction.extraction_section`, held-out
+    baseline as above). The report keys include
     ``inputs`` (:func:`pipeline.evaluation.inputs.run_inputs`); ``checked``: ``check_run``'s result
     when the caller already checked. FID's features come from ``feature_actors`` Ray actors, one GPU
     each with ``use_gpu`` (:func:`fid_section`).
@@ -318,6 +268,7 @@ def evaluate_run(
         out["threshold_free"] = threshold_free_section(
             store, run, ds, replica_index, max_holdout, cfg.seed
         )
+    out["extraction"] = extraction_section(store, run, ds, max_holdout, cfg.seed)
     out["inputs"] = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
     return out, attack_figures(mi)
 
@@ -380,7 +331,7 @@ def attack_figures(mi: dict[str, Any]) -> dict[str, bytes]:
 
     return {
         f"roc_{attack}.png": roc_figure(mi[attack], f"membership inference: {attack}")
-        for attack in ("reconstruction", "secmi", "nn_distance")
+        for attack in ("reconstruction", "secmi", "pia", "nn_distance")
         if mi.get(attack)
     }
 
@@ -410,7 +361,7 @@ def sweep_and_attack(
     (``target_above_p99``); ``member_groups``: name -> member keys, for per-group AUCs.
 
     ``sampler``/``replicas`` are the run's ``SamplerConfig``/``ReplicaConfig``; returns the report keys
-    ``sweep``, ``membership_inference`` and ``inputs`` (the run's checked models, data, samples and
+    ``sweep``, ``membership_inference``, ``extraction`` (Carlini et al.'s criterion) and ``inputs`` (the run's checked models, data, samples and
     the index: :func:`pipeline.evaluation.inputs.run_inputs`) and the figures ``pareto.png`` and
     ``roc_<attack>.png``
     (pass both to :func:`pipeline.evaluation.report.merge_report`, or into the report and ``write_report``).
@@ -446,4 +397,5 @@ def sweep_and_attack(
     figures = {"pareto.png": pareto_figure(sweep), **attack_figures(mi)}
     sidecar = ensure_replica_index(store, ds.dataset, replicas)  # the one the sweep loaded
     inputs = run_inputs(checked["models"], checked["data"], checked["samples"], sidecar)
-    return {"sweep": sweep, "membership_inference": mi, "inputs": inputs}, figures
+    extraction = extraction_section(store, run, ds, seed=seed)  # Carlini et al.'s criterion
+    return {"sweep": sweep, "membership_inference": mi, "extraction": extraction, "inputs": inputs}, figures  # fmt: skip

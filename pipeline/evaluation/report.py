@@ -87,7 +87,7 @@ def markdown(report: dict[str, Any], figures: list[str]) -> str:
         q = r.get("quality", {})
         lines.append(
             f"| {name} | {r['num_samples']} | {r['replication_rate']:.2%} | {r['mean_nn_similarity']:.4f} | "
-            f"{_fmt(q.get('fd', '-'))} | {_fmt(q.get('confident_fraction', '-'))} | "
+            f"{_fmt(q.get('fd', q.get('fd_encoder', '-')))} | {_fmt(q.get('confident_fraction', '-'))} | "
             f"{_fmt(r.get('guidance_fired_fraction', '-'))} |" + _cells(r, cols)
         )
     h = report["holdout_baseline"]
@@ -142,7 +142,7 @@ def write_report(store: Store, run: str, report: dict[str, Any], figures: dict[s
     text = json.dumps(report, indent=2, sort_keys=False)
     store.write_bytes(text.encode(), "reports", run, "report.json")
     md = markdown(report, sorted(figures))
-    if {"fid", "membership_inference", "sweep"} & set(report):
+    if {"fid", "membership_inference", "sweep", "extraction"} & set(report):
         md = md.rstrip("\n") + "\n" + evaluation_markdown(report)
     store.write_bytes(md.encode(), "reports", run, "report.md")
     store.write_bytes(text.encode(), "report.json")
@@ -223,8 +223,35 @@ def _attack_rows(section: dict[str, Any]) -> list[str]:
     return lines
 
 
+def extraction_markdown(report: dict[str, Any]) -> list[str]:
+    """The ``extraction`` section (Carlini et al.'s criterion) per sampler and for held-out real
+    images, beside each one's share of copies at the cosine threshold (``samplers`` /
+    ``holdout_baseline``'s ``replication_rate``, where the report has it)."""
+    ex, samplers = report["extraction"], report.get("samplers") or {}
+    at = f" >= {report['threshold']}" if report.get("threshold") is not None else ""
+    lines = ["", "## Extraction (Carlini et al. 2023)", "",
+             "A sample is extracted when its pixel l2 distance to the nearest training image is at "
+             f"most delta = {ex['delta']:.3g} times alpha = {ex['alpha']:g} times its mean distance "
+             f"to the n = {ex['n']} nearest ({ex['criterion']}). Copies at the cosine threshold "
+             "beside it.", "",
+             f"| sampler | samples | extracted | extracted share | median score | cosine{at} |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = {name: (r, (samplers.get(name) or {}).get("replication_rate"))
+            for name, r in (ex.get("samplers") or {}).items()}  # fmt: skip
+    if ex.get("holdout"):
+        base = (report.get("holdout_baseline") or {}).get("replication_rate")
+        rows["held-out real (baseline)"] = (ex["holdout"], base)
+    for name, (r, rate) in rows.items():
+        lines.append(
+            f"| {name} | {r['num_samples']} | {r['extracted']} | {pct(r['extracted_share'])} | "
+            f"{num(r['median_score'])} | {pct(rate)} |"
+        )
+    return lines
+
+
 def evaluation_markdown(report: dict[str, Any]) -> str:
-    """Markdown sections for the ``fid``, ``membership_inference`` and ``sweep`` keys of a report."""
+    """Markdown sections for the ``fid``, ``membership_inference``, ``threshold_free``,
+    ``extraction`` and ``sweep`` keys of a report."""
     lines: list[str] = []
     if "fid" in report:
         f = report["fid"]
@@ -238,7 +265,9 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
         mi = report["membership_inference"]
         lines += ["", "## Membership inference", "",
                   "Score = minus the attack's error (members are expected to have smaller errors). "
-                  "p-value: two-sided permutation test on the difference of means.", ""]  # fmt: skip
+                  "p-value: two-sided permutation test on the difference of means. An AUC well "
+                  "below 0.5 is a membership signal too: an attacker who knows the defence flips "
+                  "the score and gets 1 - AUC.", ""]  # fmt: skip
         pool = mi.get("nonmembers")
         if pool:
             lines += [f"Non-members: {pool['num_nonmembers']} held-out images that no model has "
@@ -246,6 +275,11 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
                       f"classifier trained on a keyed-hash {pool['classifier_trained_fraction']:.0%} "
                       "of them, which are never non-members).", ""]  # fmt: skip
         lines += _attack_rows({k: v for k, v in mi.items() if isinstance(v, dict)})
+        pia = next((r for r in (mi.get("pia") or {}).values() if isinstance(r, dict)), None)
+        if pia and "t" in pia:
+            lines += ["", f"pia: Kong et al. 2024's proximal initialisation, ||eps(x_t, t) - "
+                      f"eps(x_0, 0)||_p at t = {pia['t']}, p = {pia['p']:g}, x_t driven by "
+                      "eps(x_0, 0)."]  # fmt: skip
     if report.get("threshold_free"):
         tf = report["threshold_free"]
         h = tf.get("holdout", {})
@@ -261,6 +295,8 @@ def evaluation_markdown(report: dict[str, Any]) -> str:
                 f"| {name} | {r['num_samples']} | {r['above_holdout_p95']:.2%} | "
                 f"{r['above_holdout_p99']:.2%} |"
             )
+    if report.get("extraction"):
+        lines += extraction_markdown(report)
     if "sweep" in report:
         s = report["sweep"]
         key = s.get("quality_metric")

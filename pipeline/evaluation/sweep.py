@@ -5,8 +5,10 @@ The maths of one point (:func:`evaluate_point`) and of the choice (:func:`pareto
 (``tune.grid_search`` over the points, 1 CPU per trial): each trial loads the tiny models once and
 samples in process with :func:`pipeline.core.sampler.sample`, with the same seeds at every point.
 
-Quality is the domain Fréchet distance (``fd``, lower is better) when a
-:class:`pipeline.evaluation.evaluate.DomainEvaluator` is given, else ``fd_pixels``: the Fréchet distance
+Quality (lower is better; the choice uses the first of :data:`QUALITY_KEYS` every point carries):
+``fd``, the domain CNN's Fréchet distance (the digits, or an image folder's label subfolders);
+``fd_encoder``, an image folder's held-out-trained autoencoder's
+(:mod:`pipeline.evaluation.folder_quality`); else ``fd_pixels``, the Fréchet distance
 (Heusel et al. 2017, eq. 6) between samples and held-out real images in raw pixel space.
 
 Privacy has up to three axes per point: the replication rate (share at or above the replica
@@ -39,6 +41,8 @@ from pipeline.fanout.index import build_index, l2_normalise, nearest, replica_st
 
 PARETO_FIGURE = "pareto.png"
 DEFAULT_TARGET_ABOVE_P99 = 0.05
+# the quality measures the choice may use, in order of preference (lower is better)
+QUALITY_KEYS = ("fd", "fd_encoder", "fd_pixels")
 # the optional per-row privacy keys: threshold-free shares and the sample-only attack's AUCs
 OPTIONAL_ROW_PREFIXES = ("holdout_p", SHARE_PREFIX, "mia_auc")
 
@@ -65,7 +69,7 @@ def make_points(
 
 
 def quality_of(images: torch.Tensor, evaluator=None, reference: torch.Tensor | None = None):
-    """``evaluator.quality`` (fd, confident_fraction) or ``fd_pixels`` against ``reference``."""
+    """``evaluator.quality`` (``fd``, ``confident_fraction``, ``fd_encoder``) or ``fd_pixels``."""
     if evaluator is not None:
         return evaluator.quality(images)
     if reference is None:
@@ -185,8 +189,8 @@ def merge_points(
 
 
 def quality_key(points: list[dict[str, Any]]) -> str | None:
-    """The quality metric the points share, lower is better: ``fd`` or ``fd_pixels``."""
-    for key in ("fd", "fd_pixels"):
+    """The quality metric the points share, lower is better: the first of :data:`QUALITY_KEYS`."""
+    for key in QUALITY_KEYS:
         if all(key in p["quality"] for p in points):
             return key
     return None
@@ -238,7 +242,9 @@ def recommend(
     shares (:mod:`pipeline.evaluation.shares`), ``above_holdout_p99 <= target_above_p99``: a point
     whose samples pile up just under the replica threshold but above nearly every held-out real
     image's nearest-neighbour similarity is refused. Rows without the shares are judged on the rate
-    alone (the rule before the shares existed). The returned dict says the rule (``"rule"``)."""
+    alone (the rule before the shares existed). The returned dict says the rule (``"rule"``) and,
+    with a DDIM point, the chosen point's quality relative to it (``quality_vs_ddim``:
+    :func:`quality_ratios`)."""
     protected = [p for p in points if p["sampler"] == "cpsample"]
     measured = any("above_holdout_p99" in p for p in points)
     rule = selection_rule(key, target_rate, target_above_p99 if measured else None)
@@ -249,6 +255,9 @@ def recommend(
                "replication_rate": best["replication_rate"], key: best["quality"][key]}  # fmt: skip
         if "above_holdout_p99" in best:
             out["above_holdout_p99"] = best["above_holdout_p99"]
+        ddim = next((p for p in points if p["sampler"] == "ddim"), None)
+        if ddim is not None:  # what the protection costs, in every quality measure both carry
+            out["quality_vs_ddim"] = quality_ratios(best["quality"], ddim["quality"])
         return {**out, "rule": rule}
     closest = min(
         protected or points,
@@ -259,6 +268,16 @@ def recommend(
     if measured:
         reason += f" and share above the held-out p99 <= {target_above_p99}"
     return {"label": None, "reason": reason, "closest": closest["label"], "rule": rule}
+
+
+def quality_ratios(quality: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
+    """``quality[k] / reference[k]`` for each measure both carry (reference 0 skipped): worse than
+    the reference is > 1 for the Fréchet distances, < 1 for ``confident_fraction``."""
+    return {
+        k: float(v) / float(reference[k])
+        for k, v in quality.items()
+        if isinstance(reference.get(k), int | float) and reference[k] != 0
+    }
 
 
 def summarise(

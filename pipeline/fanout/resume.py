@@ -24,13 +24,15 @@ from pipeline.data.storage import Store
 _FINGERPRINT = ("sampler", "steps", "eta", "samples_per_shard", "seed", "clip_sample", "guard")
 _GUIDED = ("alpha", "scale", "input_mode", "guidance_t_max")
 _GUARDED = ("guard_budget", "guard_embedding")
+_AMG = ("amg_threshold", "amg_scale", "guard_embedding")
 
 
 def sampler_settings(cfg: SamplerConfig) -> dict[str, Any]:
     """The settings that determine a shard's contents (not batch size or sample count)."""
     names = _FINGERPRINT + (_GUIDED if cfg.sampler == "cpsample" else ())
+    names += _AMG if cfg.sampler == "amg" else ()
     names += _GUARDED if cfg.guard is not None else ()
-    return {n: getattr(cfg, n) for n in names}
+    return {n: getattr(cfg, n) for n in dict.fromkeys(names)}
 
 
 def sampling_provenance(
@@ -38,11 +40,11 @@ def sampling_provenance(
 ) -> dict[str, str]:
     """A shard's inputs as digests: the sampler settings, the denoiser's and (CPSample) the
     classifier's model directories (:func:`pipeline.data.provenance.dir_digest`: weights and configs),
-    and in guard mode the manifest of the training data it guards."""
+    and in guard mode and for ``amg`` the manifest of the training data it searches."""
     out = {"sampler": value_digest(sampler_settings(cfg)), "denoiser": denoiser}
     if cfg.sampler == "cpsample" and classifier is not None:
         out["classifier"] = classifier
-    if cfg.guard is not None and guard_data is not None:
+    if (cfg.guard is not None or cfg.sampler == "amg") and guard_data is not None:
         out["guard_data"] = guard_data
     return out
 

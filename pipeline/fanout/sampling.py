@@ -7,8 +7,9 @@ carries this run's settings fingerprint, and the member count matches the shard'
 (``SamplerConfig.guard``) checks every sample against the stored replica index of the training images
 (:mod:`pipeline.fanout.replica_index`: built once, loaded by each actor; exact below
 ``ReplicaConfig.exact_max_images``, else IVF re-ranked exactly, with measured decision agreement) and
-regenerates those at or above the threshold with fresh derived seeds. (The replica check's actor
-pool is in :mod:`pipeline.fanout.scoring`.)
+regenerates those at or above the threshold with fresh derived seeds. Sampler ``amg`` (the baseline,
+:mod:`pipeline.fanout.amg_index`) searches the same stored index at every step. (The replica check's
+actor pool is in :mod:`pipeline.fanout.scoring`.)
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from pipeline.data.provenance import StaleArtifactError, changed_inputs, value_d
 from pipeline.data.shards import shard_name
 from pipeline.data.storage import Store, open_store
 from pipeline.data.tars import build_tar, encode_png, read_tar
+from pipeline.fanout.amg_index import index_guidance, open_guard_index
 from pipeline.fanout.index import GuardIndex
-from pipeline.fanout.replica_index import ensure_replica_index, index_spec, open_replica_index
+from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.resume import (
     check_existing_run,
     open_models,
@@ -42,7 +44,6 @@ from pipeline.fanout.resume import (
     sampler_settings,
     sampling_provenance,
 )
-from pipeline.fanout.scoring import resolve_ref
 
 log = logging.getLogger(__name__)
 
@@ -123,16 +124,12 @@ class ShardSampler:
             )
         self.fingerprint = run_fingerprint(self.provenance)
         self.guard: GuardIndex | None = None
-        if self.cfg.guard is not None:
-            spec = resolve_ref(guard_spec)
-            if spec is None:
-                raise ValueError("guard mode needs the stored training index (guard_spec)")
-            # the stored replica index, loaded (never built) by every actor
-            rcfg = from_dict(ReplicaConfig, spec["replicas"])
-            rcfg.use_gpu = rcfg.use_gpu or self.device == "cuda"
-            index = open_replica_index(self.store, spec["sidecar"], rcfg)
-            self.guard = GuardIndex(index, self.cfg.guard)
-            self.guard_keys = _LazyKeys(index)
+        if self.cfg.guard is not None or self.cfg.sampler == "amg":  # the stored training index
+            index = open_guard_index(self.store, guard_spec, self.device)
+            if self.cfg.sampler == "amg":  # AMG searches it at every step (pipeline.core.amg)
+                self.guidance = index_guidance(index, self.cfg)
+            if self.cfg.guard is not None:
+                self.guard, self.guard_keys = GuardIndex(index, self.cfg.guard), _LazyKeys(index)
 
     def _load_models(self, denoiser: str, classifier: str | None, tmp: str) -> dict[str, str]:
         """Load the models for sampling; returns their directories' digests."""
@@ -315,13 +312,15 @@ def run_sampling(
 
     folder = samples_folder(run, sampler.sampler)
     store = open_store(store_uri, s3_endpoint, create=False)
-    if sampler.guard is not None and not guard_dataset:
-        raise ConfigError("guard mode needs the training dataset whose images must not be copied")
+    searched = sampler.guard is not None or sampler.sampler == "amg"  # the training index
+    if searched and not guard_dataset:
+        what = "guard mode" if sampler.guard is not None else "sampler 'amg'"
+        raise ConfigError(f"{what} needs the training dataset whose images must not be copied")
     family = family or ModelFamily(ShardSampler, open_models)
     with tempfile.TemporaryDirectory(prefix="cpsample-models-") as tmp:
         models = family.open(store, denoiser, classifier, sampler, "cpu", tmp)[-1]
     guard, guard_data = None, None
-    if sampler.guard is not None:  # its manifest read once, here or by the caller
+    if searched:  # its manifest read once, here or by the caller
         guard = as_handle(store, guard_dataset)
         guard_data = guard.digest
     provenance = sampling_provenance(
@@ -338,7 +337,7 @@ def run_sampling(
     init_ray()
     gpus_per_actor, threads = _placement(gpus_per_actor, concurrency, cpus_per_actor, use_gpu)
     guard_ref, guard_sidecar = None, None
-    if sampler.guard is not None:  # the stored index: built here only when missing or stale
+    if searched:  # the stored index: built here only when missing or stale
         rcfg = ReplicaConfig(embedding=sampler.guard_embedding, use_gpu=use_gpu)
         guard_sidecar = ensure_replica_index(store, guard.dataset, rcfg, s3_endpoint)
         guard_ref = index_spec(store, guard.dataset, rcfg, guard_sidecar)
@@ -356,7 +355,7 @@ def run_sampling(
     )  # fmt: skip
     rows = sorted(ds.take_all(), key=lambda r: int(r["shard"]))
     summary = _sampling_summary(rows, sampler, folder)
-    if guard_sidecar is not None:
+    if guard_sidecar is not None and sampler.guard is not None:
         summary["guard"].update(_guard_index_summary(guard_sidecar, sampler))
     return {**summary, "provenance": provenance, "sampler_settings": sampler_settings(sampler)}
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.core.config import DemoConfig, SamplerConfig
 from pipeline.core.guidance import validate_knobs
@@ -23,8 +22,8 @@ from pipeline.data.provenance import PROVENANCE, StaleArtifactError, require_sam
 from pipeline.data.shards import images_of
 from pipeline.data.storage import Store, open_store
 from pipeline.evaluation.displacement import displacement, pair_by_seed
-from pipeline.evaluation.domain import train_domain_evaluator
 from pipeline.evaluation.evaluate import sweep_and_attack
+from pipeline.evaluation.folder_quality import quality_evaluator
 from pipeline.evaluation.report import grid_figure, histogram_figure, pairs_figure, write_report
 from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
 from pipeline.evaluation.sweep import point_label, score_point
@@ -342,17 +341,9 @@ def _main_rows(
 def _quality_and_figures(
     store: Store, runs, checked, base_rows, holdout, train_set, cfg: DemoConfig
 ):
-    """Domain-classifier quality per sampler (when held-out labels exist) and the report figures."""
-    quality: dict[str, Any] = {"_name": "none"}
-    evaluator = None
-    if holdout.labels is not None and len(set(holdout.labels)) > 1:
-        evaluator = train_domain_evaluator(
-            holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, seed=cfg.seed
-        )
-        quality["_name"] = (
-            "FD-domaincnn (Fréchet distance in a held-out-trained digit CNN's features)"
-        )
-        quality["_domain_val_accuracy"] = evaluator.val_accuracy
+    """Quality per sampler (the digits' domain classifier; for a folder, the held-out-trained
+    encoder's FD and, with label subfolders, a label CNN: :func:`quality_evaluator`) and figures."""
+    evaluator, quality = quality_evaluator(holdout, cfg.quality_epochs, cfg.seed)
     train_pos = {k: i for i, k in enumerate(train_set.keys)}
     figures: dict[str, bytes] = {}
     sims_by_name = {}

@@ -85,6 +85,7 @@ def test_wrong_types_rejected(cls, data, fragment):
         (DenoiserTrainConfig, {"shuffle_buffer": 0}, "shuffle_buffer must be > 0"),
         (ClassifierTrainConfig, {"metrics_samples": 0}, "metrics_samples must be > 0"),
         (ClassifierTrainConfig, {"metrics_batch": 0}, "metrics_batch must be > 0"),
+        (ClassifierTrainConfig, {"sized_for": -1}, r"sized_for must be >= 0 \(0: not sized\)"),
         (
             UNetConfig,
             {"block_out_channels": [12, 16], "norm_num_groups": 8},

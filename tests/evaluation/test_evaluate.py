@@ -24,7 +24,6 @@ from pipeline.evaluation.evaluate import (
     evaluate_run,
     fid_section,
     membership_inference,
-    nn_attack,
     run_sets,
 )
 from pipeline.evaluation.fid import InceptionWeightsError
@@ -149,31 +148,6 @@ def test_attack_sets_never_take_a_non_member_the_classifier_trained_on(digits_st
         attack_sets(digits_store, "digits", 4, 20, 0, 300, label_seed=7, fraction=1.0)
 
 
-# -------------------------------------------------------------------------------------- nn_attack
-def test_nn_attack_finds_members_copied_into_the_samples(digits_store, tmp_path):
-    members, nonmembers, train_mean, _ = attack_sets(digits_store, "digits", 8, 40, seed=0)
-    store = open_store(str(tmp_path / "s"))
-    # ddim "memorised" every member; cpsample made noise; no samples at all for another run
-    _samples(store, "r", "ddim", members.images.copy())
-    noise = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 1), dtype=np.uint8)
-    _samples(store, "r", "cpsample", noise)
-    cfg = EvalConfig(num_permutations=200, seed=0)
-    out = nn_attack(store, "r", members, nonmembers, train_mean, cfg)
-    assert set(out) == {"ddim", "cpsample"}
-    d = out["ddim"]
-    assert d["num_members"] == 8 and d["num_nonmembers"] == 40 and d["num_generated"] == 8
-    assert d["member_mean"] == pytest.approx(1.0, abs=1e-5)
-    assert d["nonmember_mean"] < 0.95
-    assert d["auc"] > 0.95 and d["tpr_at_fpr"] > 0.5 and d["fpr"] == 0.01
-    assert d["p_value"] == pytest.approx(1 / 201)  # no relabelling beats the copies
-    fpr, tpr = d["roc"]["fpr"], d["roc"]["tpr"]
-    assert fpr[0] == tpr[0] == 0.0 and fpr[-1] == tpr[-1] == 1.0
-    assert out["cpsample"]["num_generated"] == 6 and out["cpsample"]["member_mean"] < 0.9
-    json.dumps(out)  # report-ready: plain JSON types only
-    assert nn_attack(store, "absent", members, nonmembers, train_mean, cfg) == {}
-
-
-# ------------------------------------------------------------------------------------ fid_section
 def test_fid_section_without_weights_says_why_it_was_skipped(tmp_path):
     empty = open_store(str(tmp_path / "empty"))
     out = fid_section(empty, "r", "digits", None)
@@ -220,27 +194,6 @@ def test_fid_section_streams_moments_equal_to_the_in_memory_fid(
         fid_section(run_store, "e", "digits", weights, 4, max_reference=10, use_gpu=True)
 
 
-def test_nn_attack_streams_the_samples_in_chunks_to_the_dense_scores(digits_store, tmp_path):
-    """Chunks of 3 samples (several per shard, several shards) give the dense computation's scores."""
-    from pipeline.evaluation.mia import pixel_embedding
-
-    members, nonmembers, train_mean, _ = attack_sets(digits_store, "digits", 8, 40, seed=0)
-    store = open_store(str(tmp_path / "s"))
-    holdout = read_image_shards(digits_store, "data/digits/holdout")
-    gen = np.concatenate([members.images[:3], holdout.images[200:217]])  # 20 samples, 5 shards
-    _samples(store, "r", "ddim", gen)
-    cfg = EvalConfig(num_permutations=50, seed=0)
-    out = nn_attack(store, "r", members, nonmembers, train_mean, cfg, chunk=3)["ddim"]
-    g = pixel_embedding(gen, train_mean)
-    dense_m = (pixel_embedding(members.images, train_mean) @ g.T).max(1)
-    dense_n = (pixel_embedding(nonmembers.images, train_mean) @ g.T).max(1)
-    assert out["num_generated"] == 20
-    assert out["member_mean"] == pytest.approx(float(dense_m.mean()), abs=1e-6)
-    assert out["nonmember_mean"] == pytest.approx(float(dense_n.mean()), abs=1e-6)
-    whole = nn_attack(store, "r", members, nonmembers, train_mean, cfg, chunk=4096)["ddim"]
-    assert out["auc"] == whole["auc"] and out["roc"] == whole["roc"]
-
-
 # --------------------------------------------------------------------------- membership_inference
 def test_membership_inference_attacks_ddim_and_the_guided_model(digits_store, tiny_models16):
     from pipeline.core.models import load_classifier, load_denoiser, load_schedule
@@ -251,8 +204,8 @@ def test_membership_inference_attacks_ddim_and_the_guided_model(digits_store, ti
     clf = load_classifier(tiny_models16 / "classifier", (1, 16, 16))
     guidance = cpsample_guidance(clf, alpha=0.5, scale=50.0)
     out = membership_inference(unet, schedule, guidance, members, nonmembers, FAST)
-    assert set(out) == {"reconstruction", "secmi"}
-    for attack in ("reconstruction", "secmi"):
+    assert set(out) == {"reconstruction", "secmi", "pia"}
+    for attack in ("reconstruction", "secmi", "pia"):
         assert set(out[attack]) == {"ddim", "cpsample"}
         for r in out[attack].values():
             assert r["num_members"] == 4 and r["num_nonmembers"] == 6
@@ -268,6 +221,8 @@ def test_membership_inference_attacks_ddim_and_the_guided_model(digits_store, ti
     assert set(plain["reconstruction"]) == set(plain["secmi"]) == {"ddim"}
     assert plain["reconstruction"]["ddim"] == rec["ddim"]
     assert plain["secmi"]["ddim"] == out["secmi"]["ddim"]
+    assert plain["pia"]["ddim"] == out["pia"]["ddim"] and set(plain["pia"]) == {"ddim"}
+    assert out["pia"]["cpsample"]["member_mean"] != pytest.approx(out["pia"]["ddim"]["member_mean"])
 
 
 # ----------------------------------------------------------------------------------- evaluate_run
@@ -288,12 +243,17 @@ def run_store(digits_store, tiny_models16, tmp_path):
 
 def test_evaluate_run_reports_attacks_and_roc_figures(run_store):
     report, figures = evaluate_run(run_store, "e", "digits", FAST)
-    assert set(report) == {"fid", "membership_inference", "inputs"}
+    assert set(report) == {"fid", "membership_inference", "extraction", "inputs"}
     assert "skipped" in report["fid"]
     mi = report["membership_inference"]
-    assert set(mi) == {"reconstruction", "secmi", "nn_distance", "cpsample_knobs", "nonmembers"}
+    assert set(mi) == {"reconstruction", "secmi", "pia", "nn_distance", "cpsample_knobs", "nonmembers"}  # fmt: skip
     assert mi["nonmembers"]["num_nonmembers"] == 6
-    assert set(mi["reconstruction"]) == set(mi["secmi"]) == {"ddim", "cpsample"}
+    assert set(mi["reconstruction"]) == set(mi["secmi"]) == set(mi["pia"]) == {"ddim", "cpsample"}
+    assert mi["pia"]["ddim"]["t"] == 200 and mi["pia"]["ddim"]["p"] == 4.0  # EvalConfig's defaults
+    # the run's ddim samples are 8 copies of training images: all extracted, no held-out image is
+    ex = report["extraction"]
+    assert ex["samplers"]["ddim"]["num_samples"] == 8 and ex["samplers"]["ddim"]["extracted"] == 8
+    assert ex["holdout"]["extracted"] == 0 and ex["holdout"]["num_samples"] > 0
     assert set(mi["nn_distance"]) == {"ddim"}  # no cpsample samples in this run
     assert mi["nn_distance"]["ddim"]["num_generated"] == 8
     assert mi["reconstruction"]["ddim"]["num_members"] == 4
@@ -305,7 +265,9 @@ def test_evaluate_run_reports_attacks_and_roc_figures(run_store):
         "input_mode": "x_t",
         "guidance_t_max": 600,
     }
-    assert sorted(figures) == ["roc_nn_distance.png", "roc_reconstruction.png", "roc_secmi.png"]
+    assert sorted(figures) == [
+        "roc_nn_distance.png", "roc_pia.png", "roc_reconstruction.png", "roc_secmi.png"
+    ]  # fmt: skip
     for data in figures.values():
         assert data[:8] == PNG
         assert Image.open(io.BytesIO(data)).size[0] > 100
@@ -478,32 +440,6 @@ class ExactIndex:
         return sims.max(1), sims.argmax(1)
 
 
-def test_nn_attack_scores_each_member_group_against_the_non_members(digits_store, tmp_path):
-    members, nonmembers, train_mean, _ = attack_sets(digits_store, "digits", 8, 40, seed=0)
-    store = open_store(str(tmp_path / "s"))
-    _samples(store, "r", "ddim", members.images[:4].copy())  # only the first 4 members copied
-    groups = {
-        "duplicated": set(members.keys[:4]) | {"some-other-key"},
-        "unique": set(members.keys[4:]),
-        "absent": {"not-a-member"},
-    }
-    out = nn_attack(
-        store, "r", members, nonmembers, train_mean, EvalConfig(num_permutations=50), groups
-    )
-    g = out["ddim"]["groups"]
-    assert g["duplicated"]["num_members"] == 4 and g["duplicated"]["auc"] == 1.0
-    assert g["duplicated"]["member_mean"] == pytest.approx(1.0, abs=1e-5)
-    assert g["unique"]["num_members"] == 4 and g["unique"]["auc"] < 1.0
-    assert g["unique"]["member_mean"] < 0.95
-    assert g["absent"] == {"auc": None, "num_members": 0, "member_mean": None}
-    # the overall AUC is the members-weighted mix of the two halves
-    assert out["ddim"]["auc"] == pytest.approx((g["duplicated"]["auc"] + g["unique"]["auc"]) / 2)
-    json.dumps(out)
-    assert (
-        "groups" not in nn_attack(store, "r", members, nonmembers, train_mean, EvalConfig())["ddim"]
-    )
-
-
 def test_threshold_free_section_uses_held_out_similarities_as_the_reference(run_store):
     from pipeline.evaluation.evaluate import holdout_similarities, threshold_free_section
     from pipeline.evaluation.shares import holdout_percentiles
@@ -608,6 +544,8 @@ def test_sweep_and_attack_draws_the_attack_sets_once_and_threads_them(run_store,
         "ddim": calls["attacks"]["checked"]["samples"]["ddim"]["fingerprint"]
     }
     assert out["inputs"]["replica_index"] == {"centred/flat": value_digest(sidecar)}
+    # Carlini et al.'s criterion on the run's samples (8 copies of training images)
+    assert out["extraction"]["samplers"]["ddim"]["extracted"] == 8
     rows = {p["label"]: p for p in out["sweep"]["points"]}
     assert rows["a=0.5 s=3"]["mia_auc"] == 1.0 and rows["a=0.5 s=3"]["mia_auc_dup"] == 1.0
     # the extra row, scored on its pixels by the same attack

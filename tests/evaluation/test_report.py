@@ -436,3 +436,44 @@ def test_sampler_figures_and_ratios_to_ddim():
     zero = {"ddim": {"replication_rate": 0.0, "quality": {}}, "c": {"replication_rate": 0.1}}
     relative_to_ddim(zero)
     assert "replication_vs_ddim" not in zero["c"]
+
+
+# ------------------------------------------------------------------ PIA's row and the extraction
+def test_pia_rows_and_the_extraction_section_beside_the_cosine_threshold(tmp_path):
+    pia = {"ddim": {**_attack(0.9375), "t": 200, "p": 4.0},
+           "cpsample": {**_attack(0.5), "t": 200, "p": 4.0}}  # fmt: skip
+    extraction = {
+        "criterion": "Carlini et al. 2023", "alpha": 0.5, "n": 50, "delta": 1 / 3,
+        "samplers": {
+            "ddim": {"num_samples": 128, "extracted": 12, "extracted_share": 0.09375,
+                     "min_score": 0.0, "median_score": 0.75, "n_used": 50},
+            "cpsample": {"num_samples": 128, "extracted": 0, "extracted_share": 0.0,
+                         "min_score": 0.5, "median_score": 0.9, "n_used": 50},
+        },
+        "holdout": {"num_samples": 200, "extracted": 1, "extracted_share": 0.005,
+                    "min_score": 0.3, "median_score": 0.95, "n_used": 50},
+    }  # fmt: skip
+    report = _demo_report(membership_inference={"pia": pia}, extraction=extraction)
+    store = open_store(str(tmp_path / "s"))
+    write_report(store, "demo", report, {})
+    md = store.read_bytes("reports", "demo", "report.md").decode()
+    rows = [x for x in md.splitlines() if x.startswith("| pia")]
+    assert rows == [
+        "| pia | ddim | 0.938 | 0.100 | 0.02 | 0.5 | 0.6 | 4/6 |",
+        "| pia | cpsample | 0.500 | 0.100 | 0.02 | 0.5 | 0.6 | 4/6 |",
+    ]
+    assert "at t = 200, p = 4" in md
+    assert "## Extraction (Carlini et al. 2023)" in md
+    assert (
+        "most delta = 0.333 times alpha = 0.5 times its mean distance to the n = 50 nearest" in md
+    )
+    # each sampler's extraction count beside its copies at the cosine threshold (0.97)
+    assert (
+        "| sampler | samples | extracted | extracted share | median score | cosine >= 0.97 |" in md
+    )
+    assert "| ddim | 128 | 12 | 9.38% | 0.750 | 12.50% |" in md
+    assert "| cpsample | 128 | 0 | 0.00% | 0.900 | 0.78% |" in md
+    assert "| held-out real (baseline) | 200 | 1 | 0.50% | 0.950 | 1.56% |" in md
+    # a job's report without samplers or a threshold: the cosine column says so
+    alone = evaluation_markdown({"extraction": extraction})
+    assert "| ddim | 128 | 12 | 9.38% | 0.750 | - |" in alone and "| cosine |" in alone

@@ -51,6 +51,24 @@ def test_pareto_front_and_recommendation():
     summary = summarise(list(reversed(pts)), 0.02)
     assert [p["label"] for p in summary["points"]] == ["ddim", "a", "b", "c", "d"]
     assert summary["quality_metric"] == "fd" and summary["recommended"]["label"] == "c"
+    assert rec["quality_vs_ddim"] == {"fd": 2.5}  # the cost of protection, against DDIM's 1.0
+
+
+def test_folder_rows_choose_by_the_encoder_fd_and_show_the_cost():
+    from pipeline.evaluation.sweep import QUALITY_KEYS, quality_key, quality_ratios
+
+    pts = [_pt(0, "ddim", 0.4, 1.0, "ddim"), _pt(1, "a", 0.0, 1.0), _pt(2, "b", 0.01, 1.0)]
+    for p, enc, conf in zip(pts, (2.0, 8.0, 3.0), (0.9, 0.45, 0.81), strict=True):
+        p["quality"] = {"fd_encoder": enc, "confident_fraction": conf}
+    assert QUALITY_KEYS.index("fd") < QUALITY_KEYS.index("fd_encoder")
+    assert quality_key(pts) == "fd_encoder"
+    summary = summarise(pts, 0.02)
+    rec = summary["recommended"]
+    assert summary["quality_metric"] == "fd_encoder" and rec["label"] == "b"
+    assert rec["quality_vs_ddim"] == pytest.approx({"fd_encoder": 1.5, "confident_fraction": 0.9})
+    pts[1]["quality"]["fd"] = 5.0  # only one row has the domain FD: not the shared metric
+    assert quality_key(pts) == "fd_encoder"
+    assert quality_ratios({"fd": 2.0, "x": 1.0}, {"fd": 0.0, "x": 4.0}) == {"x": 0.25}
 
 
 def test_score_point_counts_copies_and_merge_reorders_rows():
@@ -310,7 +328,7 @@ def test_evaluate_job_merges_attacks_into_report(tiny_store):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(tiny_store.read_bytes("reports", "t", "report.json"))
     mi = report["membership_inference"]
-    for attack in ("reconstruction", "secmi"):
+    for attack in ("reconstruction", "secmi", "pia"):
         for model in ("ddim", "cpsample"):
             r = mi[attack][model]
             assert 0.0 <= r["auc"] <= 1.0 and 0.0 < r["p_value"] <= 1.0

@@ -53,12 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)
     h = train_headline_models()
     scorer = ReplicaScorer(h.train)
-    train_x = h.train.to_tensor()
-    centre = torch.from_numpy(scorer.embed.mean.reshape(8, 8, 1)).permute(2, 0, 1) * 2 - 1
-
-    def nearest(x0):
-        sims, rows = scorer.nn_similarity(x0)
-        return torch.from_numpy(sims), train_x[rows]
+    nearest, centre = scorer.amg_parts(h.train)
 
     den = unet_denoiser(h.unet, h.schedule)
     seeds = list(range(args.seed_start, args.seed_start + NUM_SAMPLES))

@@ -158,6 +158,19 @@ class ReplicaScorer:
         sims, idx = nearest(self.index, embed_pixels(images_from_tensor(images), self.embed.mean))
         return sims[:, 0], torch.from_numpy(idx[:, 0].astype(np.int64))
 
+    def amg_parts(self, train: ImageSet):
+        """AMG's ``nearest(x0) -> (sims, neighbours in [-1, 1])`` over ``train`` (the images this
+        scorer indexes) and the centring image in [-1, 1], for :func:`pipeline.core.amg.amg_guidance`."""
+        train_x = train.to_tensor()
+        c, h, w = train_x.shape[1:]
+        centre = torch.from_numpy(self.embed.mean.reshape(h, w, c)).permute(2, 0, 1) * 2 - 1
+
+        def nearest_images(x0: torch.Tensor):
+            sims, rows = self.nn_similarity(x0)
+            return torch.from_numpy(sims), train_x[rows]
+
+        return nearest_images, centre
+
     def rate(self, images: torch.Tensor) -> float:
         """The share of ``images`` at or above the threshold."""
         return float((self.nn_similarity(images)[0] >= self.threshold).mean())

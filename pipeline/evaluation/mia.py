@@ -123,6 +123,19 @@ def attack_metrics(
     }
 
 
+def error_attack_report(
+    member_errors: np.ndarray, nonmember_errors: np.ndarray, num_permutations: int, seed: int
+) -> dict[str, Any]:
+    """:func:`attack_metrics` of an error-based attack plus its ROC curve (score = -error), as
+    the reconstruction, SecMI and PIA attacks report it."""
+    out = attack_metrics(
+        member_errors, nonmember_errors, num_permutations=num_permutations, seed=seed
+    )
+    fpr, tpr = roc_curve(-np.asarray(member_errors), -np.asarray(nonmember_errors))
+    out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+    return out
+
+
 # ------------------------------------------------------------------------------------------ attacks
 def _noise(shape: tuple[int, ...], *parts: int | str) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(*parts)))
@@ -377,12 +390,10 @@ def reconstruction_attack(
     den = unet_denoiser(unet, schedule)
     em = reconstruction_errors(den, schedule, members, timesteps, draws, seed, guidance)
     en = reconstruction_errors(den, schedule, nonmembers, timesteps, draws, seed + 1, guidance)
-    out = attack_metrics(em["mean"], en["mean"], num_permutations=num_permutations, seed=seed)
+    out = error_attack_report(em["mean"], en["mean"], num_permutations, seed)
     out["auc_per_t"] = {k: roc_auc(-em[k], -en[k]) for k in em if k != "mean"}
     out["timesteps"] = list(timesteps)
     out["draws"] = draws
-    fpr, tpr = roc_curve(-em["mean"], -en["mean"])
-    out["roc"] = {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
     return out
 
 
@@ -403,7 +414,4 @@ def secmi_attack(
     den = unet_denoiser(unet, schedule)
     em = secmi_errors(den, schedule, members, t_sec, k, guidance)
     en = secmi_errors(den, schedule, nonmembers, t_sec, k, guidance)
-    out = attack_metrics(em, en, num_permutations=num_permutations, seed=seed)
-    fpr, tpr = roc_curve(-em, -en)
-    out.update(t_sec=t_sec, k=k, roc={"fpr": fpr.tolist(), "tpr": tpr.tolist()})
-    return out
+    return {**error_attack_report(em, en, num_permutations, seed), "t_sec": t_sec, "k": k}

@@ -31,7 +31,7 @@ import torch
 from pipeline.core.diffusion import Schedule, q_sample
 from pipeline.core.guidance import GuidanceFn
 from pipeline.core.sampler import DenoiserFn
-from pipeline.evaluation.mia import _eps, attack_metrics, roc_curve
+from pipeline.evaluation.mia import _eps, error_attack_report
 
 PIA_T = 200  # the default t of 1000 (the authors' DDPM script scans t = 10..300)
 PIA_P = 4.0  # the authors' default l_p norm
@@ -76,14 +76,11 @@ def pia_attack(
     seed: int = 0,
     num_permutations: int = 10_000,
 ) -> dict[str, Any]:
-    """PIA end to end on (N, C, H, W) tensors in [-1, 1]: :func:`mia.attack_metrics` on the errors
+    """PIA end to end on (N, C, H, W) tensors in [-1, 1]: :func:`mia.error_attack_report` on the errors
     (score = -error: AUC, TPR at 1% FPR, permutation p-value), ``t``, ``p`` and the ROC curve."""
     from pipeline.core.sampler import unet_denoiser
 
     den = unet_denoiser(unet, schedule)
     em = pia_errors(den, schedule, members, t, p, guidance)
     en = pia_errors(den, schedule, nonmembers, t, p, guidance)
-    out = attack_metrics(em, en, num_permutations=num_permutations, seed=seed)
-    fpr, tpr = roc_curve(-em, -en)
-    out.update(t=t, p=p, roc={"fpr": fpr.tolist(), "tpr": tpr.tolist()})
-    return out
+    return {**error_attack_report(em, en, num_permutations, seed), "t": t, "p": p}

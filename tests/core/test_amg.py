@@ -158,12 +158,7 @@ def test_amg_replicates_less_than_ddim_on_a_memorising_model(headline_models):
 
     h = headline_models
     scorer = ReplicaScorer(h.train)
-    train_x = h.train.to_tensor()
-    centre = torch.from_numpy(scorer.embed.mean.reshape(8, 8, 1)).permute(2, 0, 1) * 2 - 1
-
-    def nearest(x0):
-        sims, rows = scorer.nn_similarity(x0)
-        return torch.from_numpy(sims), train_x[rows]
+    nearest, centre = scorer.amg_parts(h.train)
 
     cfg = SamplerConfig(sampler="amg")
     guide = amg_guidance(nearest, centre, cfg.amg_threshold, cfg.amg_scale)

@@ -108,7 +108,7 @@ def main() -> None:
     # the domain CNN trains on a seeded subset of the held-out images, never the whole split
     holdout, _ = pick_images(store, ds.split("holdout"), 20_000, cfg.seed, manifest=ds.manifest)
     # digits: the domain CNN; an image folder: the held-out-trained encoder (+ label subfolders)
-    evaluator, _ = quality_evaluator(holdout, cfg.quality_epochs, cfg.seed)
+    evaluator, _ = quality_evaluator(holdout, cfg.quality_epochs, cfg.seed, progress=True)
     init_ray()
     # the held-out reference of the threshold-free shares, in the replica index the sweep uses
     sidecar = ensure_replica_index(store, args.dataset, replicas)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from pipeline.evaluation.domain import DomainEvaluator, frechet_distance, train_domain_evaluator
 
@@ -87,7 +88,7 @@ class FolderAutoencoder(nn.Module):
 
 
 def train_autoencoder(
-    x: torch.Tensor, steps: int = 1500, seed: int = 0, batch_size: int = 64
+    x: torch.Tensor, steps: int = 1500, seed: int = 0, batch_size: int = 64, progress: bool = False
 ) -> tuple[FolderAutoencoder, float]:
     """Fit :class:`FolderAutoencoder` to 85% of ``x`` (N, C, H, W) in [-1, 1] by the mean squared
     reconstruction error ``||x - D(E(x))||^2`` for ``steps`` Adam steps (seeded: same ``x`` and
@@ -104,7 +105,7 @@ def train_autoencoder(
     val, tr = x[perm[:n_val]], x[perm[n_val:]]
     model = FolderAutoencoder(x.shape[1], x.shape[-1])
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="folder encoder", disable=not progress, leave=False):
         xb = tr[torch.randint(len(tr), (min(batch_size, len(tr)),), generator=gen)]
         loss = nn.functional.mse_loss(model(xb), xb)
         opt.zero_grad()
@@ -114,6 +115,12 @@ def train_autoencoder(
     with torch.no_grad():
         val_mse = float(nn.functional.mse_loss(model(val), val))
     return model, val_mse
+
+
+@torch.no_grad()
+def encoder_codes(encoder: FolderAutoencoder, x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, 64) float64 autoencoder codes, 512 images at a time."""
+    return torch.cat([encoder.encode(b) for b in x.split(512)]).double().numpy()
 
 
 @dataclass
@@ -131,15 +138,10 @@ class FolderEvaluator:
     def val_accuracy(self) -> float | None:
         return None if self.domain is None else self.domain.val_accuracy
 
-    @torch.no_grad()
-    def codes(self, x: torch.Tensor) -> np.ndarray:
-        """(N, C, H, W) in [-1, 1] -> (N, 64) float64 autoencoder codes, 512 images at a time."""
-        return torch.cat([self.encoder.encode(b) for b in x.split(512)]).double().numpy()
-
     def quality(self, x: torch.Tensor) -> dict[str, float]:
         """``fd_encoder`` (eq. 6 between the codes of ``x`` and of the held-out images), plus the
         domain classifier's ``fd`` and ``confident_fraction`` when labels existed."""
-        codes = self.codes(x)
+        codes = encoder_codes(self.encoder, x)
         out = {
             "fd_encoder": frechet_distance(
                 codes.mean(0), np.cov(codes, rowvar=False), self.ref_mu, self.ref_sigma
@@ -162,21 +164,21 @@ def train_folder_evaluator(
     epochs: int = 30,
     seed: int = 0,
     encoder_steps: int = 1500,
+    progress: bool = False,
 ) -> FolderEvaluator:
     """The autoencoder on the held-out images ``x`` (:func:`train_autoencoder`, ``encoder_steps``)
     and, with ``labels`` (2 classes or more), the domain classifier (``epochs``); the reference
     statistics are those of all of ``x``."""
-    encoder, val_mse = train_autoencoder(x, encoder_steps, seed)
+    encoder, val_mse = train_autoencoder(x, encoder_steps, seed, progress=progress)
     domain = None
     if labels is not None and len(set(labels)) > 1:
-        domain = train_domain_evaluator(x, torch.tensor(list(labels)), epochs, seed=seed)
-    with torch.no_grad():
-        codes = torch.cat([encoder.encode(b) for b in x.split(512)]).double().numpy()
+        domain = train_domain_evaluator(x, torch.tensor(list(labels)), epochs, seed, progress)
+    codes = encoder_codes(encoder, x)
     return FolderEvaluator(encoder, codes.mean(0), np.cov(codes, rowvar=False), val_mse, domain)
 
 
 def quality_evaluator(
-    holdout, epochs: int = 30, seed: int = 0, encoder_steps: int = 1500
+    holdout, epochs: int = 30, seed: int = 0, encoder_steps: int = 1500, progress: bool = False
 ) -> tuple[DomainEvaluator | FolderEvaluator | None, dict[str, Any]]:
     """The quality evaluator a held-out split supports, and the report's quality header.
 
@@ -185,12 +187,12 @@ def quality_evaluator(
     the subfolders where there are (:func:`subfolder_labels`). Fewer than 4 images: None. The header
     holds ``_name`` (the metric the sweep chooses by first) and the evaluators' checks."""
     if holdout.labels is not None and len(set(holdout.labels)) > 1:
-        ev = train_domain_evaluator(holdout.to_tensor(), torch.tensor(holdout.labels), epochs, seed=seed)  # fmt: skip
+        ev = train_domain_evaluator(holdout.to_tensor(), torch.tensor(holdout.labels), epochs, seed, progress)  # fmt: skip
         return ev, {"_name": DOMAIN_NAME, "_domain_val_accuracy": ev.val_accuracy}
     if len(holdout) < 4:
         return None, {"_name": "none"}
     labels = subfolder_labels(holdout.keys)
-    ev = train_folder_evaluator(holdout.to_tensor(), labels, epochs, seed, encoder_steps)
+    ev = train_folder_evaluator(holdout.to_tensor(), labels, epochs, seed, encoder_steps, progress)
     header: dict[str, Any] = {"_name": ENCODER_NAME, "_encoder_val_mse": ev.val_mse}
     if ev.domain is not None:
         header["_name"] = f"{DOMAIN_NAME.replace('digit CNN', 'label CNN')}; also {ENCODER_NAME}"

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_main
 
 from pipeline.core.config import DemoConfig, from_dict, load_yaml, to_dict
+from pipeline.core.config_eval import CONTENDER_NAMES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +64,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, help="CPSample confidence threshold, in (0, 0.5]")
     p.add_argument("--scale", type=float, help="CPSample guidance scale s, >= 0")
     p.add_argument("--num-samples", type=int, help="samples per sampler")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        choices=(*CONTENDER_NAMES, "none"),
+        help="the samplers of the side-by-side table (default: all five; 'none' skips it; "
+        "ddim is always one of them); not in the latent scenario",
+    )
+    p.add_argument(
+        "--compare-samples", type=int, help="samples per sampler in the side-by-side table"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
     return p.parse_args(argv)
 
@@ -104,6 +115,18 @@ def build_config(args: argparse.Namespace):
     }
     if overrides:
         cfg.sampler = from_dict(type(cfg.sampler), {**to_dict(cfg.sampler), **overrides})
+    if args.compare is not None or args.compare_samples is not None:
+        if args.scenario == "latent":
+            from pipeline.core.config import ConfigError
+
+            raise ConfigError("--compare and --compare-samples are for the pixel scenarios")
+        compare = to_dict(cfg.compare)
+        if args.compare is not None:
+            names = [] if "none" in args.compare else ["ddim", *args.compare]
+            compare["contenders"] = [n for n in CONTENDER_NAMES if n in names]
+        if args.compare_samples is not None:
+            compare["num_samples"] = args.compare_samples
+        cfg.compare = from_dict(type(cfg.compare), compare, "compare")
     return cfg
 
 

@@ -17,8 +17,17 @@ from pipeline.core.config_base import (
     load_yaml,
     to_dict,
 )
+from pipeline.core.config_eval import CompareConfig, EvalConfig, SweepConfig
 
-__all__ = ["ConfigError", "from_dict", "load_yaml", "to_dict"]
+__all__ = [
+    "CompareConfig",
+    "ConfigError",
+    "EvalConfig",
+    "SweepConfig",
+    "from_dict",
+    "load_yaml",
+    "to_dict",
+]
 
 # the least fit on its own bits at t < 100 (model card "fit.accuracy") a CPSample classifier needs;
 # below it CPSample is plain DDIM at a cost (DESIGN.md section 10): SamplerConfig.min_fit's default
@@ -371,6 +380,7 @@ class DemoConfig:
     )
     mia_members: int = 64
     mia_nonmembers: int = 256
+    compare: CompareConfig = field(default_factory=CompareConfig)  # the side-by-side sampler table
     # the duplicated-data scenario (None: the plain demo); see DuplicatesConfig
     duplicates: DuplicatesConfig | None = None
 
@@ -385,64 +395,3 @@ class DemoConfig:
         _positive("ray_cpus", self.ray_cpus)
         _positive("sample_concurrency", self.sample_concurrency)
         _positive("quality_epochs", self.quality_epochs)
-
-
-@dataclass
-class EvalConfig:
-    """Membership-inference attacks and FID (jobs/evaluate.py)."""
-
-    num_members: int = 64  # training images attacked (all when fewer)
-    num_nonmembers: int = 256  # held-out images attacked (a seeded random subset)
-    timesteps: tuple[int, ...] = (50, 100, 150, 200, 300)  # attack 1: t values averaged over
-    draws: int = 2  # attack 1: noise draws per t
-    secmi_t: int = 100  # attack 2: SecMI's t
-    secmi_k: int = 10  # attack 2: SecMI's DDIM interval
-    pia_t: int = 200  # PIA (Kong et al. 2024): the one t attacked, eps_theta(x_0, 0) as its noise
-    pia_p: float = 4.0  # PIA: the l_p norm of eps_theta(x_t, t) - eps_theta(x_0, 0) (authors: 4)
-    num_permutations: int = 10_000
-    seed: int = 0
-    fid_batch_size: int = 32
-
-    def __post_init__(self) -> None:
-        for name in ("num_members", "num_nonmembers", "draws", "num_permutations",
-                     "fid_batch_size", "pia_p"):  # fmt: skip
-            _positive(name, getattr(self, name))
-        _check(len(self.timesteps) >= 1, "timesteps must not be empty")
-        for t in self.timesteps:
-            _check(0 <= t < 1000, f"timesteps entries must be in [0, 1000), got {t}")
-        _positive("secmi_k", self.secmi_k)
-        _check(0 < self.secmi_t < 1000 - self.secmi_k and self.secmi_t % self.secmi_k == 0,
-               f"secmi_t must be a multiple of secmi_k in (0, {1000 - self.secmi_k}), got {self.secmi_t}")  # fmt: skip
-        _check(0 < self.pia_t < 1000, f"pia_t must be in (0, 1000) (PIA's t), got {self.pia_t}")
-
-
-@dataclass
-class SweepConfig:
-    """The (alpha, s) trade-off sweep (jobs/sweep.py): the grid alphas x scales, plus plain DDIM."""
-
-    alphas: tuple[float, ...] = (0.5,)
-    scales: tuple[float, ...] = (3.0, 5.0, 7.0)
-    num_samples: int = 256
-    seed: int = 0
-    target_rate: float = 0.02
-    include_ddim: bool = True
-    cpus_per_trial: float = 1.0
-    quality_epochs: int = 30
-    # the choice also needs share of samples above the held-out p99 NN similarity <= this (where
-    # measured; held-out real images: 1% by construction)
-    target_above_p99: float = 0.05
-    max_holdout: int = 2000  # held-out images whose NN similarities set the p95 / p99 reference
-
-    def __post_init__(self) -> None:
-        _check(len(self.alphas) >= 1 and len(self.scales) >= 1, "alphas and scales must not be empty")  # fmt: skip
-        for a in self.alphas:
-            _check(0.0 < a <= 0.5, f"alphas entries must be in (0, 0.5], got {a}")
-        for s in self.scales:
-            _check(s >= 0, f"scales entries must be >= 0, got {s}")
-        _check(0.0 <= self.target_rate <= 1.0, f"target_rate must be in [0, 1], got {self.target_rate}")  # fmt: skip
-        _check(
-            0.0 <= self.target_above_p99 <= 1.0,
-            f"target_above_p99 must be in [0, 1], got {self.target_above_p99}",
-        )
-        for name in ("num_samples", "cpus_per_trial", "quality_epochs", "max_holdout"):
-            _positive(name, getattr(self, name))

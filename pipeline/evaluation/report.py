@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from pipeline.data.storage import Store
+from pipeline.evaluation.comparison import comparison_markdown
 from pipeline.evaluation.figures import (  # noqa: F401  (re-exported: the report API)
     grid_figure,
     histogram_figure,
@@ -127,6 +128,8 @@ def markdown(report: dict[str, Any], figures: list[str]) -> str:
             json.dumps(report["classifier"], indent=2),
             "```",
         ]
+    if report.get("comparison"):
+        lines += comparison_markdown(report["comparison"])
     if "timings_s" in report:
         t = ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items())
         lines += ["", f"Timings (s): {t}."]

@@ -30,6 +30,7 @@ from pipeline.evaluation.sweep import point_label, score_point
 from pipeline.fanout.ray_init import init_ray
 from pipeline.fanout.sampling import run_sampling
 from pipeline.fanout.scoring import train_index_spec
+from pipeline.orchestration.compare import Sampled, compare_samplers
 from pipeline.orchestration.stages import (
     check_samplers_and_holdout,
     make_shards,
@@ -130,6 +131,7 @@ def quick_config(seed: int = 0) -> DemoConfig:
     )  # fmt: skip
     cfg.sweep = dataclasses.replace(cfg.sweep, scales=(3.0, 7.0), num_samples=32)
     cfg.mia_members, cfg.mia_nonmembers = 16, 32
+    cfg.compare = dataclasses.replace(cfg.compare, num_samples=32)
     return cfg
 
 
@@ -235,6 +237,14 @@ def run_demo(
         )
     moved = _displacement(checked, images, base_rows, cfg.replicas.threshold)
     main_rows = _main_rows(cfg, runs, images, spec, evaluator, holdout_sims)
+    with timer.stage("compare"):
+        comparison, compare_figures = compare_samplers(
+            store, RUN, dataset, cfg.compare, dataclasses.replace(cfg.sampler, seed=cfg.seed),
+            cfg.replicas, f"models/{RUN}/denoiser", f"models/{RUN}/classifier", evaluator,
+            holdout_sims, {n: Sampled(runs[n], checked[n][1], images[n]) for n in runs},
+            cfg.sample_concurrency, max(1, cfg.ray_cpus // cfg.sample_concurrency),
+        )  # fmt: skip
+        figures.update(compare_figures)
     with timer.stage("sweep_and_attack"):
         sw = cfg.sweep
         main = (cfg.sampler.alpha, cfg.sampler.scale)
@@ -271,6 +281,7 @@ def run_demo(
             for name in runs
         },
         "holdout_baseline": {**base_stats.to_dict(), **percentiles},
+        **({"comparison": comparison} if comparison else {}),
         "displacement": moved,
         "provenance": {
             **{m: _model_provenance(store, m) for m in ("denoiser", "classifier")},

@@ -35,6 +35,7 @@ from pipeline.data.layout import data_folder
 from pipeline.data.shards import images_of, read_image_shards
 from pipeline.data.storage import Store, open_store
 from pipeline.evaluation.bitfit import bit_fit, group_bits
+from pipeline.evaluation.comparison import comparison_markdown
 from pipeline.evaluation.domain import train_domain_evaluator
 from pipeline.evaluation.mia import SampleOnlyAttack
 from pipeline.evaluation.report import (
@@ -46,6 +47,7 @@ from pipeline.evaluation.report import (
 )
 from pipeline.fanout.ray_init import init_ray
 from pipeline.fanout.sampling import run_sampling
+from pipeline.orchestration.compare import Sampled, compare_samplers
 from pipeline.orchestration.demo import Timer, claim_output, demo_split
 from pipeline.orchestration.stages import (
     check_samplers_and_holdout,
@@ -148,9 +150,23 @@ def run_duplicates(
             store, RUN, DATASET, folders, cfg.replicas, cfg.sample_concurrency
         )
     with timer.stage("evaluate"):
-        section, figures = evaluate_scenario(
+        section, figures, evaluator = evaluate_scenario(
             store, cfg, runs, checked, base_rows, holdout, truth, clusters, classifiers
         )
+    with timer.stage(
+        "compare"
+    ):  # CPSample here is the cluster-bit classifier, the one that protects
+        pixels = section.pop("_pixels")
+        done = {"ddim": "ddim", "cpsample": "cpsample-cluster"}
+        comparison, compare_figures = compare_samplers(
+            store, RUN, DATASET, cfg.compare,
+            dataclasses.replace(cfg.sampler, seed=cfg.seed, allow_unfit=allow_unfit(cfg, "cluster")),
+            cfg.replicas, f"models/{RUN}/denoiser", f"models/{RUN}-cluster/classifier", evaluator,
+            np.asarray([r["nn_similarity"] for r in base_rows]),
+            {k: Sampled(runs[v], checked[v][1], pixels[v]) for k, v in done.items()},
+            cfg.sample_concurrency, max(1, cfg.ray_cpus // cfg.sample_concurrency),
+        )  # fmt: skip
+        figures.update(compare_figures)
     report = {
         "scenario": "duplicates",
         "dataset": DATASET,
@@ -163,6 +179,7 @@ def run_duplicates(
         "seed": cfg.seed,
         "clusters": _clusters_section(clusters, truth),
         **section,
+        **({"comparison": comparison} if comparison else {}),
         "denoiser": {"steps": cfg.denoiser.steps, "final_loss": den["metrics"].get("loss")},
         "classifiers": {k: v["metrics"] for k, v in classifiers.items()},
         # each classifier's model card, and whether it was sampled with although below min_fit
@@ -218,8 +235,10 @@ def _clusters_section(clusters, truth: dict[str, str]) -> dict[str, Any]:
 def evaluate_scenario(
     store: Store, cfg: DemoConfig, runs, checked, base_rows, holdout: ImageSet, truth, clusters,
     classifiers,
-) -> tuple[dict[str, Any], dict[str, bytes]]:  # fmt: skip
-    """The report's per-sampler table, the attacks, the classifiers' bit fit and the figures."""
+) -> tuple[dict[str, Any], dict[str, bytes], Any]:  # fmt: skip
+    """The report's per-sampler table, the attacks, the classifiers' bit fit and the figures, and
+    the quality evaluator (None without labels). The section's ``_pixels`` (each sampler's images,
+    ordered like its replica rows) is for the comparison, not the report."""
     from pipeline.evaluation.report import histogram_figure
     from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
 
@@ -235,10 +254,11 @@ def evaluate_scenario(
             holdout.to_tensor(), torch.tensor(holdout.labels), cfg.quality_epochs, seed=cfg.seed
         )
     attack = _sample_only_attack(train, holdout, truth, cfg, mean)
-    samplers, figures, sims_by = {}, {}, {}
+    samplers, figures, sims_by, pixels_by = {}, {}, {}, {}
     for name in SAMPLERS:
         stats, rows = checked[name]
         pixels, _ = images_of(rows, store, runs[name]["folder"])
+        pixels_by[name] = pixels
         sims = np.asarray([r["nn_similarity"] for r in rows])
         on_dup = np.asarray([str(r["nn_key"]) in dup_keys for r in rows])
         copies = sims >= threshold
@@ -283,8 +303,9 @@ def evaluate_scenario(
         "quality_metric": "FD-domaincnn and the digit CNN's confident fraction"
         if evaluator
         else "none",
+        "_pixels": pixels_by,  # for the comparison; popped before the report is written
     }
-    return section, figures
+    return section, figures, evaluator
 
 
 def _stats(sims: np.ndarray, threshold: float) -> dict[str, float]:
@@ -402,6 +423,8 @@ def scenario_markdown(report: dict[str, Any], figures: list[str]) -> str:
         f"{num(c['pair_recall'])} against the known copies. Largest: "
         + ", ".join(f"{k} ({n})" for k, n in (c.get("largest") or [])[:10])
         + ".",
+        "",
+        *(comparison_markdown(report["comparison"]) if report.get("comparison") else []),
         "",
         f"Timings (s): {report['timings_s']}",
         "",

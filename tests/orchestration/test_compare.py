@@ -1,0 +1,56 @@
+"""The side-by-side comparison: seed matching, the skipped contenders, and the quick demo's table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.core.config import CompareConfig, ReplicaConfig, SamplerConfig
+from pipeline.data.storage import open_store
+from pipeline.orchestration.compare import Sampled, compare_samplers, same_seeds
+
+
+def _sampled(sampler: str, n: int, span: float = 1.0) -> Sampled:
+    rows = [
+        {"key": f"{sampler}-{i // 4:05d}-{i % 4:03d}", "nn_similarity": 0.5 + 0.5 * i / n}
+        for i in range(n)
+    ]
+    pixels = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
+    info = {"num_samples": n, "sampling_span_s": span, "folder": f"samples/r/{sampler}"}
+    return Sampled(info, rows, pixels)
+
+
+def test_same_seeds_keeps_the_rows_of_the_given_seeds_with_their_pixels():
+    main = _sampled("ddim", 12)
+    kept = same_seeds(main, {"00000-001", "00002-003", "00009-000"}, n=99)
+    assert [r["key"] for r in kept.rows] == ["ddim-00000-001", "ddim-00002-003"]
+    assert kept.pixels[:, 0, 0, 0].tolist() == [1, 11]  # each row keeps its own image
+    first = same_seeds(main, None, n=5)  # no new run to match: the first n
+    assert len(first.rows) == 5 and first.pixels[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert kept.run_info is main.run_info  # the time per sample is the whole run's
+
+
+def test_index_contenders_are_skipped_under_a_module_embedding(tmp_path):
+    module = tmp_path / "sscd.pt"  # checked to exist by the config; never loaded here
+    module.write_bytes(b"not loaded")
+    store = open_store(str(tmp_path / "store"))
+    replicas = ReplicaConfig(embedding=f"module:{module}", threshold=0.75)
+    done = {"ddim": _sampled("ddim", 8, 2.0), "cpsample": _sampled("cpsample", 8, 3.0)}
+    section, figures = compare_samplers(
+        store, "r", "digits", CompareConfig(contenders=("ddim", "cpsample", "guard", "amg")),
+        SamplerConfig(seed=3), replicas, "models/r/denoiser", "models/r/classifier", None,
+        np.linspace(0.0, 0.6, 101), done,
+    )  # fmt: skip
+    assert set(section["skipped"]) == {"guard", "amg"}
+    assert f"module:{module}" in section["skipped"]["guard"]
+    rows = {r["name"]: r for r in section["rows"]}
+    assert list(rows) == ["ddim", "cpsample"] and section["seed"] == 3
+    assert rows["cpsample"]["time_vs_ddim"] == pytest.approx(1.5)
+    assert rows["ddim"]["num_copies"] == 4  # 0.5 + 0.5 i / 8 >= 0.75 for i >= 4
+    assert section["holdout_copies"] == pytest.approx(0.0)
+    assert figures["comparison.png"][:4] == b"\x89PNG"
+    assert not list((tmp_path / "store").rglob("*"))  # nothing sampled, nothing written
+    assert compare_samplers(
+        store, "r", "digits", CompareConfig(contenders=()), SamplerConfig(), replicas, "d", "c",
+        None, np.zeros(3), done,
+    ) == ({}, {})  # fmt: skip

@@ -356,10 +356,13 @@ def _main() -> None:
     if args.deadline:
         hh, mm = map(int, args.deadline.split(":"))
         now = dt.datetime.now(dt.timezone.utc)
-        deadline = now.replace(hour=hh, minute=mm, second=0).timestamp()
+        at = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        deadline = (at if at > now else at + dt.timedelta(days=1)).timestamp()  # the next HH:MM
     ns = tuple(int(v) for v in args.ns.split(",")) if args.ns else NS
     widths = tuple(int(v) for v in args.widths.split(",")) if args.widths else WIDTHS
     rows = measure(ns, widths, args.max_steps, args.source, args.device, deadline, args.rows)
+    if not rows:
+        raise SystemExit("no row was measured (the deadline had passed?)")
     print(json.dumps(summarise(rows, args.source), indent=2))
 
 

@@ -1,6 +1,6 @@
 """The whole CPSample pipeline end to end on embedded defaults (local Ray, local store).
 
-    python jobs/demo.py --out demo-out            # digits, 9-12 minutes on 2 cores
+    python jobs/demo.py --out demo-out            # digits, 10-13 minutes on 2 cores
     python jobs/demo.py --out /tmp/q --quick      # tiny configuration for tests (< 3 minutes)
     python jobs/demo.py --out out --data ./my_images --seed 1
     python jobs/demo.py --out dup-out --scenario duplicates   # duplicated training images

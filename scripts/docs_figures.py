@@ -27,6 +27,7 @@ COPIES = {
     "roc_nn_distance.png": ("roc_nn_distance.png", 420),
     "samples_ddim.png": ("samples_ddim.png", 640),
     "samples_cpsample.png": ("samples_cpsample.png", 640),
+    "comparison.png": ("comparison.png", 760),
 }
 SIDE_BY_SIDE = "ddim_vs_cpsample.png"  # pairs_ddim.png beside pairs_cpsample.png
 

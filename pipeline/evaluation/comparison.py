@@ -93,7 +93,10 @@ def comparison_row(
         "guard_redrawn": guard.get("rejected") if contender.guard else None,
         "guard_unfilled": guard.get("unfilled") if contender.guard else None,
         "needs": contender.needs(),
+        # what made the samples: their folder, settings and the models' digests (run_sampling's)
         "folder": run_info.get("folder"),
+        "sampler_settings": run_info.get("sampler_settings"),
+        "provenance": run_info.get("provenance"),
     }
 
 
@@ -195,7 +198,7 @@ def comparison_figure(section: dict[str, Any]) -> bytes:
         if line is not None:
             ax.axvline(line, color="black", linestyle="--", linewidth=0.8)
         for yi, v in zip(y, vals):
-            ax.text(v, yi, f" {v:.1f}", va="center", fontsize=7)
+            ax.text(v, yi, f" {v:.2f}x" if key == "time_vs_ddim" else f" {v:.1f}", va="center", fontsize=7)  # fmt: skip
     fig.suptitle(
         f"Samplers side by side: {section['num_samples']} samples each, seed {section['seed']}",
         fontsize=9,

@@ -89,6 +89,9 @@ def duplicates_config(seed: int = 0, quick: bool = False) -> DemoConfig:
         cfg = dataclasses.replace(cfg, num_train=300, num_holdout=100)
         cfg.classifier = dataclasses.replace(cfg.classifier, holdout_images=40)
         cfg.mia_members = 32
+        # the scenario's own wiring (the cluster-bit classifier, its allow_unfit) in one new run;
+        # the quick demo samples every contender
+        cfg.compare = dataclasses.replace(cfg.compare, contenders=("ddim", "cpsample", "cpsample+guard"))  # fmt: skip
     return with_seed(cfg, seed)
 
 

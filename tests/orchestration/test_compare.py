@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -54,3 +58,61 @@ def test_index_contenders_are_skipped_under_a_module_embedding(tmp_path):
         store, "r", "digits", CompareConfig(contenders=()), SamplerConfig(), replicas, "d", "c",
         None, np.zeros(3), done,
     ) == ({}, {})  # fmt: skip
+
+
+def test_the_quick_demo_reports_every_contender_on_the_same_seeds(demo_quick_store):
+    path, report = demo_quick_store
+    section = report["comparison"]
+    rows = {r["name"]: r for r in section["rows"]}
+    assert list(rows) == ["ddim", "cpsample", "guard", "amg", "cpsample+guard"]
+    assert section["num_samples"] == 32 and section["threshold"] == report["threshold"]
+    assert all(r["num_samples"] == 32 for r in rows.values())
+    # the guarded rows ship nothing at or above the threshold: the guard's promise, re-checked
+    assert rows["guard"]["num_copies"] == 0 and rows["cpsample+guard"]["num_copies"] == 0
+    assert rows["guard"]["guard_redrawn"] >= 0 and rows["ddim"]["guard_redrawn"] is None
+    assert rows["ddim"]["time_vs_ddim"] == pytest.approx(1.0)
+    assert all(r["seconds_per_sample"] > 0 for r in rows.values())
+    folders = {n: r["folder"] for n, r in rows.items()}
+    assert folders == {
+        "ddim": "samples/demo/ddim", "cpsample": "samples/demo/cpsample",
+        "guard": "samples/demo-guard/ddim", "amg": "samples/demo/amg",
+        "cpsample+guard": "samples/demo-guard/cpsample",
+    }  # fmt: skip
+    # every row names what made it: the denoiser for all, the classifier for CPSample's, the
+    # training data searched for the guard's and AMG's; the same denoiser digest everywhere
+    prov = {n: r["provenance"] for n, r in rows.items()}
+    assert len({p["denoiser"] for p in prov.values()}) == 1
+    assert "classifier" in prov["cpsample+guard"] and "classifier" not in prov["amg"]
+    assert "guard_data" in prov["guard"] and "guard_data" in prov["amg"]
+    assert rows["guard"]["sampler_settings"]["guard"] == report["threshold"]
+    assert rows["amg"]["sampler_settings"]["amg_threshold"] == report["threshold"]
+    reports = Path(path) / "reports" / "demo"
+    for name in ("guard", "amg", "cpsample-guard"):  # the new runs' replica parts
+        assert list((reports / f"replicas-{name}").glob("*.jsonl"))
+    assert (reports / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Samplers side by side" in (reports / "report.md").read_text()
+
+
+def test_compare_job_on_other_seeds_of_a_finished_demo(demo_quick_store, tmp_path):
+    from pipeline.orchestration.compare import compare_demo_store
+
+    store = tmp_path / "store"  # a copy: the session's demo store is shared read-only
+    shutil.copytree(demo_quick_store[0], store)
+    section, uri = compare_demo_store(
+        str(store), 1, {"contenders": ["ddim"], "num_samples": 8}
+    )  # one contender: each one's run is the quick demo's test above
+    assert [r["name"] for r in section["rows"]] == ["ddim"]
+    assert section["seed_offset"] == 1 and section["num_samples"] == 8
+    assert uri.endswith("reports/demo/comparison-seed1.md")
+    out = store / "reports" / "demo"
+    saved = json.loads((out / "comparison-seed1.json").read_text())
+    assert saved["seed_offset"] == 1 and saved["rows"][0]["num_samples"] == 8
+    assert "| ddim |" in (out / "comparison-seed1.md").read_text()
+    assert (out / "comparison-seed1.png").stat().st_size > 1000
+    # fresh samples on the next seeds, under their own run, beside the demo's untouched ones
+    from pipeline.data.shards import read_image_shards
+
+    fresh = read_image_shards(open_store(str(store)), "samples/demo-cmp1/ddim")
+    main = read_image_shards(open_store(demo_quick_store[0]), "samples/demo/ddim")
+    assert len(fresh) == 8 and len(main) == 64
+    assert not np.array_equal(fresh.images, main.images[:8])

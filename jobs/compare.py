@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from pipeline.core.config import CompareConfig, ConfigError, from_dict, to_dict
-    from pipeline.orchestration.compare import compare_demo_store
+    from pipeline.orchestration.compare_store import compare_demo_store
 
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny model configs, a real in-process Ray, the digits store, loopback S3."""
+"""Shared fixtures: tiny model configs, a real in-process Ray, the digits store, loopback S3, the quick
+demo run once a session."""
 
 from __future__ import annotations
 
@@ -142,3 +143,95 @@ def headline_models():
     from tests.headline_models import train_headline_models
 
     return train_headline_models()
+
+
+# ------------------------------------------------------------------ the quick demo, run once a session
+@pytest.fixture(scope="session")
+def demo_quick_run(s3_server, tmp_path_factory) -> dict:
+    """`jobs/demo.py --quick --out s3://cps-demo-e2e/run` as a real process on the loopback S3 (about
+    100 s), once per session; the prefix's current layout (all but ``checkpoints/``, a model folder's
+    current version only) is mirrored to a local folder.
+
+    Keys: ``out`` (Path of the mirror), ``report`` (its report.json), ``proc`` (the CompletedProcess),
+    ``argv``, ``client`` (boto3), ``bucket``, ``keys`` (every object key after the run, sorted) and
+    ``env`` (the fake credentials and ``AWS_ENDPOINT_URL``). The S3 objects may change later in the
+    session (tests/orchestration/test_demo_quick.py reruns the command into them); the mirror does not.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import boto3
+
+    root = Path(__file__).resolve().parents[1]
+    env_vars = {**S3_TEST_ENV, "AWS_ENDPOINT_URL": s3_server}
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        aws_access_key_id=env_vars["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env_vars["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    bucket = "cps-demo-e2e"
+    client.create_bucket(Bucket=bucket)
+    proc = subprocess.run(
+        [sys.executable, str(root / "jobs" / "demo.py"), "--quick", "--no-progress",
+         "--out", f"s3://{bucket}/run"],
+        capture_output=True, text=True, timeout=900, cwd=root, env={**os.environ, **env_vars},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    keys = _all_keys(client, bucket)
+    out = tmp_path_factory.mktemp("demo") / "out"
+    for key, rel in _current_layout(client, bucket, keys).items():
+        if not rel.startswith("checkpoints/"):
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    report = json.loads((out / "report.json").read_text())
+    return {"out": out, "report": report, "proc": proc, "client": client, "bucket": bucket,
+            "keys": sorted(keys), "env": env_vars, "argv": proc.args}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def demo_quick_store(demo_quick_run) -> tuple[str, dict]:
+    """``(path, report)`` of the session's quick demo: ``path`` a local folder (str) holding the run's
+    store layout (``open_store(path)`` reads it: data/, models/demo/{denoiser,classifier}, samples/,
+    indexes/, reports/demo/, report.json; no checkpoints/), ``report`` the demo's report dict (the
+    return value of ``run_demo``, as report.json holds it). Read-only: shared by every test."""
+    return str(demo_quick_run["out"]), demo_quick_run["report"]
+
+
+def _all_keys(client, bucket: str) -> list[str]:
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys += [o["Key"] for o in page.get("Contents", [])]
+    return sorted(keys)
+
+
+def _current_layout(client, bucket: str, keys: list[str]) -> dict[str, str]:
+    """S3 key -> its path under ``run/`` as a reader sees it: a model folder's files are those of the
+    version its ``.current`` pointer names (``Store.put_dir``); other versions are left out."""
+    import json
+
+    current = {
+        key[: -len("/.current")]: json.loads(
+            client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        )
+        for key in keys
+        if key.endswith("/.current")
+    }
+    layout = {}
+    for key in keys:
+        folder = next((f for f in current if key.startswith(f + "/")), None)
+        if folder is not None:
+            head = f"{folder}/.versions/{current[folder]['version']}/"
+            if not key.startswith(head):
+                continue
+            key_rel = f"{folder}/{key[len(head) :]}"
+        else:
+            key_rel = key
+        if not key.endswith("/"):
+            layout[key] = key_rel[len("run/") :]
+    return layout

@@ -225,10 +225,15 @@ class ShardSampler:
                 stats = {
                     "rejected": int(metas[0].get("shard_rejected", 0)),
                     "max_guard_similarity": _nanmax(m.get("guard_nn_similarity") for m in metas),
+                    "seconds": float(metas[0].get("shard_seconds", float("nan"))),
                 }
             else:
                 records, stats = self._generate(shard, count)
                 metas = [m for _, _, m in records]
+                # drawing it, redraws included; recorded, so that a rerun reports the same sum
+                stats["seconds"] = round(time.time() - t0, 4)
+                for m in metas:
+                    m["shard_seconds"] = stats["seconds"]
                 # a shard whose every slot was rejected is not written (it is redone on resume)
                 if records:
                     self.store.write_bytes(build_tar(records), self.out_folder, shard_name(shard))
@@ -239,6 +244,11 @@ class ShardSampler:
                 "t_start": t0, "t_end": time.time(), **stats,
             })  # fmt: skip
         return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
+
+
+def _summed_seconds(rows: list[dict[str, Any]]) -> float | None:
+    seconds = [float(r["seconds"]) for r in rows]
+    return None if any(np.isnan(v) for v in seconds) else float(sum(seconds))
 
 
 def _nanmax(values) -> float:
@@ -412,6 +422,9 @@ def _sampling_summary(
         "guidance_fired_fraction": float(
             sum(float(r["fired_fraction_sum"]) for r in rows) / max(n, 1)
         ),
+        # every shard's drawing time summed (a resumed shard's as it recorded; None when one did
+        # not record it): the compute per sample, the same on a rerun
+        "sampling_seconds": _summed_seconds(rows),
         # from the first generated shard's start to the last one's end: sampling without start-up
         "sampling_span_s": (
             max(float(r["t_end"]) for r in generated) - min(float(r["t_start"]) for r in generated)

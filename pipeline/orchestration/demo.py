@@ -131,7 +131,7 @@ def quick_config(seed: int = 0) -> DemoConfig:
     )  # fmt: skip
     cfg.sweep = dataclasses.replace(cfg.sweep, scales=(3.0, 7.0), num_samples=32)
     cfg.mia_members, cfg.mia_nonmembers = 16, 32
-    cfg.compare = dataclasses.replace(cfg.compare, num_samples=32)
+    cfg.compare = dataclasses.replace(cfg.compare, num_samples=16)
     return cfg
 
 

@@ -46,7 +46,10 @@ def test_row_counts_copies_shares_and_time_per_sample():
     assert r["copies"] == pytest.approx(0.4)
     assert r["above_holdout_p95"] == pytest.approx(0.8)
     assert r["above_holdout_p99"] == pytest.approx(0.6)
-    assert r["seconds_per_sample"] == pytest.approx(0.5)  # the run's span over the run's count
+    assert r["seconds_per_sample"] == pytest.approx(0.5)  # no recorded seconds: the span / count
+    info = {"num_samples": 4, "sampling_span_s": 2.0, "sampling_seconds": 6.0}
+    timed = comparison_row(CONTENDERS["ddim"], sims, 0.97, PCT, {}, info)
+    assert timed["seconds_per_sample"] == pytest.approx(1.5)  # the shards' recorded drawing time
     assert r["guard_redrawn"] is None and r["needs"]["classifier"]
     g = _row("guard", sims, 3.0, 5, guard={"rejected": 7, "unfilled": 0})
     assert (g["guard_redrawn"], g["guard_unfilled"]) == (7, 0)

@@ -72,8 +72,14 @@ def test_one_and_two_actors_write_identical_shards(ray_local, tmp_path, tiny_mod
     assert outs[0]["num_samples"] == outs[1]["num_samples"] == 6
     assert outs[0]["num_shards"] == 3 and outs[0]["skipped_shards"] == 0
     assert sorted(shards[0]) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    # same thread count (1) in every actor: byte-identical tars, hence keys, seeds and images
-    assert shards[0] == shards[1]
+    # same thread count (1) in every actor: the same keys, seeds, byte-identical images and records
+    # but for each shard's own drawing time
+    for name in shards[0]:
+        one, two = read_tar(shards[0][name], name), read_tar(shards[1][name], name)
+        assert one.keys == two.keys and np.array_equal(one.images, two.images)
+        strip = [[{k: v for k, v in m.items() if k != "shard_seconds"} for m in t.meta] for t in (one, two)]  # fmt: skip
+        assert strip[0] == strip[1]
+        assert len({m["shard_seconds"] for m in one.meta}) == 1 and one.meta[0]["shard_seconds"] > 0
     for name, data in shards[0].items():
         s = int(name[6:12])
         got = read_tar(data, name)
@@ -95,6 +101,9 @@ def test_one_and_two_actors_write_identical_shards(ray_local, tmp_path, tiny_mod
     again = run_sampling(store.uri, "r", cfg, den, clf, concurrency=2)
     assert again["skipped_shards"] == 3 and again["num_samples"] == 6
     assert _shards(store, "samples/r/cpsample") == shards[0]
+    # ... and reports the drawing time the shards recorded, not the rerun's (which drew nothing)
+    assert outs[0]["sampling_seconds"] > 0
+    assert again["sampling_seconds"] == outs[0]["sampling_seconds"]
     # the actors copied the models into scratch folders only while loading them (an actor the pool
     # started late may still be loading: give it a moment)
     deadline = time.monotonic() + 60

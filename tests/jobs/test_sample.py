@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.core.config import UNetConfig
+from pipeline.core.config import SamplerConfig, UNetConfig
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import build_unet, save_denoiser
 from pipeline.data.tars import read_tar
@@ -37,6 +37,19 @@ def job_denoiser(tmp_path_factory) -> str:
     unet = build_unet(UNetConfig(sample_size=8, block_out_channels=(8, 16), norm_num_groups=8))
     save_denoiser(unet, root / "denoiser", {"unet": {}}, linear_schedule())
     return str(root / "denoiser")
+
+
+@pytest.fixture(scope="module")
+def unfit_classifier(tmp_path_factory) -> str:
+    """An 8x8 classifier whose model card shows 60% of its own bits: below min_fit (90%)."""
+    from pipeline.core.config import ClassifierArchConfig
+    from pipeline.core.models import NoiseClassifier, save_classifier
+
+    card = {"accuracy": 0.6, "mean_margin": 0.01, "t_range": [0, 100], "rows": 8, "seed": 0}
+    arch = ClassifierArchConfig(8, 1, 8, (1, 2), time_embed_dim=8, num_groups=4)
+    path = tmp_path_factory.mktemp("clf") / "clf"
+    save_classifier(NoiseClassifier(arch), path, {"fit": card})
+    return str(path)
 
 
 def _ray_procs(marker: str) -> list[int]:
@@ -119,26 +132,29 @@ def _resume(cmd, env) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _check_complete(tars: dict[str, bytes]) -> None:
+def _check_complete(tars: dict[str, bytes], sampler: str) -> None:
     """Exactly N samples, every expected key once, every shard a complete tar."""
     assert sorted(tars) == [f"shard-{s:06d}.tar" for s in range(N // PER_SHARD)]
     keys = [k for name, data in sorted(tars.items()) for k in read_tar(data, name).keys]
     assert len(keys) == N == len(set(keys))
-    expected = [sample_key("ddim", s, i) for s in range(N // PER_SHARD) for i in range(PER_SHARD)]
+    expected = [sample_key(sampler, s, i) for s in range(N // PER_SHARD) for i in range(PER_SHARD)]
     assert keys == expected
 
 
 def test_sigkilled_job_on_loopback_s3_resumes_to_exactly_n_samples(
-    s3_bucket, s3_env, job_denoiser, ray_tmp
+    s3_bucket, s3_env, job_denoiser, unfit_classifier, ray_tmp
 ):
     """SIGKILL (no clean-up at all) after the first shard lands in S3, rerun: exactly N samples, no
     duplicated, stray or partial object. (One test covers both the local-rename and the S3-PUT paths'
-    contract, because atomicity is the storage layer's and is tested there for both.)"""
+    contract, because atomicity is the storage layer's and is tested there for both.) The job is
+    CPSample with a classifier below min_fit and ``--allow-unfit``: both runs sample with it (the
+    refusal without the flag: test_allow_unfit_flag_refuses_a_classifier_below_min_fit)."""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_env["AWS_ENDPOINT_URL"])
-    prefix = "batch/samples/r/ddim/"
+    prefix = "batch/samples/r/cpsample/"
     cmd, env = _job(f"s3://{s3_bucket}/batch", job_denoiser, ray_tmp)
+    cmd = [*cmd, "--sampler", "cpsample", "--classifier", unfit_classifier, "--allow-unfit"]
 
     def objects() -> list[str]:
         listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix=prefix).get("Contents", [])
@@ -153,19 +169,21 @@ def test_sigkilled_job_on_loopback_s3_resumes_to_exactly_n_samples(
     tars = {
         k.rsplit("/", 1)[-1]: s3.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in names
     }
-    _check_complete(tars)
+    _check_complete(tars, "cpsample")
     report = json.loads(
         s3.get_object(Bucket=s3_bucket, Key="batch/reports/r/report.json")["Body"].read()
     )
-    assert report["sampling"]["ddim"]["num_samples"] == N
-    # the plain settings beside the digests, and the report's inputs: this denoiser, these samples
-    assert report["sampling"]["ddim"]["sampler_settings"]["steps"] == 60
+    assert report["sampling"]["cpsample"]["num_samples"] == N
+    # the plain settings beside the digests, and the report's inputs: these models, these samples
+    settings = report["sampling"]["cpsample"]["sampler_settings"]
+    assert settings["steps"] == 60 and settings["alpha"] == SamplerConfig().alpha  # the default
     inputs = report["inputs"]
-    assert sorted(inputs) == ["denoiser", "package_version", "samples"]
+    assert sorted(inputs) == ["classifier", "denoiser", "package_version", "samples"]
     assert inputs["denoiser"] == out["provenance"]["denoiser"]
-    assert list(inputs["samples"]) == ["ddim"]
+    assert inputs["classifier"] == out["provenance"]["classifier"]
+    assert list(inputs["samples"]) == ["cpsample"]
     md = s3.get_object(Bucket=s3_bucket, Key="batch/reports/r/report.md")["Body"].read().decode()
-    assert "## Sampling: ddim" in md and f"- num_samples: {N}" in md
+    assert "## Sampling: cpsample" in md and f"- num_samples: {N}" in md
 
 
 @pytest.mark.parametrize(
@@ -207,24 +225,17 @@ def test_sample_with_a_missing_prompts_file_exits_2_in_one_line_and_writes_nothi
     assert not store.exists()
 
 
-def test_allow_unfit_flag_samples_with_a_classifier_below_min_fit(tmp_path, job_denoiser, ray_tmp):
+def test_allow_unfit_flag_refuses_a_classifier_below_min_fit(
+    tmp_path, job_denoiser, unfit_classifier, ray_tmp
+):
     """--allow-unfit maps to SamplerConfig.allow_unfit: a classifier whose model card shows 60% of
-    its own bits is refused without it (exit 2, one line) and sampled with it."""
-    from pipeline.core.config import ClassifierArchConfig
-    from pipeline.core.models import NoiseClassifier, save_classifier
-
-    card = {"accuracy": 0.6, "mean_margin": 0.01, "t_range": [0, 100], "rows": 8, "seed": 0}
-    arch = ClassifierArchConfig(8, 1, 8, (1, 2), time_embed_dim=8, num_groups=4)
-    save_classifier(NoiseClassifier(arch), tmp_path / "clf", {"fit": card})
+    its own bits is refused without it (exit 2, one line, before Ray starts). With it the job samples:
+    the SIGKILL test above runs both of its jobs with the flag and this classifier."""
     cmd, env = _job(str(tmp_path / "store"), job_denoiser, ray_tmp)
-    cmd = [*cmd, "--sampler", "cpsample", "--classifier", str(tmp_path / "clf"), "--steps", "2",
+    cmd = [*cmd, "--sampler", "cpsample", "--classifier", unfit_classifier, "--steps", "2",
            "--num-samples", "2"]  # fmt: skip
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     errors = [x for x in done.stderr.splitlines() if x.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
     assert "below min_fit 90%" in errors[0] and "--allow-unfit" in errors[0]
     assert not (tmp_path / "store" / "samples").exists()
-    done = subprocess.run([*cmd, "--allow-unfit"], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1])["num_samples"] == 2

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +63,8 @@ def test_the_quick_demo_reports_every_contender_on_the_same_seeds(demo_quick_sto
     section = report["comparison"]
     rows = {r["name"]: r for r in section["rows"]}
     assert list(rows) == ["ddim", "cpsample", "guard", "amg", "cpsample+guard"]
-    assert section["num_samples"] == 32 and section["threshold"] == report["threshold"]
-    assert all(r["num_samples"] == 32 for r in rows.values())
+    assert section["num_samples"] == 16 and section["threshold"] == report["threshold"]
+    assert all(r["num_samples"] == 16 for r in rows.values())
     # the guarded rows ship nothing at or above the threshold: the guard's promise, re-checked
     assert rows["guard"]["num_copies"] == 0 and rows["cpsample+guard"]["num_copies"] == 0
     assert rows["guard"]["guard_redrawn"] >= 0 and rows["ddim"]["guard_redrawn"] is None
@@ -91,28 +89,3 @@ def test_the_quick_demo_reports_every_contender_on_the_same_seeds(demo_quick_sto
         assert list((reports / f"replicas-{name}").glob("*.jsonl"))
     assert (reports / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Samplers side by side" in (reports / "report.md").read_text()
-
-
-def test_compare_job_on_other_seeds_of_a_finished_demo(demo_quick_store, tmp_path):
-    from pipeline.orchestration.compare import compare_demo_store
-
-    store = tmp_path / "store"  # a copy: the session's demo store is shared read-only
-    shutil.copytree(demo_quick_store[0], store)
-    section, uri = compare_demo_store(
-        str(store), 1, {"contenders": ["ddim"], "num_samples": 8}
-    )  # one contender: each one's run is the quick demo's test above
-    assert [r["name"] for r in section["rows"]] == ["ddim"]
-    assert section["seed_offset"] == 1 and section["num_samples"] == 8
-    assert uri.endswith("reports/demo/comparison-seed1.md")
-    out = store / "reports" / "demo"
-    saved = json.loads((out / "comparison-seed1.json").read_text())
-    assert saved["seed_offset"] == 1 and saved["rows"][0]["num_samples"] == 8
-    assert "| ddim |" in (out / "comparison-seed1.md").read_text()
-    assert (out / "comparison-seed1.png").stat().st_size > 1000
-    # fresh samples on the next seeds, under their own run, beside the demo's untouched ones
-    from pipeline.data.shards import read_image_shards
-
-    fresh = read_image_shards(open_store(str(store)), "samples/demo-cmp1/ddim")
-    main = read_image_shards(open_store(demo_quick_store[0]), "samples/demo/ddim")
-    assert len(fresh) == 8 and len(main) == 64
-    assert not np.array_equal(fresh.images, main.images[:8])

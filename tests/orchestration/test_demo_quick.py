@@ -18,71 +18,9 @@ SAMPLER_KEYS = {"num_samples", "replication_rate", "mean_nn_similarity", "qualit
 
 
 @pytest.fixture(scope="module")
-def s3_quick_demo(s3_server, tmp_path_factory):
-    """Run `jobs/demo.py --quick --out s3://<bucket>/run`; mirror the prefix to a local folder."""
-    import os
-
-    import boto3
-
-    from tests.conftest import S3_TEST_ENV
-
-    env_vars = {**S3_TEST_ENV, "AWS_ENDPOINT_URL": s3_server}
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server,
-        aws_access_key_id=env_vars["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env_vars["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
-    bucket = "cps-demo-e2e"
-    client.create_bucket(Bucket=bucket)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "demo.py"), "--quick", "--no-progress",
-         "--out", f"s3://{bucket}/run"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **env_vars},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
-    keys = _all_keys(client, bucket)
-    out = tmp_path_factory.mktemp("demo") / "out"
-    for key, rel in _current_layout(client, bucket, keys).items():
-        if not rel.startswith("checkpoints/"):
-            dest = out / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    return {"out": out, "proc": proc, "client": client, "bucket": bucket, "keys": sorted(keys),
-            "env": env_vars, "argv": proc.args}  # fmt: skip
-
-
-def _all_keys(client, bucket: str) -> list[str]:
-    keys = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        keys += [o["Key"] for o in page.get("Contents", [])]
-    return sorted(keys)
-
-
-def _current_layout(client, bucket: str, keys: list[str]) -> dict[str, str]:
-    """S3 key -> its path under ``run/`` as a reader sees it: a model folder's files are those of the
-    version its ``.current`` pointer names (``Store.put_dir``); other versions are left out."""
-    current = {
-        key[: -len("/.current")]: json.loads(
-            client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        )
-        for key in keys
-        if key.endswith("/.current")
-    }
-    layout = {}
-    for key in keys:
-        folder = next((f for f in current if key.startswith(f + "/")), None)
-        if folder is not None:
-            head = f"{folder}/.versions/{current[folder]['version']}/"
-            if not key.startswith(head):
-                continue
-            key_rel = f"{folder}/{key[len(head) :]}"
-        else:
-            key_rel = key
-        if not key.endswith("/"):
-            layout[key] = key_rel[len("run/") :]
-    return layout
+def s3_quick_demo(demo_quick_run):
+    """The session's one `jobs/demo.py --quick` run on loopback S3 (tests/conftest.py)."""
+    return demo_quick_run
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.core.config import (
     ClassifierArchConfig,
@@ -21,6 +23,7 @@ from pipeline.core.config import (
     SamplerConfig,
 )
 from pipeline.core.latent import TextGuidance, load_latent_model
+from pipeline.core.models import load_classifier
 from pipeline.data.datasets import digits_source, split
 from pipeline.data.shards import read_manifest
 from pipeline.data.storage import Store, open_store
@@ -58,8 +61,9 @@ def _keys_of(store: Store, folder: str) -> dict[str, set[str]]:
     return out
 
 
-def _run_pipeline(store: Store, sd_dir, model: str, text_cond: bool) -> None:
-    """All latent stages on ``store``; ``model`` is how every stage names the SD directory."""
+def _run_pipeline(store: Store, sd_dir, model: str, workdir: Path) -> None:
+    """All latent stages on ``store``; ``model`` is how every stage names the SD directory; the
+    classifier is text-conditioned. ``workdir``: a local folder for copies out of the store."""
     # 1. pixel shards: 16 training digits (2 shards of 8), 8 held out (1 shard)
     train, holdout = split(digits_source(16).subset(range(24)), 16, 0)
     assert (len(train), len(holdout)) == (16, 8)
@@ -92,14 +96,12 @@ def _run_pipeline(store: Store, sd_dir, model: str, text_cond: bool) -> None:
     train_keys = set(train.keys)
 
     # 3. the random-label classifier on the latents, with the model's schedule
-    out = train_classifier(
-        store, "lp", lat_ds, ARCH, TRAIN, threads=1, model=model, text_cond=text_cond
-    )
+    out = train_classifier(store, "lp", lat_ds, ARCH, TRAIN, threads=1, model=model, text_cond=True)
     assert out["uri"] == store.uri_of("models", "lp", "classifier")
     record = json.loads(store.read_bytes("models", "lp", "classifier", "config.json"))
     assert record["dataset"] == lat_ds and record["step"] == TRAIN.steps
     assert (record["arch"]["channels"], record["arch"]["sample_size"]) == (4, 8)
-    cond_dim = 32 if text_cond else 0
+    cond_dim = 32
     assert record["arch"]["cond_dim"] == cond_dim
     assert record["latent"] == {
         "scaling_factor": pytest.approx(sd.scaling_factor),
@@ -108,6 +110,22 @@ def _run_pipeline(store: Store, sd_dir, model: str, text_cond: bool) -> None:
     }
     assert record["schedule"]["beta_first"] == pytest.approx(float(sd.schedule.betas[0]), rel=1e-6)
     assert record["schedule"]["num_train_timesteps"] == sd.schedule.num_train_timesteps
+    assert set(record["metrics"]["train_accuracy_by_t"]) == {
+        "0-100",
+        "100-300",
+        "300-600",
+        "600-1000",
+    }
+    # the exported classifier loads from the store with its shape check; a text-conditioned one needs
+    # the prompt embedding (folded in from test_stages_latent.py: the same train_classifier path)
+    clf = load_classifier(
+        store.get_dir(workdir / "lp-clf", "models", "lp", "classifier"), (4, 8, 8)
+    )
+    assert clf.config.cond_dim == cond_dim
+    logits = clf(torch.zeros(2, 4, 8, 8), torch.tensor([0, 5]), torch.randn(2, cond_dim))
+    assert logits.shape == (2,)
+    with pytest.raises(ValueError, match="text-conditioned"):
+        clf(torch.zeros(2, 4, 8, 8), torch.tensor([0, 5]))
 
     # 4. plain and CPSample sampling with prompts from the latent dataset's captions
     prompts = read_captions(store, lat_ds, "train", 3)
@@ -164,7 +182,7 @@ def _run_pipeline(store: Store, sd_dir, model: str, text_cond: bool) -> None:
         assert annotated == {r["key"]: r["nn_key"] for r in rows}
 
 
-def test_latent_pipeline_loopback_s3(ray_local, s3_bucket, tiny_sd_dir):
+def test_latent_pipeline_loopback_s3(ray_local, s3_bucket, tiny_sd_dir, tmp_path):
     store = open_store(f"s3://{s3_bucket}/lp")
     store.put_dir(tiny_sd_dir, "models", "ft", "sd")  # every stage reads the model from the store
-    _run_pipeline(store, tiny_sd_dir, "models/ft/sd", text_cond=True)
+    _run_pipeline(store, tiny_sd_dir, "models/ft/sd", tmp_path)

@@ -1,5 +1,7 @@
 """train_classifier on a latent dataset: the same Ray Train job fits random bits of scaled VAE
-latents, with the noise schedule and latent shape of a Stable Diffusion directory."""
+latents, with the noise schedule and latent shape of a Stable Diffusion directory. The text-conditioned
+classifier (cond_dim, loading, the refusal without a prompt embedding) is trained and checked in
+tests/orchestration/test_latent_demo_s3.py, whose pipeline trains one anyway."""
 
 from __future__ import annotations
 
@@ -127,30 +129,6 @@ def test_classifier_trains_on_latents_with_the_models_schedule(ray_local, tiny_s
     assert provenance["model"] == dir_digest(tiny_sd_dir) and "denoiser" not in provenance
     clf = load_classifier(out["uri"], expect_shape=(4, 8, 8))
     assert clf(torch.zeros(2, 4, 8, 8), torch.tensor([0, 5])).shape == (2,)
-
-
-def test_text_conditioned_latent_classifier_trains_and_loads(ray_local, tiny_sd_dir, tmp_path):
-    store = open_store(str(tmp_path / "store"))
-    write_latent_dataset(store, "lat")
-    store.put_dir(tiny_sd_dir, "models", "sd")  # the model as a store path this time
-    out = train_classifier(
-        store, "txt", "lat", ARCH, _train_cfg(30), model="models/sd", text_cond=True, threads=1
-    )
-    record = load_classifier_config(out["uri"])
-    assert record["arch"]["cond_dim"] == 32 and record["latent"]["cond_dim"] == 32
-    assert record["latent"]["model"] == "models/sd"
-    assert set(record["metrics"]["train_accuracy_by_t"]) == {
-        "0-100",
-        "100-300",
-        "300-600",
-        "600-1000",
-    }
-    clf = load_classifier(out["uri"], expect_shape=(4, 8, 8))
-    assert clf.config.cond_dim == 32
-    logits = clf(torch.zeros(2, 4, 8, 8), torch.tensor([0, 5]), torch.randn(2, 32))
-    assert logits.shape == (2,)
-    with pytest.raises(ValueError, match="text-conditioned"):
-        clf(torch.zeros(2, 4, 8, 8), torch.tensor([0, 5]))
 
 
 def test_latents_of_another_shape_than_the_models_unet_are_refused(tiny_sd_dir, tmp_path):

@@ -38,7 +38,7 @@ SCALING_FITS: tuple[WidthFit, ...] = (
     WidthFit(base_channels=8, a=0.2186, k=1.23, n_max=1024, train_flops=1114496),
     WidthFit(base_channels=16, a=0.00222, k=1.746, n_max=4096, train_flops=3891968),
     WidthFit(base_channels=32, a=0.004236, k=1.611, n_max=4096, train_flops=14829056),
-    WidthFit(base_channels=64, a=0.03858, k=1.292, n_max=4096, train_flops=58231808),
+    WidthFit(base_channels=64, a=0.00267, k=1.654, n_max=16384, train_flops=58231808),
 )
 # steps = MARGIN x the fitted steps to 95%: the fit is at t < 100 with a constant learning rate, the
 # job trains on t < t_max (600 by default) with a cosine decay, and 95% is the least it should reach

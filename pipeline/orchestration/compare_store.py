@@ -42,6 +42,8 @@ def compare_demo_store(
     report = json.loads(store.read_bytes("report.json"))
     cfg = from_dict(DemoConfig, json.loads(store.read_bytes(PROVENANCE))["config"], "config")
     ccfg = from_dict(CompareConfig, {**to_dict(cfg.compare), **(overrides or {})}, "compare")
+    if not ccfg.contenders:
+        raise DataError("no contenders to compare (compare.contenders is empty)")
     sampler = dataclasses.replace(cfg.sampler, seed=cfg.seed + seed)
     if report.get("scenario") == "duplicates":
         run, dataset, classifier = RUN, DATASET, f"models/{RUN}-cluster/classifier"
@@ -60,8 +62,6 @@ def compare_demo_store(
         classifier, evaluator, holdout_sims, {}, cfg.sample_concurrency,
         max(1, cfg.ray_cpus // cfg.sample_concurrency),
     )  # fmt: skip
-    if not section:
-        raise DataError("no contenders to compare")
     section["seed_offset"] = seed
     name = f"comparison-seed{seed}"
     store.write_bytes(figures["comparison.png"], "reports", run, f"{name}.png")

@@ -54,3 +54,6 @@ def test_bad_flags_and_stores_are_refused_before_anything_is_written(job, tmp_pa
     with pytest.raises(ConfigError, match="num_samples must be > 0"):
         job.main(["--store", str(bad)])
     assert sorted(p.name for p in bad.iterdir()) == ["provenance.json", "report.json"]
+    off = _store(tmp_path / "off", {"samplers": {}}, {"compare": {"contenders": []}})
+    with pytest.raises(DataError, match="no contenders to compare"):
+        job.main(["--store", str(off)])

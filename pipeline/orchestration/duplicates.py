@@ -153,13 +153,12 @@ def run_duplicates(
             store, RUN, DATASET, folders, cfg.replicas, cfg.sample_concurrency
         )
     with timer.stage("evaluate"):
-        section, figures, evaluator = evaluate_scenario(
+        section, figures, evaluator, pixels = evaluate_scenario(
             store, cfg, runs, checked, base_rows, holdout, truth, clusters, classifiers
         )
     with timer.stage(
         "compare"
     ):  # CPSample here is the cluster-bit classifier, the one that protects
-        pixels = section.pop("_pixels")
         done = {"ddim": "ddim", "cpsample": "cpsample-cluster"}
         comparison, compare_figures = compare_samplers(
             store, RUN, DATASET, cfg.compare,
@@ -238,10 +237,10 @@ def _clusters_section(clusters, truth: dict[str, str]) -> dict[str, Any]:
 def evaluate_scenario(
     store: Store, cfg: DemoConfig, runs, checked, base_rows, holdout: ImageSet, truth, clusters,
     classifiers,
-) -> tuple[dict[str, Any], dict[str, bytes], Any]:  # fmt: skip
-    """The report's per-sampler table, the attacks, the classifiers' bit fit and the figures, and
-    the quality evaluator (None without labels). The section's ``_pixels`` (each sampler's images,
-    ordered like its replica rows) is for the comparison, not the report."""
+) -> tuple[dict[str, Any], dict[str, bytes], Any, dict[str, np.ndarray]]:  # fmt: skip
+    """The report's per-sampler table, the attacks, the classifiers' bit fit and the figures; the
+    quality evaluator (None without labels) and each sampler's images, ordered like its replica
+    rows, for the comparison."""
     from pipeline.evaluation.report import histogram_figure
     from pipeline.evaluation.shares import holdout_percentiles, threshold_free_shares
 
@@ -306,9 +305,8 @@ def evaluate_scenario(
         "quality_metric": "FD-domaincnn and the digit CNN's confident fraction"
         if evaluator
         else "none",
-        "_pixels": pixels_by,  # for the comparison; popped before the report is written
     }
-    return section, figures, evaluator
+    return section, figures, evaluator, pixels_by
 
 
 def _stats(sims: np.ndarray, threshold: float) -> dict[str, float]:

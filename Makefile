@@ -22,7 +22,7 @@ demo: venv
 PYTEST = rc=0; $(PY) -m pytest -q --durations=15 $(1) || rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests ($(1))" >&2; exit 1; fi; exit $$rc
 
 test: venv
-	$(call PYTEST,-m "not autoscaling")
+	$(call PYTEST,-n 2 --dist loadgroup --no-loadscope-reorder -m "not autoscaling")
 	$(call PYTEST,-m autoscaling)
 
 lint: venv

@@ -8,6 +8,42 @@ import torch
 
 from pipeline.core.config import ClassifierArchConfig, UNetConfig
 
+# ------------------------------------------------------------------ parallel runs (pytest-xdist)
+# Session fixtures that train or run something for minutes: with `-n 2 --dist loadgroup` (make test),
+# every test file that uses one of them runs on the same worker, so each is built once per run.
+SHARED_SESSION_FIXTURES = ("demo_quick_run", "demo_quick_store", "headline_models")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup``, one xdist group per test file, merged across the files that share
+    a costly session fixture; slow groups first, so that the last groups to start are short ones."""
+    if not config.getoption("loadgroup", default=False):
+        return
+    files: dict[str, str] = {}  # file -> group (union of files sharing a fixture)
+    by_fixture: dict[str, str] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        group = files.setdefault(path, path)
+        for name in SHARED_SESSION_FIXTURES:
+            if name in item.fixturenames:
+                other = by_fixture.setdefault(name, group)
+                if other != group:
+                    files.update({f: other for f, g in files.items() if g == group})
+                    by_fixture.update({n: other for n, g in by_fixture.items() if g == group})
+                    group = other
+    slow = {files[i.nodeid.split("::")[0]] for i in items if i.get_closest_marker("slow")}
+    slow |= set(by_fixture.values())
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(files[item.nodeid.split("::")[0]]))
+    order = {g: n for n, g in enumerate(dict.fromkeys(files.values()))}
+    items.sort(
+        key=lambda i: (
+            files[i.nodeid.split("::")[0]] not in slow,
+            order[files[i.nodeid.split("::")[0]]],
+        )
+    )
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _core_single_thread():

@@ -141,6 +141,7 @@ def _check_complete(tars: dict[str, bytes], sampler: str) -> None:
     assert keys == expected
 
 
+@pytest.mark.slow
 def test_sigkilled_job_on_loopback_s3_resumes_to_exactly_n_samples(
     s3_bucket, s3_env, job_denoiser, unfit_classifier, ray_tmp
 ):

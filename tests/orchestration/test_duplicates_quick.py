@@ -16,6 +16,8 @@ from pipeline.core.labels import holdout_roles
 from pipeline.data.shards import read_image_shards
 from pipeline.data.storage import open_store
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -22,6 +22,8 @@ from pipeline.orchestration.latent_demo import (
 )
 from pipeline.orchestration.replica_report import iter_per_sample
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -35,6 +35,8 @@ from pipeline.fanout.sampling import run_sampling
 from pipeline.orchestration.replica_report import iter_per_sample
 from pipeline.orchestration.stages import check_replicas, make_shards, train_classifier
 
+pytestmark = pytest.mark.slow
+
 TEMPLATE = "a handwritten {label}"
 DS = "dg"
 ARCH = ClassifierArchConfig(base_channels=8, channel_mults=(1, 2), time_embed_dim=8, num_groups=4)

@@ -112,6 +112,7 @@ def _foreign_unet_dir(path: Path, channels: int = 1) -> tuple[Path, torch.Tensor
     return path, betas
 
 
+@pytest.mark.slow
 def test_classifier_protects_foreign_unet_and_refuses_to_sample_unfit(
     ray_local, digits_store, tmp_path
 ):

@@ -14,12 +14,17 @@ from pipeline.core.config import ClassifierArchConfig, UNetConfig
 SHARED_SESSION_FIXTURES = ("demo_quick_run", "demo_quick_store", "headline_models")
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Under ``--dist loadgroup``, one xdist group per test file, merged across the files that share
-    a costly session fixture; slow groups first, so that the last groups to start are short ones."""
-    if not config.getoption("loadgroup", default=False):
-        return
+    a costly session fixture; slow groups first, so that the last groups to start are short ones.
+    A wrapper, so that the groups exist before xdist's own hook reads them."""
+    if config.getoption("loadgroup", default=False):
+        _group_by_file_and_shared_fixture(items)
+    return (yield)
+
+
+def _group_by_file_and_shared_fixture(items) -> None:
     files: dict[str, str] = {}  # file -> group (union of files sharing a fixture)
     by_fixture: dict[str, str] = {}
     for item in items:

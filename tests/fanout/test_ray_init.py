@@ -26,6 +26,8 @@ print("RESULT " + json.dumps({
     "gcs": ray.get_runtime_context().gcs_address,
     "webui_url": info["webui_url"],
     "niceness": os.environ.get("RAY_worker_niceness"),
+    "train": [os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"),
+              os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")],
 }))
 ray.shutdown()
 """
@@ -51,7 +53,33 @@ def test_init_ray_starts_a_private_local_instance_in_a_fresh_process(ray_local):
     starts its own 1-CPU instance instead of joining, with its dashboard on 127.0.0.1 and the
     worker niceness defaulting to 0."""
     parent_gcs = ray_local.get_runtime_context().gcs_address
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_worker_niceness")}
+    drop = ("RAY_ADDRESS", "RAY_worker_niceness", "CPSAMPLE_RAY_DASHBOARD")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RAY_TRAIN_")}
+    got = _child(env)
+    assert got["cpus"] == 1 and got["nodes"] == 1
+    assert got["gcs"] != parent_gcs  # not the instance this session started
+    host, _, port = got["webui_url"].rpartition(":")
+    assert host == "127.0.0.1" and port.isdigit()
+    assert got["niceness"] == "0"
+    # a one-machine instance: no preemption watcher, the Train controller polls every 0.5 s
+    assert got["train"] == ["0", "0.5"]
+    # the parent's own instance is untouched by the child's start and shutdown
+    assert ray_local.cluster_resources()["CPU"] == 2
+    assert "RAY_ADDRESS" not in env
+
+
+def test_init_ray_starts_no_dashboard_when_told(ray_local):
+    """``CPSAMPLE_RAY_DASHBOARD=0`` (the suite's jobs run so): no dashboard; settings the caller made
+    are kept."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(CPSAMPLE_RAY_DASHBOARD="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="3")
+    got = _child(env)
+    assert got["cpus"] == 1 and not got["webui_url"]
+    assert got["train"] == ["0", "3"]
+
+
+def _child(env: dict) -> dict:
+    """CHILD's RESULT line, run in a fresh interpreter with ``env``."""
     out = subprocess.run(
         [sys.executable, "-c", CHILD],
         cwd=ROOT,
@@ -62,12 +90,4 @@ def test_init_ray_starts_a_private_local_instance_in_a_fresh_process(ray_local):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    got = json.loads(line.removeprefix("RESULT "))
-    assert got["cpus"] == 1 and got["nodes"] == 1
-    assert got["gcs"] != parent_gcs  # not the instance this session started
-    host, _, port = got["webui_url"].rpartition(":")
-    assert host == "127.0.0.1" and port.isdigit()
-    assert got["niceness"] == "0"
-    # the parent's own instance is untouched by the child's start and shutdown
-    assert ray_local.cluster_resources()["CPU"] == 2
-    assert "RAY_ADDRESS" not in env
+    return json.loads(line.removeprefix("RESULT "))

@@ -39,10 +39,13 @@ VENV_BIN = Path(sys.executable).parent
 EXCLUDES = [".venv", ".git", "demo-out", "out", "build", "**/__pycache__", ".pytest_cache"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are picked."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _pids_with(marker: str) -> list[int]:
@@ -58,15 +61,16 @@ def _pids_with(marker: str) -> list[int]:
     return pids
 
 
-def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+def _stop_head(head: subprocess.Popen | None, temp_dir: str) -> None:
     """SIGTERM the head's process group, then SIGKILL what is left of it and of its temp dir."""
-    try:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(5)  # `ray start --block` may linger on SIGTERM: SIGKILL follows
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(head.pid, signal.SIGKILL)
+    if head is not None:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(5)  # `ray start --block` may linger on SIGTERM: SIGKILL follows
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
     deadline = time.time() + 20
     while (left := _pids_with(temp_dir)) and time.time() < deadline:
         for pid in left:
@@ -77,15 +81,16 @@ def _stop_head(head: subprocess.Popen, temp_dir: str) -> None:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A real head on 127.0.0.1 with 2 CPUs; yields (dashboard URL, client env)."""
-    temp_dir = f"/tmp/r{uuid.uuid4().hex[:8]}"  # socket paths must stay short
+class _PortTaken(Exception):
+    """The head exited: a port it was given was taken meanwhile."""
+
+
+def _start_head(log_path: Path, env: dict, temp_dir: str):
+    """``(process, dashboard URL)`` of a head on 127.0.0.1 with 2 CPUs once its dashboard answers;
+    ``(None, None)`` if it exited because a port it was given was taken."""
     # every port the head listens on is picked free: other Ray instances run on this machine
-    port, dash, client, agent, agent_grpc, metrics, env_agent = (_free_port() for _ in range(7))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is the venv's
-    with open(tmp_path / "head.log", "w") as log:
+    port, dash, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
+    with open(log_path, "w") as log:
         head = subprocess.Popen(
             [
                 str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2",
@@ -98,19 +103,50 @@ def ray_head(tmp_path):
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 150
     try:
-        deadline = time.time() + 150
-        while True:
-            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
-            try:  # the dashboard is up once it answers: 401, since token auth is on
-                urllib.request.urlopen(f"{url}/api/version", timeout=5)
-                raise AssertionError("the head answered without a token: auth is off")
-            except urllib.error.HTTPError as exc:
-                assert exc.code == 401, exc
+        return _wait_for_dashboard(head, log_path, url, deadline)
+    except _PortTaken:
+        _stop_head(head, temp_dir)
+        return None, None
+    except BaseException:
+        _stop_head(head, temp_dir)
+        raise
+
+
+def _wait_for_dashboard(head, log_path: Path, url: str, deadline: float):
+    while True:
+        if head.poll() is not None:
+            text = log_path.read_text()
+            if "port" in text and ("used by other components" in text or "in use" in text):
+                raise _PortTaken
+            raise AssertionError(text[-3000:])
+        try:  # the dashboard is up once it answers: 401, since token auth is on
+            urllib.request.urlopen(f"{url}/api/version", timeout=5)
+            raise AssertionError("the head answered without a token: auth is off")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 401, exc
+            return head, url
+        except OSError:
+            assert time.time() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A real head on 127.0.0.1 with 2 CPUs; yields (dashboard URL, client env)."""
+    temp_dir = f"/tmp/r{uuid.uuid4().hex[:8]}"  # socket paths must stay short
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is the venv's
+    head = None
+    try:
+        # another Ray on this machine (the suite runs two workers) may take a port between picking
+        # and binding it: the head then exits naming the port, and starts again on others
+        for attempt in range(3):
+            head, url = _start_head(tmp_path / f"head{attempt}.log", env, temp_dir)
+            if head is not None:
                 break
-            except OSError:
-                assert time.time() < deadline, "the Ray head did not come up"
-                time.sleep(1)
+        assert head is not None, (tmp_path / "head2.log").read_text()[-3000:]
         yield url, env, temp_dir
     finally:
         _stop_head(head, temp_dir)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.core.config import ClassifierArchConfig, UNetConfig
+from tests.ports import free_ports
 
 # ------------------------------------------------------------------ parallel runs (pytest-xdist)
 # Session fixtures that train or run something for minutes: with `-n 2 --dist loadgroup` (make test),
@@ -39,17 +40,13 @@ def _group_by_file_and_shared_fixture(items) -> None:
                     files.update({f: other for f, g in files.items() if g == group})
                     by_fixture.update({n: other for n, g in by_fixture.items() if g == group})
                     group = other
-    slow = {files[i.nodeid.split("::")[0]] for i in items if i.get_closest_marker("slow")}
+    group_of = {item.nodeid: files[item.nodeid.split("::")[0]] for item in items}
+    slow = {group_of[i.nodeid] for i in items if i.get_closest_marker("slow")}
     slow |= set(by_fixture.values())
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(files[item.nodeid.split("::")[0]]))
+        item.add_marker(pytest.mark.xdist_group(group_of[item.nodeid]))
     order = {g: n for n, g in enumerate(dict.fromkeys(files.values()))}
-    items.sort(
-        key=lambda i: (
-            files[i.nodeid.split("::")[0]] not in slow,
-            order[files[i.nodeid.split("::")[0]]],
-        )
-    )
+    items.sort(key=lambda i: (group_of[i.nodeid] not in slow, order[group_of[i.nodeid]]))
 
 
 # The jobs the tests start as processes need no Ray dashboard (pipeline.fanout.ray_init): about
@@ -124,14 +121,6 @@ def digits_store(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------ S3 on loopback (moto)
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 HTTP API (moto in server mode) on 127.0.0.1; yields its endpoint URL.
@@ -141,7 +130,7 @@ def s3_server():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    (port,) = free_ports()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

@@ -18,7 +18,8 @@ import pytest
 
 from pipeline.data.s3 import resolve_endpoint, resolve_s3_access
 from pipeline.data.storage import ObjectNotFound, StorageError, open_store
-from tests.conftest import S3_TEST_ENV, _free_port
+from tests.conftest import S3_TEST_ENV
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = (S3_TEST_ENV["AWS_ACCESS_KEY_ID"], S3_TEST_ENV["AWS_SECRET_ACCESS_KEY"])
@@ -259,7 +260,7 @@ def test_invalid_bucket_name_and_scheme():
 
 
 def test_unreachable_endpoint(s3_env):
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_ports()[0]}"
     t0 = time.perf_counter()
     with pytest.raises(StorageError, match=rf"S3 endpoint {dead} is unreachable"):
         open_store("s3://some-bucket/x", s3_endpoint=dead)
@@ -280,7 +281,7 @@ def test_make_shards_job_missing_bucket_exits_2(s3_env):
 @pytest.fixture(scope="module")
 def strict_s3_server():
     """A second moto server, in its own process, that refuses unknown access keys."""
-    port = _free_port()
+    (port,) = free_ports()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],

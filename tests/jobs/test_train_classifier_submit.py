@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pipeline.core.config import UNetConfig
 from pipeline.core.diffusion import linear_schedule
 from pipeline.core.models import build_unet, load_classifier, load_classifier_config, save_denoiser
 from pipeline.train.workers import read_checkpoint
+from tests.ports import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 # what `--working-dir .` must never upload (Ray also honours .gitignore; these make it explicit)
 EXCLUDES = [".venv", ".git", "demo-out", "out", "build", "**/__pycache__", ".pytest_cache"]
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: every socket stays bound until all are picked."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def _pids_with(marker: str) -> list[int]:
@@ -89,7 +80,7 @@ def _start_head(log_path: Path, env: dict, temp_dir: str):
     """``(process, dashboard URL)`` of a head on 127.0.0.1 with 2 CPUs once its dashboard answers;
     ``(None, None)`` if it exited because a port it was given was taken."""
     # every port the head listens on is picked free: other Ray instances run on this machine
-    port, dash, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
+    port, dash, client, agent, agent_grpc, metrics, env_agent = free_ports(7)
     with open(log_path, "w") as log:
         head = subprocess.Popen(
             [

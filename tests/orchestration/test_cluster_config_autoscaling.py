@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 AWS_YAML = ROOT / "cluster" / "aws.yaml"
@@ -54,22 +55,9 @@ class FakeCluster:
         return f"127.0.0.1:{self.port}"
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def start_fake_cluster(config: dict, workdir: Path, timeout_s: float = 90.0) -> FakeCluster:
     """``ray start --head --block`` with the fake provider; returns once the head is up."""
-    port, dash, client, agent = _free_ports(4)
+    port, dash, client, agent = free_ports(4)
     from pipeline.orchestration.cluster_config import FAKE_HEAD_NODE_TYPE, fake_autoscaling_config
 
     fake = fake_autoscaling_config(config, f"127.0.0.1:{port}")

@@ -9,7 +9,8 @@ r"""Generate samples, plain DDIM or CPSample-protected, as WebDataset shards wit
 
 Each shard is one task with seeds derived from (seed, shard, index): the images do not depend on the
 number of actors. Shards are written atomically to samples/<run>/<sampler>/; a rerun skips complete ones
-(checked: the tar parses, its members carry this run's settings and their recorded count). Every sample
+(checked by the driver: the tar parses, its members carry this run's settings and their recorded count;
+only the other shards go to actors, so a finished run's rerun starts none). Every sample
 records the digests of the denoiser and classifier directories and of the sampler settings: a rerun
 into a folder whose shards (any of them) were drawn from other models or settings exits 2 naming what
 changed; --overwrite discards them instead. Every sample also records the plain sampler settings

@@ -14,7 +14,7 @@ classifier on each image's pooled text embedding (cond_dim = the manifest's late
     python jobs/train_classifier.py --store out --dataset digits-latents --model /models/sd --text-cond
 
 Checkpoints go to <store>/checkpoints/<run>-classifier (rerunning the same command continues from the
-latest one; with another config, data or denoiser it exits 2 naming what changed, or --overwrite starts
+latest one, or, when that one is final, exports it again without starting Ray; with another config, data or denoiser it exits 2 naming what changed, or --overwrite starts
 afresh); the final model to <store>/models/<run>/classifier (model.safetensors with the architecture
 in its metadata, plus config.json with the fit metrics: accuracy by t-range, held-out-bit accuracy,
 Lipschitz proxy, and which bits it trained on; and its model card "fit": accuracy and mean |p - 1/2|
@@ -94,7 +94,6 @@ def main() -> None:
     arch = override(cfg["arch"], base_channels=args.base_channels)
     from pipeline.data.handle import open_dataset
     from pipeline.data.storage import open_store
-    from pipeline.fanout.ray_init import init_ray
     from pipeline.orchestration.stages import train_classifier
 
     store = open_store(args.store, args.s3_endpoint)
@@ -106,7 +105,8 @@ def main() -> None:
         width_given=args.base_channels is not None or "base_channels" in given["arch"],
     )  # fmt: skip
     print(line, flush=True)
-    init_ray(num_cpus=args.ray_cpus)  # joins the cluster of `ray job submit` through RAY_ADDRESS
+    # Ray starts (or joins the cluster of `ray job submit` through RAY_ADDRESS) only when there is
+    # something to train: a finished run's rerun exports its final checkpoint without it
     out = train_classifier(
         store,
         args.run,
@@ -118,6 +118,7 @@ def main() -> None:
         overwrite=args.overwrite,
         model=args.model,
         text_cond=args.text_cond,
+        ray_cpus=args.ray_cpus,
     )
     print(f"classifier: {out['uri']}  metrics: {out['metrics']}")
     print(fit_line(out.get("fit")))

@@ -6,7 +6,8 @@ r"""Train the diffusers UNet2DModel denoiser with Ray Train on data/<dataset>/tr
 
 Checkpoints (safetensors model + EMA, optimizer, state.json with the resolved config) go to
 <store>/checkpoints/<run>-denoiser; a run killed mid-way continues from its latest checkpoint when the
-same command (same --run and --store) is run again. A rerun with another config (beyond --num-workers,
+same command (same --run and --store) is run again, and a finished run's final checkpoint is exported
+again without starting Ray or reading a shard. A rerun with another config (beyond --num-workers,
 --use-gpu, --max-failures, --num-to-keep, --checkpoint-every) or other data exits 2 naming what changed;
 --overwrite discards the old checkpoints instead. The EMA model is exported to
 <store>/models/<run>/denoiser (save_pretrained + scheduler_config.json + run_config.json). On CUDA the
@@ -39,14 +40,15 @@ def main() -> None:
     cfg = load_sections(args.config, {"unet": UNetConfig, "train": DenoiserTrainConfig})
     train = override(cfg["train"], **train_overrides(args))
     from pipeline.data.storage import open_store
-    from pipeline.fanout.ray_init import init_ray
     from pipeline.orchestration.stages import train_denoiser
 
     store = open_store(args.store, args.s3_endpoint)
-    init_ray(num_cpus=args.ray_cpus)  # joins the cluster of `ray job submit` through RAY_ADDRESS
+    # Ray starts (or joins the cluster of `ray job submit` through RAY_ADDRESS) only when there is
+    # something to train: a finished run's rerun exports its final checkpoint without it
     out = train_denoiser(
-        store, args.run, args.dataset, cfg["unet"], train, args.threads, overwrite=args.overwrite
-    )
+        store, args.run, args.dataset, cfg["unet"], train, args.threads,
+        overwrite=args.overwrite, ray_cpus=args.ray_cpus,
+    )  # fmt: skip
     print(f"denoiser: {out['uri']}  metrics: {out['metrics']}")
 
 

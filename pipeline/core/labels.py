@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -67,3 +68,12 @@ def holdout_roles(keys: list[str], n_bits: int, label_seed: int) -> tuple[list[i
     for i, k in enumerate(keys):
         (trained if is_trained_holdout(k, label_seed, fraction) else never).append(i)
     return trained, never
+
+
+def holdout_info(info: dict[str, Any] | None, holdout_images: int) -> dict[str, Any] | None:
+    """The held-out split's ``info`` (``pipeline.train.ingest.split_info``) with the share of it trained on with bits:
+    ``fraction`` (``holdout_fraction(holdout_images, rows)``) and ``bits``, the expected bit rows."""
+    if info is None:
+        return None
+    fraction = holdout_fraction(holdout_images, info["rows"])
+    return {**info, "fraction": fraction, "bits": round(info["rows"] * fraction)}

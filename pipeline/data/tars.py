@@ -17,6 +17,13 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.imageset import DataError, ImageSet, fit_square, stack_images
 
+IMAGE_EXTS = (
+    "png",
+    "jpg",
+    "jpeg",
+    "webp",
+)  # the image members a sample may have, in preference order
+
 
 def encode_png(image: np.ndarray) -> bytes:
     """(H, W, C) uint8 -> PNG bytes (mode L or RGB)."""
@@ -72,7 +79,7 @@ def _tar_members(data: bytes, name: str) -> dict[str, dict[str, bytes]]:
 
 
 def _decode(parts: dict[str, bytes], key: str, name: str) -> Image.Image:
-    ext = next((e for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+    ext = next((e for e in IMAGE_EXTS if e in parts), None)
     if ext is None:
         raise DataError(f"{name}: sample {key!r} has no image member (found {sorted(parts)})")
     try:
@@ -94,6 +101,20 @@ def _meta(parts: dict[str, bytes], key: str, name: str) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         raise DataError(f"{name}: sample {key!r} has unreadable .json/.cls/.txt metadata") from None
     return meta
+
+
+def read_records(data: bytes, name: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """The sorted keys of one WebDataset tar and each key's JSON record (as :func:`read_tar` reads
+    them), without decoding an image: every key must still have an image member. A truncated or
+    corrupt tar raises :class:`DataError`."""
+    groups = _tar_members(data, name)
+    keys = sorted(groups)
+    for key in keys:
+        if not any(e in groups[key] for e in IMAGE_EXTS):
+            raise DataError(
+                f"{name}: sample {key!r} has no image member (found {sorted(groups[key])})"
+            )
+    return keys, [_meta(groups[k], k, name) for k in keys]
 
 
 def read_tar(data: bytes, name: str, image_size: int | None = None) -> ImageSet:

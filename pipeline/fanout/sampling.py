@@ -3,7 +3,8 @@
 Sampling: one row per output shard; an actor generates the shard's samples (seeds derived from
 (run seed, shard, index), so the images do not depend on the number of actors) and writes the
 WebDataset tar atomically. A rerun skips shards that are complete: the tar parses, every member
-carries this run's settings fingerprint, and the member count matches the shard's record. Guard mode
+carries this run's settings fingerprint, and the member count matches the shard's record (checked in
+the driver: only the other shards go to the actors). Guard mode
 (``SamplerConfig.guard``) checks every sample against the stored replica index of the training images
 (:mod:`pipeline.fanout.replica_index`: built once, loaded by each actor; exact below
 ``ReplicaConfig.exact_max_images``, else IVF re-ranked exactly, with measured decision agreement) and
@@ -27,22 +28,26 @@ import torch
 from pipeline.core.config import ConfigError, ReplicaConfig, SamplerConfig, from_dict
 from pipeline.core.sampler import derive_seed, sample, unet_denoiser
 from pipeline.data.handle import DatasetHandle, as_handle
-from pipeline.data.imageset import DataError, ImageSet, images_from_tensor
+from pipeline.data.imageset import images_from_tensor
 from pipeline.data.layout import samples_folder
 from pipeline.data.parallel import gpus_never_come
 from pipeline.data.provenance import StaleArtifactError, changed_inputs, value_digest
 from pipeline.data.shards import shard_name
 from pipeline.data.storage import Store, open_store
-from pipeline.data.tars import build_tar, encode_png, read_tar
+from pipeline.data.tars import build_tar, encode_png
 from pipeline.fanout.amg_index import index_guidance, open_guard_index
 from pipeline.fanout.index import GuardIndex
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.fanout.resume import (
     check_existing_run,
+    completed_shards,
+    nanmax,
     open_models,
     run_fingerprint,
+    sample_key,
     sampler_settings,
     sampling_provenance,
+    shard_row,
 )
 
 log = logging.getLogger(__name__)
@@ -64,30 +69,6 @@ def sample_seed(run_seed: int, shard: int, index: int, attempt: int = 0) -> int:
     if attempt == 0:
         return derive_seed("sample", run_seed, shard, index)
     return derive_seed("sample", run_seed, shard, index, "guard", attempt)
-
-
-def sample_key(sampler: str, shard: int, index: int) -> str:
-    return f"{sampler}-{shard:06d}-{index:05d}"
-
-
-def shard_is_complete(
-    shard: ImageSet, cfg: SamplerConfig, index: int, count: int, fingerprint: str
-) -> bool:
-    """A written shard counts as complete when every member carries this run's fingerprint, the member
-    count equals the ``shard_members`` each member records, each records ``count`` as ``shard_planned``
-    (a grown run plans more), the keys are this shard's, and (without guard mode, where rejected slots
-    may stay empty) all ``count`` samples are present."""
-    if not shard.meta or len(shard.meta) != len(shard.keys):
-        return False
-    expected = {sample_key(cfg.sampler, index, i) for i in range(count)}
-    if not set(shard.keys) <= expected:
-        return False
-    for m in shard.meta:
-        if m.get("run_fingerprint") != fingerprint or m.get("shard_members") != len(shard.keys):
-            return False
-        if m.get("shard_planned") != count:  # guard shards may be short: the plan must match
-            return False
-    return cfg.guard is not None or len(shard.keys) == count
 
 
 class ShardSampler:
@@ -193,7 +174,7 @@ class ShardSampler:
                         continue
                     meta.update(guard_threshold=cfg.guard, guard_nn_similarity=float(sims[j]),
                                 guard_nn_key=self.guard_keys[int(nn[j])])  # fmt: skip
-                    max_sim = _nanmax([max_sim, sims[j]])
+                    max_sim = nanmax([max_sim, sims[j]])
                 shipped[i] = (sample_key(cfg.sampler, shard, i), encode_png(d["image"]), meta)
             pending = retry
         records = [shipped[i] for i in sorted(shipped)]
@@ -201,59 +182,28 @@ class ShardSampler:
             meta.update(shard_members=len(records), shard_planned=count, shard_rejected=rejected)
         return records, {"rejected": rejected, "max_guard_similarity": max_sim}
 
-    def _existing(self, shard: int, count: int) -> ImageSet | None:
-        name = shard_name(shard)
-        if not self.store.exists(self.out_folder, name):
-            return None
-        try:
-            existing = read_tar(self.store.read_bytes(self.out_folder, name), name)
-        except DataError as exc:
-            log.warning("rewriting %s: %s", name, exc)
-            return None
-        if not shard_is_complete(existing, self.cfg, shard, count, self.fingerprint):
-            log.warning("rewriting incomplete or foreign shard %s", name)
-            return None
-        return existing
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Draw and write the batch's shards (the driver sent only those not complete yet:
+        :func:`pipeline.fanout.resume.completed_shards`); one summary row per shard."""
         rows: list[dict[str, Any]] = []
         for shard, count in zip(batch["shard"].tolist(), batch["count"].tolist()):
             t0 = time.time()
-            existing = self._existing(shard, count)
-            if existing is not None:  # resume: reuse the complete shard's own record
-                metas = existing.meta
-                stats = {
-                    "rejected": int(metas[0].get("shard_rejected", 0)),
-                    "max_guard_similarity": _nanmax(m.get("guard_nn_similarity") for m in metas),
-                    "seconds": float(metas[0].get("shard_seconds", float("nan"))),
-                }
-            else:
-                records, stats = self._generate(shard, count)
-                metas = [m for _, _, m in records]
-                # drawing it, redraws included; recorded, so that a rerun reports the same sum
-                stats["seconds"] = round(time.time() - t0, 4)
-                for m in metas:
-                    m["shard_seconds"] = stats["seconds"]
-                # a shard whose every slot was rejected is not written (it is redone on resume)
-                if records:
-                    self.store.write_bytes(build_tar(records), self.out_folder, shard_name(shard))
-            fired = sum(m["guidance_steps_fired"] / max(m["steps"], 1) for m in metas)
-            rows.append({
-                "shard": shard, "count": count, "shipped": len(metas),
-                "skipped": existing is not None, "fired_fraction_sum": fired,
-                "t_start": t0, "t_end": time.time(), **stats,
-            })  # fmt: skip
+            records, stats = self._generate(shard, count)
+            metas = [m for _, _, m in records]
+            # drawing it, redraws included; recorded, so that a rerun reports the same sum
+            stats["seconds"] = round(time.time() - t0, 4)
+            for m in metas:
+                m["shard_seconds"] = stats["seconds"]
+            # a shard whose every slot was rejected is not written (it is redone on resume)
+            if records:
+                self.store.write_bytes(build_tar(records), self.out_folder, shard_name(shard))
+            rows.append(shard_row(shard, count, metas, stats, skipped=False, t_start=t0))
         return {k: np.asarray([r[k] for r in rows]) for k in rows[0]}
 
 
 def _summed_seconds(rows: list[dict[str, Any]]) -> float | None:
     seconds = [float(r["seconds"]) for r in rows]
     return None if any(np.isnan(v) for v in seconds) else float(sum(seconds))
-
-
-def _nanmax(values) -> float:
-    finite = [float(v) for v in values if v is not None and not np.isnan(float(v))]
-    return max(finite) if finite else float("nan")
 
 
 def _placement(
@@ -305,8 +255,10 @@ def run_sampling(
 
     The models are loaded and digested once in the driver first, so a missing or mismatched checkpoint
     fails before any actor starts. Existing shards are resumed only when every one was made from the
-    same models, settings and guard data (:func:`check_existing_run`); ``overwrite`` deletes them
-    first. ``gpus_per_actor=None`` means 1 with ``use_gpu`` or when the cluster has GPUs, else 0;
+    same models, settings and guard data (:func:`check_existing_run`); the complete ones are
+    summarised from their records in the driver (:func:`pipeline.fanout.resume.completed_shards`) and
+    only the others go to the actors, so a finished run's rerun starts none. ``overwrite`` deletes
+    them first. ``gpus_per_actor=None`` means 1 with ``use_gpu`` or when the cluster has GPUs, else 0;
     fractions (0.25) pack several actors on one GPU. Guard mode needs ``guard_dataset``: the training
     shards under ``data/<guard_dataset>/train`` that no shipped sample may copy (a name, or a handle).
 
@@ -351,19 +303,27 @@ def run_sampling(
         rcfg = ReplicaConfig(embedding=sampler.guard_embedding, use_gpu=use_gpu)
         guard_sidecar = ensure_replica_index(store, guard.dataset, rcfg, s3_endpoint)
         guard_ref = index_spec(store, guard.dataset, rcfg, guard_sidecar)
-    ds = ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
-        family.actor,
-        fn_constructor_kwargs={**family.settings,
-            "store_uri": store_uri, "denoiser": denoiser, "classifier": classifier,
-            "sampler": dataclasses.asdict(sampler), "out_folder": folder, "threads": threads,
-            "s3_endpoint": s3_endpoint, "guard_spec": guard_ref, "provenance": provenance,
-        },
-        # one shard in flight per actor: shards are long, so they go to whichever actor is free
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=concurrency, max_tasks_in_flight_per_actor=1),
-        num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
-    )  # fmt: skip
-    rows = sorted(ds.take_all(), key=lambda r: int(r["shard"]))
+    # complete shards are summarised from their records by the driver; only the rest go to actors
+    done = completed_shards(store, folder, plan, sampler, run_fingerprint(provenance))
+    todo = [r for r in plan if r["shard"] not in done]
+    rows = list(done.values())
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            family.actor,
+            fn_constructor_kwargs={**family.settings,
+                "store_uri": store_uri, "denoiser": denoiser, "classifier": classifier,
+                "sampler": dataclasses.asdict(sampler), "out_folder": folder, "threads": threads,
+                "s3_endpoint": s3_endpoint, "guard_spec": guard_ref, "provenance": provenance,
+            },
+            # one shard in flight per actor: shards are long, so they go to whichever actor is free
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(
+                size=min(concurrency, len(todo)), max_tasks_in_flight_per_actor=1
+            ),
+            num_cpus=cpus_per_actor, num_gpus=gpus_per_actor,
+        )  # fmt: skip
+        rows += ds.take_all()
+    rows.sort(key=lambda r: int(r["shard"]))
     summary = _sampling_summary(rows, sampler, folder)
     if guard_sidecar is not None and sampler.guard is not None:
         summary["guard"].update(_guard_index_summary(guard_sidecar, sampler))
@@ -433,7 +393,7 @@ def _sampling_summary(
         ),
     }
     if cfg.guard is not None:
-        max_sim = _nanmax(r["max_guard_similarity"] for r in rows)
+        max_sim = nanmax(r["max_guard_similarity"] for r in rows)
         unfilled = sum(int(r["count"]) - int(r["shipped"]) for r in rows)  # planned - shipped
         out["guard"] = {
             "threshold": cfg.guard,

@@ -12,7 +12,8 @@ for each sample shard ``<stem>.tar``::
     <stem>.summary.json   written last: counts, histogram, k closest pairs, the inputs scored with
 
 A rerun (a killed check) skips every shard whose summary records the same inputs and whose stored
-bytes are the ones the summary records; other inputs (index build, threshold, percentiles, search
+bytes are the ones the summary records (checked in the driver: only the other shards go to the actors,
+so a finished check's rerun starts none); other inputs (index build, threshold, percentiles, search
 settings, samples) rescore it. Memory per actor: one shard's images and results, and the index.
 """
 
@@ -24,6 +25,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +125,18 @@ def _resumable(job: ScoreJob, shard: str) -> ShardSummary | None:
     if job.store.sha256(job.folder, shard) != prior.shard_sha256:
         return None
     return prior if job.store.exists(job.out, part_names(shard)[0]) else None
+
+
+def _resumable_in_driver(
+    job: ScoreJob, names: list[str], threads: int = 8, chunk: int = 64
+) -> Iterator[tuple[str, ShardSummary | None]]:
+    """``(shard, its stored summary when it can stand, else None)`` for every name: checked in the
+    driver (:func:`_resumable`: a summary, a hash and an existence check per shard), ``threads`` at a
+    time and ``chunk`` names at a time, so the driver holds at most ``chunk`` summaries."""
+    with ThreadPoolExecutor(threads) as pool:
+        for lo in range(0, len(names), chunk):
+            part = names[lo : lo + chunk]
+            yield from zip(part, pool.map(lambda n: _resumable(job, n), part))
 
 
 def score_shard(
@@ -226,7 +240,8 @@ def iter_shard_summaries(
 ) -> Iterator[ShardSummary]:
     """Score every shard under ``folder`` with a Ray Data actor pool (:class:`ShardScorer`), writing
     each shard's part and summary under ``out``; yields each shard's summary as it arrives (the
-    driver never receives per-sample rows, and need not keep the summaries). Shards already scored with the same inputs are resumed.
+    driver never receives per-sample rows, and need not keep the summaries). Shards already scored with
+    the same inputs are resumed by the driver, which yields their stored summaries first.
 
     ``spec_ref``: :func:`pipeline.fanout.replica_index.index_spec` (or its ObjectRef), or a dataset
     name whose index is ensured first. ``percentiles``: the held-out percentiles, known before
@@ -246,21 +261,27 @@ def iter_shard_summaries(
         raise DataError(f"no shards under {store.uri_of(folder)}")
     spec = resolve_ref(spec_ref)
     job = score_job(store, folder, out, spec, replicas, percentiles, samples, annotate)
-    gpus = scorer_gpus(replicas.use_gpu)
-    ds = ray.data.from_items([{"shard": n} for n in names], override_num_blocks=len(names))
-    ds = ds.map_batches(
-        ShardScorer, fn_constructor_kwargs={"job": job}, batch_size=1,  # a shard per call
-        compute=ray.data.ActorPoolStrategy(
-            size=scorer_pool(concurrency), max_tasks_in_flight_per_actor=1
-        ),
-        num_cpus=1, num_gpus=gpus,
-    )  # fmt: skip
+    todo = []
+    for name, prior in _resumable_in_driver(job, names):
+        if prior is None:
+            todo.append(name)
+        else:
+            yield prior
     scored = 0
-    for row in ds.iter_rows():
-        if row["error"]:
-            raise {e.__name__: e for e in OWN_ERRORS}[str(row["error"])](str(row["message"]))
-        scored += bool(row["scored"])
-        yield ShardSummary.from_json(row["summary"])
+    if todo:  # only the shards not scored yet go to the actors
+        ds = ray.data.from_items([{"shard": n} for n in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            ShardScorer, fn_constructor_kwargs={"job": job}, batch_size=1,  # a shard per call
+            compute=ray.data.ActorPoolStrategy(
+                size=min(scorer_pool(concurrency), len(todo)), max_tasks_in_flight_per_actor=1
+            ),
+            num_cpus=1, num_gpus=scorer_gpus(replicas.use_gpu),
+        )  # fmt: skip
+        for row in ds.iter_rows():
+            if row["error"]:
+                raise {e.__name__: e for e in OWN_ERRORS}[str(row["error"])](str(row["message"]))
+            scored += bool(row["scored"])
+            yield ShardSummary.from_json(row["summary"])
     log.info("%d shards under %s: %d scored, %d resumed", len(names), store.uri_of(folder),
              scored, len(names) - scored)  # fmt: skip
     _remove_stale_parts(store, out, names)

@@ -6,7 +6,6 @@ actor pool) -> check_replicas (Ray Data + FAISS). Every stage works on a local f
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,18 +21,21 @@ from pipeline.core.config import (
     to_dict,
 )
 from pipeline.core.diffusion import linear_schedule
+from pipeline.core.labels import holdout_info
 from pipeline.core.models import NoiseClassifier, build_unet, save_classifier, save_denoiser
 from pipeline.data.handle import DatasetHandle, as_handle
 from pipeline.data.imageset import ImageSet
 from pipeline.data.layout import data_folder
-from pipeline.data.provenance import PROVENANCE, require_same, value_digest, write_provenance
+from pipeline.data.provenance import value_digest, write_provenance
 from pipeline.data.shards import write_dataset
 from pipeline.data.storage import Store
 from pipeline.fanout.index import ReplicaStats, replica_stats
+from pipeline.fanout.ray_init import init_ray
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.orchestration.labels import labels_record, resolve_labels
 from pipeline.orchestration.protect import check_image_shape, classifier_target
 from pipeline.train.ingest import holdout_datasets, split_info, training_dataset
+from pipeline.train.run_state import claim_checkpoints, finished_line, finished_run
 from pipeline.train.workers import classifier_worker, denoiser_worker, read_checkpoint
 
 
@@ -135,27 +137,6 @@ def training_provenance(
     return {"config": value_digest(learned), "data": data, **inputs}
 
 
-def claim_checkpoints(
-    store: Store, name: str, provenance: dict[str, Any], overwrite: bool = False
-) -> None:
-    """Make ``checkpoints/<name>`` this run's before Ray Train resumes from it.
-
-    Existing checkpoints are resumed only when the ``provenance.json`` beside them records the same
-    inputs; otherwise :class:`pipeline.data.provenance.StaleArtifactError` names what changed (a run
-    from before provenance existed has no record and is refused too). ``overwrite`` deletes them
-    first. Then the record is written, so the checkpoints that follow are known to be this run's."""
-    folder = ("checkpoints", name)
-    if overwrite:
-        store.delete_dir(*folder)
-    elif store.exists(*folder):
-        recorded = None
-        if store.exists(*folder, PROVENANCE):
-            recorded = json.loads(store.read_bytes(*folder, PROVENANCE)).get("provenance")
-        require_same(f"the checkpoints under {store.uri_of(*folder)}", recorded, provenance)
-    record = json.dumps({"provenance": provenance}, indent=2, sort_keys=True)
-    store.write_bytes(record.encode(), *folder, PROVENANCE)
-
-
 def _fit(
     worker,
     config: dict,
@@ -206,27 +187,38 @@ def train_denoiser(
     threads: int = 1,
     loop_config: dict[str, Any] | None = None,
     overwrite: bool = False,
+    ray_cpus: int | None = None,
 ) -> dict[str, Any]:
     """Ray Train the denoiser on ``data/<dataset>/train``; export the EMA weights to the store layout.
 
     A run with the same ``run`` and store continues from its latest checkpoint (Ray Train V2 restores
     ``checkpoints/<run>-denoiser``) when its config and data are the same (:func:`claim_checkpoints`;
     ``overwrite`` starts afresh). The checkpoints and the exported model record those inputs
-    (``state.json``, ``provenance.json``). ``loop_config``: extra worker-loop keys (``step_delay_s``
+    (``state.json``, ``provenance.json``). A rerun of a finished run (its latest checkpoint is final
+    and made from the same inputs: :func:`pipeline.train.run_state.finished_run`) exports that
+    checkpoint again without starting Ray or reading a shard. Otherwise Ray starts here
+    (``init_ray(num_cpus=ray_cpus)``, a no-op when it runs already). ``loop_config``: extra worker-loop keys (``step_delay_s``
     for fault-injection tests). ``dataset``: a name, or a handle the caller opened (the manifest is
     read once: :func:`pipeline.data.handle.open_dataset`)."""
     ds = as_handle(store, dataset)
     config, inputs, provenance = denoiser_plan(ds, unet, train)
     schedule = linear_schedule()
-    datasets = {"train": training_dataset(store, ds.split("train"), train.seed, ds.manifest)}
-    claim_checkpoints(store, f"{run}-denoiser", provenance, overwrite)
-    loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
-    result = _fit(
-        denoiser_worker, loop, datasets, train,
-        _run_config(store, f"{run}-denoiser", train.num_to_keep, train.max_failures), threads,
-    )  # fmt: skip
-    with result.checkpoint.as_directory() as d:
-        tensors, state, _ = read_checkpoint(d)
+    done = None if overwrite else finished_run(store, f"{run}-denoiser", provenance, train.steps)
+    if done is not None:
+        print(finished_line("denoiser", done), flush=True)
+        tensors, state, metrics = done.tensors, done.state, done.metrics
+    else:
+        init_ray(num_cpus=ray_cpus)
+        datasets = {"train": training_dataset(store, ds.split("train"), train.seed, ds.manifest)}
+        claim_checkpoints(store, f"{run}-denoiser", provenance, overwrite)
+        loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
+        result = _fit(
+            denoiser_worker, loop, datasets, train,
+            _run_config(store, f"{run}-denoiser", train.num_to_keep, train.max_failures), threads,
+        )  # fmt: skip
+        with result.checkpoint.as_directory() as d:
+            tensors, state, _ = read_checkpoint(d)
+        metrics = dict(result.metrics or {})
     model = build_unet(unet)
     model.load_state_dict(tensors["ema"])
     run_config = {
@@ -240,7 +232,7 @@ def train_denoiser(
         save_denoiser(model, Path(tmp) / "denoiser", run_config, schedule)
         write_provenance(Path(tmp) / "denoiser", provenance)
         store.put_dir(Path(tmp) / "denoiser", "models", run, "denoiser")
-    return {"uri": store.uri_of("models", run, "denoiser"), "metrics": dict(result.metrics or {})}
+    return {"uri": store.uri_of("models", run, "denoiser"), "metrics": metrics}
 
 
 class ClassifierPlan(NamedTuple):
@@ -295,6 +287,7 @@ def train_classifier(
     overwrite: bool = False,
     model: str | None = None,
     text_cond: bool = False,
+    ray_cpus: int | None = None,
 ) -> dict[str, Any]:
     """Ray Train the random-label classifier on the training images plus ``holdout_images`` held-out
     images with their own bits; the remaining held-out images are never seen and measure calibration.
@@ -318,34 +311,20 @@ def train_classifier(
     """
     ds = as_handle(store, dataset)
     plan = classifier_plan(ds, arch, train, schedule_betas, denoiser, model, text_cond)
-    target, config, provenance = plan.target, plan.config, plan.provenance
+    target, provenance = plan.target, plan.provenance
     labels, clusters = plan.labels, plan.clusters
-    # the held-out roles are a keyed hash of each key (``is_trained_holdout``), applied in Ray Data
-    # before the split: "holdout" holds the rows trained on with their bits, "never" at most
-    # metrics_samples never-seen rows for rank 0's fit metrics
-    bits, never, held = holdout_datasets(
-        store, ds.split("holdout"), train.label_seed, train.holdout_images,
-        train.metrics_samples, train.seed, ds.manifest,
-    )  # fmt: skip
-    datasets = {
-        "train": training_dataset(store, ds.split("train"), train.seed, ds.manifest),
-        "holdout": bits,
-        "never": never,
-    }
-    inputs = {"train": split_info(ds.manifest, "train"), "holdout": held}
-    claim_checkpoints(store, f"{run}-classifier", provenance, overwrite)
-    loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
-    loop["label_of"] = clusters.label_of if clusters is not None else None  # cluster bits
-    # how the model reads its schedule: recorded beside the betas' digest (the denoiser's or the
-    # model's digest in the provenance already covers it)
-    loop["reading"] = target.reading
-    result = _fit(
-        classifier_worker, loop, datasets, train,
-        _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
-        split=["train", "holdout"],
-    )  # fmt: skip
-    with result.checkpoint.as_directory() as d:
-        tensors, state, _ = read_checkpoint(d)
+    held = holdout_info(split_info(ds.manifest, "holdout"), train.holdout_images)
+    done = None
+    if not overwrite and held is not None:
+        done = finished_run(store, f"{run}-classifier", provenance, train.steps)
+    if done is not None:
+        print(finished_line("classifier", done), flush=True)
+        tensors, state = done.tensors, done.state
+    else:
+        init_ray(num_cpus=ray_cpus)
+        tensors, state, held = _fit_classifier(
+            store, run, ds, plan, train, threads, loop_config, overwrite
+        )
     model = NoiseClassifier(target.arch)
     model.load_state_dict(tensors["model"])
     run_config = {
@@ -373,6 +352,42 @@ def train_classifier(
         "metrics": state.get("metrics", {}),
         "fit": state.get("fit"),
     }
+
+
+def _fit_classifier(
+    store: Store, run: str, ds: DatasetHandle, plan: ClassifierPlan, train: ClassifierTrainConfig,
+    threads: int, loop_config: dict[str, Any] | None, overwrite: bool,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Ray Train the classifier of ``plan``: (its final checkpoint's tensors and state, the held-out
+    split's info)."""
+    config, provenance, target, clusters = plan.config, plan.provenance, plan.target, plan.clusters
+    # the held-out roles are a keyed hash of each key (``is_trained_holdout``), applied in Ray Data
+    # before the split: "holdout" holds the rows trained on with their bits, "never" at most
+    # metrics_samples never-seen rows for rank 0's fit metrics
+    bits, never, held = holdout_datasets(
+        store, ds.split("holdout"), train.label_seed, train.holdout_images,
+        train.metrics_samples, train.seed, ds.manifest,
+    )  # fmt: skip
+    datasets = {
+        "train": training_dataset(store, ds.split("train"), train.seed, ds.manifest),
+        "holdout": bits,
+        "never": never,
+    }
+    inputs = {"train": split_info(ds.manifest, "train"), "holdout": held}
+    claim_checkpoints(store, f"{run}-classifier", provenance, overwrite)
+    loop = {**config, **(loop_config or {}), "input": inputs, "provenance": provenance}
+    loop["label_of"] = clusters.label_of if clusters is not None else None  # cluster bits
+    # how the model reads its schedule: recorded beside the betas' digest (the denoiser's or the
+    # model's digest in the provenance already covers it)
+    loop["reading"] = target.reading
+    result = _fit(
+        classifier_worker, loop, datasets, train,
+        _run_config(store, f"{run}-classifier", train.num_to_keep, train.max_failures), threads,
+        split=["train", "holdout"],
+    )  # fmt: skip
+    with result.checkpoint.as_directory() as d:
+        tensors, state, _ = read_checkpoint(d)
+    return tensors, state, held
 
 
 def check_replicas(

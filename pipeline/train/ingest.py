@@ -205,17 +205,16 @@ def holdout_datasets(
     "fraction", "bits"}``: the split's count from the manifest, the role fraction
     ``holdout_fraction(holdout_images, rows)`` and the expected number of bit rows. Shards without a
     manifest are counted in one extra pass (the fraction needs the count)."""
-    from pipeline.core.labels import holdout_fraction
+    from pipeline.core.labels import holdout_info
 
     paths, manifest, split = shard_paths(store, folder, manifest)
-    info = split_info(manifest, split)
+    info = holdout_info(split_info(manifest, split), holdout_images)
     if info is None:  # hand-made shards: one counting pass (no decoding)
         import ray
 
         count = ray.data.read_webdataset(paths, filesystem=store.fs, decoder=None).count()
-        info = {"rows": int(count), "row_bytes": None}
-    fraction = holdout_fraction(holdout_images, info["rows"])
-    info = {**info, "fraction": fraction, "bits": round(info["rows"] * fraction)}
+        info = holdout_info({"rows": int(count), "row_bytes": None}, holdout_images)
+    fraction = info["fraction"]
     # the role filter runs on the raw rows: only the kept images are decoded
     bits = _read(store, paths, seed, _RoleFilter(label_seed, fraction, True))
     never = _read(store, paths, seed, _RoleFilter(label_seed, fraction, False))

@@ -163,7 +163,7 @@ def _resume(
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict] | None:
     """(tensors, state with the optimizer's state) of the checkpoint Ray Train restores, None when it
     restores none. A checkpoint made from other inputs than ``provenance`` (the loop config's: the
-    driver checked the run's record, :func:`pipeline.orchestration.stages.claim_checkpoints`; this
+    driver checked the run's record, :func:`pipeline.train.run_state.claim_checkpoints`; this
     checks the checkpoint itself) raises :class:`StaleArtifactError`."""
     import ray.train
 

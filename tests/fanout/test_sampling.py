@@ -142,6 +142,15 @@ def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
     assert out["skipped_shards"] == 1 and out["num_samples"] == 6
     assert _drawn(_shards(store, folder)) == _drawn(ref)  # redrawn as they were (but their time)
     assert _shards(store, folder)["shard-000000.tar"] == ref["shard-000000.tar"]  # kept as it was
+    # once every shard is complete, a rerun summarises them in the driver: no actor starts, and
+    # the summary is the run's (its drawing seconds as recorded)
+    actors = _sampling_actors()
+    assert actors > 0
+    again = run_sampling(store.uri, "r", cfg, den, None)
+    assert _sampling_actors() == actors
+    assert again["skipped_shards"] == 3 and again["num_samples"] == 6
+    keep = ("num_samples", "num_shards", "guidance_fired_fraction", "sampling_seconds")
+    assert {k: again[k] for k in keep} == {k: out[k] for k in keep}
     with pytest.raises(StaleArtifactError, match=r"other inputs \(changed: sampler\)"):
         run_sampling(store.uri, "r", _cfg(sampler="ddim", seed=9), den, None)
     with pytest.raises(StaleArtifactError, match="beyond this run's 2 shards"):
@@ -155,6 +164,15 @@ def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
     ):
         run_sampling(store.uri, "g", cfg, den, None, gpus_per_actor=None, use_gpu=True)
     assert not store.exists("samples", "g")
+
+
+def _sampling_actors() -> int:
+    """Sampling actors this Ray has started so far (dead ones included)."""
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, timeout=60)
+    return sum("ShardSampler" in a.class_name for a in actors)
 
 
 def _retrained(path: Path, seed: int) -> str:

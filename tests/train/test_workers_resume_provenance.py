@@ -24,12 +24,12 @@ from pipeline.data.datasets import digits_source, split
 from pipeline.data.provenance import StaleArtifactError, dir_digest, read_provenance
 from pipeline.data.storage import open_store
 from pipeline.orchestration.stages import (
-    claim_checkpoints,
     make_shards,
     train_classifier,
     train_denoiser,
     training_provenance,
 )
+from pipeline.train.run_state import claim_checkpoints
 
 TINY_UNET = UNetConfig(sample_size=16, block_out_channels=(8, 16), norm_num_groups=8)
 TINY_ARCH = ClassifierArchConfig(base_channels=8, channel_mults=(1, 2), num_groups=4)
@@ -56,10 +56,10 @@ def _last_state(store, name: str) -> dict:
     return json.loads((_checkpoints(store, name)[-1] / "state.json").read_text())
 
 
-def test_denoiser_resumes_only_from_the_same_config_and_data(ray_local, tmp_path):
+def test_denoiser_resumes_only_from_the_same_config_and_data(ray_local, tmp_path, capsys):
     store = _store(tmp_path)
     train = DenoiserTrainConfig(steps=4, batch_size=8, checkpoint_every=4, warmup_steps=0)
-    train_denoiser(store, "p", "digits", TINY_UNET, train)
+    first = train_denoiser(store, "p", "digits", TINY_UNET, train)
     record = json.loads(
         Path(store.join("checkpoints", "p-denoiser", "provenance.json")).read_text()
     )
@@ -76,6 +76,15 @@ def test_denoiser_resumes_only_from_the_same_config_and_data(ray_local, tmp_path
     # what it learns may not: another learning rate, then other data, each refused before any work
     model_before = dir_digest(model_dir)
     ckpts = _checkpoints(store, "p-denoiser")
+    # the same run again: it is finished, so it trains nothing and starts no worker; the final
+    # checkpoint is exported again (the same bytes) with the metrics Ray Train recorded
+    capsys.readouterr()
+    again = train_denoiser(store, "p", "digits", TINY_UNET, train)
+    assert f"denoiser already trained: {store.uri_of('checkpoints', 'p-denoiser')}/checkpoint_" in (
+        capsys.readouterr().out
+    )
+    assert again == first and first["metrics"]["step"] == 4 and "loss" in first["metrics"]
+    assert dir_digest(model_dir) == model_before and _checkpoints(store, "p-denoiser") == ckpts
     with pytest.raises(StaleArtifactError, match="changed: config" + STALE):
         train_denoiser(store, "p", "digits", TINY_UNET, dataclasses.replace(train, lr=5e-4))
     other = _store(tmp_path, split_seed=1)  # the same store root, other training images
@@ -102,7 +111,14 @@ def test_classifier_refuses_another_label_seed_and_runs_without_a_record(ray_loc
         steps=4, batch_size=8, holdout_images=30, t_max=100, checkpoint_every=4, warmup_steps=0,
         cache_max_bytes=0,
     )  # fmt: skip
-    train_classifier(store, "c", "digits", TINY_ARCH, train)
+    first = train_classifier(store, "c", "digits", TINY_ARCH, train)
+    model_dir = store.join("models", "c", "classifier")
+    exported = dir_digest(model_dir)
+    # rerun when finished: the same model (its held-out share from the manifest, as Ray Data's)
+    again = train_classifier(store, "c", "digits", TINY_ARCH, train)
+    assert again == first and dir_digest(model_dir) == exported
+    config = json.loads(Path(model_dir, "config.json").read_text())
+    assert config["metrics"]["holdout_fraction"] == 30 / 40
     (data,) = _last_state(store, "c-classifier")["data"]  # one rank
     assert data["step"] == 4
     assert data["train"]["input"] == data["bits"]["input"] == "stream"

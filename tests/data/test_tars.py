@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.imageset import DataError, ImageSet
-from pipeline.data.tars import build_tar, encode_png, read_tar
+from pipeline.data.tars import build_tar, encode_png, read_records, read_tar
 
 
 def random_set(n=20, size=8, channels=1, seed=0, labels=True) -> ImageSet:
@@ -71,6 +71,21 @@ def test_read_tar_sample_without_image():
         DataError, match=r"sample 'b' has no image member \(found \['json', 'txt'\]\)"
     ):
         read_tar(data, "t.tar")
+
+
+def test_read_records_reads_keys_and_records_without_decoding_and_refuses_damage():
+    """The records a resumed sampling run checks: as read_tar's, but no image is decoded (a member
+    that is not an image is not noticed); damage raises as in read_tar."""
+    data = build_tar(records(random_set(4)))
+    keys, metas = read_records(data, "s.tar")
+    assert keys == read_tar(data, "s.tar").keys and metas == read_tar(data, "s.tar").meta
+    undecodable = tar_of({"a.png": b"not a png", "a.json": b'{"x": 1}'})
+    assert read_records(undecodable, "u.tar") == (["a"], [{"x": 1}])
+    for cut in (100, 1536, 4096):
+        with pytest.raises(DataError, match="truncated"):
+            read_records(data[:cut], "s.tar")
+    with pytest.raises(DataError, match=r"sample 'b' has no image member \(found \['json'\]\)"):
+        read_records(tar_of({"a.png": b"x", "b.json": b"{}"}), "t.tar")
 
 
 def test_read_tar_mixed_sizes():

@@ -30,6 +30,7 @@ def main() -> None:
     import p6_sampling_scaleout
     import p7_cuda
     import p8_scale
+    import p9_resume_check
 
     benches = {
         "P1": lambda a: p1_guidance_overhead.run(a.model_dir),
@@ -41,6 +42,7 @@ def main() -> None:
         "P6": lambda a: p6_sampling_scaleout.run(),
         "P7": lambda a: p7_cuda.run(),
         "P8": lambda a: p8_scale.run(previous=a.results.get("P8")),
+        "P9": lambda a: p9_resume_check.run(),
         # after P8 and classifier_scaling (sorted order): reads their entries, this run's included
         "cost_projection": lambda a: cost_projection.run(results=a.results),
     }

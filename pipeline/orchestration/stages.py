@@ -34,7 +34,7 @@ from pipeline.fanout.ray_init import init_ray
 from pipeline.fanout.replica_index import ensure_replica_index, index_spec
 from pipeline.orchestration.labels import labels_record, resolve_labels
 from pipeline.orchestration.protect import check_image_shape, classifier_target
-from pipeline.train.ingest import holdout_datasets, split_info, training_dataset
+from pipeline.train.ingest import holdout_datasets, shard_names, split_info, training_dataset
 from pipeline.train.run_state import claim_checkpoints, finished_line, finished_run
 from pipeline.train.workers import classifier_worker, denoiser_worker, read_checkpoint
 
@@ -208,6 +208,7 @@ def train_denoiser(
         print(finished_line("denoiser", done), flush=True)
         tensors, state, metrics = done.tensors, done.state, done.metrics
     else:
+        shard_names(store, ds.split("train"))  # no shards: exits before Ray starts
         init_ray(num_cpus=ray_cpus)
         datasets = {"train": training_dataset(store, ds.split("train"), train.seed, ds.manifest)}
         claim_checkpoints(store, f"{run}-denoiser", provenance, overwrite)
@@ -321,6 +322,8 @@ def train_classifier(
         print(finished_line("classifier", done), flush=True)
         tensors, state = done.tensors, done.state
     else:
+        for split in ("train", "holdout"):  # no shards: exits before Ray starts
+            shard_names(store, ds.split(split))
         init_ray(num_cpus=ray_cpus)
         tensors, state, held = _fit_classifier(
             store, run, ds, plan, train, threads, loop_config, overwrite

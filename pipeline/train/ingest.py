@@ -61,9 +61,7 @@ def shard_paths(
     from pipeline.data.shards import check_shards, dataset_manifest, shard_groups, verify_shards
     from pipeline.data.storage import StorageError
 
-    names = [n for n in store.listdir(folder) if n.endswith(".tar")]
-    if not names:
-        raise DataError(f"no shards under {store.uri_of(folder)}")
+    names = shard_names(store, folder)
     manifest, split = dataset_manifest(store, folder, manifest)
     if manifest is not None:
         entries = check_shards(store, folder, manifest, split, None)
@@ -80,6 +78,14 @@ def shard_paths(
                 ray.cancel(ref)
             raise exc.cause if isinstance(exc.cause, DataError | StorageError) else exc from None
     return [store.join(folder, n) for n in names], manifest, split
+
+
+def shard_names(store, folder: str) -> list[str]:
+    """The ``.tar`` shards directly under ``folder`` (no Ray needed); :class:`DataError` when none."""
+    names = [n for n in store.listdir(folder) if n.endswith(".tar")]
+    if not names:
+        raise DataError(f"no shards under {store.uri_of(folder)}")
+    return names
 
 
 def split_info(manifest: dict[str, Any] | None, split: str) -> dict[str, int] | None:

@@ -14,8 +14,8 @@ classifier on each image's pooled text embedding (cond_dim = the manifest's late
     python jobs/train_classifier.py --store out --dataset digits-latents --model /models/sd --text-cond
 
 Checkpoints go to <store>/checkpoints/<run>-classifier (rerunning the same command continues from the
-latest one, or, when that one is final, exports it again without starting Ray; with another config, data or denoiser it exits 2 naming what changed, or --overwrite starts
-afresh); the final model to <store>/models/<run>/classifier (model.safetensors with the architecture
+latest one, or, when that one is final, exports it again without starting Ray; with another config,
+data or denoiser it exits 2 naming what changed, or --overwrite starts afresh); the final model to <store>/models/<run>/classifier (model.safetensors with the architecture
 in its metadata, plus config.json with the fit metrics: accuracy by t-range, held-out-bit accuracy,
 Lipschitz proxy, and which bits it trained on; and its model card "fit": accuracy and mean |p - 1/2|
 on its own bits at t < 100 on a seeded sample of training rows, the confident fraction on never-seen

@@ -71,8 +71,9 @@ def holdout_roles(keys: list[str], n_bits: int, label_seed: int) -> tuple[list[i
 
 
 def holdout_info(info: dict[str, Any] | None, holdout_images: int) -> dict[str, Any] | None:
-    """The held-out split's ``info`` (``pipeline.train.ingest.split_info``) with the share of it trained on with bits:
-    ``fraction`` (``holdout_fraction(holdout_images, rows)``) and ``bits``, the expected bit rows."""
+    """The held-out split's ``info`` (``pipeline.train.ingest.split_info``) with the share of it
+    trained on with bits: ``fraction`` (``holdout_fraction(holdout_images, rows)``) and ``bits``, the
+    expected bit rows. None without ``info``."""
     if info is None:
         return None
     fraction = holdout_fraction(holdout_images, info["rows"])

@@ -17,12 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.imageset import DataError, ImageSet, fit_square, stack_images
 
-IMAGE_EXTS = (
-    "png",
-    "jpg",
-    "jpeg",
-    "webp",
-)  # the image members a sample may have, in preference order
+# the image members a sample may have, in preference order
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -197,8 +197,9 @@ def train_denoiser(
     (``state.json``, ``provenance.json``). A rerun of a finished run (its latest checkpoint is final
     and made from the same inputs: :func:`pipeline.train.run_state.finished_run`) exports that
     checkpoint again without starting Ray or reading a shard. Otherwise Ray starts here
-    (``init_ray(num_cpus=ray_cpus)``, a no-op when it runs already). ``loop_config``: extra worker-loop keys (``step_delay_s``
-    for fault-injection tests). ``dataset``: a name, or a handle the caller opened (the manifest is
+    (``init_ray(num_cpus=ray_cpus)``, a no-op when it runs already), after a check that the split has
+    shards. ``loop_config``: extra worker-loop keys (``step_delay_s`` for fault-injection tests).
+    ``dataset``: a name, or a handle the caller opened (the manifest is
     read once: :func:`pipeline.data.handle.open_dataset`)."""
     ds = as_handle(store, dataset)
     config, inputs, provenance = denoiser_plan(ds, unet, train)

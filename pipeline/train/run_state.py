@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from safetensors.torch import load as load_safetensors
 
 from pipeline.data.provenance import PROVENANCE, require_same
-from pipeline.data.storage import Store
+from pipeline.data.storage import ObjectNotFound, Store
 from pipeline.train.workers import STATE
 
 # Ray Train V2's record of a run's registered checkpoints, under its storage path (``RunConfig.name``).
@@ -61,23 +61,18 @@ def finished_run(
 
     Finished means: Ray Train's snapshot names a latest checkpoint whose reported ``step`` is ``steps``;
     that checkpoint's ``state.json`` records the same step and ``provenance``; and the run's own record
-    (``checkpoints/<name>/provenance.json``, :func:`claim_checkpoints`)
-    is the same too. Anything missing, unreadable or different gives None: the caller then runs Ray
+    (``checkpoints/<name>/provenance.json``, :func:`claim_checkpoints`) is the same too. Anything missing, unreadable or different gives None: the caller then runs Ray
     Train as before, which resumes, or refuses stale checkpoints naming what changed."""
     folder = ("checkpoints", name)
-    if not store.exists(*folder, SNAPSHOT) or not store.exists(*folder, PROVENANCE):
-        return None
-    try:
+    try:  # one read per record: a missing one is ObjectNotFound
         recorded = json.loads(store.read_bytes(*folder, PROVENANCE)).get("provenance")
         latest = json.loads(store.read_bytes(*folder, SNAPSHOT))["latest_checkpoint_result"]
         dirname, metrics = str(latest["checkpoint_dir_name"]), dict(latest["metrics"])
-    except (ValueError, KeyError, TypeError, AttributeError):
+        if recorded != provenance or metrics.get("step") != steps:
+            return None
+        state = json.loads(store.read_bytes(*folder, dirname, STATE))
+    except (ObjectNotFound, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if recorded != provenance or metrics.get("step") != steps:
-        return None
-    if not store.exists(*folder, dirname, STATE):
-        return None
-    state = json.loads(store.read_bytes(*folder, dirname, STATE))
     if state.get("step") != steps or state.get("provenance") != provenance:
         return None
     weights = [n for n in store.listdir(*folder, dirname) if n.endswith(".safetensors")]

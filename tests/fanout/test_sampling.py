@@ -33,6 +33,7 @@ from pipeline.data.tars import read_tar
 from pipeline.fanout.resume import sampler_settings
 from pipeline.fanout.sampling import run_sampling, sample_key, sample_seed
 from pipeline.orchestration.replica_report import iter_per_sample, replica_check_report
+from tests.ray_actors import actors_started
 
 TINY_UNET = UNetConfig(sample_size=8, channels=1, block_out_channels=(8, 16), norm_num_groups=8)
 TINY_CLF = ClassifierArchConfig(
@@ -144,10 +145,10 @@ def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
     assert _shards(store, folder)["shard-000000.tar"] == ref["shard-000000.tar"]  # kept as it was
     # once every shard is complete, a rerun summarises them in the driver: no actor starts, and
     # the summary is the run's (its drawing seconds as recorded)
-    actors = _sampling_actors()
+    actors = actors_started("ShardSampler")
     assert actors > 0
     again = run_sampling(store.uri, "r", cfg, den, None)
-    assert _sampling_actors() == actors
+    assert actors_started("ShardSampler") == actors
     assert again["skipped_shards"] == 3 and again["num_samples"] == 6
     keep = ("num_samples", "num_shards", "guidance_fired_fraction", "sampling_seconds")
     assert {k: again[k] for k in keep} == {k: out[k] for k in keep}
@@ -164,15 +165,6 @@ def test_resume_rewrites_damaged_shards_and_refuses_other_settings(
     ):
         run_sampling(store.uri, "g", cfg, den, None, gpus_per_actor=None, use_gpu=True)
     assert not store.exists("samples", "g")
-
-
-def _sampling_actors() -> int:
-    """Sampling actors this Ray has started so far (dead ones included)."""
-    import ray
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=ray.get_runtime_context().gcs_address, limit=10_000, timeout=60)
-    return sum("ShardSampler" in a.class_name for a in actors)
 
 
 def _retrained(path: Path, seed: int) -> str:

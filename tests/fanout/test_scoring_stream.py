@@ -24,6 +24,7 @@ from pipeline.fanout.scoring_stream import (
     stored_summary,
 )
 from pipeline.orchestration.replica_report import iter_per_sample, parts_folder
+from tests.ray_actors import actors_started
 
 FOLDER, OUT = "samples/q/ddim", "reports/q/replicas-ddim"
 PCT = {"holdout_p95": 0.2, "holdout_p99": 0.5}
@@ -147,9 +148,12 @@ def test_a_killed_check_resumes_shard_by_shard(ray_local, stream_store):
     assert shards == before  # already annotated: nothing rewritten
     # a shard gone from the folder: its part and summary go too
     store.delete(FOLDER, "shard-000009.tar")
+    scorers = actors_started("ShardScorer")
+    assert scorers > 0
     out = score_shard_summaries(store, FOLDER, spec, cfg, OUT, PCT, samples="fp-1")
     assert len(out) == 9 and not any("000009" in n for n in store.listdir(OUT))
     assert [s.scored_id for s in out] == [s.scored_id for s in again[:9]]  # none rescored
+    assert actors_started("ShardScorer") == scorers  # the driver resumed them all: no actor started
 
 
 def test_a_shard_is_rescored_when_its_inputs_or_bytes_change(ray_local, stream_store):
